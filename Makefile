@@ -1,0 +1,40 @@
+# pkwrap: the two commands a newcomer needs are
+#   make demo   install everything, then run the embedded digits recipe (egs/digits)
+#   make test   install everything, then run the test suite
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+# torch: keep the user's if it satisfies setup.py's range, otherwise install the CPU
+# build that this machine kind provides (a bare 'torch' would pull a multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install sysdeps build test test-fast demo bench clean
+
+install: sysdeps
+	@$(PYTHON) -c "import torch, sys; v=tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v >= (2, 1) else 1)" 2>/dev/null \
+	  || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[full,test]"
+
+# Debian packages: espeak-ng synthesizes the digits corpus. Needs root (CI and dev machines are).
+sysdeps:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null); \
+	  else echo "espeak-ng missing: sudo apt-get install espeak-ng (needed by egs/digits)"; fi; }
+
+# Rebuild the C++ core in place after editing csrc/ (the editable install picks it up).
+build:
+	$(PYTHON) setup.py -q build_ext --inplace
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+test-fast:
+	$(PYTHON) -m pytest -q -x tests -m "not slow"
+
+demo: install
+	cd egs/digits && ./run.sh
+
+bench:
+	$(PYTHON) bench/bench_chain_loss.py
+
+clean:
+	rm -rf build *.egg-info pkwrap/*.so

@@ -1,0 +1,34 @@
+"""Shared test helpers: the Kaldi fixtures copied from shared/fixtures/kaldi."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "kaldi"
+
+
+def fixture_path(*parts) -> Path:
+    p = FIXTURES.joinpath(*parts)
+    if not p.exists():
+        raise FileNotFoundError("missing test fixture %s" % p)
+    return p
+
+
+def load_case(name: str) -> dict:
+    """expected.json of a chain-objective case, with array paths made absolute."""
+    d = json.loads(fixture_path("cases", name, "expected.json").read_text())
+    d["arrays"] = {k: FIXTURES / v for k, v in d.get("arrays", {}).items()}
+    d["inputs"] = {k: (FIXTURES / v if isinstance(v, str) and "/" in v else v)
+                   for k, v in d["inputs"].items()}
+    return d
+
+
+def all_cases():
+    return json.loads(fixture_path("manifest.json").read_text())["cases"]
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
