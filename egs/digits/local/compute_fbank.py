@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Compute 40-dim log mel filterbank features with kaldi-native-fbank.
+
+For each frame t (25 ms window, 10 ms shift, povey window, pre-emphasis 0.97,
+DC removal) the features are
+
+    f[t][m] = log( sum_k  w_m[k] * |X_t[k]|^2 ),   m = 0..39,
+
+with w_m the m-th triangular mel filter, exactly Kaldi's ``compute-fbank-feats``
+(kaldi-native-fbank reimplements it). Options come from ``conf/fbank.conf`` in
+Kaldi's flag spelling. Per-utterance mean normalization (Kaldi's
+``apply-cmvn --norm-vars=false`` with utterance-level stats) is applied unless
+``--no-cmn``, since test voices are unseen and their spectral tilt differs.
+
+Writes ``<data>/feats.ark`` + ``<data>/feats.scp`` (kaldiio, float32 matrices
+``[T][40]``) and ``<data>/utt2num_frames``.
+
+Usage:
+  local/compute_fbank.py --config conf/fbank.conf data/train
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import kaldi_native_fbank as knf
+import kaldiio
+import numpy as np
+from scipy.io import wavfile
+
+_FLAGS = {
+    "--sample-frequency": ("frame_opts", "samp_freq", float),
+    "--frame-length": ("frame_opts", "frame_length_ms", float),
+    "--frame-shift": ("frame_opts", "frame_shift_ms", float),
+    "--dither": ("frame_opts", "dither", float),
+    "--preemphasis-coefficient": ("frame_opts", "preemph_coeff", float),
+    "--remove-dc-offset": ("frame_opts", "remove_dc_offset", "bool"),
+    "--window-type": ("frame_opts", "window_type", str),
+    "--snip-edges": ("frame_opts", "snip_edges", "bool"),
+    "--num-mel-bins": ("mel_opts", "num_bins", int),
+    "--low-freq": ("mel_opts", "low_freq", float),
+    "--high-freq": ("mel_opts", "high_freq", float),
+    "--use-energy": (None, "use_energy", "bool"),
+}
+
+
+def read_fbank_config(path):
+    """Parse a Kaldi-style ``--flag=value`` config into ``knf.FbankOptions``."""
+    opts = knf.FbankOptions()
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if "=" not in line:
+            raise ValueError("%s:%d: expected --flag=value, got %r" % (path, lineno, line))
+        flag, value = line.split("=", 1)
+        if flag not in _FLAGS:
+            raise ValueError("%s:%d: unsupported option %s (known: %s)"
+                             % (path, lineno, flag, " ".join(sorted(_FLAGS))))
+        group, attr, cast = _FLAGS[flag]
+        if cast == "bool":
+            if value not in ("true", "false"):
+                raise ValueError("%s:%d: %s needs true or false" % (path, lineno, flag))
+            v = value == "true"
+        else:
+            v = cast(value)
+        setattr(getattr(opts, group) if group else opts, attr, v)
+    return opts
+
+
+def compute_fbank(samples, opts):
+    """Features of one waveform.
+
+    Args:
+      samples:
+        float32 ``[N]``, 16-bit PCM scale (as Kaldi reads WAV: -32768..32767).
+      opts:
+        ``knf.FbankOptions``.
+    Returns:
+      float32 ``[T][num_bins]``.
+    """
+    fb = knf.OnlineFbank(opts)
+    fb.accept_waveform(opts.frame_opts.samp_freq, samples.tolist())
+    fb.input_finished()
+    n = fb.num_frames_ready
+    if n == 0:
+        return np.zeros((0, opts.mel_opts.num_bins), dtype=np.float32)
+    return np.stack([np.asarray(fb.get_frame(i), dtype=np.float32) for i in range(n)])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="conf/fbank.conf")
+    p.add_argument("--no-cmn", action="store_true", help="keep raw log filterbanks")
+    p.add_argument("data_dir", type=Path)
+    args = p.parse_args()
+    opts = read_fbank_config(args.config)
+    wav_scp = args.data_dir / "wav.scp"
+    if not wav_scp.is_file():
+        sys.exit("compute_fbank.py: %s not found" % wav_scp)
+    ark, scp = args.data_dir / "feats.ark", args.data_dir / "feats.scp"
+    n_done, n_frames, lens = 0, 0, []
+    with kaldiio.WriteHelper("ark,scp:%s,%s" % (ark, scp)) as writer:
+        for lineno, line in enumerate(wav_scp.read_text().splitlines(), 1):
+            parts = line.split()
+            if len(parts) != 2:
+                sys.exit("compute_fbank.py: %s:%d: expected '<utt> <wav path>'" % (wav_scp, lineno))
+            utt, path = parts
+            rate, pcm = wavfile.read(path)
+            if rate != opts.frame_opts.samp_freq or pcm.ndim != 1 or pcm.dtype != np.int16:
+                sys.exit("compute_fbank.py: %s: need 16-bit mono at %d Hz, got %s %s at %d Hz"
+                         % (path, opts.frame_opts.samp_freq, pcm.dtype, pcm.shape, rate))
+            feats = compute_fbank(pcm.astype(np.float32), opts)
+            if feats.shape[0] == 0:
+                sys.exit("compute_fbank.py: %s (%s) is too short for one frame" % (utt, path))
+            if not args.no_cmn:
+                feats = feats - feats.mean(axis=0, keepdims=True)
+            writer(utt, feats)
+            lens.append((utt, feats.shape[0]))
+            n_done += 1
+            n_frames += feats.shape[0]
+    with open(args.data_dir / "utt2num_frames", "w") as f:
+        for utt, n in lens:
+            f.write("%s %d\n" % (utt, n))
+    print("compute_fbank.py: %s: %d utterances, %d frames" % (args.data_dir, n_done, n_frames))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Synthesize a spoken-digit corpus with espeak-ng and write Kaldi data dirs.
+
+Each utterance is a random string of 1..N digits ("zero".."nine", with "oh" as an
+alternative reading of 0), spoken by espeak-ng with one voice variant (the speaker),
+one English accent, and a random speed, pitch and word gap. The 22.05 kHz waveform
+espeak-ng writes is resampled to 16 kHz with a polyphase filter
+(``scipy.signal.resample_poly``, up 320 / down 441), padded with 0.1-0.5 s of
+silence on each side, scaled by a random gain and corrupted by additive noise at a
+random SNR:
+
+    y[n] = g * x[n] + sigma * e[n],   sigma^2 = P_x / 10^(SNR / 10),
+
+where P_x is the mean power of the speech samples and e is white or pink noise.
+
+Speakers are split by voice: the variants (``espeak-ng --voices=variant``) are
+shuffled with the seed and dealt into train / valid / test, so no voice in test or
+valid was heard in training. Output, per split (Kaldi data dir):
+
+  data/<split>/wav.scp   <utt> <abs path of a 16 kHz 16-bit mono WAV>
+  data/<split>/text      <utt> <word> <word> ...
+  data/<split>/utt2spk   <utt> <spk>
+  data/<split>/spk2utt   <spk> <utt> <utt> ...
+  data/<split>/utt2info  <utt> <accent> <speed> <pitch> <gap> <snr_db> (for analysis)
+
+Utterance ids are ``<spk>-<index>`` so that sorting by utterance also sorts by speaker.
+
+Usage:
+  local/synth_corpus.py --accents conf/accents.txt --out-dir data --wav-dir corpus/wav \
+      --train-utts-per-voice 60 --test-utts-per-voice 30
+"""
+import argparse
+import os
+import random
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from scipy.io import wavfile
+from scipy.signal import lfilter, resample_poly
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+# espeak-ng voice variants (files under espeak-ng-data/voices/!v) that sound like a
+# talker; novelty voices (whisper, robots, 'Demonic', ...) are left out.
+DEFAULT_VARIANTS = [
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+    "klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6",
+    "adam", "Alex", "Andy", "Annie", "aunty", "belinda", "benjamin", "boris", "caleb",
+    "david", "ed", "edward", "Gene", "Hugo", "iven", "iven2", "Jacky", "john", "Lee",
+    "linda", "max", "Michael", "Mike", "norbert", "paul", "quincy", "rob", "robert",
+    "sandro", "shelby", "steph", "travis", "victor", "zac", "grandma", "grandpa",
+]
+
+ESPEAK_RATE = 22050
+TARGET_RATE = 16000
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", type=Path, default=Path("data"))
+    p.add_argument("--wav-dir", type=Path, default=Path("corpus/wav"))
+    p.add_argument("--accents", type=Path, default=Path("conf/accents.txt"),
+                   help="file with one espeak-ng English voice per line, used as accents; "
+                        "local/prepare_lang.py builds the lexicon from the same file")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated espeak-ng voice variants; each is one speaker")
+    p.add_argument("--num-valid-voices", type=int, default=4)
+    p.add_argument("--num-test-voices", type=int, default=10)
+    p.add_argument("--train-utts-per-voice", type=int, default=60)
+    p.add_argument("--valid-utts-per-voice", type=int, default=25)
+    p.add_argument("--test-utts-per-voice", type=int, default=30)
+    p.add_argument("--min-digits", type=int, default=1)
+    p.add_argument("--max-digits", type=int, default=7)
+    p.add_argument("--oh-prob", type=float, default=0.3,
+                   help="probability that a 0 is read 'oh' instead of 'zero'")
+    p.add_argument("--speed-range", default="130,210", help="espeak-ng -s, words/minute")
+    p.add_argument("--pitch-range", default="25,75", help="espeak-ng -p, 0..99")
+    p.add_argument("--gap-range", default="0,6", help="espeak-ng -g, word gap in 10 ms")
+    p.add_argument("--snr-range", default="8,35", help="additive noise SNR in dB")
+    p.add_argument("--clean-prob", type=float, default=0.1,
+                   help="probability that an utterance gets no added noise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nj", type=int, default=2, help="parallel espeak-ng processes")
+    return p
+
+
+def _range(s, cast=float):
+    lo, hi = (cast(x) for x in s.split(","))
+    if lo > hi:
+        raise ValueError("bad range %r: low > high" % s)
+    return lo, hi
+
+
+def check_espeak(accents, variants):
+    """Fail early, naming what is missing, if espeak-ng or a voice is unavailable."""
+    try:
+        out = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True,
+                             text=True, check=True).stdout
+    except FileNotFoundError:
+        sys.exit("synth_corpus.py: espeak-ng not found: install it "
+                 "(apt-get install espeak-ng, or `make install`)")
+    known = {line.split()[4].split("/")[-1] for line in out.splitlines()[1:] if len(line.split()) >= 5}
+    missing = [v for v in variants if v not in known]
+    if missing:
+        sys.exit("synth_corpus.py: espeak-ng has no voice variant(s) %s" % ", ".join(missing))
+    for a in accents:
+        r = subprocess.run(["espeak-ng", "-q", "-v", a, "one"], capture_output=True, text=True)
+        if r.returncode != 0 or r.stderr.strip():
+            sys.exit("synth_corpus.py: espeak-ng cannot use accent voice %r: %s" % (a, r.stderr.strip()))
+
+
+def synthesize(text, accent, variant, speed, pitch, gap):
+    """Run espeak-ng and return the waveform as float32 in [-1, 1] at 22.05 kHz."""
+    cmd = ["espeak-ng", "-v", "%s+%s" % (accent, variant), "-s", str(speed), "-p", str(pitch),
+           "-g", str(gap), "--stdout", text]
+    r = subprocess.run(cmd, capture_output=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError("espeak-ng failed (%s): %s" % (" ".join(cmd), r.stderr.decode(errors="replace")))
+    raw = r.stdout
+    # espeak-ng streams a canonical 44-byte RIFF header (sizes left at 0x7ffff...)
+    pos = raw.find(b"data")
+    if raw[:4] != b"RIFF" or pos < 0:
+        raise RuntimeError("espeak-ng wrote no WAV data for %r" % text)
+    pcm = np.frombuffer(raw[pos + 8:len(raw) - (len(raw) - pos - 8) % 2], dtype="<i2")
+    if pcm.size == 0:
+        raise RuntimeError("espeak-ng wrote an empty waveform for %r" % text)
+    return pcm.astype(np.float32) / 32768.0
+
+
+def pink_noise(n, rng):
+    """Approximately 1/f noise: white noise through Kellet's 3-pole filter."""
+    b = [0.049922035, -0.095993537, 0.050612699, -0.004408786]
+    a = [1, -2.494956002, 2.017265875, -0.522189400]
+    x = lfilter(b, a, rng.standard_normal(n + 2000))[2000:]
+    return x / (np.std(x) + 1e-12)
+
+
+def make_utterance(spec, wav_path):
+    """Synthesize, resample, pad, add noise and write one utterance."""
+    rng = np.random.default_rng(spec["seed"])
+    x = synthesize(" ".join(spec["words"]), spec["accent"], spec["variant"],
+                   spec["speed"], spec["pitch"], spec["gap"])
+    x = resample_poly(x, TARGET_RATE, ESPEAK_RATE).astype(np.float64)
+    # trim espeak's own trailing pause, then pad with a random amount of silence
+    active = np.flatnonzero(np.abs(x) > 1e-3)
+    if active.size:
+        x = x[max(0, active[0] - 160):active[-1] + 160]
+    lead, trail = (int(rng.uniform(0.1, 0.5) * TARGET_RATE) for _ in range(2))
+    x = np.concatenate([np.zeros(lead), x, np.zeros(trail)])
+    x *= rng.uniform(0.3, 0.9) / (np.max(np.abs(x)) + 1e-9)
+    if spec["snr"] is not None:
+        speech = x[lead:len(x) - trail]
+        p_x = np.mean(speech ** 2)
+        noise = pink_noise(len(x), rng) if rng.random() < 0.5 else rng.standard_normal(len(x))
+        x = x + np.sqrt(p_x / 10 ** (spec["snr"] / 10)) * noise
+    # tiny dither so no frame is digital zero, then 16-bit PCM
+    x = x + 1e-5 * rng.standard_normal(len(x))
+    peak = np.max(np.abs(x))
+    if peak > 0.99:
+        x *= 0.99 / peak
+    wavfile.write(str(wav_path), TARGET_RATE, np.round(x * 32767).astype(np.int16))
+    return len(x) / TARGET_RATE
+
+
+def random_words(rng, args):
+    n = rng.randint(args.min_digits, args.max_digits)
+    words = []
+    for _ in range(n):
+        d = rng.randrange(10)
+        words.append("oh" if d == 0 and rng.random() < args.oh_prob else DIGIT_WORDS[d])
+    return words
+
+
+def plan_split(rng, variants, n_utts, accents, args):
+    speed, pitch, gap, snr = (_range(args.speed_range, int), _range(args.pitch_range, int),
+                              _range(args.gap_range, int), _range(args.snr_range))
+    specs = []
+    for v in variants:
+        spk = "v" + v.lower()
+        for i in range(n_utts):
+            specs.append(dict(
+                utt="%s-%04d" % (spk, i), spk=spk, variant=v, words=random_words(rng, args),
+                accent=rng.choice(accents), speed=rng.randint(*speed),
+                pitch=rng.randint(*pitch), gap=rng.randint(*gap),
+                snr=None if rng.random() < args.clean_prob else round(rng.uniform(*snr), 1),
+                seed=rng.getrandbits(32)))
+    return specs
+
+
+def write_data_dir(d, specs, wav_dir):
+    d.mkdir(parents=True, exist_ok=True)
+    specs = sorted(specs, key=lambda s: s["utt"])
+    with open(d / "wav.scp", "w") as f:
+        for s in specs:
+            f.write("%s %s\n" % (s["utt"], (wav_dir / (s["utt"] + ".wav")).resolve()))
+    with open(d / "text", "w") as f:
+        for s in specs:
+            f.write("%s %s\n" % (s["utt"], " ".join(s["words"])))
+    with open(d / "utt2spk", "w") as f:
+        for s in specs:
+            f.write("%s %s\n" % (s["utt"], s["spk"]))
+    spk2utt = {}
+    for s in specs:
+        spk2utt.setdefault(s["spk"], []).append(s["utt"])
+    with open(d / "spk2utt", "w") as f:
+        for spk in sorted(spk2utt):
+            f.write("%s %s\n" % (spk, " ".join(spk2utt[spk])))
+    with open(d / "utt2info", "w") as f:
+        for s in specs:
+            f.write("%s %s %d %d %d %s\n" % (s["utt"], s["accent"], s["speed"], s["pitch"],
+                                             s["gap"], "clean" if s["snr"] is None else s["snr"]))
+
+
+def main():
+    args = get_parser().parse_args()
+    if not args.accents.is_file():
+        sys.exit("synth_corpus.py: accents file %s not found" % args.accents)
+    accents = [l.split("#", 1)[0].strip() for l in args.accents.read_text().splitlines()]
+    accents = [a for a in accents if a]
+    if not accents:
+        sys.exit("synth_corpus.py: no accents in %s" % args.accents)
+    variants = [v for v in args.variants.split(",") if v]
+    if args.num_valid_voices + args.num_test_voices >= len(variants):
+        sys.exit("synth_corpus.py: %d variants cannot give %d valid + %d test voices and "
+                 "leave some for training" % (len(variants), args.num_valid_voices,
+                                              args.num_test_voices))
+    if not 1 <= args.min_digits <= args.max_digits:
+        sys.exit("synth_corpus.py: need 1 <= --min-digits <= --max-digits")
+    check_espeak(accents, variants)
+    rng = random.Random(args.seed)
+    shuffled = sorted(variants)
+    rng.shuffle(shuffled)
+    test_v = shuffled[:args.num_test_voices]
+    valid_v = shuffled[args.num_test_voices:args.num_test_voices + args.num_valid_voices]
+    train_v = shuffled[args.num_test_voices + args.num_valid_voices:]
+    plans = {
+        "train": plan_split(rng, train_v, args.train_utts_per_voice, accents, args),
+        "valid": plan_split(rng, valid_v, args.valid_utts_per_voice, accents, args),
+        "test": plan_split(rng, test_v, args.test_utts_per_voice, accents, args),
+    }
+    args.wav_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [s for specs in plans.values() for s in specs]
+    with ThreadPoolExecutor(max_workers=max(1, args.nj)) as ex:
+        durs = list(ex.map(lambda s: make_utterance(s, args.wav_dir / (s["utt"] + ".wav")), jobs))
+    dur_of = {s["utt"]: d for s, d in zip(jobs, durs)}
+    for split, specs in plans.items():
+        write_data_dir(args.out_dir / split, specs, args.wav_dir)
+        hours = sum(dur_of[s["utt"]] for s in specs) / 3600
+        spks = sorted({s["spk"] for s in specs})
+        print("%s: %d utterances, %.2f h, %d voices: %s" % (split, len(specs), hours, len(spks),
+                                                           " ".join(spks)))
+
+
+if __name__ == "__main__":
+    main()
