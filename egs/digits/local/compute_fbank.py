@@ -97,7 +97,8 @@ def main():
     wav_scp = args.data_dir / "wav.scp"
     if not wav_scp.is_file():
         sys.exit("compute_fbank.py: %s not found" % wav_scp)
-    ark, scp = args.data_dir / "feats.ark", args.data_dir / "feats.scp"
+    # absolute ark path in feats.scp, so the scp works from any directory
+    ark, scp = (args.data_dir / "feats.ark").resolve(), args.data_dir / "feats.scp"
     n_done, n_frames, lens = 0, 0, []
     with kaldiio.WriteHelper("ark,scp:%s,%s" % (ark, scp)) as writer:
         for lineno, line in enumerate(wav_scp.read_text().splitlines(), 1):
