@@ -1,0 +1,441 @@
+r"""Online natural gradient: Kaldi's ``OnlineNaturalGradient`` in plain torch.
+
+This is the preconditioner of Kaldi's NG-SGD (Povey, Zhang and Khudanpur, "Parallel
+training of DNNs with natural gradient and parameter averaging", ICLR workshop 2015),
+reimplemented from the description in Kaldi's ``src/nnet3/natural-gradient-online.h``.
+Every quantity below keeps the name it has there.
+
+Notation
+--------
+A minibatch is a matrix :math:`X_t \in \mathbb{R}^{N \times D}` (N rows, each a vector
+of dimension D: an input of an affine layer with a ones column appended, or an
+output derivative).  ``t`` counts the calls made so far.  ``R`` (1 <= R < D) is the rank.
+
+We keep a running estimate of the uncentred covariance ("Fisher matrix") of the rows,
+restricted to a scaled identity plus a rank-R term:
+
+.. math::
+
+   F_t = R_t^T D_t R_t + \rho_t I                                      \quad (F)
+
+with :math:`R_t` (R x D) having orthonormal rows, :math:`D_t` diagonal and positive,
+:math:`\rho_t > 0`.
+
+Preconditioning
+---------------
+The matrix actually inverted is :math:`F_t` smoothed towards the identity in
+proportion to its own trace (``alpha`` = 4 in Kaldi):
+
+.. math::
+
+   G_t = F_t + \frac{\alpha}{D}\,\mathrm{tr}(F_t)\, I = R_t^T D_t R_t + \beta_t I,
+   \qquad \beta_t = \rho_t (1 + \alpha) + \frac{\alpha}{D}\,\mathrm{tr}(D_t).   \quad (\beta)
+
+By the Woodbury identity, :math:`\beta_t G_t^{-1} = I - R_t^T E_t R_t` with the
+diagonal :math:`E_t` of elements
+
+.. math::
+
+   e_{ii} = \frac{1}{\beta_t / d_{ii} + 1}.                                    \quad (E)
+
+Storing :math:`W_t = E_t^{1/2} R_t` instead of :math:`R_t`, the preconditioned
+minibatch is two skinny matrix products:
+
+.. math::
+
+   H_t = X_t W_t^T, \qquad \hat X_t = \beta_t X_t G_t^{-1} = X_t - H_t W_t.   \quad (\hat X)
+
+The caller multiplies :math:`\hat X_t` by
+:math:`\gamma_t = \sqrt{\mathrm{tr}(X_t X_t^T) / \mathrm{tr}(\hat X_t \hat X_t^T)}`
+(returned as ``scale``, 1 when the input is all zero) so that the overall 2-norm is unchanged.
+
+Updating the estimate
+---------------------
+With :math:`\eta = 1 - \exp(-N / \text{num\_samples\_history})`, capped at 0.9 (or
+:math:`1/\text{num\_minibatches\_history}` when that is set), the target is the smoothed
+scatter :math:`T_t = \frac{\eta}{N} X_t^T X_t + (1-\eta) F_t`.  One power-method step
+on it starts from
+
+.. math::
+
+   Y_t = R_t T_t = \frac{\eta}{N} E_t^{-1/2} J_t + (1-\eta)(D_t + \rho_t I) R_t,
+   \qquad J_t = H_t^T X_t.                                                     \quad (Y)
+
+The R x R matrix :math:`Z_t = Y_t Y_t^T` only needs
+:math:`K_t = J_t J_t^T` and :math:`L_t = H_t^T H_t` (or :math:`W_t J_t^T` when N > D):
+
+.. math::
+
+   Z_t = \Big(\frac{\eta}{N}\Big)^2 E_t^{-1/2} K_t E_t^{-1/2}
+       + \frac{\eta}{N}(1-\eta)\big(E_t^{-1/2} L_t E_t^{-1/2} P_t + P_t E_t^{-1/2} L_t E_t^{-1/2}\big)
+       + (1-\eta)^2 P_t^2,                                                    \quad (Z)
+
+with :math:`P_t = D_t + \rho_t I`.  Z is formed in float64 (it scales as the fourth
+power of the data), divided by :math:`\max(1, \mathrm{tr} Z_t)`, and decomposed as
+:math:`Z_t = U_t C_t U_t^T` with eigenvalues sorted from largest to smallest.
+Eigenvalues below :math:`(\rho_t(1-\eta))^2` (the mathematical minimum) are floored.
+Then
+
+.. math::
+
+   R_{t+1} = C_t^{-1/2} U_t^T Y_t, \qquad D_{t+1} = C_t^{1/2} - \rho_{t+1} I,   \quad (R_{t+1})
+
+.. math::
+
+   \rho_{t+1} = \frac{1}{D - R}\Big(\frac{\eta}{N}\mathrm{tr}(X_t X_t^T)
+     + (1-\eta)(D\rho_t + \mathrm{tr}\,D_t) - \mathrm{tr}\,C_t^{1/2}\Big),    \quad (\rho)
+
+which keeps :math:`\mathrm{tr}\,F_{t+1} = \mathrm{tr}\,T_t`.  Both :math:`\rho_{t+1}` and the
+elements of :math:`D_{t+1}` are floored at
+:math:`\max(\epsilon, \delta \max_i \sqrt{c_{ii}})` (:math:`\epsilon = 10^{-10}`,
+:math:`\delta = 5\cdot 10^{-4}`).  In terms of stored quantities,
+
+.. math::
+
+   W_{t+1} = A_t B_t, \quad
+   A_t = \frac{\eta}{N} E_{t+1}^{1/2} C_t^{-1/2} U_t^T E_t^{-1/2}, \quad
+   B_t = J_t + \frac{1-\eta}{\eta/N} P_t W_t.                                 \quad (W_{t+1})
+
+Re-orthogonalization: when :math:`c_{00} > 10^6 c_{R-1,R-1}` or any eigenvalue was
+floored, :math:`O = E_{t+1}^{-1/2} W_{t+1} W_{t+1}^T E_{t+1}^{-1/2}` should be the unit
+matrix; if it is off by more than :math:`10^{-3}` anywhere, with :math:`O = C C^T`
+(Cholesky), :math:`W_{t+1} \leftarrow E_{t+1}^{1/2} C^{-1} E_{t+1}^{-1/2} W_{t+1}`
+(Gram-Schmidt on the rows instead when the Cholesky fails or :math:`C^{-1}` has an
+element >= 100).
+
+Schedule
+--------
+* The first call initializes: :math:`W` from the orthonormal "1.1" pattern (row r has
+  entries at columns r, r+R, r+2R, ..., the first one 1.1, normalized) times
+  :math:`\sqrt{1 / (2 + (D+R)\alpha/D)}`, :math:`\rho = d_{ii} = \epsilon`; then 3 updating
+  passes over copies of :math:`X_0` (1 pass when N <= R); then :math:`X_0` itself is processed.
+* The estimate is updated on calls with t <= 10 and then whenever
+  (t - 10) is a multiple of ``update_period``.  Other calls only apply (:math:`\hat X`).
+* :meth:`OnlineNaturalGradient.freeze` stops updates (Kaldi freezes the preconditioners in
+  the first step of backstitch training).
+* If ``rank >= D`` the rank is reduced to D - 1 (with a warning); a one-column input is
+  returned unchanged with scale 1.
+
+Unlike Kaldi, the state (:math:`W_t, D_t, \rho_t, t`) is saved by :meth:`state_dict`, so that a
+resumed run continues exactly.  There is no randomness anywhere.
+"""
+import logging
+import math
+from typing import Any, Dict, Tuple
+
+import torch
+
+__all__ = ["OnlineNaturalGradient"]
+
+_EPSILON = 1.0e-10  # floor of rho and of D's elements (Kaldi's epsilon_)
+_DELTA = 5.0e-4  # relative floor of rho and D w.r.t. the largest sqrt(c) (delta_)
+_NUM_INITIAL_UPDATES = 10  # calls t <= 10 always update
+_CONDITION_THRESHOLD = 1.0e6  # c_max / c_min above this -> re-orthogonalize
+_ORTHO_THRESHOLD = 1.0e-3  # tolerated max |O - I| before re-orthogonalizing
+
+logger = logging.getLogger(__name__)
+
+
+def _orthonormal_special(rows: int, cols: int) -> torch.Tensor:
+    """The deterministic R x D matrix with orthonormal rows used to start W.
+
+    Row r has non-zeros at columns r, r + rows, r + 2 rows, ...; the first one is 1.1 and
+    the others 1, then the row is normalized (the 1.1 breaks the symmetry between rows).
+
+    Returns:
+      A float64 tensor of shape ``[rows][cols]``.
+    """
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    for r in range(rows):
+        c = torch.arange(r, cols, rows)
+        vals = torch.ones(len(c), dtype=torch.float64)
+        vals[0] = 1.1
+        out[r, c] = vals / math.sqrt(1.1 * 1.1 + len(c) - 1)
+    return out
+
+
+class OnlineNaturalGradient:
+    """Kaldi's online natural-gradient preconditioner for one matrix of row vectors.
+
+    One object per quantity to precondition (an affine layer has two: one for its input
+    with a ones column appended, one for its output derivative).  See the module docstring
+    for the math; equation labels there are referred to below.
+
+    Args:
+      rank:
+        Rank R of the Fisher-matrix correction (Kaldi: 20 for inputs, 80 for output
+        derivatives of ``NaturalGradientAffineComponent``).  Reduced to D - 1 if >= D.
+      update_period:
+        After the first 11 calls, update the estimate only every ``update_period`` calls
+        (Kaldi's components use 4).
+      num_samples_history:
+        Time constant, in rows, of the forgetting factor: eta = 1 - exp(-N / it), capped at 0.9.
+      num_minibatches_history:
+        If > 0 (must then be > 1), eta = 1 / num_minibatches_history instead.
+      alpha:
+        Smoothing of the Fisher matrix towards the identity, see (beta).
+    """
+
+    def __init__(self, rank: int = 40, update_period: int = 4,
+                 num_samples_history: float = 2000.0,
+                 num_minibatches_history: float = 0.0, alpha: float = 4.0):
+        if int(rank) <= 0:
+            raise ValueError(f"OnlineNaturalGradient: rank must be > 0, got {rank}")
+        if int(update_period) <= 0:
+            raise ValueError(f"OnlineNaturalGradient: update_period must be > 0, got {update_period}")
+        if not (0.0 < num_samples_history <= 1.0e6):
+            raise ValueError("OnlineNaturalGradient: num_samples_history must be in (0, 1e6], "
+                             f"got {num_samples_history}")
+        if not (num_minibatches_history == 0.0 or 1.0 < num_minibatches_history < 1.0e6):
+            raise ValueError("OnlineNaturalGradient: num_minibatches_history must be 0 or in "
+                             f"(1, 1e6), got {num_minibatches_history}")
+        if not alpha >= 0.0:
+            raise ValueError(f"OnlineNaturalGradient: alpha must be >= 0, got {alpha}")
+        # Options (Kaldi's rank_, update_period_, num_samples_history_, ...).
+        self.rank = int(rank)
+        self.update_period = int(update_period)
+        self.num_samples_history = float(num_samples_history)
+        self.num_minibatches_history = float(num_minibatches_history)
+        self.alpha = float(alpha)
+        # State.  t: number of completed calls (0 = not initialized yet).
+        self.t = 0
+        self.frozen = False
+        self.W_t = None  # [R][D], dtype and device of the inputs
+        self.d_t = None  # [R] float64 on the CPU (diagonal of D_t)
+        self.rho_t = -1.0e10
+        # Diagnostics of the last call (not part of Kaldi's state).
+        self.last_updated = False
+        self.last_reorthogonalized = False
+        self.last_num_floored = 0
+
+    # ------------------------------------------------------------------ options
+    def eta(self, N: int) -> float:
+        """The forgetting factor for a minibatch of N rows (Kaldi's ``Eta``)."""
+        if self.num_minibatches_history > 0.0:
+            return 1.0 / self.num_minibatches_history
+        ans = 1.0 - math.exp(-N / self.num_samples_history)
+        return min(ans, 0.9)
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or resume) updating the Fisher estimate; preconditioning still happens."""
+        self.frozen = bool(frozen)
+
+    def updating(self) -> bool:
+        """Whether the next call will update the estimate."""
+        return (not self.frozen and
+                (self.t <= _NUM_INITIAL_UPDATES or
+                 (self.t - _NUM_INITIAL_UPDATES) % self.update_period == 0))
+
+    # ------------------------------------------------------------------ main
+    @torch.no_grad()
+    def precondition_directions(self, X: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Precondition the rows of X with the current estimate, updating it when due.
+
+        Args:
+          X:
+            The ``[N][D]`` floating-point matrix of row vectors (not modified).
+        Returns:
+          ``(X_hat, scale)``: X_hat ``[N][D]`` (same dtype/device as X) is X times
+          ``beta_t G_t^{-1}`` (eqn. X-hat), **not** multiplied by scale; scale is a 0-dim
+          float64 tensor on X's device, sqrt(|X|_F^2 / |X_hat|_F^2) (1 if X is zero).
+        """
+        if X.dim() != 2:
+            raise ValueError(f"precondition_directions: expected a 2-D matrix, got shape {tuple(X.shape)}")
+        if not X.is_floating_point():
+            raise ValueError(f"precondition_directions: expected a floating-point matrix, got {X.dtype}")
+        N, D = X.shape
+        if D == 1:
+            return X.clone(), torch.ones((), dtype=torch.float64, device=X.device)
+        if self.W_t is not None and self.W_t.shape[1] != D:
+            raise ValueError(f"precondition_directions: this preconditioner was set up for dimension "
+                             f"{self.W_t.shape[1]}, got a matrix with {D} columns")
+        if self.t == 0:
+            self._init(X)
+        in_dtype = X.dtype
+        X = X.to(self.W_t.dtype)
+        initial_product = (X * X).sum()
+        X_hat = self._precondition_internal(X, initial_product, self.updating())
+        final_product = (X_hat * X_hat).sum()
+        scale = torch.where(initial_product > 0,
+                            torch.sqrt(initial_product.double() / final_product.double()),
+                            torch.ones((), dtype=torch.float64, device=X.device))
+        self.t += 1
+        return X_hat.to(in_dtype), scale
+
+    __call__ = precondition_directions
+
+    def _init_default(self, D: int, dtype: torch.dtype, device: torch.device) -> None:
+        if self.rank >= D:
+            logger.warning("Rank %d of online preconditioner is >= dim %d, setting it to %d "
+                           "(but this is probably still too high)", self.rank, D, D - 1)
+            self.rank = D - 1
+        R = self.rank
+        self.rho_t = _EPSILON
+        self.d_t = torch.full((R,), _EPSILON, dtype=torch.float64)
+        E_tii = 1.0 / (2.0 + (D + R) * self.alpha / D)
+        self.W_t = (_orthonormal_special(R, D) * math.sqrt(E_tii)).to(dtype=dtype, device=device)
+
+    def _init(self, X0: torch.Tensor) -> None:
+        """First call: start from the default and run 3 (or 1) updating passes on X0."""
+        dtype = X0.dtype if X0.dtype in (torch.float32, torch.float64) else torch.float32
+        tmp = OnlineNaturalGradient(self.rank, self.update_period, self.num_samples_history,
+                                    self.num_minibatches_history, self.alpha)
+        tmp._init_default(X0.shape[1], dtype, X0.device)
+        tmp.t = 1  # the copy never re-enters _init
+        num_iters = 1 if X0.shape[0] <= tmp.rank else 3
+        X0 = X0.to(dtype)
+        tr = (X0 * X0).sum()
+        for _ in range(num_iters):
+            tmp._precondition_internal(X0, tr, True)
+            tmp.t += 1
+        self.rank = tmp.rank
+        self.W_t, self.d_t, self.rho_t = tmp.W_t, tmp.d_t, tmp.rho_t
+
+    @staticmethod
+    def _compute_et(d: torch.Tensor, beta: float):
+        e = 1.0 / (beta / d + 1.0)  # (E)
+        sqrt_e = e.sqrt()
+        return e, sqrt_e, 1.0 / sqrt_e
+
+    def _precondition_internal(self, X: torch.Tensor, tr_X_Xt: torch.Tensor,
+                               updating: bool) -> torch.Tensor:
+        N, D = X.shape
+        R = self.rank
+        W_t = self.W_t
+        H_t = X @ W_t.t()  # (X-hat): H_t = X_t W_t^T, [N][R]
+        self.last_updated = updating
+        self.last_reorthogonalized = False
+        self.last_num_floored = 0
+        if not updating:
+            return torch.addmm(X, H_t, W_t, alpha=-1.0)
+        eta = self.eta(N)
+        rho_t = self.rho_t
+        d_t = self.d_t
+        J_t = H_t.t() @ X  # [R][D]
+        if N > D:
+            L_t = W_t @ J_t.t()
+            K_t = J_t @ J_t.t()
+        else:
+            K_t = J_t @ J_t.t()
+            L_t = H_t.t() @ H_t
+        # The small R x R algebra runs in float64 on the CPU, as Kaldi does.
+        LK = torch.cat([L_t, K_t], 0).to(device="cpu", dtype=torch.float64)
+        tr_X_Xt = float(tr_X_Xt)
+        L_t, K_t = LK[:R], LK[R:]
+        L_t = 0.5 * (L_t + L_t.t())
+        K_t = 0.5 * (K_t + K_t.t())
+
+        beta_t = rho_t * (1.0 + self.alpha) + self.alpha * float(d_t.sum()) / D  # (beta)
+        e_t, sqrt_e_t, inv_sqrt_e_t = self._compute_et(d_t, beta_t)
+        p_t = d_t + rho_t  # diagonal of D_t + rho_t I
+        etaN, eta1 = eta / N, 1.0 - eta
+        S = inv_sqrt_e_t[:, None] * L_t * inv_sqrt_e_t[None, :]
+        Z_t = (etaN * etaN) * (inv_sqrt_e_t[:, None] * K_t * inv_sqrt_e_t[None, :]) \
+            + (etaN * eta1) * (S * p_t[None, :] + p_t[:, None] * S) \
+            + torch.diag(eta1 * eta1 * p_t * p_t)  # (Z)
+        z_scale = max(1.0, float(torch.trace(Z_t)))
+        c_t, U_t = torch.linalg.eigh(Z_t / z_scale)
+        c_t, U_t = c_t.flip(0) * z_scale, U_t.flip(1)  # largest first
+        must_reorthogonalize = bool(c_t[0] > _CONDITION_THRESHOLD * c_t[R - 1])
+        c_floor = (rho_t * (1.0 - eta)) ** 2
+        nf = int((c_t < c_floor).sum())
+        if nf > 0:
+            c_t = c_t.clamp(min=c_floor)
+            must_reorthogonalize = True
+        self.last_num_floored = nf
+
+        X_hat = torch.addmm(X, H_t, W_t, alpha=-1.0)
+
+        sqrt_c_t = c_t.sqrt()
+        rho_t1 = (eta / N * tr_X_Xt + (1.0 - eta) * (D * rho_t + float(d_t.sum()))
+                  - float(sqrt_c_t.sum())) / (D - R)  # (rho)
+        d_t1 = sqrt_c_t - rho_t1
+        floor_val = max(_EPSILON, _DELTA * float(sqrt_c_t.max()))
+        rho_t1 = max(rho_t1, floor_val)
+        d_t1 = d_t1.clamp(min=floor_val)
+
+        # (W_{t+1}) = A_t B_t
+        beta_t1 = rho_t1 * (1.0 + self.alpha) + self.alpha * float(d_t1.sum()) / D
+        if not beta_t1 > 0.0:
+            raise RuntimeError(f"OnlineNaturalGradient: beta_t1 = {beta_t1} is not positive "
+                               "(non-finite input?)")
+        _, sqrt_e_t1, inv_sqrt_e_t1 = self._compute_et(d_t1, beta_t1)
+        w_coeff = (eta1 / etaN) * p_t
+        B_t = torch.addcmul(J_t, w_coeff.to(J_t)[:, None], W_t)
+        A_t = U_t.t() * (etaN * sqrt_e_t1 / sqrt_c_t)[:, None] * inv_sqrt_e_t[None, :]
+        W_t1 = A_t.to(B_t) @ B_t
+        if must_reorthogonalize:
+            W_t1 = self._reorthogonalize(W_t1, sqrt_e_t1, inv_sqrt_e_t1)
+        self.W_t = W_t1
+        self.d_t = d_t1
+        self.rho_t = rho_t1
+        return X_hat
+
+    def _reorthogonalize(self, W_t1: torch.Tensor, sqrt_e_t1: torch.Tensor,
+                         inv_sqrt_e_t1: torch.Tensor) -> torch.Tensor:
+        """Make R_{t+1} = E^{-1/2} W_{t+1} orthonormal again (Cholesky, else Gram-Schmidt)."""
+        O = (W_t1 @ W_t1.t()).to(device="cpu", dtype=torch.float64)
+        O = inv_sqrt_e_t1[:, None] * O * inv_sqrt_e_t1[None, :]
+        R = O.shape[0]
+        if float((O - torch.eye(R, dtype=torch.float64)).abs().tril().max()) <= _ORTHO_THRESHOLD:
+            return W_t1
+        self.last_reorthogonalized = True
+        C, info = torch.linalg.cholesky_ex(O)
+        ok = int(info) == 0
+        if ok:
+            Cinv = torch.linalg.solve_triangular(C, torch.eye(R, dtype=torch.float64), upper=False)
+            ok = bool(torch.isfinite(Cinv).all()) and bool(Cinv.max() < 100.0)
+        if not ok:
+            logger.warning("Cholesky failed or out of range while re-orthogonalizing R_t; "
+                           "using Gram-Schmidt")
+            Q, Rq = torch.linalg.qr(W_t1.t().double().cpu())  # columns of Q: Gram-Schmidt of rows
+            Q = Q * torch.sign(torch.diagonal(Rq))[None, :]
+            return (Q.t() * sqrt_e_t1[:, None]).to(W_t1)
+        M = sqrt_e_t1[:, None] * Cinv * inv_sqrt_e_t1[None, :]  # E^{1/2} C^{-1} E^{-1/2}
+        return M.to(W_t1) @ W_t1
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly: options and W_t, d_t, rho_t, t, frozen."""
+        return {
+            "rank": self.rank, "update_period": self.update_period,
+            "num_samples_history": self.num_samples_history,
+            "num_minibatches_history": self.num_minibatches_history,
+            "alpha": self.alpha, "t": self.t, "frozen": self.frozen,
+            "W_t": None if self.W_t is None else self.W_t.detach().clone(),
+            "d_t": None if self.d_t is None else self.d_t.clone(),
+            "rho_t": self.rho_t,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (W_t keeps the device it was saved on
+        until the next call moves nothing: pass tensors on the right device, or call :meth:`to`)."""
+        missing = {"rank", "t", "W_t", "d_t", "rho_t"} - set(state)
+        if missing:
+            raise KeyError(f"OnlineNaturalGradient.load_state_dict: missing keys {sorted(missing)}")
+        self.rank = int(state["rank"])
+        self.update_period = int(state.get("update_period", self.update_period))
+        self.num_samples_history = float(state.get("num_samples_history", self.num_samples_history))
+        self.num_minibatches_history = float(state.get("num_minibatches_history",
+                                                       self.num_minibatches_history))
+        self.alpha = float(state.get("alpha", self.alpha))
+        self.t = int(state["t"])
+        self.frozen = bool(state.get("frozen", False))
+        W = state["W_t"]
+        if W is not None and self.W_t is not None:
+            W = W.to(device=self.W_t.device)
+        self.W_t = None if W is None else W.detach().clone()
+        self.d_t = None if state["d_t"] is None else state["d_t"].detach().to("cpu", torch.float64).clone()
+        self.rho_t = float(state["rho_t"])
+
+    def to(self, device: torch.device) -> "OnlineNaturalGradient":
+        """Move W_t to ``device`` (d_t stays on the CPU)."""
+        if self.W_t is not None:
+            self.W_t = self.W_t.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"OnlineNaturalGradient(rank={self.rank}, update_period={self.update_period}, "
+                f"num_samples_history={self.num_samples_history}, "
+                f"num_minibatches_history={self.num_minibatches_history}, alpha={self.alpha}, "
+                f"t={self.t}, frozen={self.frozen})")
