@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Turn word transcripts into phone sequences for the phone LM (flat start).
+
+Each word is replaced by one of its lexicon pronunciations, picked at random
+(seeded); optional silence ``SIL`` is inserted at the utterance edges with
+probability ``--edge-silprob`` and between words with ``--between-silprob``, as
+Kaldi's ``steps/nnet3/chain/e2e/text_to_phones.py`` does before
+``chain-est-phone-lm``. Output: ``<utt> <phone> <phone> ...`` lines; with
+``--int``, phone ids from ``<lang>/phones.txt`` (the form the phone LM estimator
+reads).
+
+Usage:
+  local/text_to_phones.py --int data/lang data/train/text > exp/chain/phone_seqs.txt
+"""
+import argparse
+import random
+import sys
+from pathlib import Path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--edge-silprob", type=float, default=0.8)
+    p.add_argument("--between-silprob", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--int", action="store_true", help="write phone ids instead of names")
+    p.add_argument("lang_dir", type=Path)
+    p.add_argument("text", type=Path)
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    lexicon = {}
+    for line in (args.lang_dir / "lexicon.txt").read_text().splitlines():
+        w, *pron = line.split()
+        lexicon.setdefault(w, []).append(pron)
+    sil = (args.lang_dir / "optional_silence.txt").read_text().split()[0]
+    phone_id = dict(l.split() for l in (args.lang_dir / "phones.txt").read_text().splitlines())
+    n_bad = 0
+    for lineno, line in enumerate(args.text.read_text().splitlines(), 1):
+        utt, *words = line.split()
+        unknown = [w for w in words if w not in lexicon]
+        if not words or unknown:
+            n_bad += 1
+            print("text_to_phones.py: %s:%d: utterance %s %s, skipped" % (
+                args.text, lineno, utt, "is empty" if not words else
+                "has words not in the lexicon: " + " ".join(unknown)), file=sys.stderr)
+            continue
+        phones = [sil] if rng.random() < args.edge_silprob else []
+        for i, w in enumerate(words):
+            phones += rng.choice(lexicon[w])
+            if rng.random() < (args.between_silprob if i + 1 < len(words) else args.edge_silprob):
+                phones.append(sil)
+        if args.int:
+            phones = [phone_id[ph] for ph in phones]
+        print(utt, " ".join(phones))
+    if n_bad:
+        print("text_to_phones.py: %d utterance(s) skipped" % n_bad, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
