@@ -1,0 +1,458 @@
+"""Chain egs for training: Kaldi's minibatch-size rules, a resumable sharded sampler,
+frame-shift rotation, and the minibatch the training step consumes.
+
+**Minibatch-size rules** (``nnet3-chain-merge-egs --minibatch-size``). A rule string is
+``eg_size1=spec1/eg_size2=spec2/...`` or just ``spec``; a spec is a comma list of sizes
+and ``lo:hi`` ranges, e.g. ``128``, ``64,128``, ``16:32,64``,
+``256=64/512=32``. The size of an eg is the number of input rows of its largest input
+(one sequence: chunk frames plus context). An eg uses the spec whose eg_size is closest
+to its own. Only egs with the same structure (input rows, output frames) are merged.
+While input remains, minibatches take the largest size in the spec; when the input
+ends, what is left of each structure is cut into the largest allowed sizes that fit,
+and a remainder no allowed size fits is dropped (Kaldi warns about it too).
+
+**Global data position.** One epoch is a *plan*: the list of minibatches (lists of eg
+indices) made from a permutation of the egs drawn from ``(seed, epoch)``. Rank r of W
+takes minibatches ``p + r`` for ``p = 0, W, 2W, ..``; the position p counts minibatches
+consumed by the whole job, so it does not depend on W. A job restarted with a different
+number of workers continues at the same global minibatch: no minibatch is trained twice
+or skipped within the epoch (the minibatches are then grouped into different steps, so
+the trajectory differs from the uninterrupted run only in how minibatches are averaged
+together). The last ``len(plan) mod W`` minibatches of an epoch are not used, so that
+every rank takes the same number of steps (DDP needs that).
+
+**Frame shift.** Minibatch g of epoch e gets shift ``s = (g + e) mod f`` as
+``steps/nnet3/chain/train.py`` rotates ``--frame-shift`` over archives; as in
+``ShiftChainExampleTimes`` the input moves by s and the output by s rounded to the
+nearest multiple of f, so the features move by ``d = round(s/f) f - s`` in
+``-f//2 .. f//2`` relative to the labels (egs carry ``f//2`` extra context frames for it).
+
+The batch (:class:`ChainBatch`), B = sequences, T = output frames per sequence,
+T_in = input rows per sequence, F = feature dim::
+
+    feats            [B][T_in][F]  float32, row 0 is t = -egs_left_context
+    supervision      Supervision (B sequences of T frames, merged as nnet3-chain-merge-egs)
+    deriv_weights    [T*B] (t-major, Kaldi's order) or None
+    frame_shift      d
+    index            global minibatch index in the epoch
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MinibatchSizeRule",
+    "ChainBatch",
+    "ChainMinibatchSampler",
+    "EgsDataset",
+    "effective_frame_shift",
+    "example_layout",
+    "load_egs",
+    "collate_chain_egs",
+]
+
+
+class MinibatchSizeRule:
+    """Kaldi's ``--minibatch-size`` rule string.
+
+    Args:
+      rule: e.g. ``"128"``, ``"64,128"``, ``"16:32,64"`` or ``"256=64/512=32"``.
+    """
+
+    def __init__(self, rule: str):
+        self.rule = str(rule).strip()
+        if not self.rule:
+            raise ValueError("empty --minibatch-size rule")
+        self._specs: List[Tuple[int, List[Tuple[int, int]]]] = []
+        for part in self.rule.split("/"):
+            if "=" in part:
+                size_s, spec = part.split("=", 1)
+                try:
+                    eg_size = int(size_s)
+                except ValueError:
+                    raise ValueError("bad eg size %r in --minibatch-size=%r" % (size_s, self.rule))
+            else:
+                if len(self.rule.split("/")) > 1:
+                    raise ValueError("--minibatch-size=%r: with '/' every part needs "
+                                     "'eg_size=...'" % self.rule)
+                eg_size, spec = 0, part
+            ranges = []
+            for item in spec.split(","):
+                try:
+                    if ":" in item:
+                        lo, hi = (int(v) for v in item.split(":"))
+                    else:
+                        lo = hi = int(item)
+                except ValueError:
+                    raise ValueError("bad size %r in --minibatch-size=%r" % (item, self.rule))
+                if lo < 1 or hi < lo:
+                    raise ValueError("bad range %r in --minibatch-size=%r" % (item, self.rule))
+                ranges.append((lo, hi))
+            self._specs.append((eg_size, ranges))
+
+    def _spec(self, eg_size: int) -> List[Tuple[int, int]]:
+        return min(self._specs, key=lambda s: (abs(s[0] - eg_size), s[0]))[1]
+
+    def largest(self, eg_size: int) -> int:
+        """The minibatch size used while input remains."""
+        return max(hi for _, hi in self._spec(eg_size))
+
+    def size(self, eg_size: int, num_available: int, input_ended: bool) -> int:
+        """Size of the next minibatch, or 0 to wait (or, at the end, to drop the rest).
+
+        Args:
+          eg_size: input rows of one eg.
+          num_available: egs of that structure waiting.
+          input_ended: no more egs will come.
+        """
+        spec = self._spec(eg_size)
+        big = max(hi for _, hi in spec)
+        if num_available >= big:
+            return big
+        if not input_ended:
+            return 0
+        best = 0
+        for lo, hi in spec:
+            if num_available >= lo:
+                best = max(best, min(hi, num_available))
+        return best
+
+    def __repr__(self):
+        return "MinibatchSizeRule(%r)" % self.rule
+
+
+def effective_frame_shift(shift: int, frame_subsampling_factor: int) -> int:
+    """Offset of features vs labels for nnet3-chain-copy-egs ``--frame-shift=shift``.
+
+    The input indexes move by ``shift``, the output ones by ``shift`` rounded to the
+    closest multiple of f; the features therefore move by ``d = that - shift``.
+    """
+    f = frame_subsampling_factor
+    out = int(math.floor(shift / f + 0.5)) * f
+    return out - shift
+
+
+@dataclass
+class ChainBatch:
+    """One minibatch (see the module docstring for shapes)."""
+
+    feats: torch.Tensor
+    supervision: Any
+    deriv_weights: Optional[torch.Tensor]
+    egs_left_context: int
+    frame_shift: int = 0
+    index: int = -1
+    keys: Tuple[str, ...] = ()
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.supervision.num_sequences)
+
+    @property
+    def frames_per_sequence(self) -> int:
+        return int(self.supervision.frames_per_sequence)
+
+    @property
+    def num_output_frames(self) -> int:
+        return self.num_sequences * self.frames_per_sequence
+
+    def to(self, device) -> "ChainBatch":
+        dw = None if self.deriv_weights is None else self.deriv_weights.to(device)
+        return ChainBatch(self.feats.to(device), self.supervision, dw, self.egs_left_context,
+                          self.frame_shift, self.index, self.keys)
+
+
+def _input_matrix(example, input_name: str):
+    inputs = getattr(example, "inputs", None)
+    if not isinstance(inputs, dict) or input_name not in inputs:
+        raise ValueError("chain example has no input named %r (has %s)"
+                         % (input_name, sorted(inputs) if isinstance(inputs, dict) else inputs))
+    return inputs[input_name]
+
+
+def _input_t_values(example, input_name: str) -> Optional[np.ndarray]:
+    """t of every row of the input, if the example carries nnet3 indexes."""
+    for attr in ("input_indexes", "indexes"):
+        idx = getattr(example, attr, None)
+        if isinstance(idx, dict) and input_name in idx:
+            a = np.asarray(idx[input_name])
+            return a[:, 1] if a.ndim == 2 else a
+    ios = getattr(example, "input_ios", None) or getattr(example, "nnet_inputs", None)
+    if isinstance(ios, (list, tuple)):
+        for io in ios:
+            if getattr(io, "name", None) == input_name and getattr(io, "indexes", None) is not None:
+                a = np.asarray(io.indexes)
+                return a[:, 1] if a.ndim == 2 else a
+    return None
+
+
+def example_layout(example, input_name: str = "input",
+                   frame_subsampling_factor: int = 3,
+                   egs_left_context: Optional[int] = None) -> Tuple[int, int]:
+    """``(rows_per_sequence, egs_left_context)`` of a (possibly merged) chain example.
+
+    The left context comes from the example's input indexes (``-min t``) when it has
+    them, else from ``egs_left_context`` (a Kaldi egs dir's ``info/left_context``),
+    else the chunk's extra rows are assumed to be split evenly (left gets the odd one).
+    """
+    sup = example.supervision
+    s, t = int(sup.num_sequences), int(sup.frames_per_sequence)
+    rows = int(_input_matrix(example, input_name).shape[0])
+    if rows % s:
+        raise ValueError("input %r has %d rows, not a multiple of the %d sequences"
+                         % (input_name, rows, s))
+    per_seq = rows // s
+    tv = _input_t_values(example, input_name)
+    if tv is not None and len(tv):
+        left = int(-np.min(tv[:per_seq]))
+    elif egs_left_context is not None:
+        left = int(egs_left_context)
+    else:
+        extra = per_seq - ((t - 1) * frame_subsampling_factor + 1)
+        if extra < 0:
+            raise ValueError("input %r has %d rows per sequence, fewer than the %d frames "
+                             "spanned by %d outputs" % (input_name, per_seq,
+                                                       (t - 1) * frame_subsampling_factor + 1, t))
+        left = (extra + 1) // 2
+    return per_seq, left
+
+
+def _structure(example, input_name: str) -> Tuple[int, int]:
+    sup = example.supervision
+    rows = int(_input_matrix(example, input_name).shape[0]) // int(sup.num_sequences)
+    return rows, int(sup.frames_per_sequence)
+
+
+class EgsDataset(torch.utils.data.Dataset):
+    """Chain examples held in memory, from Kaldi archives or any list of examples.
+
+    Args:
+      examples: ``[(key, example)]``, example as ``pkwrap.kaldi.read_chain_egs`` yields it.
+      input_name: the features input (Kaldi: ``"input"``).
+    """
+
+    def __init__(self, examples: Sequence[Tuple[str, Any]], input_name: str = "input"):
+        self.keys = [k for k, _ in examples]
+        self.examples = [e for _, e in examples]
+        self.input_name = input_name
+        if not self.examples:
+            raise ValueError("no chain examples")
+        self.structures = [_structure(e, input_name) for e in self.examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.keys[i], self.examples[i]
+
+    @classmethod
+    def from_kaldi(cls, rspecifiers, input_name: str = "input") -> "EgsDataset":
+        """Read every eg of ``rspecifiers`` (``ark:``/``scp:`` specs, or paths of .ark files,
+        or a Kaldi egs dir whose ``cegs.*.ark`` are read) into memory."""
+        from pkwrap.kaldi import read_chain_egs  # formats issue
+        if isinstance(rspecifiers, (str, os.PathLike)):
+            rspecifiers = [rspecifiers]
+        specs = []
+        for spec in rspecifiers:
+            spec = str(spec)
+            if os.path.isdir(spec):
+                import glob
+                arks = sorted(glob.glob(os.path.join(spec, "cegs.*.ark")),
+                              key=lambda p: int(p.rsplit(".", 2)[-2]) if
+                              p.rsplit(".", 2)[-2].isdigit() else 0)
+                if not arks:
+                    raise FileNotFoundError("egs dir %s has no cegs.*.ark" % spec)
+                specs += ["ark:" + a for a in arks]
+            elif ":" not in spec.split("/")[0]:
+                specs.append("ark:" + spec)
+            else:
+                specs.append(spec)
+        examples = []
+        for spec in specs:
+            examples.extend(read_chain_egs(spec))
+        if not examples:
+            raise ValueError("no chain examples in %s" % ", ".join(specs))
+        return cls(examples, input_name=input_name)
+
+
+def read_egs_left_context(egs_dir: str) -> Optional[int]:
+    """``info/left_context`` of a Kaldi egs dir (None if absent)."""
+    p = os.path.join(egs_dir, "info", "left_context")
+    if os.path.isfile(p):
+        return int(open(p).read().split()[0])
+    return None
+
+
+def load_egs(spec) -> EgsDataset:
+    """:meth:`EgsDataset.from_kaldi` shorthand."""
+    return EgsDataset.from_kaldi(spec)
+
+
+class ChainMinibatchSampler(torch.utils.data.Sampler):
+    """Resumable, rank-sharded minibatch sampler over chain egs (lhotse CutSampler shape).
+
+    Yields, for this rank, lists ``[(eg_index, minibatch_index, frame_shift), ...]`` (one
+    list per minibatch) for ``DataLoader(batch_sampler=...)`` with
+    :func:`collate_chain_egs`.
+
+    Args:
+      structures: per eg ``(input_rows_per_sequence, output_frames)`` (EgsDataset.structures).
+      minibatch_size: Kaldi rule string or :class:`MinibatchSizeRule`.
+      frame_subsampling_factor: f, for the frame-shift rotation (1 turns it off).
+      shuffle: draw a new permutation per epoch (else archive order).
+      seed: base seed of the permutations.
+      rank, world_size: default from torch.distributed, else RANK/WORLD_SIZE, else 0/1.
+      frame_shift: rotate frame shifts as Kaldi's train.py does.
+    """
+
+    def __init__(self, structures: Sequence[Tuple[int, int]], minibatch_size="128",
+                 frame_subsampling_factor: int = 3, shuffle: bool = True, seed: int = 0,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 frame_shift: bool = True):
+        from . import dist as _d
+        self.structures = [tuple(int(v) for v in s) for s in structures]
+        self.rule = minibatch_size if isinstance(minibatch_size, MinibatchSizeRule) \
+            else MinibatchSizeRule(minibatch_size)
+        self.fsf = int(frame_subsampling_factor)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.rank = _d.get_rank() if rank is None else int(rank)
+        self.world_size = _d.get_world_size() if world_size is None else int(world_size)
+        if not (0 <= self.rank < self.world_size):
+            raise ValueError("rank %d not in world of size %d" % (self.rank, self.world_size))
+        self.frame_shift = frame_shift
+        self.epoch = 0
+        self.position = 0  # global minibatches consumed in this epoch
+        self._plan_cache: Dict[int, List[List[int]]] = {}
+
+    # --- plan -----------------------------------------------------------------------
+    def plan(self, epoch: int) -> List[List[int]]:
+        """All minibatches (lists of eg indices) of ``epoch``, the same on every rank."""
+        if epoch in self._plan_cache:
+            return self._plan_cache[epoch]
+        n = len(self.structures)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n).tolist()
+        else:
+            order = list(range(n))
+        buckets: Dict[Tuple[int, int], List[int]] = {}
+        out: List[List[int]] = []
+        for i in order:
+            key = self.structures[i]
+            b = buckets.setdefault(key, [])
+            b.append(i)
+            m = self.rule.size(key[0], len(b), False)
+            if m:
+                out.append(b[:m])
+                del b[:m]
+        for key in sorted(buckets):
+            b = buckets[key]
+            while b:
+                m = self.rule.size(key[0], len(b), True)
+                if m == 0:
+                    break
+                out.append(b[:m])
+                del b[:m]
+        self._plan_cache = {epoch: out}
+        return out
+
+    def steps_per_epoch(self, epoch: Optional[int] = None) -> int:
+        """Steps every rank takes in an epoch (``len(plan) // world_size``)."""
+        return len(self.plan(self.epoch if epoch is None else epoch)) // self.world_size
+
+    def frame_shift_of(self, epoch: int, index: int) -> int:
+        if not self.frame_shift or self.fsf <= 1:
+            return 0
+        return effective_frame_shift((index + epoch) % self.fsf, self.fsf)
+
+    # --- iteration --------------------------------------------------------------------
+    def __iter__(self) -> Iterator[List[Tuple[int, int, int]]]:
+        plan = self.plan(self.epoch)
+        usable = (len(plan) // self.world_size) * self.world_size
+        p = self.position - self.position % self.world_size
+        for g in range(p + self.rank, usable, self.world_size):
+            shift = self.frame_shift_of(self.epoch, g)
+            yield [(i, g, shift) for i in plan[g]]
+
+    def __len__(self) -> int:
+        usable = (len(self.plan(self.epoch)) // self.world_size) * self.world_size
+        return max(0, usable - self.position) // self.world_size
+
+    def step_done(self) -> None:
+        """Record that one step (one minibatch on each rank) finished."""
+        self.position += self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first minibatch."""
+        self.epoch = int(epoch)
+        self.position = 0
+
+    def state_dict(self) -> Dict[str, int]:
+        """Data position: global, independent of the number of workers."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, sd: Dict[str, int]) -> None:
+        if int(sd.get("seed", self.seed)) != self.seed:
+            raise ValueError("sampler state has seed %s, this sampler %d"
+                             % (sd.get("seed"), self.seed))
+        self.epoch = int(sd["epoch"])
+        self.position = int(sd["position"])
+
+
+def collate_chain_egs(items, input_name: str = "input", frame_subsampling_factor: int = 3,
+                      egs_left_context: Optional[int] = None) -> ChainBatch:
+    """Merge ``[(key, example, index, shift)]`` into a :class:`ChainBatch`.
+
+    Examples are merged with ``pkwrap.kaldi.merge_chain_egs`` (nnet3-chain-merge-egs).
+    """
+    from pkwrap.kaldi import merge_chain_egs  # formats issue
+    keys = tuple(it[0] for it in items)
+    egs = [it[1] for it in items]
+    index, shift = items[0][2], items[0][3]
+    merged = egs[0] if len(egs) == 1 else merge_chain_egs(egs)
+    per_seq, left = example_layout(merged, input_name, frame_subsampling_factor,
+                                   egs_left_context)
+    x = _input_matrix(merged, input_name)
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x,
+                        dtype=torch.float32)
+    s = int(merged.supervision.num_sequences)
+    feats = x.reshape(s, per_seq, x.shape[-1])
+    dw = getattr(merged, "deriv_weights", None)
+    if dw is not None and not isinstance(dw, torch.Tensor):
+        dw = torch.as_tensor(np.asarray(dw), dtype=torch.float32)
+    if isinstance(dw, torch.Tensor) and dw.numel() == 0:
+        dw = None
+    return ChainBatch(feats, merged.supervision, dw, left, shift, index, keys)
+
+
+class _IndexedEgs(torch.utils.data.Dataset):
+    """Adapter: the sampler's ``(eg_index, minibatch_index, shift)`` to dataset items."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, g, shift = item
+        key, eg = self.dataset[i]
+        return key, eg, g, shift
+
+
+def make_loader(dataset, sampler: ChainMinibatchSampler, input_name: str = "input",
+                egs_left_context: Optional[int] = None, num_workers: int = 0):
+    """``DataLoader`` giving this rank's :class:`ChainBatch` es in sampler order."""
+    import functools
+    collate = functools.partial(collate_chain_egs, input_name=input_name,
+                                frame_subsampling_factor=sampler.fsf,
+                                egs_left_context=egs_left_context)
+    return torch.utils.data.DataLoader(_IndexedEgs(dataset), batch_sampler=sampler,
+                                       collate_fn=collate, num_workers=num_workers)

@@ -1,0 +1,455 @@
+"""The chain training loop: one object a recipe's train.py drives under torchrun.
+
+One step on rank r (W ranks, DDP)::
+
+    x, supervision  = minibatch p + r of the epoch's plan          (pkwrap.train.data)
+    chain, xent     = model(x[:, rows the model's context needs])  (pkwrap.train.context)
+    loss            = ChainLoss(chain, supervision, xent, deriv_weights).loss
+                    = -(objf + l2_term) - xent_regularize * xent_objf      (reduction "sum")
+    backward        (NG-SGD preconditions in backward; DDP averages gradients over ranks)
+    optimizer.step(); scheduler.step(); p += W
+
+As in Kaldi, the objective is a *sum* over frames (Kaldi's learning rates assume it)
+and the W jobs' updates are averaged (Kaldi averages the jobs' models; DDP averages
+their gradients, the same to first order).
+
+Checkpoints every ``checkpoint_every`` steps and at the end hold everything needed to
+continue bitwise-identically: model, optimizer (NG state included), scheduler, sampler
+position, the RNG states of every rank, step and epoch (pkwrap.train.checkpoint). On
+start, the newest checkpoint that verifies is loaded; so under
+``torchrun --max-restarts=K`` a killed worker costs at most ``checkpoint_every`` steps.
+Restarting with another number of workers continues at the same global data position;
+each rank takes its own saved RNG state if there was one, else one seeded from
+``(seed, step, rank)``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .context import ModelContext, probe_model_context
+from .data import ChainMinibatchSampler, EgsDataset, make_loader
+from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
+                          compute_prob_log_lines, recompute_batchnorm_stats)
+from .dist import DistInfo, all_gather_object, barrier, broadcast_object, setup_distributed
+from .metrics import ObjfTracker, make_summary_writer, setup_logger
+
+__all__ = ["TrainConfig", "Trainer"]
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (Kaldi's train.py option in brackets where there is one).
+
+    Args:
+      exp_dir: experiment dir: ``checkpoints/``, ``log/train.<rank>.log``,
+        ``tensorboard/``, ``final.pt``.
+      num_epochs: passes over the egs (``--trainer.num-epochs``).
+      minibatch_size: Kaldi rule string (``--trainer.num-chunk-per-minibatch``), e.g.
+        ``"128"`` or ``"256=64/512=32"``.
+      seed: seed of the egs permutations and of the RNGs (``--srand``).
+      shuffle: draw a new egs permutation each epoch.
+      frame_shift: rotate frame shifts over minibatches as train.py does.
+      apply_deriv_weights: use the egs' deriv weights (``--chain.apply-deriv-weights``).
+      checkpoint_every: steps between checkpoints (0: only at epoch ends).
+      keep_last: checkpoints kept besides the best (by valid objective).
+      valid_every: steps between compute-prob diagnostics (0: at epoch ends only).
+      log_every: steps between train log lines / TensorBoard points.
+      max_steps: stop after this many steps in all (None: run all epochs).
+      num_workers: DataLoader workers per rank.
+      combine_last: at the end, combine up to this many last checkpoints as
+        nnet3-chain-combine does (0 or 1: no combination).
+      egs_left_context: frames before t=0 in the egs (only for egs without indexes).
+      input_name: the features input of the egs.
+      progress_bar: tqdm bar on rank 0.
+      tensorboard: write TensorBoard on rank 0.
+    """
+
+    exp_dir: str
+    num_epochs: int = 1
+    minibatch_size: str = "128"
+    seed: int = 0
+    shuffle: bool = True
+    frame_shift: bool = True
+    apply_deriv_weights: bool = True
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    valid_every: int = 0
+    log_every: int = 10
+    max_steps: Optional[int] = None
+    num_workers: int = 0
+    combine_last: int = 0
+    egs_left_context: Optional[int] = None
+    input_name: str = "input"
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(
+        model, nn.parallel.DistributedDataParallel) else model
+
+
+def _ng_scale_stats(model: nn.Module) -> Optional[Dict[str, float]]:
+    """Mean/min/max of the natural-gradient scales of the NG layers' last update."""
+    vals: List[float] = []
+    for m in model.modules():
+        for attr in ("ng_scales", "last_scales", "last_ng_scales"):
+            v = getattr(m, attr, None)
+            if v is None:
+                continue
+            if callable(v):
+                v = v()
+            if isinstance(v, torch.Tensor):
+                vals.extend(float(x) for x in v.detach().flatten().tolist())
+            elif isinstance(v, (list, tuple)):
+                vals.extend(float(x) for x in v if x is not None)
+            elif isinstance(v, (int, float)):
+                vals.append(float(v))
+            break
+    vals = [v for v in vals if math.isfinite(v)]
+    if not vals:
+        return None
+    return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+
+
+class Trainer:
+    """Chain training under torchrun (or in one plain process).
+
+    Args:
+      model: ``[B][T_in][F] -> [B][T_out][P]`` (or ``(chain, xent)``); on ``dist.device``.
+      loss_fn: ``pkwrap.chain.ChainLoss`` (reduction "sum"), on the same device.
+      optimizer: e.g. ``pkwrap.optim``'s NG-SGD optimizer or any torch optimizer,
+        built on ``model``'s parameters.
+      train_data: an :class:`~pkwrap.train.data.EgsDataset` (Kaldi egs) or a map-style
+        dataset of ``(key, chain_example)`` with a ``structures`` list.
+      config: :class:`TrainConfig`.
+      scheduler: LR scheduler stepped once per step (e.g. Kaldi's schedule).
+      valid_data, train_diag_data: egs for compute-prob (Kaldi's valid_diagnostic and
+        train_diagnostic egs).
+      dist_info: from :func:`pkwrap.train.setup_distributed` (default: set up here).
+      comm_hook: ``(state, hook)`` registered on the DDP model (e.g. the NG-SGD hook of
+        ``pkwrap.train.comm_hooks``); None: DDP's default allreduce (mean).
+      feat_dim: feature dim (default: from the first eg).
+      model_context: skip probing and use this.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer, train_data,
+                 config: TrainConfig, scheduler=None, valid_data=None, train_diag_data=None,
+                 dist_info: Optional[DistInfo] = None, comm_hook=None,
+                 feat_dim: Optional[int] = None, model_context: Optional[ModelContext] = None):
+        self.cfg = config
+        self.dist = dist_info if dist_info is not None else setup_distributed()
+        self.device = self.dist.device
+        self.raw_model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_data = train_data
+        self.valid_data = valid_data
+        self.train_diag_data = train_diag_data
+        self.ckpt_dir = os.path.join(config.exp_dir, "checkpoints")
+        self.log = setup_logger(os.path.join(config.exp_dir, "log"), self.dist.rank)
+        if feat_dim is None:
+            _, eg0 = train_data[0]
+            feat_dim = int(eg0.inputs[config.input_name].shape[-1])
+        self.ctx = model_context or probe_model_context(model, feat_dim, device=self.device)
+        self.log.info("model context: left %d right %d, frame subsampling %d%s%s",
+                      self.ctx.left_context, self.ctx.right_context,
+                      self.ctx.frame_subsampling_factor, " (padded)" if self.ctx.padded else "",
+                      ", xent output" if self.ctx.has_xent else "")
+        self.sampler = ChainMinibatchSampler(
+            train_data.structures, config.minibatch_size, self.ctx.frame_subsampling_factor,
+            shuffle=config.shuffle, seed=config.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size, frame_shift=config.frame_shift)
+        if self.sampler.steps_per_epoch(0) == 0:
+            raise ValueError("%d egs make %d minibatches of size %r: fewer than the %d "
+                             "workers" % (len(train_data), len(self.sampler.plan(0)),
+                                          config.minibatch_size, self.dist.world_size))
+        if self.dist.world_size > 1:
+            kw = {} if self.device.type == "cpu" else {"device_ids": [self.device]}
+            self.model = nn.parallel.DistributedDataParallel(model, **kw)
+            if comm_hook is not None:
+                state, hook = comm_hook
+                self.model.register_comm_hook(state, hook)
+        else:
+            self.model = model
+        self.step = 0
+        self.epoch = 0
+        self.valid_objf: Dict[int, float] = {}
+        self.skipped = 0
+        self.tb = None
+        self._resumed_from: Optional[str] = None
+        self._last_saved_step = -1
+
+    # --- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "sampler": self.sampler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "skipped": self.skipped,
+            "valid_objf": dict(self.valid_objf),
+            "model_context": asdict(self.ctx),
+            "config": asdict(self.cfg),
+        }
+
+    def save(self) -> Optional[str]:
+        """Checkpoint now (collective: every rank must call it)."""
+        rngs = all_gather_object(ckpt.get_rng_state())
+        path = None
+        if self.dist.is_main:
+            st = self.state_dict()
+            st["rng"] = rngs
+            st["world_size"] = self.dist.world_size
+            path = ckpt.save_checkpoint(ckpt.checkpoint_path(self.ckpt_dir, self.step), st)
+            ckpt.apply_retention(self.ckpt_dir, self.cfg.keep_last, self.valid_objf)
+            self.log.info("wrote checkpoint %s", path)
+        barrier()
+        self._last_saved_step = self.step
+        return path
+
+    def resume(self) -> bool:
+        """Load the newest valid checkpoint, if any (collective). Returns True if loaded."""
+        path = None
+        if self.dist.is_main and os.path.isdir(self.ckpt_dir):
+            path, _ = ckpt.find_latest_checkpoint(self.ckpt_dir)
+        path = broadcast_object(path)
+        if path is None:
+            return False
+        st = ckpt.load_checkpoint(path)
+        _unwrap(self.model).load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        if self.scheduler is not None and st.get("scheduler") is not None:
+            self.scheduler.load_state_dict(st["scheduler"])
+        self.step = int(st["step"])
+        self.epoch = int(st["epoch"])
+        self.skipped = int(st.get("skipped", 0))
+        self.valid_objf = {int(k): float(v) for k, v in st.get("valid_objf", {}).items()}
+        self.sampler.load_state_dict(st["sampler"])
+        rngs = st.get("rng") or []
+        if st.get("world_size") == self.dist.world_size and self.dist.rank < len(rngs):
+            ckpt.set_rng_state(rngs[self.dist.rank])
+        else:
+            self._seed_rngs(self.cfg.seed * 1000003 + self.step * 101 + self.dist.rank)
+            self.log.info("checkpoint was written by %s workers, now %d: data position is "
+                          "global (minibatch %d of epoch %d), RNGs reseeded",
+                          st.get("world_size"), self.dist.world_size,
+                          self.sampler.position, self.epoch)
+        self._resumed_from = path
+        self._last_saved_step = self.step
+        self.log.info("resumed from %s (step %d, epoch %d, minibatch %d)", path, self.step,
+                      self.epoch, self.sampler.position)
+        return True
+
+    @staticmethod
+    def _seed_rngs(seed: int) -> None:
+        import random
+        import numpy as np
+        torch.manual_seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        random.seed(seed)
+
+    # --- diagnostics --------------------------------------------------------------------
+    def _batches_of(self, data, rank_share: bool = True) -> List:
+        """All minibatches of ``data`` in order, this rank's share (i % W == rank)."""
+        s = ChainMinibatchSampler(data.structures, self.cfg.minibatch_size,
+                                  self.ctx.frame_subsampling_factor, shuffle=False,
+                                  rank=0, world_size=1, frame_shift=False)
+        loader = make_loader(data, s, self.cfg.input_name, self.cfg.egs_left_context)
+        out = []
+        for i, b in enumerate(loader):
+            if not rank_share or i % self.dist.world_size == self.dist.rank:
+                out.append(b)
+        return out
+
+    def diagnostics(self) -> Dict[str, float]:
+        """compute-prob on the valid and train-diagnostic egs; logs Kaldi's lines."""
+        res = {}
+        rng = ckpt.get_rng_state()  # diagnostics must not move the training RNGs
+        try:
+            for name, data in (("valid", self.valid_data), ("train_diag", self.train_diag_data)):
+                if data is None:
+                    continue
+                tr = compute_prob(_unwrap(self.model), self.ctx, self.loss_fn,
+                                  self._batches_of(data), device=self.device)
+                for line in compute_prob_log_lines(tr):
+                    self.log.info("compute_prob %s step %d: %s", name, self.step, line)
+                if self.tb is not None:
+                    tr.write_summary(self.tb, name + "/", self.step)
+                res[name] = tr.per_frame("objf")
+        finally:
+            ckpt.set_rng_state(rng)
+        if "valid" in res:
+            self.valid_objf[self.step] = res["valid"]
+        return res
+
+    # --- training -----------------------------------------------------------------------
+    def _train_step(self, batch):
+        model, opt = self.model, self.optimizer
+        model.train()
+        batch = batch.to(self.device)
+        res = compute_chain_loss(model, self.ctx, self.loss_fn, batch,
+                                 self.cfg.apply_deriv_weights)
+        opt.zero_grad(set_to_none=True)
+        loss = res.loss
+        ok = bool(torch.isfinite(loss.detach()).item()) and bool(getattr(res, "ok", True))
+        loss.backward()
+        gn = torch.zeros((), dtype=torch.float64)
+        for p in model.parameters():
+            if p.grad is not None:
+                gn += p.grad.detach().double().pow(2).sum().cpu()
+        grad_norm = float(gn.sqrt())
+        if not math.isfinite(grad_norm):
+            ok = False
+        want_change = self.cfg.log_every > 0 and (self.step + 1) % self.cfg.log_every == 0
+        before = [p.detach().clone() for p in model.parameters()] if want_change else None
+        if math.isfinite(grad_norm):
+            opt.step()
+        else:  # every rank sees the same (all-reduced) gradient, so all skip together
+            opt.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        change = None
+        if before is not None:
+            c = torch.zeros((), dtype=torch.float64)
+            for b, p in zip(before, model.parameters()):
+                c += (p.detach() - b).double().pow(2).sum().cpu()
+            change = float(c.sqrt())
+        return res, ok, grad_norm, change
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self) -> nn.Module:
+        """Run (or continue) training; returns the trained (unwrapped) model."""
+        cfg = self.cfg
+        resumed = self.resume()
+        if self.dist.is_main and cfg.tensorboard:
+            kw = {}
+            self.tb = make_summary_writer(os.path.join(cfg.exp_dir, "tensorboard"))
+            if resumed and self.tb is not None:
+                # drop points logged after the checkpoint by the run that died
+                self.tb.close()
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(cfg.exp_dir, "tensorboard"),
+                                        purge_step=self.step + 1)
+        if not resumed:
+            self._seed_rngs(cfg.seed * 1000003 + self.dist.rank)
+            self.sampler.set_epoch(0)
+        total_steps = sum(self.sampler.steps_per_epoch(e) for e in range(cfg.num_epochs))
+        if cfg.max_steps is not None:
+            total_steps = min(total_steps, cfg.max_steps)
+        bar = None
+        if self.dist.is_main and cfg.progress_bar:
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=total_steps, initial=min(self.step, total_steps),
+                           desc="train", dynamic_ncols=True)
+            except ImportError:  # pragma: no cover
+                bar = None
+        tracker = ObjfTracker()
+        t0 = time.time()
+        while self.step < total_steps and self.epoch < cfg.num_epochs:
+            loader = make_loader(self.train_data, self.sampler, cfg.input_name,
+                                 cfg.egs_left_context, cfg.num_workers)
+            for batch in loader:
+                res, ok, grad_norm, change = self._train_step(batch)
+                self.step += 1
+                self.sampler.step_done()
+                if not ok:
+                    self.skipped += 1
+                    self.log.warning("step %d: non-finite objective or gradient "
+                                     "(minibatch %d)", self.step, batch.index)
+                tracker.add_result(res, batch.num_output_frames)
+                if bar is not None:
+                    bar.update(1)
+                if cfg.log_every > 0 and self.step % cfg.log_every == 0:
+                    self._log_train(tracker, grad_norm, change, time.time() - t0)
+                    tracker, t0 = ObjfTracker(), time.time()
+                if cfg.valid_every > 0 and self.step % cfg.valid_every == 0:
+                    self.diagnostics()
+                if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                if self.step >= total_steps:
+                    break
+            if self.sampler.position >= self.sampler.steps_per_epoch() * self.dist.world_size:
+                self.log.info("finished epoch %d at step %d", self.epoch, self.step)
+                self.epoch += 1
+                self.sampler.set_epoch(self.epoch)
+                if cfg.valid_every == 0 and (self.valid_data is not None
+                                             or self.train_diag_data is not None):
+                    self.diagnostics()
+                self.save()
+        if bar is not None:
+            bar.close()
+        if tracker.get("minibatches", 0):
+            self._log_train(tracker, None, None, time.time() - t0)
+        if self._last_saved_step != self.step:
+            self.save()
+        model = _unwrap(self.model)
+        if cfg.combine_last > 1 and self.valid_data is not None:
+            self.combine()
+        if self.dist.is_main:
+            final = os.path.join(cfg.exp_dir, "final.pt")
+            ckpt.save_checkpoint(final, {"model": model.state_dict(),
+                                         "model_context": asdict(self.ctx),
+                                         "step": self.step})
+            self.log.info("wrote %s after %d steps (%d skipped minibatches)", final,
+                          self.step, self.skipped)
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        barrier()
+        return model
+
+    def combine(self) -> None:
+        """nnet3-chain-combine over the last ``combine_last`` checkpoints (collective)."""
+        paths = [p for _, p in ckpt.list_checkpoints(self.ckpt_dir)][-self.cfg.combine_last:]
+        sds = []
+        for p in paths:
+            try:
+                sds.append(ckpt.load_checkpoint(p)["model"])
+            except ckpt.CheckpointError as e:
+                self.log.warning("combine: skipping %s", e)
+        if len(sds) < 2:
+            return
+        model = _unwrap(self.model)
+        n, a, b = combine_models(model, sds, self.ctx, self.loss_fn,
+                                 self._batches_of(self.valid_data, rank_share=True),
+                                 logger=self.log)
+        self.log.info("combined the last %d of %d checkpoints: valid objf %g -> %g",
+                      n, len(sds), a, b)
+
+    def _log_train(self, tracker: ObjfTracker, grad_norm, change, secs) -> None:
+        tr = tracker.reduce(self.device)
+        fps = tr.get("frames", 0.0) / secs if secs > 0 else float("nan")
+        ng = _ng_scale_stats(_unwrap(self.model))
+        self.log.info("step %d epoch %d: %s, lr %.4g, grad-norm %s, param-change %s, "
+                      "%.0f frames/s, %d skipped", self.step, self.epoch, tr, self._lr(),
+                      "%.4g" % grad_norm if grad_norm is not None else "-",
+                      "%.4g" % change if change is not None else "-", fps, self.skipped)
+        if self.tb is None:
+            return
+        tr.write_summary(self.tb, "train/", self.step)
+        self.tb.add_scalar("train/learning_rate", self._lr(), self.step)
+        if grad_norm is not None:
+            self.tb.add_scalar("train/grad_norm", grad_norm, self.step)
+        if change is not None:
+            self.tb.add_scalar("train/param_change", change, self.step)
+        self.tb.add_scalar("train/frames_per_second", fps, self.step)
+        self.tb.add_scalar("train/skipped_minibatches", self.skipped, self.step)
+        if ng is not None:
+            for k, v in ng.items():
+                self.tb.add_scalar("train/ng_scale_" + k, v, self.step)
