@@ -1,0 +1,25 @@
+"""Kaldi-free decoding: lexicon and grammar FSTs, HCLG, decoding of nnet outputs, WER.
+
+  lexicon.py   SymbolTable, read_lexicon(p), add_disambig_symbols, make_lexicon_fst (L)
+  graph.py     make_word_loop_grammar / make_arpa_grammar (G), HCLG, build_decoding_graph
+  decoder.py   decode(loglikes, graph) over HCLG (FasterDecoder / LatticeSimpleDecoder),
+               Kaldi loglike and lattice archives
+  scoring.py   compute_wer (Kaldi's compute-wer report)
+
+Typical use (a digits recipe)::
+
+    from pkwrap.decode import build_decoding_graph, decode, compute_wer, read_lexicon
+    graph = build_decoding_graph(read_lexicon("lexicon.txt"), phone_table, tree,
+                                 trans_model, grammar=digit_words, sil_phone="SIL")
+    hyp = {utt: decode(nnet_output, graph).words for utt, nnet_output in outputs}
+    print(compute_wer(refs, hyp))
+"""
+from .decoder import (DecodeError, DecodeResult, decode, decode_utterances,  # noqa: F401
+                      lattice_to_text, read_loglikes, write_lattice_ark, write_loglikes_ark)
+from .graph import (DecodingGraph, GraphError, add_hmm_self_loops, build_decoding_graph,  # noqa: F401
+                    compose_lg, from_kaldifst, make_arpa_grammar, make_h_transducer, make_hclg,
+                    make_word_loop_grammar, remove_disambig_symbols, to_kaldifst)
+from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,  # noqa: F401
+                      make_lexicon_fst, make_phone_table, make_word_table, read_lexicon,
+                      read_lexiconp, write_lexiconp)
+from .scoring import ScoringError, WerStats, compute_wer, read_transcripts  # noqa: F401

@@ -1,0 +1,577 @@
+"""The decoding graph HCLG = min(det(H ∘ min(det(C ∘ min(det(L ∘ G)))))) with HMM self-loops.
+
+Each factor is a weighted transducer (tropical semiring, weights -log p):
+
+  G   words -> words: the grammar (an ARPA n-gram via ``kaldilm.arpa2fst``, or a word
+      loop); back-off arcs carry ``#0`` on the input.
+  L   phones -> words: the lexicon with disambiguation symbols (``L_disambig.fst``).
+  C   context windows -> phones (``fstcomposecontext``; identity for a monophone tree).
+      Input label j of C∘LG stands for the phone window ``ilabels[j]`` (``[]`` = eps,
+      ``[-k]`` = disambiguation symbol k).
+  H   transition-ids -> context windows, *without* self-loops ("Ha"): for each window a
+      path through the phone's HMM whose arc into HMM state j' from j carries the
+      transition-id of (phone, j, pdfs) with weight -log(p(j->j') / (1 - p(j->j))) *
+      transition_scale; disambiguation windows become new input symbols
+      ``num_transition_ids + 1, ...``.
+
+Kaldi's ``utils/mkgraph.sh`` recipe, which this module follows step for step::
+
+    LG    = minimize_encoded(determinize_star_log(L_disambig ∘ G))
+    CLG   = compose_context(LG)
+    HCLGa = minimize_encoded(rm_disambig(determinize_star_log(Ha ∘ CLG)))
+    HCLG  = add_self_loops(HCLGa, self_loop_scale, reorder=True)
+
+``add_self_loops`` (Kaldi's ``AddSelfLoopsReorder``) first splits states so that all
+arcs entering a state carry transition-ids of one transition-state t, then, for every
+such state, multiplies its outgoing arcs and final weight by (1 - p_loop(t))^scale and
+adds the self-loop (``SelfLoopOf(t)`` : eps) with weight -scale * log p_loop(t). Chain
+models use ``self_loop_scale = transition_scale = 1.0``.
+
+Two optional Kaldi steps are omitted because kaldifst does not offer them:
+``fstpushspecial`` on LG (weight pushing; it moves weight earlier on paths but does not
+change any path's total weight) and ``fstrmepslocal`` on HCLGa (a size optimization).
+The graph therefore accepts exactly the same weighted paths as Kaldi's and gives the
+same best path, but may differ from Kaldi's HCLG.fst in state numbering and size.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..kaldi.fst import Fst, read_fst, write_fst
+from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,
+                      make_lexicon_fst, make_phone_table)
+
+__all__ = ["DecodingGraph", "build_decoding_graph", "make_word_loop_grammar",
+           "make_arpa_grammar", "compose_lg", "make_h_transducer", "add_hmm_self_loops",
+           "remove_disambig_symbols", "make_hclg", "to_kaldifst", "from_kaldifst",
+           "GraphError"]
+
+
+class GraphError(ValueError):
+    """A graph could not be built (empty composition, mismatched tree/model, ...)."""
+
+
+# ---------------------------------------------------------------------------------------
+# conversions between pkwrap's numpy Fst and kaldifst.StdVectorFst
+
+def to_kaldifst(fst: Fst):
+    """pkwrap :class:`~pkwrap.kaldi.fst.Fst` -> ``kaldifst.StdVectorFst`` (via the binary form)."""
+    import kaldifst
+    if fst.arc_type != "standard":
+        raise GraphError("only tropical ('standard') FSTs convert to StdVectorFst, got %r"
+                         % fst.arc_type)
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "g.fst")
+        write_fst(fst, p)
+        return kaldifst.StdVectorFst.read(p)
+
+
+def from_kaldifst(kfst) -> Fst:
+    """``kaldifst.StdVectorFst`` -> pkwrap :class:`~pkwrap.kaldi.fst.Fst`."""
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "g.fst")
+        if not kfst.write(p):
+            raise GraphError("kaldifst could not write the FST to %s" % p)
+        return read_fst(p)
+
+
+# ---------------------------------------------------------------------------------------
+# G
+
+def make_word_loop_grammar(words: Sequence[str], word_table: SymbolTable,
+                           probs: Optional[Sequence[float]] = None,
+                           final_prob: Optional[float] = None):
+    """A one-state grammar accepting any sequence of ``words`` (e.g. a digit loop).
+
+    The state is start and final; each word w is a loop arc ``w:w`` with weight
+    ``-log p(w)``. By default p(w) = 1/(N+1) for N words and the final (end of
+    utterance) probability is 1/(N+1), so the grammar is stochastic.
+
+    Args:
+      words: the words the loop allows (each must be in ``word_table``).
+      word_table: the words.txt symbol table.
+      probs: optional ``[N]`` word probabilities (> 0).
+      final_prob: optional end-of-utterance probability (> 0); default 1/(N+1).
+    Returns:
+      a ``kaldifst.StdVectorFst`` G, arcs sorted by input label.
+    """
+    import kaldifst
+    words = list(words)
+    if not words:
+        raise GraphError("make_word_loop_grammar: no words given")
+    if len(set(words)) != len(words):
+        raise GraphError("make_word_loop_grammar: duplicate words in %r" % words)
+    n = len(words)
+    if probs is None:
+        probs = [1.0 / (n + 1)] * n
+    if len(probs) != n:
+        raise GraphError("make_word_loop_grammar: %d probs for %d words" % (len(probs), n))
+    if final_prob is None:
+        final_prob = 1.0 / (n + 1)
+    for p in list(probs) + [final_prob]:
+        if not (p > 0.0 and math.isfinite(p)):
+            raise GraphError("make_word_loop_grammar: probabilities must be > 0, got %r" % p)
+    g = kaldifst.StdVectorFst()
+    s = g.add_state()
+    g.start = s
+    g.set_final(s, -math.log(final_prob))
+    for w, p in zip(words, probs):
+        if w not in word_table:
+            raise LexiconError("grammar word %r is not in %s" % (w, word_table.name))
+        i = word_table[w]
+        g.add_arc(s, kaldifst.StdArc(i, i, -math.log(p), s))
+    kaldifst.arcsort(g, sort_type="ilabel")
+    return g
+
+
+def make_arpa_grammar(arpa_path, word_table: Union[SymbolTable, str],
+                      disambig_symbol: str = "#0", max_order: int = -1):
+    """G.fst from an ARPA language model, as ``arpa2fst --disambig-symbol=#0
+    --read-symbol-table=words.txt`` (what Kaldi's ``format_lm.sh`` runs).
+
+    Args:
+      arpa_path: the ARPA file (plain text).
+      word_table: words.txt (a :class:`SymbolTable` or its path); it must contain
+        every word of the LM, ``disambig_symbol``, ``<s>`` and ``</s>``.
+      disambig_symbol: input label of back-off arcs; ``<s>``/``</s>`` become eps.
+      max_order: use n-grams up to this order (-1: all).
+    Returns:
+      a ``kaldifst.StdVectorFst``, arcs sorted by input label.
+    """
+    import kaldifst
+    import kaldilm
+    arpa_path = os.fspath(arpa_path)
+    if not os.path.isfile(arpa_path):
+        raise GraphError("ARPA file %s does not exist" % arpa_path)
+    with tempfile.TemporaryDirectory() as d:
+        if isinstance(word_table, SymbolTable):
+            wpath = os.path.join(d, "words.txt")
+            word_table.write(wpath)
+            table = word_table
+        else:
+            wpath = os.fspath(word_table)
+            table = SymbolTable.read(wpath)
+        for s in (disambig_symbol, "<s>", "</s>"):
+            if s not in table:
+                raise LexiconError("%s lacks %r, needed to compile the ARPA LM"
+                                   % (table.name, s))
+        # kaldilm stops the process on an out-of-vocabulary word; check here for a clear error.
+        _check_arpa_words(arpa_path, table)
+        out = os.path.join(d, "G.fst")
+        kaldilm.arpa2fst(arpa_path, out, disambig_symbol=disambig_symbol,
+                         read_symbol_table=wpath, max_order=max_order)
+        if not os.path.isfile(out):
+            raise GraphError("arpa2fst failed on %s" % arpa_path)
+        g = kaldifst.StdVectorFst.read(out)
+    kaldifst.arcsort(g, sort_type="ilabel")
+    return g
+
+
+def _check_arpa_words(path: str, table: SymbolTable) -> None:
+    section = None
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("\\"):
+                section = line
+                continue
+            if section and section.endswith("-grams:"):
+                order = int(section[1:section.index("-")])
+                a = line.split()
+                if len(a) < order + 1:
+                    raise GraphError("%s:%d: bad %d-gram line %r" % (path, n, order, line))
+                for w in a[1:1 + order]:
+                    if w not in table:
+                        raise LexiconError("%s:%d: word %r of the LM is not in %s"
+                                           % (path, n, w, table.name))
+    if section is None:
+        raise GraphError("%s does not look like an ARPA file (no \\data\\ section)" % path)
+
+
+# ---------------------------------------------------------------------------------------
+# LG, H, HCLG
+
+def compose_lg(L_disambig, G):
+    """LG = min_encoded(det_star_log(L_disambig ∘ G)) (``mkgraph.sh`` without pushspecial)."""
+    import kaldifst
+    L = L_disambig.copy() if hasattr(L_disambig, "copy") else L_disambig
+    kaldifst.arcsort(L, sort_type="olabel")
+    LG = kaldifst.compose(L, G)
+    if LG.num_states == 0:
+        raise GraphError("L o G is empty: the grammar's words cannot be spelled by the "
+                         "lexicon (check the word ids of G against words.txt)")
+    kaldifst.determinize_star(LG, use_log=True)
+    kaldifst.minimize_encoded(LG)
+    return LG
+
+
+def _non_self_loop_log_prob(trans_model, trans_state: int) -> float:
+    loop = trans_model.self_loop_of(trans_state)
+    if loop == 0:
+        return 0.0
+    p = float(np.exp(np.float32(trans_model.log_probs[loop])))
+    return float(np.log(np.float32(1.0 - p))) if p < 1.0 else -np.inf
+
+
+def _hmm_fsa(phone_window, tree, trans_model, transition_scale):
+    """Arcs of the phone's HMM without self-loops: (states, start, finals, arcs)."""
+    P = tree.central_position
+    phone = phone_window[P]
+    if phone == 0:
+        raise GraphError("phone window %r has no central phone" % (phone_window,))
+    topo = trans_model.topology
+    entry = topo.topology_for_phone(phone)
+    pdfs = []
+    for pdf_class in range(topo.num_pdf_classes(phone)):
+        pdf = tree.compute(list(phone_window), pdf_class)
+        if pdf is None:
+            raise GraphError("the tree gives no pdf for pdf-class %d of phone window %r: "
+                             "tree and transition model do not match" % (pdf_class,
+                                                                        list(phone_window)))
+        pdfs.append(pdf)
+    arcs = []
+    for j, st in enumerate(entry):
+        if st.forward_pdf_class < 0:
+            fpdf = spdf = -1
+        else:
+            fpdf, spdf = pdfs[st.forward_pdf_class], pdfs[st.self_loop_pdf_class]
+        for k, (dst, prob) in enumerate(st.transitions):
+            if dst == j:
+                continue
+            if fpdf < 0:
+                label, logp = 0, math.log(prob)
+            else:
+                try:
+                    tstate = trans_model.tuple_to_transition_state(phone, j, fpdf, spdf)
+                except ValueError as e:
+                    raise GraphError("phone window %r: %s" % (list(phone_window), e)) from None
+                label = trans_model.pair_to_transition_id(tstate, k)
+                logp = float(trans_model.log_probs[label]) - _non_self_loop_log_prob(
+                    trans_model, tstate)
+            arcs.append((j, label, -logp * transition_scale, dst))
+    return (phone, tuple(pdfs)), len(entry), arcs
+
+
+def make_h_transducer(ilabels: Sequence[Sequence[int]], tree, trans_model,
+                      transition_scale: float = 1.0) -> Tuple[object, List[int]]:
+    """Ha: transition-ids -> C's input labels, without self-loops (``make-h-transducer``).
+
+    Args:
+      ilabels: C's input-label table from ``kaldifst.compose_context``; entry 0 is ``[]``.
+      tree: :class:`pkwrap.kaldi.hmm.ContextDependency`.
+      trans_model: :class:`pkwrap.kaldi.hmm.TransitionModel`.
+      transition_scale: scale on the (self-loop-free) transition log-probs.
+    Returns:
+      ``(Ha, disambig_tids)``: a ``kaldifst.StdVectorFst`` (arcs sorted by output label)
+      and the input symbols (> num_transition_ids) standing for disambiguation symbols.
+    """
+    import kaldifst
+    if len(ilabels) == 0 or len(ilabels[0]) != 0:
+        raise GraphError("ilabels[0] must be [] (epsilon)")
+    N = tree.context_width
+    H = kaldifst.StdVectorFst()
+    loop = H.add_state()
+    H.start = loop
+    H.set_final(loop, 0.0)
+    next_disambig = trans_model.num_transition_ids + 1
+    disambig_tids: List[int] = []
+    cache: Dict[tuple, Tuple[int, int, float, int]] = {}  # key -> first arc (from loop)
+    Arc = kaldifst.StdArc
+    for j in range(1, len(ilabels)):
+        win = list(ilabels[j])
+        if not win:
+            raise GraphError("ilabels[%d] is empty" % j)
+        if win[0] < 0 or (win[0] == 0 and len(win) == 1):
+            if len(win) != 1:
+                raise GraphError("ilabels[%d] = %r: grammar-FST symbols are not supported"
+                                 % (j, win))
+            d = H.add_state()
+            H.add_arc(loop, Arc(next_disambig, j, 0.0, d))
+            H.add_arc(d, Arc(0, 0, 0.0, loop))
+            disambig_tids.append(next_disambig)
+            next_disambig += 1
+            continue
+        if len(win) != N:
+            raise GraphError("ilabels[%d] = %r has %d phones, the tree's context width is %d"
+                             % (j, win, len(win), N))
+        key, num_states, arcs = _hmm_fsa(win, tree, trans_model, transition_scale)
+        if key in cache:
+            ilab, w, dst = cache[key]
+            H.add_arc(loop, Arc(ilab, j, w, dst))
+            continue
+        starts_shared = (sum(1 for a in arcs if a[0] == 0) == 1
+                         and all(a[3] != 0 for a in arcs) and num_states > 1)
+        smap = [loop if (s == 0 and starts_shared) else H.add_state()
+                for s in range(num_states)]
+        if not starts_shared:
+            H.add_arc(loop, Arc(0, j, 0.0, smap[0]))
+        for (src, lab, w, dst) in arcs:
+            olab = j if (src == 0 and starts_shared) else 0
+            H.add_arc(smap[src], Arc(lab, olab, w, smap[dst]))
+            if src == 0 and starts_shared:
+                cache[key] = (lab, w, smap[dst])
+        if not starts_shared:
+            cache[key] = (0, 0.0, smap[0])
+        # the last HMM state is final: return to the loop state
+        H.add_arc(smap[num_states - 1], Arc(0, 0, 0.0, loop))
+    kaldifst.arcsort(H, sort_type="olabel")
+    return H, disambig_tids
+
+
+def remove_disambig_symbols(fst, symbols: Sequence[int], side: str = "input"):
+    """Replace the given labels by epsilon (``fstrmsymbols``); returns a new StdVectorFst."""
+    f = from_kaldifst(fst)
+    syms = np.asarray(sorted(set(int(s) for s in symbols)), dtype=np.int64)
+    lab = f.ilabel if side == "input" else f.olabel
+    if syms.size:
+        lab[np.isin(lab, syms)] = 0
+    return to_kaldifst(f)
+
+
+def add_hmm_self_loops(fst, trans_model, disambig_tids: Sequence[int] = (),
+                       self_loop_scale: float = 1.0):
+    """Kaldi's ``add-self-loops --reorder=true``: expand HCLGa to HCLG.
+
+    Args:
+      fst: HCLGa (transition-id inputs, no self-loops), ``kaldifst.StdVectorFst``.
+      trans_model: the :class:`pkwrap.kaldi.hmm.TransitionModel`.
+      disambig_tids: input labels that are disambiguation symbols (treated as eps).
+      self_loop_scale: scale on the self-loop and "leave the state" log-probs.
+    Returns:
+      HCLG, a new ``kaldifst.StdVectorFst``.
+    """
+    f = from_kaldifst(fst)
+    if f.start < 0:
+        raise GraphError("add_hmm_self_loops: empty FST")
+    ntid = trans_model.num_transition_ids
+    id2state = np.zeros(ntid + 1, dtype=np.int64)
+    for tid in range(1, ntid + 1):
+        id2state[tid] = trans_model.transition_id_to_transition_state(tid)
+        if trans_model.is_self_loop(tid) and np.any(f.ilabel == tid):
+            raise GraphError("add_hmm_self_loops: the graph already has self-loops "
+                             "(transition-id %d)" % tid)
+    il = f.ilabel.astype(np.int64)
+    bad_label = (il < 0) | ((il > ntid) & ~np.isin(il, np.asarray(list(disambig_tids) or [0])))
+    if np.any(bad_label):
+        raise GraphError("add_hmm_self_loops: input label %d is neither a transition-id "
+                         "(1..%d) nor a disambiguation symbol" % (il[bad_label][0], ntid))
+    cls = np.where((il >= 1) & (il <= ntid), id2state[np.clip(il, 0, ntid)], 0)
+    S = f.num_states
+    src, dst = f.src.astype(np.int64), f.nextstate.astype(np.int64)
+    # -- MakePrecedingInputSymbolsSameClass(start_is_epsilon=True) --
+    pair_dst = np.concatenate([dst, [f.start]])
+    pair_cls = np.concatenate([cls, [0]])
+    pairs = np.unique(np.stack([pair_dst, pair_cls], 1), axis=0)
+    n_cls = np.bincount(pairs[:, 0], minlength=S)
+    bad = n_cls > 1
+    new_src, new_il, new_ol = [src], [il], [f.olabel.astype(np.int64)]
+    new_w, new_dst = [f.weight.astype(np.float64)], [dst.copy()]
+    num_states = S
+    change = (il != 0) & bad[dst]
+    if np.any(change):
+        keys = np.stack([dst[change], cls[change]], 1)
+        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+        dummy = S + np.arange(len(uniq))
+        new_dst[0][change] = dummy[inv.ravel()]
+        new_src.append(dummy)
+        new_il.append(np.zeros(len(uniq), np.int64))
+        new_ol.append(np.zeros(len(uniq), np.int64))
+        new_w.append(np.zeros(len(uniq)))
+        new_dst.append(uniq[:, 0])
+        num_states += len(uniq)
+        cls_all = np.concatenate([cls, np.zeros(len(uniq), np.int64)])
+    else:
+        cls_all = cls
+    src_a, il_a = np.concatenate(new_src), np.concatenate(new_il)
+    ol_a, w_a, dst_a = np.concatenate(new_ol), np.concatenate(new_w), np.concatenate(new_dst)
+    state_in = np.zeros(num_states, np.int64)
+    state_in[dst_a] = cls_all
+    final = np.concatenate([f.final.astype(np.float64), np.full(num_states - S, np.inf)])
+    # -- scale leaving arcs by the non-self-loop prob and add the self-loops --
+    ts = np.unique(state_in[state_in > 0])
+    nsl = np.zeros(trans_model.num_transition_states + 1)
+    loop_tid = np.zeros(trans_model.num_transition_states + 1, np.int64)
+    loop_cost = np.zeros(trans_model.num_transition_states + 1)
+    for t in ts:
+        nsl[t] = -_non_self_loop_log_prob(trans_model, int(t)) * self_loop_scale
+        loop_tid[t] = trans_model.self_loop_of(int(t))
+        if loop_tid[t]:
+            loop_cost[t] = -float(trans_model.log_probs[loop_tid[t]]) * self_loop_scale
+    w_a = w_a + nsl[state_in[src_a]]
+    final = final + nsl[state_in]
+    states_with_loop = np.nonzero((state_in > 0) & (loop_tid[state_in] > 0))[0]
+    t_of = state_in[states_with_loop]
+    src_a = np.concatenate([src_a, states_with_loop])
+    il_a = np.concatenate([il_a, loop_tid[t_of]])
+    ol_a = np.concatenate([ol_a, np.zeros(len(t_of), np.int64)])
+    w_a = np.concatenate([w_a, loop_cost[t_of]])
+    dst_a = np.concatenate([dst_a, states_with_loop])
+    return to_kaldifst(_fst_from_arrays(num_states, f.start, final, src_a, il_a, ol_a,
+                                        w_a, dst_a))
+
+
+def _fst_from_arrays(num_states, start, final, src, ilabel, olabel, weight, nextstate) -> Fst:
+    """A pkwrap Fst from per-arc arrays in any order (kept within a source state)."""
+    order = np.argsort(src, kind="stable")
+    counts = np.bincount(src, minlength=num_states)
+    offsets = np.zeros(num_states + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return Fst(num_states=int(num_states), start=int(start),
+               final=np.asarray(final, np.float32), state_offsets=offsets,
+               ilabel=ilabel[order].astype(np.int32), olabel=olabel[order].astype(np.int32),
+               weight=weight[order].astype(np.float32),
+               nextstate=nextstate[order].astype(np.int32))
+
+
+def make_hclg(LG, tree, trans_model, disambig_phone_ids: Sequence[int],
+              transition_scale: float = 1.0, self_loop_scale: float = 1.0):
+    """HCLG from LG (phones -> words) with the tree's context, as ``mkgraph.sh`` does.
+
+    Args:
+      LG: ``kaldifst.StdVectorFst`` from :func:`compose_lg`.
+      tree: ContextDependency (context width N, central position P).
+      trans_model: TransitionModel built from that tree.
+      disambig_phone_ids: ids of ``#0, #1, ...`` in phones.txt.
+      transition_scale, self_loop_scale: 1.0 for chain models.
+    Returns:
+      HCLG as a ``kaldifst.StdVectorFst`` (input: transition-ids, output: word ids).
+    """
+    import kaldifst
+    CLG, ilabels = kaldifst.compose_context(list(disambig_phone_ids), tree.context_width,
+                                            tree.central_position, LG)
+    kaldifst.arcsort(CLG, sort_type="ilabel")
+    Ha, disambig_tids = make_h_transducer(ilabels, tree, trans_model, transition_scale)
+    HCLGa = kaldifst.compose(Ha, CLG)
+    if HCLGa.num_states == 0:
+        raise GraphError("H o CLG is empty: the tree/transition model do not cover the "
+                         "phones of the lexicon")
+    kaldifst.determinize_star(HCLGa, use_log=True)
+    HCLGa = remove_disambig_symbols(HCLGa, disambig_tids)
+    kaldifst.minimize_encoded(HCLGa)
+    return add_hmm_self_loops(HCLGa, trans_model, (), self_loop_scale)
+
+
+# ---------------------------------------------------------------------------------------
+# the whole thing
+
+@dataclass
+class DecodingGraph:
+    """Everything needed to decode with one HCLG.
+
+    Args:
+      hclg: ``kaldifst.StdVectorFst``; input labels transition-ids, output labels words.
+      word_table: words.txt.
+      phone_table: phones.txt (with disambiguation symbols).
+      trans_model: the TransitionModel (maps transition-ids to pdfs).
+    """
+
+    hclg: object
+    word_table: SymbolTable
+    phone_table: SymbolTable
+    trans_model: object
+    tid2pdf: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.tid2pdf = np.asarray(self.trans_model.transition_id_to_pdf_array, np.int64)
+
+    @property
+    def num_pdfs(self) -> int:
+        return int(self.trans_model.num_pdfs)
+
+    def write(self, graph_dir) -> None:
+        """Write ``HCLG.fst``, ``words.txt``, ``phones.txt`` and ``num_pdfs`` (Kaldi layout)."""
+        os.makedirs(graph_dir, exist_ok=True)
+        if not self.hclg.write(os.path.join(graph_dir, "HCLG.fst")):
+            raise GraphError("could not write %s/HCLG.fst" % graph_dir)
+        self.word_table.write(os.path.join(graph_dir, "words.txt"))
+        self.phone_table.write(os.path.join(graph_dir, "phones.txt"))
+        with open(os.path.join(graph_dir, "num_pdfs"), "w") as f:
+            f.write("%d\n" % self.num_pdfs)
+
+    @classmethod
+    def read(cls, graph_dir, trans_model) -> "DecodingGraph":
+        """Read a graph directory (ours or Kaldi's ``exp/.../graph``)."""
+        import kaldifst
+        p = os.path.join(graph_dir, "HCLG.fst")
+        if not os.path.isfile(p):
+            raise GraphError("%s does not exist" % p)
+        hclg = _read_any_fst(p)
+        phones = os.path.join(graph_dir, "phones.txt")
+        ptab = SymbolTable.read(phones) if os.path.isfile(phones) else SymbolTable(phones)
+        return cls(hclg, SymbolTable.read(os.path.join(graph_dir, "words.txt")), ptab,
+                   trans_model)
+
+
+def _read_any_fst(path):
+    """Read a vector or const OpenFst file as a ``kaldifst.StdVectorFst``."""
+    import kaldifst
+    try:
+        return kaldifst.StdVectorFst.read(path)
+    except Exception:
+        pass
+    try:
+        return kaldifst.StdVectorFst(kaldifst.StdConstFst.read(path))
+    except Exception as e:
+        raise GraphError("%s is not a readable OpenFst vector or const FST: %s" % (path, e))
+
+
+def build_decoding_graph(lexicon: Sequence[LexiconEntry], phone_table: SymbolTable,
+                         tree, trans_model, grammar: Union[str, os.PathLike, Sequence[str], object],
+                         word_table: Optional[SymbolTable] = None,
+                         sil_phone: Optional[str] = None, sil_prob: float = 0.5,
+                         transition_scale: float = 1.0, self_loop_scale: float = 1.0
+                         ) -> DecodingGraph:
+    """Build HCLG from a lexicon, a grammar, a tree and a transition model.
+
+    Args:
+      lexicon: ``(word, prob, phones)`` entries (:func:`read_lexicon`); no ``#k`` yet.
+      phone_table: phones.txt of the acoustic model (the ids the tree uses);
+        disambiguation symbols are added as needed.
+      tree: :class:`pkwrap.kaldi.hmm.ContextDependency`.
+      trans_model: :class:`pkwrap.kaldi.hmm.TransitionModel`.
+      grammar: a path to an ARPA file, a list of words (word-loop grammar, e.g. digits),
+        or a ready ``kaldifst.StdVectorFst`` G over ``word_table``.
+      word_table: words.txt; default: the lexicon's words + ``#0 <s> </s>``.
+      sil_phone, sil_prob: optional silence in L (see :func:`make_lexicon_fst`).
+      transition_scale, self_loop_scale: 1.0 for chain models (``mkgraph.sh``).
+    Returns:
+      a :class:`DecodingGraph`.
+    """
+    import kaldifst
+    from .lexicon import make_word_table
+    if word_table is None:
+        word_table = make_word_table(w for w, _, _ in lexicon)
+    lex_disambig, ndis = add_disambig_symbols(lexicon)
+    ndis += 1  # one more for the optional silence (prepare_lang.sh)
+    ptab = make_phone_table(phone_table, ndis)
+    for w, _, phones in lexicon:
+        for p in phones:
+            if p not in ptab:
+                raise LexiconError("phone %r of word %r is not in %s" % (p, w, phone_table.name))
+    L = make_lexicon_fst(lex_disambig, ptab, word_table, sil_phone=sil_phone,
+                         sil_prob=sil_prob,
+                         sil_disambig=("#%d" % ndis) if sil_phone and sil_prob > 0 else None)
+    if isinstance(grammar, (str, os.PathLike)):
+        G = make_arpa_grammar(grammar, word_table)
+    elif isinstance(grammar, kaldifst.StdVectorFst):
+        G = grammar
+    else:
+        G = make_word_loop_grammar(list(grammar), word_table)
+    phones_in_tree = set(trans_model.phones)
+    for w, _, phones in lexicon:
+        for p in phones:
+            if ptab[p] not in phones_in_tree:
+                raise LexiconError("phone %r of word %r has no HMM in the transition model"
+                                   % (p, w))
+    LG = compose_lg(L, G)
+    hclg = make_hclg(LG, tree, trans_model, ptab.disambig_ids(), transition_scale,
+                     self_loop_scale)
+    return DecodingGraph(hclg, word_table, ptab, trans_model)
