@@ -1,0 +1,513 @@
+"""Denominator and normalization FSTs of LF-MMI, as Kaldi's ``chain-make-den-fst``.
+
+The denominator graph is the phone LM G expanded to pdfs: ``den = H o C o G`` with
+
+  C  phonetic context (Kaldi's inverse context FST composed on demand with G): a phone
+     ``a`` read in context state ``w`` (the last N-1 phones) becomes the context-dependent
+     phone ``w a`` (N = context width; the central phone is at position P of ``w a``);
+  H  each context-dependent phone becomes its HMM (``GetHmmAsFsa``): transitions out of an
+     HMM state carry the transition-ids the tree and transition model give, with
+     log-prob ``log p(tid) - log(1 - p(self-loop))``; self-loops are added afterwards
+     "reordered" (after the forward transition), with the forward arcs out of the state
+     scaled by ``1 - p(self-loop)`` (``AddSelfLoops``, scale 1).
+
+Labels then become ``pdf + 1`` (an acceptor) and epsilons are removed. The weights are
+made canonical by ``DenGraphMinimizeWrapper``: three passes of
+
+    reverse, push_special, minimize (quantized to 10/1024), reverse, push_special, minimize
+
+then epsilon removal and a last ``push_special``. ``push_special`` reweights
+``w'(i->j) = w(i->j) - log v_j + log v_i`` with v the top eigenvector of the
+transition matrix (final probabilities counted as transitions back to the start),
+found by the power method on ``P + 0.1 I`` (Kaldi's ``PushSpecial``), so every state's
+outgoing probabilities (and final) sum to the same lambda. States are finally renumbered
+by decreasing number of arcs in + out (``SortOnTransitionCount``).
+
+The normalization FST (what ``nnet3-chain-get-egs`` composes numerator graphs with) is
+the den FST with a new start state that has an epsilon arc of weight ``-log init(s)`` to
+every state s (init = ``DenominatorGraph`` initial probs), every state final with
+weight 1, then epsilons removed and arcs sorted.
+
+Everything that is plain OpenFst (reverse, minimize, epsilon removal, arc sort) runs in
+``kaldifst``; context expansion, H, self-loops and ``push_special`` are here.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import deque
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from pkwrap.chain.phone_lm import fst_from_arrays
+from pkwrap.kaldi.fst import Fst, read_fst, write_fst
+from pkwrap.kaldi.hmm import ContextDependency, TransitionModel
+
+__all__ = ["make_den_fst", "create_denominator_fst", "make_normalization_fst",
+           "push_special", "context_expand_lm", "sort_on_transition_count"]
+
+_K_DELTA = np.float32(1.0 / 1024.0)  # fst::kDelta
+
+
+# ---------------------------------------------------------------------------------------
+# kaldifst bridge
+
+
+class _Bridge:
+    """Moves FSTs between :class:`Fst` and ``kaldifst.StdVectorFst`` through a temp dir."""
+
+    def __init__(self):
+        import kaldifst  # imported lazily: optional dependency ([full] extra)
+
+        self.kf = kaldifst
+        self._dir = tempfile.TemporaryDirectory(prefix="pkwrap-den-")
+        self._n = 0
+
+    def _path(self):
+        self._n += 1
+        return os.path.join(self._dir.name, "%d.fst" % self._n)
+
+    def to_kf(self, fst: Fst):
+        p = self._path()
+        write_fst(fst, p)
+        out = self.kf.StdVectorFst.read(p)
+        os.remove(p)
+        return out
+
+    def from_kf(self, kfst) -> Fst:
+        p = self._path()
+        if not kfst.write(p):
+            raise RuntimeError("kaldifst could not write an FST to %s" % p)
+        out = read_fst(p)
+        os.remove(p)
+        return out
+
+    def close(self):
+        self._dir.cleanup()
+
+
+# ---------------------------------------------------------------------------------------
+# push_special
+
+
+def push_special(fst: Fst, delta: float = float(_K_DELTA * np.float32(0.01))) -> Fst:
+    """Kaldi's ``PushSpecial``: reweight so every state sums to the same probability.
+
+    Args:
+      fst: a tropical FST (weights -log prob); not modified.
+      delta: stop when ``log(max_s sum_s / min_s sum_s) <= delta`` (checked every 5
+        iterations, at most 200 iterations), where ``sum_s`` is the pushed outgoing
+        probability of state s including its final probability.
+    Returns:
+      the pushed FST (same states and arcs).
+    """
+    N = fst.num_states
+    if N == 0:
+        return fst
+    init = fst.start
+    src = fst.src.astype(np.int64)
+    dst = fst.nextstate.astype(np.int64)
+    p_arc = np.exp(-fst.weight.astype(np.float64))
+    p_fin = np.exp(-fst.final.astype(np.float64))
+
+    def step_sum(occ):
+        # sum_s = sum over arcs s->t of p * occ[t] / occ[s] + final(s) * occ[init] / occ[s]
+        tot = np.bincount(src, weights=p_arc * occ[dst], minlength=N) + p_fin * occ[init]
+        return tot
+
+    occ = np.full(N, 1.0 / np.sqrt(N))
+    delta = float(np.float32(delta))
+    for it in range(200):
+        new = 0.1 * occ + step_sum(occ)
+        lam = np.sqrt(np.dot(new, new))
+        occ = new * (1.0 / lam)
+        if it % 5 == 0 and it > 0:
+            sums = step_sum(occ) / occ
+            if np.log(sums.max() / sums.min()) <= delta:
+                break
+    pot = -np.log(occ)
+    w = (fst.weight.astype(np.float64) + pot[dst]) - pot[src]
+    fin = fst.final.astype(np.float32) + (pot[init] - pot).astype(np.float32)
+    fin = np.where(np.isinf(fst.final), np.float32(np.inf), fin).astype(np.float32)
+    return Fst(num_states=N, start=fst.start, final=fin, state_offsets=fst.state_offsets.copy(),
+               ilabel=fst.ilabel.copy(), olabel=fst.olabel.copy(),
+               weight=w.astype(np.float32), nextstate=fst.nextstate.copy(),
+               arc_type=fst.arc_type)
+
+
+# ---------------------------------------------------------------------------------------
+# C o G
+
+
+def context_expand_lm(phone_lm: Fst, phones: Sequence[int], context_width: int,
+                      central_position: int):
+    """Compose the phone LM with Kaldi's inverse context FST (``ComposeContext``'s core).
+
+    Args:
+      phone_lm: the phone LM acceptor (labels = phones).
+      phones: all phone ids (sorted).
+      context_width, central_position: N and P of the tree.
+    Returns:
+      ``(num_states, start, final[S], arcs, ilabel_info)`` where arcs are
+      ``(src, cd_label, phone, weight, dst)`` in Kaldi's order and ``ilabel_info[k]`` is
+      the phone window of context-dependent label k (``ilabel_info[0] = ()``).
+    """
+    N, P = context_width, central_position
+    phone_set = set(int(p) for p in phones)
+    subseq = max(phone_set) + 1
+    lm = phone_lm
+    if P != N - 1:
+        lm = _add_subsequential_loop(lm, subseq)
+    ctx_states: Dict[Tuple[int, ...], int] = {}
+    ctx_seqs: List[Tuple[int, ...]] = []
+    labels: Dict[Tuple[int, ...], int] = {(): 0}
+    ilabel_info: List[Tuple[int, ...]] = [()]
+
+    def find_state(seq):
+        i = ctx_states.get(seq)
+        if i is None:
+            i = len(ctx_seqs)
+            ctx_states[seq] = i
+            ctx_seqs.append(seq)
+        return i
+
+    def find_label(seq):
+        i = labels.get(seq)
+        if i is None:
+            i = len(ilabel_info)
+            labels[seq] = i
+            ilabel_info.append(seq)
+        return i
+
+    find_state((0,) * (N - 1))
+
+    def get_arc(s, label):
+        seq = ctx_seqs[s]
+        if label in phone_set:
+            if seq and seq[-1] == subseq:
+                return None
+        elif label == subseq:
+            if P + 1 == N or seq[P] == subseq:
+                return None
+        else:
+            raise ValueError("phone LM has label %d, which is not a phone of the transition "
+                             "model (phones %d..%d)" % (label, min(phone_set), max(phone_set)))
+        full = list(seq) + [label]
+        for i in range(P + 1, N):
+            if full[i] == subseq:
+                full[i] = 0
+        nxt = seq[1:] + (label,) if seq else seq
+        cd = 0 if full[P] == 0 else find_label(tuple(full))
+        return cd, find_state(nxt)
+
+    def ctx_final(s):
+        seq = ctx_seqs[s]
+        return True if P >= N - 1 else seq[P] == subseq
+
+    pair_ids: Dict[Tuple[int, int], int] = {}
+    start_pair = (0, lm.start)
+    pair_ids[start_pair] = 0
+    queue = deque([start_pair])
+    finals: Dict[int, float] = {}
+    arcs = []
+    while queue:
+        q = queue.popleft()
+        qc, ql = q
+        qid = pair_ids[q]
+        if ctx_final(qc) and np.isfinite(lm.final[ql]):
+            finals[qid] = float(lm.final[ql])
+        b, e = lm.state_offsets[ql], lm.state_offsets[ql + 1]
+        for k in range(b, e):
+            lab = int(lm.ilabel[k])
+            if lab == 0:
+                nc, cd = qc, 0
+            else:
+                r = get_arc(qc, lab)
+                if r is None:
+                    continue
+                cd, nc = r
+            nxt = (nc, int(lm.nextstate[k]))
+            nid = pair_ids.get(nxt)
+            if nid is None:
+                nid = len(pair_ids)
+                pair_ids[nxt] = nid
+                queue.append(nxt)
+            arcs.append((qid, cd, int(lm.olabel[k]), float(lm.weight[k]), nid))
+    final = np.full(len(pair_ids), np.inf, dtype=np.float32)
+    for s, w in finals.items():
+        final[s] = w
+    return len(pair_ids), 0, final, arcs, ilabel_info
+
+
+def _add_subsequential_loop(fst: Fst, subseq: int) -> Fst:
+    """Kaldi's ``AddSubsequentialLoop`` followed by projection on the input."""
+    N = fst.num_states
+    finals = np.nonzero(np.isfinite(fst.final))[0]
+    src = list(fst.src) + [N] + list(finals)
+    il = list(fst.ilabel) + [subseq] * (1 + len(finals))
+    w = list(fst.weight) + [0.0] + [float(fst.final[s]) for s in finals]
+    dst = list(fst.nextstate) + [N] * (1 + len(finals))
+    final = np.concatenate([fst.final, np.zeros(1, dtype=np.float32)])
+    return fst_from_arrays(N + 1, fst.start, final, np.array(src), np.array(il), np.array(il),
+                           np.array(w, dtype=np.float32), np.array(dst))
+
+
+# ---------------------------------------------------------------------------------------
+# H o C o G with self-loops, as a pdf acceptor
+
+
+def _pdf_acceptor(tree: ContextDependency, tm: TransitionModel, phone_lm: Fst) -> Fst:
+    """Epsilon-free acceptor over ``pdf + 1`` equivalent to Kaldi's transition-id FST
+    after ``AddSelfLoops`` (reorder), ``MapFstToPdfIdsPlusOne`` and epsilon removal."""
+    topo = tm.topology
+    nS, start, cfinal, carcs, ilabel_info = context_expand_lm(
+        phone_lm, topo.phones, tree.context_width, tree.central_position)
+    P = tree.central_position
+    f32 = np.float32
+
+    # Physical HMMs (phone, pdf per pdf-class), as GetHmmAsFsa's cache key.
+    phys_of_label: Dict[int, Tuple[int, Tuple[int, ...]]] = {}
+    for k in range(1, len(ilabel_info)):
+        window = ilabel_info[k]
+        phone = window[P]
+        pdfs = []
+        for pc in range(topo.num_pdf_classes(phone)):
+            pdf = tree.compute(window, pc)
+            if pdf is None:
+                raise ValueError("the tree has no pdf for phone window %r, pdf-class %d "
+                                 "(tree and topology do not match?)" % (window, pc))
+            pdfs.append(pdf)
+        phys_of_label[k] = (phone, tuple(pdfs))
+
+    non_self = {}  # transition-state -> -log(1 - p(self-loop)), float32 as Kaldi
+
+    def non_self_cost(ts):
+        v = non_self.get(ts)
+        if v is None:
+            sl = tm.self_loop_of(ts)
+            if sl == 0:
+                v = f32(0.0)
+            else:
+                p = f32(1.0) - f32(np.exp(f32(tm.log_probs[sl])))
+                if p <= 0:
+                    p = f32(1e-10)
+                v = -f32(np.log(p))
+            non_self[ts] = v
+        return v
+
+    # HMM arcs (without self-loops) of each physical HMM: per state j a list of
+    # (dest, label pdf+1, cost, transition-state of j); plus self-loop info per state.
+    hmm_cache: Dict[Tuple[int, Tuple[int, ...]], list] = {}
+
+    def hmm(phys):
+        h = hmm_cache.get(phys)
+        if h is not None:
+            return h
+        phone, pdfs = phys
+        entry = topo.topology_for_phone(phone)
+        states = []
+        for j, st in enumerate(entry):
+            out = []
+            if st.forward_pdf_class == -1:
+                if st.transitions:
+                    raise NotImplementedError(
+                        "non-emitting HMM states with transitions (phone %d) are not "
+                        "supported in den-graph creation" % phone)
+                states.append((out, None))
+                continue
+            fpdf, spdf = pdfs[st.forward_pdf_class], pdfs[st.self_loop_pdf_class]
+            ts = tm.tuple_to_transition_state(phone, j, fpdf, spdf)
+            for idx, (d, _) in enumerate(st.transitions):
+                if d == j:
+                    continue
+                tid = tm.pair_to_transition_id(ts, idx)
+                cost = -(f32(tm.log_probs[tid]) - (-non_self_cost(ts)))
+                out.append((d, tm.transition_id_to_pdf(tid) + 1, f32(cost)))
+            sl = tm.self_loop_of(ts)
+            sl_info = None
+            if sl:
+                sl_info = (tm.transition_id_to_pdf(sl) + 1, -f32(tm.log_probs[sl]), ts)
+            states.append((out, (ts, sl_info)))
+        h = (len(entry), states)
+        hmm_cache[phys] = h
+        return h
+
+    # CLM arcs grouped by source state
+    by_src: List[List[tuple]] = [[] for _ in range(nS)]
+    for (s, cd, ph, w, d) in carcs:
+        by_src[s].append((cd, w, d))
+
+    # States of the result: "L" = CLM state (only the start survives epsilon removal),
+    # "X" = (phys, hmm state d, CLM dest q2, hmm state the arc came from).
+    ids: Dict[tuple, int] = {}
+    order: List[tuple] = []
+
+    def sid(key):
+        i = ids.get(key)
+        if i is None:
+            i = len(order)
+            ids[key] = i
+            order.append(key)
+        return i
+
+    sid(("L", start))
+    A_src, A_lab, A_w, A_dst = [], [], [], []
+    final: Dict[int, float] = {}
+
+    def emit_clm_arcs(from_id, q, extra):
+        """Arcs of CLM state q entering HMMs, as leaving state ``from_id``."""
+        for cd, w, q2 in by_src[q]:
+            if cd == 0:
+                raise NotImplementedError("epsilon arcs in the context-expanded LM "
+                                          "(phone LM with epsilons?) are not supported")
+            phys = phys_of_label[cd]
+            n, states = hmm(phys)
+            for d, lab, cost in states[0][0]:
+                A_src.append(from_id)
+                A_lab.append(lab)
+                A_w.append(f32(f32(f32(w) + cost) + extra))
+                A_dst.append(sid(("X", phys, d, q2, 0)))
+
+    i = 0
+    while i < len(order):
+        key = order[i]
+        if key[0] == "L":
+            q = key[1]
+            if np.isfinite(cfinal[q]):
+                final[i] = float(cfinal[q])
+            emit_clm_arcs(i, q, f32(0.0))
+        else:
+            _, phys, d, q2, j_from = key
+            n, states = hmm(phys)
+            ts, sl_info = states[j_from][1]
+            extra = non_self_cost(ts)  # reordered self-loop: scale what leaves
+            if sl_info is not None:
+                A_src.append(i)
+                A_lab.append(sl_info[0])
+                A_w.append(sl_info[1])
+                A_dst.append(i)
+            if d == n - 1:
+                # epsilon back to the CLM state q2, removed: take over its arcs and final
+                if np.isfinite(cfinal[q2]):
+                    final[i] = float(f32(f32(cfinal[q2]) + extra))
+                emit_clm_arcs(i, q2, extra)
+            else:
+                for d2, lab, cost in states[d][0]:
+                    A_src.append(i)
+                    A_lab.append(lab)
+                    A_w.append(f32(cost + extra))
+                    A_dst.append(sid(("X", phys, d2, q2, d)))
+        i += 1
+    S = len(order)
+    fin = np.full(S, np.inf, dtype=np.float32)
+    for s, w in final.items():
+        fin[s] = w
+    lab = np.array(A_lab, dtype=np.int32)
+    return fst_from_arrays(S, 0, fin, np.array(A_src, dtype=np.int64), lab, lab,
+                           np.array(A_w, dtype=np.float32), np.array(A_dst, dtype=np.int64))
+
+
+def sort_on_transition_count(fst: Fst) -> Fst:
+    """Renumber states by decreasing (arcs in + arcs out), ties by old number
+    (Kaldi's ``SortOnTransitionCount`` + ``StateSort``)."""
+    N = fst.num_states
+    cnt = np.bincount(fst.src, minlength=N) + np.bincount(fst.nextstate, minlength=N)
+    old_in_new_order = np.lexsort((np.arange(N), -cnt))
+    new_of_old = np.empty(N, dtype=np.int64)
+    new_of_old[old_in_new_order] = np.arange(N)
+    return _renumber(fst, new_of_old)
+
+
+def _renumber(fst: Fst, new_of_old: np.ndarray) -> Fst:
+    N = fst.num_states
+    old_of_new = np.empty(N, dtype=np.int64)
+    old_of_new[new_of_old] = np.arange(N)
+    src_new = new_of_old[fst.src]
+    final = fst.final[old_of_new]
+    return fst_from_arrays(N, int(new_of_old[fst.start]), final, src_new, fst.ilabel,
+                           fst.olabel, fst.weight, new_of_old[fst.nextstate])
+
+
+def create_denominator_fst(tree: ContextDependency, trans_model: TransitionModel,
+                           phone_lm: Fst) -> Fst:
+    """Kaldi's ``CreateDenominatorFst``: the den.fst acceptor (labels pdf+1).
+
+    Args:
+      tree: the context-dependency tree.
+      trans_model: the transition model (its phones and topology).
+      phone_lm: the phone LM (e.g. from :func:`~pkwrap.chain.phone_lm.estimate_phone_lm`).
+    Returns:
+      den.fst as an :class:`Fst`.
+    """
+    if phone_lm.num_states == 0 or phone_lm.start < 0:
+        raise ValueError("the phone LM is empty")
+    fst = _pdf_acceptor(tree, trans_model, phone_lm)
+    br = _Bridge()
+    kf = br.kf
+    qdelta = float(_K_DELTA * np.float32(10.0))
+    try:
+        for _ in range(3):
+            rev = br.from_kf(kf.reverse(br.to_kf(fst)))
+            rev = push_special(rev)
+            k = br.to_kf(rev)
+            kf.minimize_encoded(k, qdelta)
+            fst = br.from_kf(kf.reverse(k))
+            fst = push_special(fst)
+            k = br.to_kf(fst)
+            kf.minimize_encoded(k, qdelta)
+            fst = br.from_kf(k)
+        k = br.to_kf(fst)
+        kf.rmepsilon(k)
+        fst = push_special(br.from_kf(k))
+    finally:
+        br.close()
+    return sort_on_transition_count(fst)
+
+
+def make_normalization_fst(den_fst: Fst, initial_probs: np.ndarray) -> Fst:
+    """Kaldi's ``DenominatorGraph::GetNormalizationFst``.
+
+    Args:
+      den_fst: the den.fst.
+      initial_probs: float32 ``[S]`` initial state probabilities (Kaldi's InitialProbs).
+    Returns:
+      normalization.fst.
+    """
+    S = den_fst.num_states
+    init = np.asarray(initial_probs, dtype=np.float32)
+    if init.shape != (S,) or not np.all(init > 0):
+        raise ValueError("initial probs must be positive, one per den.fst state")
+    new = S
+    src = np.concatenate([den_fst.src.astype(np.int64), np.full(S, new)])
+    il = np.concatenate([den_fst.ilabel, np.zeros(S, dtype=np.int32)])
+    w = np.concatenate([den_fst.weight, (-np.log(init.astype(np.float64))).astype(np.float32)])
+    dst = np.concatenate([den_fst.nextstate.astype(np.int64), np.arange(S)])
+    final = np.concatenate([np.zeros(S, dtype=np.float32), np.full(1, np.inf, np.float32)])
+    fst = fst_from_arrays(S + 1, new, final, src, il, il, w, dst)
+    br = _Bridge()
+    try:
+        k = br.to_kf(fst)
+        br.kf.rmepsilon(k)
+        br.kf.arcsort(k, "ilabel")
+        return br.from_kf(k)
+    finally:
+        br.close()
+
+
+def make_den_fst(tree: ContextDependency, trans_model: TransitionModel,
+                 phone_lm: Fst) -> Tuple[Fst, Fst]:
+    """``chain-make-den-fst``: den.fst and normalization.fst.
+
+    Args:
+      tree: the context-dependency tree (:func:`pkwrap.kaldi.hmm.read_tree`).
+      trans_model: the transition model (:func:`pkwrap.kaldi.hmm.read_transition_model`).
+      phone_lm: the phone LM FST.
+    Returns:
+      ``(den_fst, normalization_fst)``.
+    """
+    from pkwrap.chain.den_graph import DenominatorGraph
+
+    den = create_denominator_fst(tree, trans_model, phone_lm)
+    init = DenominatorGraph.from_fst(den, trans_model.num_pdfs).initial_probs
+    return den, make_normalization_fst(den, init)
