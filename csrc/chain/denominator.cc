@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -70,140 +71,167 @@ void ExpClamped30(const float *__restrict in, float *__restrict out, int64_t n) 
 
 namespace {
 
-// One block of w consecutive sequences [s0, s0 + w), run start to end by one thread.
+// Sequences per block: one frame of alpha, beta and e for a block stays in L2.
+constexpr int kMaxBlock = 32;
+
+// 8 floats (one AVX register, two SSE registers); blocks are padded to a multiple of 8
+// sequences so that every row of a block buffer is NV such vectors.
+typedef float v8f __attribute__((vector_size(32)));
+
 struct BlockOut {
   double alpha_beta_product = 0;
   double frame0_post_sum = 0;
 };
 
-void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int s0,
-              int w, float *post, float post_scale, double *logprob, BlockOut *res) {
+// One block of w <= 8*NV consecutive sequences [s0, s0 + w), run start to end by one
+// thread. Padding sequences (j >= w) see x = 0; they are never written out.
+template <int NV>
+void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int s0, int w,
+              float *post, float post_scale, double *logprob, BlockOut *res) {
+  constexpr int W = 8 * NV;
   const int N = g.num_states;
-  const size_t W = w;
   const float *init = g.initial_probs.data();
-  // e[t][p][j], scaled by 1/c(t) once c(t) is known.
-  std::vector<float> E(static_cast<size_t>(T) * P * W);
+  // e[t][p][j], later scaled by 1/c(t); row (t, p) is E[(t*P + p)*NV + k].
+  std::vector<v8f> E(static_cast<size_t>(T) * P * NV);
   {
-    std::vector<float> tmp(static_cast<size_t>(P));
-    for (int j = 0; j < w; ++j) {
-      const float *xs = x + static_cast<size_t>(s0 + j) * T * P;
-      for (int t = 0; t < T; ++t) {
-        ExpClamped30(xs + static_cast<size_t>(t) * P, tmp.data(), P);
-        float *Et = E.data() + static_cast<size_t>(t) * P * W;
-        for (int p = 0; p < P; ++p) Et[p * W + j] = tmp[p];
+    float *Ef = reinterpret_cast<float *>(E.data());
+    std::vector<float> tmp(static_cast<size_t>(T) * P);
+    for (int j = 0; j < W; ++j) {
+      if (j < w) {
+        ExpClamped30(x + static_cast<size_t>(s0 + j) * T * P, tmp.data(),
+                     static_cast<int64_t>(T) * P);
+      } else if (j == w) {
+        std::fill(tmp.begin(), tmp.end(), 1.0f);
       }
+      const size_t TP = static_cast<size_t>(T) * P;
+      for (size_t r = 0; r < TP; ++r) Ef[r * W + j] = tmp[r];
     }
   }
-  // alpha'(t) for t = 0..T, [t][state][j]; c(t) as [t][j].
-  std::vector<float> alpha(static_cast<size_t>(T + 1) * N * W);
-  std::vector<float> csum(static_cast<size_t>(T + 1) * W);
-  std::vector<double> log_scale(W, 0.0);
-  std::vector<float> inv(W), tot(W);
+  // alpha'(t), t = 0..T: row (t, i) is alpha[(t*N + i)*NV + k]; c(t) is csum[t*NV + k].
+  std::vector<v8f> alpha(static_cast<size_t>(T + 1) * N * NV);
+  std::vector<v8f> csum(static_cast<size_t>(T + 1) * NV);
+  double log_scale[W] = {0};
+  v8f tot[NV];
 
   for (int i = 0; i < N; ++i)
-    for (size_t j = 0; j < W; ++j) alpha[i * W + j] = init[i];
+    for (int k = 0; k < NV; ++k) alpha[i * NV + k] = init[i] + v8f{};
 
   const int32_t *bo = g.bwd_offsets.data(), *bs = g.bwd_src.data(), *bp = g.bwd_pdf.data();
   const float *bq = g.bwd_prob.data();
   for (int t = 0;; ++t) {
-    float *__restrict at = alpha.data() + static_cast<size_t>(t) * N * W;
-    float *__restrict ct = csum.data() + static_cast<size_t>(t) * W;
-    std::fill(ct, ct + W, 0.0f);
-    for (int i = 0; i < N; ++i) {
-      const float *ai = at + i * W;
-      for (size_t j = 0; j < W; ++j) ct[j] += ai[j];
-    }
+    v8f *__restrict at = alpha.data() + static_cast<size_t>(t) * N * NV;
+    v8f c[NV] = {};
+    for (int i = 0; i < N; ++i)
+      for (int k = 0; k < NV; ++k) c[k] += at[i * NV + k];
+    for (int k = 0; k < NV; ++k) csum[t * NV + k] = c[k];
     for (int i = 0; i < N; ++i) {
       const float li = leaky * init[i];
-      float *ai = at + i * W;
-      for (size_t j = 0; j < W; ++j) ai[j] += li * ct[j];
+      for (int k = 0; k < NV; ++k) at[i * NV + k] += li * c[k];
     }
     if (t == T) break;
-    float *__restrict Et = E.data() + static_cast<size_t>(t) * P * W;
-    for (size_t j = 0; j < W; ++j) {
-      inv[j] = 1.0f / ct[j];
-      log_scale[j] += std::log(static_cast<double>(ct[j]));
+    v8f inv[NV];
+    for (int k = 0; k < NV; ++k) {
+      inv[k] = 1.0f / c[k];
+      for (int l = 0; l < 8; ++l) log_scale[k * 8 + l] += std::log(static_cast<double>(c[k][l]));
     }
-    for (int p = 0; p < P; ++p) {
-      float *ep = Et + p * W;
-      for (size_t j = 0; j < W; ++j) ep[j] *= inv[j];
-    }
-    float *__restrict an = at + static_cast<size_t>(N) * W;
+    v8f *__restrict Et = E.data() + static_cast<size_t>(t) * P * NV;
+    for (int p = 0; p < P; ++p)
+      for (int k = 0; k < NV; ++k) Et[p * NV + k] *= inv[k];
+    v8f *__restrict an = at + static_cast<size_t>(N) * NV;
     for (int n = 0; n < N; ++n) {
-      float *__restrict acc = an + n * W;
-      for (size_t j = 0; j < W; ++j) acc[j] = 0.0f;
+      v8f acc[NV] = {};
       for (int32_t a = bo[n], end = bo[n + 1]; a < end; ++a) {
         const float q = bq[a];
-        const float *__restrict ai = at + static_cast<size_t>(bs[a]) * W;
-        const float *__restrict ep = Et + static_cast<size_t>(bp[a]) * W;
-        for (size_t j = 0; j < W; ++j) acc[j] += q * ai[j] * ep[j];
+        const v8f *ai = at + static_cast<size_t>(bs[a]) * NV;
+        const v8f *ep = Et + static_cast<size_t>(bp[a]) * NV;
+        for (int k = 0; k < NV; ++k) acc[k] += q * ai[k] * ep[k];
       }
+      for (int k = 0; k < NV; ++k) an[n * NV + k] = acc[k];
     }
   }
   {
-    const float *aT = alpha.data() + static_cast<size_t>(T) * N * W;
-    std::vector<double> s(W, 0.0);
+    const v8f *aT = alpha.data() + static_cast<size_t>(T) * N * NV;
+    double s[W] = {0};
     for (int i = 0; i < N; ++i)
-      for (size_t j = 0; j < W; ++j) s[j] += aT[i * W + j];
-    for (size_t j = 0; j < W; ++j) {
-      tot[j] = static_cast<float>(s[j]);
-      logprob[s0 + j] = std::log(s[j]) + log_scale[j];
-    }
+      for (int k = 0; k < NV; ++k)
+        for (int l = 0; l < 8; ++l) s[k * 8 + l] += aT[i * NV + k][l];
+    for (int k = 0; k < NV; ++k)
+      for (int l = 0; l < 8; ++l) tot[k][l] = static_cast<float>(s[k * 8 + l]);
+    for (int j = 0; j < w; ++j) logprob[s0 + j] = std::log(s[j]) + log_scale[j];
   }
   if (post == nullptr) return;
 
   // Backward.
-  std::vector<float> beta_next(static_cast<size_t>(N) * W), beta_cur(static_cast<size_t>(N) * W);
-  std::vector<float> gam(static_cast<size_t>(P) * W), bsum(W);
-  auto leak = [&](float *b) {
-    std::fill(bsum.begin(), bsum.end(), 0.0f);
+  std::vector<v8f> beta_next(static_cast<size_t>(N) * NV), beta_cur(static_cast<size_t>(N) * NV);
+  std::vector<v8f> gam(static_cast<size_t>(P) * NV);
+  auto leak = [&](v8f *b) {
+    v8f bsum[NV] = {};
     for (int i = 0; i < N; ++i)
-      for (size_t j = 0; j < W; ++j) bsum[j] += init[i] * b[i * W + j];
-    for (size_t j = 0; j < W; ++j) bsum[j] *= leaky;
+      for (int k = 0; k < NV; ++k) bsum[k] += init[i] * b[i * NV + k];
+    for (int k = 0; k < NV; ++k) bsum[k] *= leaky;
     for (int i = 0; i < N; ++i)
-      for (size_t j = 0; j < W; ++j) b[i * W + j] += bsum[j];
+      for (int k = 0; k < NV; ++k) b[i * NV + k] += bsum[k];
   };
-  for (int i = 0; i < N; ++i)
-    for (size_t j = 0; j < W; ++j) beta_next[i * W + j] = 1.0f / tot[j];
+  {
+    v8f inv_tot[NV];
+    for (int k = 0; k < NV; ++k) inv_tot[k] = 1.0f / tot[k];
+    for (int i = 0; i < N; ++i)
+      for (int k = 0; k < NV; ++k) beta_next[i * NV + k] = inv_tot[k];
+  }
   leak(beta_next.data());
   const int32_t *fo = g.fwd_offsets.data(), *fd = g.fwd_dst.data(), *fp = g.fwd_pdf.data();
   const float *fq = g.fwd_prob.data();
   for (int t = T - 1; t >= 0; --t) {
-    const float *__restrict at = alpha.data() + static_cast<size_t>(t) * N * W;
-    const float *__restrict Et = E.data() + static_cast<size_t>(t) * P * W;
-    const float *__restrict bn = beta_next.data();
-    float *__restrict g_t = gam.data();
-    std::fill(gam.begin(), gam.end(), 0.0f);
+    const v8f *__restrict at = alpha.data() + static_cast<size_t>(t) * N * NV;
+    const v8f *__restrict Et = E.data() + static_cast<size_t>(t) * P * NV;
+    const v8f *__restrict bn = beta_next.data();
+    v8f *__restrict bcur = beta_cur.data();
+    v8f *__restrict g_t = gam.data();
+    std::fill(gam.begin(), gam.end(), v8f{});
     for (int i = 0; i < N; ++i) {
-      float *__restrict bc = beta_cur.data() + static_cast<size_t>(i) * W;
-      const float *__restrict ai = at + static_cast<size_t>(i) * W;
-      for (size_t j = 0; j < W; ++j) bc[j] = 0.0f;
+      v8f ai[NV], bc[NV] = {};
+      for (int k = 0; k < NV; ++k) ai[k] = at[i * NV + k];
       for (int32_t a = fo[i], end = fo[i + 1]; a < end; ++a) {
         const float q = fq[a];
-        const float *__restrict bj = bn + static_cast<size_t>(fd[a]) * W;
-        const float *__restrict ep = Et + static_cast<size_t>(fp[a]) * W;
-        float *__restrict gp = g_t + static_cast<size_t>(fp[a]) * W;
-        for (size_t j = 0; j < W; ++j) {
-          const float v = q * ep[j] * bj[j];
-          bc[j] += v;
-          gp[j] += v * ai[j];
+        const v8f *bj = bn + static_cast<size_t>(fd[a]) * NV;
+        const v8f *ep = Et + static_cast<size_t>(fp[a]) * NV;
+        v8f *gp = g_t + static_cast<size_t>(fp[a]) * NV;
+        for (int k = 0; k < NV; ++k) {
+          const v8f v = q * ep[k] * bj[k];
+          bc[k] += v;
+          gp[k] += v * ai[k];
         }
       }
+      for (int k = 0; k < NV; ++k) bcur[i * NV + k] = bc[k];
     }
     if (t == 0) {
       double ab = 0, ps = 0;
-      for (size_t k = 0; k < static_cast<size_t>(N) * W; ++k)
-        ab += static_cast<double>(at[k]) * beta_cur[k];
-      for (size_t k = 0; k < static_cast<size_t>(P) * W; ++k) ps += g_t[k];
+      for (int i = 0; i < N; ++i)
+        for (int j = 0; j < w; ++j)
+          ab += static_cast<double>(at[i * NV + j / 8][j % 8]) * bcur[i * NV + j / 8][j % 8];
+      for (int p = 0; p < P; ++p)
+        for (int j = 0; j < w; ++j) ps += g_t[p * NV + j / 8][j % 8];
       res->alpha_beta_product = ab;
       res->frame0_post_sum = ps;
     }
+    const float *gf = reinterpret_cast<const float *>(g_t);
     for (int j = 0; j < w; ++j) {
       float *dst = post + (static_cast<size_t>(s0 + j) * T + t) * P;
-      for (int p = 0; p < P; ++p) dst[p] = post_scale * g_t[p * W + j];
+      for (int p = 0; p < P; ++p) dst[p] = post_scale * gf[p * W + j];
     }
-    leak(beta_cur.data());
+    leak(bcur);
     std::swap(beta_next, beta_cur);
+  }
+}
+
+void RunBlockAnyWidth(const DenGraph &g, const float *x, int T, int P, float leaky, int s0,
+                      int w, float *post, float post_scale, double *logprob, BlockOut *res) {
+  switch ((w + 7) / 8) {
+    case 1: return RunBlock<1>(g, x, T, P, leaky, s0, w, post, post_scale, logprob, res);
+    case 2: return RunBlock<2>(g, x, T, P, leaky, s0, w, post, post_scale, logprob, res);
+    case 3: return RunBlock<3>(g, x, T, P, leaky, s0, w, post, post_scale, logprob, res);
+    case 4: return RunBlock<4>(g, x, T, P, leaky, s0, w, post, post_scale, logprob, res);
+    default: throw std::logic_error("denominator: block wider than kMaxBlock");
   }
 }
 
@@ -221,15 +249,17 @@ DenResult DenominatorForwardBackward(const DenGraph &g, const float *x, int S, i
   if (!(leaky > 0.0f && leaky < 1.0f))
     throw std::invalid_argument("denominator: leaky_hmm_coefficient must be in (0, 1)");
   if (num_threads <= 0) num_threads = omp_get_max_threads();
-  const int nb = std::max(1, std::min(num_threads, S));
+  num_threads = std::max(1, std::min(num_threads, S));
+  // Blocks of at most kMaxBlock sequences keep one frame's alpha, beta and e in cache.
+  const int nb = std::max(num_threads, (S + kMaxBlock - 1) / kMaxBlock);
   DenResult r;
   r.logprob.assign(S, 0.0);
   std::vector<BlockOut> outs(nb);
-#pragma omp parallel for num_threads(nb) schedule(static, 1)
+#pragma omp parallel for num_threads(num_threads) schedule(static, 1)
   for (int b = 0; b < nb; ++b) {
     const int s0 = static_cast<int>(static_cast<int64_t>(S) * b / nb);
     const int s1 = static_cast<int>(static_cast<int64_t>(S) * (b + 1) / nb);
-    RunBlock(g, x, T, P, leaky, s0, s1 - s0, post, post_scale, r.logprob.data(), &outs[b]);
+    RunBlockAnyWidth(g, x, T, P, leaky, s0, s1 - s0, post, post_scale, r.logprob.data(), &outs[b]);
   }
   bool finite = true;
   for (double v : r.logprob) finite = finite && std::isfinite(v);
