@@ -26,6 +26,7 @@ frame shift used for augmentation.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -95,14 +96,19 @@ def split_model_output(out: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
                      % type(out).__name__)
 
 
-def _out_len(model: nn.Module, feat_dim: int, t_in: int, device, dtype) -> int:
-    x = torch.randn(1, t_in, feat_dim, device=device, dtype=dtype)
+def _out_len(model: nn.Module, feat_dim: int, t_in: int, device, dtype,
+             strict: bool = False) -> int:
+    # two sequences: batchnorm in training mode needs more than one row per channel
+    x = torch.randn(2, t_in, feat_dim, device=device, dtype=dtype)
     try:
-        y, _ = split_model_output(model(x))
+        with torch.no_grad():
+            y, _ = split_model_output(model(x))
     except (RuntimeError, ValueError, IndexError):
+        if strict:
+            raise
         return 0  # input too short for the model's convolutions
-    if y.dim() != 3 or y.shape[0] != 1:
-        raise ValueError("model output for input [1][%d][%d] has shape %s, expected [1][T][P]"
+    if y.dim() != 3 or y.shape[0] != 2:
+        raise ValueError("model output for input [2][%d][%d] has shape %s, expected [2][T][P]"
                          % (t_in, feat_dim, tuple(y.shape)))
     return int(y.shape[1])
 
@@ -128,8 +134,9 @@ def probe_model_context(model: nn.Module, feat_dim: int, device=None, dtype=torc
                         max_context: int = 200) -> ModelContext:
     """Find a model's left/right context and frame-subsampling factor.
 
-    The model is run in eval mode on random inputs (its train/eval state is restored
-    afterwards; no parameter changes).
+    A deep copy of the model is run on random inputs, in eval mode (in train mode if
+    eval mode raises, as Kaldi batchnorm without statistics does), with the RNG states
+    restored afterwards: the model itself and the training RNG stream are untouched.
 
     Args:
       model: the acoustic model, ``[B][T_in][F] -> [B][T_out][P]`` (see module docstring).
@@ -143,46 +150,54 @@ def probe_model_context(model: nn.Module, feat_dim: int, device=None, dtype=torc
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        f, t_out_base, t_in_base = _probe_lengths(model, feat_dim, device, dtype, max_context)
+    # Probe a copy: a model may update statistics even in eval mode, and batchnorm with
+    # no statistics yet (Kaldi's) only runs in training mode. The RNGs are put back.
+    probe = copy.deepcopy(model)
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        probe.eval()
+        try:
+            _out_len(probe, feat_dim, 4 * max_context + 240, device, dtype, strict=True)
+        except RuntimeError:
+            probe.train()  # e.g. batchnorm that refuses test mode before training
+        return _probe(probe, feat_dim, device, dtype, max_context,
+                      getattr(model, "left_context", None), getattr(model, "right_context", None))
+
+
+def _probe(model, feat_dim, device, dtype, max_context, lc, rc) -> ModelContext:
+    f, t_out_base, t_in_base = _probe_lengths(model, feat_dim, device, dtype, max_context)
+    with torch.no_grad():
+        y, xent = split_model_output(model(torch.randn(2, t_in_base, feat_dim,
+                                                       device=device, dtype=dtype)))
+    has_xent = xent is not None
+    num_outputs = int(y.shape[-1])
+    if t_out_base == (t_in_base + f - 1) // f:
+        left, right = _probe_padded_context(model, feat_dim, f, device, dtype, max_context)
+        return ModelContext(left, right, f, True, has_xent, num_outputs)
+    # valid: the shortest input giving one output frame is C + 1
+    lo, hi = 1, t_in_base
+    while lo < hi:
+        mid = (lo + hi) // 2
         with torch.no_grad():
-            y, xent = split_model_output(model(torch.randn(1, 40 + 2 * f, feat_dim,
-                                                           device=device, dtype=dtype)))
-        has_xent = xent is not None
-        num_outputs = int(y.shape[-1])
-        if t_out_base == (t_in_base + f - 1) // f:
-            left, right = _probe_padded_context(model, feat_dim, f, device, dtype, max_context)
-            return ModelContext(left, right, f, True, has_xent, num_outputs)
-        # valid: smallest input giving one output frame is C + 1
-        lo, hi = 1, t_in_base
-        while lo < hi:
-            mid = (lo + hi) // 2
-            with torch.no_grad():
-                n = _out_len(model, feat_dim, mid, device, dtype)
-            if n >= 1:
-                hi = mid
-            else:
-                lo = mid + 1
-        total = lo - 1
-        expect = (t_in_base - total - 1) // f + 1
-        if expect != t_out_base:
-            raise ValueError("model output lengths fit neither T_out = ceil(T_in/f) nor "
-                             "floor((T_in - C - 1)/f) + 1 (f=%d, C=%d)" % (f, total))
-        lc = getattr(model, "left_context", None)
-        rc = getattr(model, "right_context", None)
-        if lc is not None and rc is not None:
-            lc, rc = int(lc), int(rc)
-            if lc + rc != total:
-                raise ValueError("model says left_context=%d right_context=%d but its output "
-                                 "length implies a total context of %d" % (lc, rc, total))
+            n = _out_len(model, feat_dim, mid, device, dtype)
+        if n >= 1:
+            hi = mid
         else:
-            lc = (total + 1) // 2
-            rc = total - lc
-        return ModelContext(lc, rc, f, False, has_xent, num_outputs)
-    finally:
-        model.train(was_training)
+            lo = mid + 1
+    total = lo - 1
+    expect = (t_in_base - total - 1) // f + 1
+    if expect != t_out_base:
+        raise ValueError("model output lengths fit neither T_out = ceil(T_in/f) nor "
+                         "floor((T_in - C - 1)/f) + 1 (f=%d, C=%d)" % (f, total))
+    if lc is not None and rc is not None:
+        lc, rc = int(lc), int(rc)
+        if lc + rc != total:
+            raise ValueError("model says left_context=%d right_context=%d but its output "
+                             "length implies a total context of %d" % (lc, rc, total))
+    else:
+        lc = (total + 1) // 2
+        rc = total - lc
+    return ModelContext(lc, rc, f, False, has_xent, num_outputs)
 
 
 def _probe_padded_context(model, feat_dim, f, device, dtype, max_context):

@@ -98,7 +98,7 @@ def setup_logger(log_dir: Optional[str], rank: int = 0, name: str = "train",
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s [rank %d] %(message)s" % rank)
+    fmt = logging.Formatter("%%(asctime)s %%(levelname)s [rank %d] %%(message)s" % rank)
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
         fh = logging.FileHandler(os.path.join(log_dir, "%s.%d.log" % (name, rank)))
