@@ -1,0 +1,311 @@
+"""Kaldi's basic serialization: binary header, tokens, basic types, integer vectors.
+
+Every Kaldi object is written either in *binary* or in *text* mode. A binary object in
+an archive or file is preceded by the two-byte header ``"\\0B"``; text has no header.
+The pieces, as ``src/base/io-funcs.{h,cc}`` writes them (all little-endian)::
+
+    token          "<Tok> "              both modes: the characters, then one space
+    int32   (bin)  0x04 + 4 bytes        a size byte (sizeof, negated for unsigned types)
+    float   (bin)  0x04 + 4 bytes        (0x08 + 8 bytes for double; either is accepted)
+    bool    (bin)  "T" | "F"             (text: "T " | "F ")
+    int32 vector   0x04 + int32 n + n*4 bytes     (text: "[ 1 2 3 ]\\n")
+    numbers (text) printed with 7 significant digits, followed by a space
+
+:class:`KaldiReader` parses these from an in-memory buffer (``bytes`` or an ``mmap``)
+at a byte position, so a reader over an archive can jump to ``scp`` offsets without
+copying. Every error is a :class:`KaldiFormatError` naming the file, the archive key
+when known, the byte position and what was expected. :class:`KaldiWriter` writes the
+same pieces to a binary stream.
+"""
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["KaldiFormatError", "KaldiReader", "KaldiWriter", "BINARY_HEADER",
+           "format_float"]
+
+BINARY_HEADER = b"\0B"
+_WS = frozenset(b" \t\n\r\v\f")
+
+_I32 = struct.Struct("<i")
+_F32 = struct.Struct("<f")
+_F64 = struct.Struct("<d")
+
+
+class KaldiFormatError(ValueError):
+    """Bytes that are not what the Kaldi format says. The message names the file, the
+    archive key (when known), the byte offset and what was wrong."""
+
+
+def format_float(x: float) -> str:
+    """A number as Kaldi prints it in text mode (C++ ostream, precision 7)."""
+    x = float(x)
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    return "%.7g" % x
+
+
+class KaldiReader:
+    """A cursor over a buffer holding Kaldi-format data.
+
+    Args:
+      buf: ``bytes``, ``bytearray``, ``memoryview`` or ``mmap`` with the data.
+      pos: byte offset to start at.
+      binary: parse binary (True) or text (False) form; :meth:`read_header` sets it.
+      name: file name used in error messages.
+      key: archive key of the object being read (used in error messages).
+    """
+
+    __slots__ = ("buf", "pos", "binary", "name", "key", "end")
+
+    def __init__(self, buf, pos: int = 0, binary: bool = True, name: str = "<buffer>",
+                 key: Optional[str] = None, end: Optional[int] = None):
+        self.buf = buf
+        self.pos = pos
+        self.binary = binary
+        self.name = name
+        self.key = key
+        self.end = len(buf) if end is None else end
+
+    # ------------------------------------------------------------------ errors
+    def error(self, msg: str, pos: Optional[int] = None) -> KaldiFormatError:
+        where = self.name
+        if self.key is not None:
+            where += ", key %r" % self.key
+        return KaldiFormatError("%s: %s (at byte %d)"
+                                % (where, msg, self.pos if pos is None else pos))
+
+    # ------------------------------------------------------------------ raw access
+    def at_eof(self) -> bool:
+        return self.pos >= self.end
+
+    def peek(self) -> int:
+        """Next byte as an int, -1 at the end."""
+        return self.buf[self.pos] if self.pos < self.end else -1
+
+    def take(self, n: int, what: str) -> bytes:
+        """The next ``n`` bytes (raises if fewer are left)."""
+        if n < 0 or self.pos + n > self.end:
+            raise self.error("truncated data: wanted %d bytes for %s, %d left"
+                             % (n, what, self.end - self.pos))
+        b = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return bytes(b)
+
+    def take_array(self, dtype, count: int, what: str) -> np.ndarray:
+        """``count`` items of ``dtype`` (little-endian) as a new numpy array."""
+        dt = np.dtype(dtype)
+        nbytes = dt.itemsize * count
+        if count < 0 or self.pos + nbytes > self.end:
+            raise self.error("truncated data: wanted %d bytes for %s, %d left"
+                             % (nbytes, what, self.end - self.pos))
+        a = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos).copy()
+        self.pos += nbytes
+        return a
+
+    def skip_ws(self) -> None:
+        buf, p, e = self.buf, self.pos, self.end
+        while p < e and buf[p] in _WS:
+            p += 1
+        self.pos = p
+
+    def _word(self) -> str:
+        """Skip whitespace, then read up to the next whitespace (not consumed)."""
+        self.skip_ws()
+        buf, p, e = self.buf, self.pos, self.end
+        start = p
+        while p < e and buf[p] not in _WS:
+            p += 1
+        if p == start:
+            raise self.error("unexpected end of data" if p >= e else "expected a word")
+        self.pos = p
+        return bytes(buf[start:p]).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ header
+    def read_header(self) -> bool:
+        """Detect Kaldi's binary header "\\0B" at the cursor: consume it and set
+        ``binary``. Returns the mode."""
+        if self.pos + 2 <= self.end and self.buf[self.pos] == 0 and self.buf[self.pos + 1] == 66:
+            self.pos += 2
+            self.binary = True
+        else:
+            self.binary = False
+        return self.binary
+
+    # ------------------------------------------------------------------ tokens
+    def read_token(self) -> str:
+        """ReadToken: a whitespace-free word that must be followed by one whitespace
+        character, which is consumed."""
+        tok = self._word()
+        if self.pos >= self.end:
+            raise self.error("truncated data after token %r" % tok)
+        self.pos += 1
+        return tok
+
+    def expect_token(self, token: str) -> None:
+        start = self.pos
+        try:
+            got = self.read_token()
+        except KaldiFormatError:
+            raise self.error("expected token %r, found end of data" % token, start)
+        if got != token and not (token[0] == "<" and got == token[1:]):
+            raise self.error("expected token %r, got %r" % (token, got[:40]), start)
+
+    def peek_char(self) -> int:
+        """Peek(): in text mode skips whitespace first."""
+        if not self.binary:
+            self.skip_ws()
+        return self.peek()
+
+    def peek_token(self) -> int:
+        """PeekToken(): the first character of the next token after a '<' (text mode
+        skips whitespace first)."""
+        if not self.binary:
+            self.skip_ws()
+        p = self.pos
+        if p < self.end and self.buf[p] == 60:  # '<'
+            p += 1
+        return self.buf[p] if p < self.end else -1
+
+    # ------------------------------------------------------------------ basic types
+    def read_int32(self) -> int:
+        if self.binary:
+            start = self.pos
+            b = self.take(5, "int32")
+            if b[0] != 4:
+                raise self.error("expected int32 (size byte 4), got size byte %d" % b[0], start)
+            return _I32.unpack_from(b, 1)[0]
+        w = self._word()
+        try:
+            v = int(w)
+        except ValueError:
+            raise self.error("expected an integer, got %r" % w[:40])
+        if not -2 ** 31 <= v < 2 ** 31:
+            raise self.error("integer %d out of int32 range" % v)
+        return v
+
+    def read_float(self) -> float:
+        """ReadBasicType<float>/<double>: binary accepts a 4- or 8-byte float."""
+        if self.binary:
+            start = self.pos
+            c = self.peek()
+            if c == 4:
+                return _F32.unpack(self.take(5, "float")[1:])[0]
+            if c == 8:
+                return _F64.unpack(self.take(9, "double")[1:])[0]
+            raise self.error("expected a float (size byte 4 or 8), got %s"
+                             % ("end of data" if c < 0 else "byte %d" % c), start)
+        w = self._word()
+        try:
+            return float(w)
+        except ValueError:
+            raise self.error("expected a number, got %r" % w[:40])
+
+    def read_bool(self) -> bool:
+        if not self.binary:
+            self.skip_ws()
+        c = self.peek()
+        if c == 84:  # 'T'
+            self.pos += 1
+            return True
+        if c == 70:  # 'F'
+            self.pos += 1
+            return False
+        raise self.error("expected a bool ('T' or 'F'), got %s"
+                         % ("end of data" if c < 0 else repr(chr(c))))
+
+    def read_int_vector(self, dtype=np.int32) -> np.ndarray:
+        """ReadIntegerVector (int32 by default)."""
+        dt = np.dtype(dtype)
+        if self.binary:
+            start = self.pos
+            sz = self.take(1, "integer vector")[0]
+            if sz != dt.itemsize:
+                raise self.error("expected integer vector of %d-byte elements, got %d"
+                                 % (dt.itemsize, sz), start)
+            n = _I32.unpack(self.take(4, "integer vector size"))[0]
+            if n < 0:
+                raise self.error("negative integer vector size %d" % n, start)
+            return self.take_array(dt.newbyteorder("<"), n, "integer vector").astype(dt)
+        self.skip_ws()
+        if self.peek() != 91:  # '['
+            raise self.error("expected '[' to start an integer vector")
+        self.pos += 1
+        vals = []
+        while True:
+            self.skip_ws()
+            if self.peek() == 93:  # ']'
+                self.pos += 1
+                break
+            w = self._word()
+            try:
+                vals.append(int(w))
+            except ValueError:
+                raise self.error("expected an integer in vector, got %r" % w[:40])
+        return np.array(vals, dtype=dt)
+
+
+class KaldiWriter:
+    """Writes Kaldi's basic pieces to a binary stream in binary or text mode.
+
+    Args:
+      f: a binary file object (anything with ``write(bytes)``).
+      binary: binary mode (True) or text mode (False).
+    """
+
+    __slots__ = ("f", "binary")
+
+    def __init__(self, f: BinaryIO, binary: bool = True):
+        self.f = f
+        self.binary = binary
+
+    def write(self, b: bytes) -> None:
+        self.f.write(b)
+
+    def write_header(self) -> None:
+        """The binary header "\\0B" (nothing in text mode)."""
+        if self.binary:
+            self.f.write(BINARY_HEADER)
+
+    def write_token(self, token: str) -> None:
+        if not token or any(c.isspace() for c in token):
+            raise ValueError("invalid Kaldi token %r (empty or contains space)" % token)
+        self.f.write(token.encode("utf-8") + b" ")
+
+    def write_int32(self, v: int) -> None:
+        v = int(v)
+        if not -2 ** 31 <= v < 2 ** 31:
+            raise ValueError("integer %d does not fit in int32" % v)
+        if self.binary:
+            self.f.write(b"\x04" + _I32.pack(v))
+        else:
+            self.f.write(b"%d " % v)
+
+    def write_float(self, v: float) -> None:
+        if self.binary:
+            self.f.write(b"\x04" + _F32.pack(v))
+        else:
+            self.f.write(format_float(v).encode() + b" ")
+
+    def write_double(self, v: float) -> None:
+        if self.binary:
+            self.f.write(b"\x08" + _F64.pack(v))
+        else:
+            self.f.write(format_float(v).encode() + b" ")
+
+    def write_bool(self, v: bool) -> None:
+        self.f.write((b"T" if v else b"F") + (b"" if self.binary else b" "))
+
+    def write_int_vector(self, v: Sequence[int], dtype=np.int32) -> None:
+        dt = np.dtype(dtype)
+        a = np.asarray(v)
+        if self.binary:
+            self.f.write(bytes([dt.itemsize]) + _I32.pack(len(a))
+                         + a.astype(dt.newbyteorder("<")).tobytes())
+        else:
+            self.f.write(b"[ " + b"".join(b"%d " % int(x) for x in a) + b"]\n")

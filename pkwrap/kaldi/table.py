@@ -1,0 +1,474 @@
+"""Kaldi tables: archives (``ark``), script files (``scp``), rspecifiers and wspecifiers.
+
+An *archive* is a concatenation of ``key<space>object``: a binary object starts with the
+header ``"\\0B"``, a text one does not. A *script file* has lines ``key rxfilename``
+where ``rxfilename`` is a file, ``file.ark:offset`` (the byte where the object, i.e.
+its ``"\\0B"``, starts), ``-`` (stdin) or ``command |``.
+
+Specifiers accepted (``src/util/kaldi-table.h``)::
+
+    rspecifier   ark:file | ark,t:file | ark,s,cs,p,...:file | scp:file.scp | ark:- |
+                 ark:command|  | a plain path (``*.scp`` is read as a script, else an archive)
+    wspecifier   ark:file | ark,t:file | ark,scp:a.ark,a.scp | scp,ark:a.scp,a.ark |
+                 ark:-  (binary unless ``t``; ``b`` forces binary)
+
+Readers: :class:`SequentialTableReader` (a generator of ``(key, object)``) and
+:class:`RandomAccessTableReader` (``reader[key]``; scp offsets or an index of an
+archive). :class:`TableWriter` writes archives (and their scp). What an object is comes
+from a *holder*: a ``read(reader) -> obj`` / ``write(writer, obj)`` pair; the ones
+for basic Kaldi types are in :data:`HOLDERS`. Errors name the file, the key and the
+byte offset.
+"""
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .matrix import read_matrix, read_vector, write_matrix, write_vector
+
+__all__ = ["parse_rspecifier", "parse_wspecifier", "RSpecifier", "WSpecifier",
+           "SequentialTableReader", "RandomAccessTableReader", "TableWriter", "Holder",
+           "HOLDERS", "read_table", "open_input_buffer"]
+
+_R_OPTS = {"t", "b", "o", "no", "s", "ns", "cs", "ncs", "p", "np", "bg"}
+_W_OPTS = {"t", "b", "f", "nf", "p", "np"}
+
+
+@dataclass(frozen=True)
+class RSpecifier:
+    """A parsed rspecifier: ``kind`` "ark" or "scp", ``path`` (file, "-" or "cmd |")
+    and the option letters."""
+    kind: str
+    path: str
+    opts: FrozenSet[str]
+
+    @property
+    def permissive(self) -> bool:
+        return "p" in self.opts
+
+
+@dataclass(frozen=True)
+class WSpecifier:
+    """A parsed wspecifier: archive path (or None), script path (or None), binary."""
+    ark: Optional[str]
+    scp: Optional[str]
+    binary: bool
+    flush: bool = False
+
+
+def parse_rspecifier(spec: str) -> RSpecifier:
+    """Parse ``ark,s,cs:path`` / ``scp:path`` / a plain path."""
+    spec = str(spec)
+    head, sep, rest = spec.partition(":")
+    parts = head.split(",") if sep else []
+    if sep and ("ark" in parts or "scp" in parts) and all(
+            p in _R_OPTS or p in ("ark", "scp") for p in parts):
+        kinds = [p for p in parts if p in ("ark", "scp")]
+        if len(kinds) != 1:
+            raise ValueError("rspecifier %r: exactly one of ark/scp is needed" % spec)
+        if not rest:
+            raise ValueError("rspecifier %r: empty file name" % spec)
+        return RSpecifier(kinds[0], rest, frozenset(p for p in parts if p in _R_OPTS))
+    if sep and ("ark" in parts or "scp" in parts):
+        bad = [p for p in parts if p not in _R_OPTS and p not in ("ark", "scp")]
+        raise ValueError("rspecifier %r: unknown option(s) %s" % (spec, ",".join(bad)))
+    if not spec:
+        raise ValueError("empty rspecifier")
+    return RSpecifier("scp" if spec.endswith(".scp") else "ark", spec, frozenset())
+
+
+def parse_wspecifier(spec: str) -> WSpecifier:
+    """Parse ``ark:f`` / ``ark,t:f`` / ``ark,scp:a.ark,a.scp`` / ``scp,ark:a.scp,a.ark``."""
+    spec = str(spec)
+    head, sep, rest = spec.partition(":")
+    if not sep:
+        raise ValueError("wspecifier %r: expected ark:..., ark,t:... or ark,scp:a.ark,a.scp"
+                         % spec)
+    parts = head.split(",")
+    kinds = [p for p in parts if p in ("ark", "scp")]
+    bad = [p for p in parts if p not in _W_OPTS and p not in ("ark", "scp")]
+    if bad or not kinds:
+        raise ValueError("wspecifier %r: unknown option(s) %s" % (spec, ",".join(bad) or head))
+    binary = "t" not in parts
+    flush = "f" in parts
+    if kinds == ["ark"]:
+        return WSpecifier(rest, None, binary, flush)
+    if kinds == ["scp"]:
+        raise ValueError("wspecifier %r: writing only a script file is not supported "
+                         "(use ark,scp:a.ark,a.scp)" % spec)
+    names = rest.split(",")
+    if len(names) != 2 or not all(names):
+        raise ValueError("wspecifier %r: ark,scp needs two file names 'a.ark,a.scp'" % spec)
+    ark, scp = (names if kinds[0] == "ark" else names[::-1])
+    return WSpecifier(ark, scp, binary, flush)
+
+
+# ----------------------------------------------------------------------------- input
+def open_input_buffer(rxfilename: str):
+    """The whole of a Kaldi rxfilename as a buffer: a read-only ``mmap`` for regular
+    files (zero copy), ``bytes`` for ``-`` (stdin) and ``command |`` pipes."""
+    rx = str(rxfilename)
+    if rx == "-" or rx == "":
+        return sys.stdin.buffer.read()
+    if rx.rstrip().endswith("|"):
+        cmd = rx.rstrip()[:-1]
+        p = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE)
+        if p.returncode != 0:
+            raise OSError("command %r failed with exit status %d" % (cmd, p.returncode))
+        return p.stdout
+    with open(rx, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _split_offset(rx: str) -> Tuple[str, Optional[int]]:
+    """``file.ark:1234`` -> (``file.ark``, 1234); other rxfilenames -> (rx, None)."""
+    rx = rx.strip()
+    if rx.endswith("]"):
+        raise ValueError("%r: row/column ranges in scp entries are not supported" % rx)
+    if rx.endswith("|"):
+        return rx, None
+    head, sep, tail = rx.rpartition(":")
+    if sep and tail.isdigit() and head:
+        return head, int(tail)
+    return rx, None
+
+
+class Holder:
+    """How to read and write one kind of table object.
+
+    Args:
+      read: ``read(reader) -> obj``, the reader positioned after the binary header
+        (``reader.binary`` tells the mode, ``reader.key`` the key).
+      write: ``write(writer, obj)``.
+      text_newline: the object ends with a newline in text mode (Kaldi's BasicHolder
+        and token holders); the reader then checks and eats it.
+    """
+
+    def __init__(self, read: Callable, write: Optional[Callable] = None,
+                 text_newline: bool = False):
+        self.read = read
+        self.write = write
+        self.text_newline = text_newline
+
+
+def _read_basic_text_eol(r: KaldiReader, value):
+    buf = r.buf
+    while r.pos < r.end and buf[r.pos] in b" \t\r":
+        r.pos += 1
+    if r.pos < r.end:
+        if buf[r.pos] != 10:
+            raise r.error("expected end of line after the value")
+        r.pos += 1
+    return value
+
+
+def _w_float(w: KaldiWriter, v):
+    if w.binary:
+        w.write_float(v)
+    else:
+        w.write(format_float(v).encode() + b"\n")
+
+
+def _w_int(w: KaldiWriter, v):
+    if w.binary:
+        w.write_int32(v)
+    else:
+        w.write(b"%d\n" % int(v))
+
+
+def _w_token(w: KaldiWriter, v):
+    w.write_token(v)
+    if not w.binary:
+        w.write(b"\n")
+
+
+def _r_token(r: KaldiReader):
+    return r.read_token() if r.binary else _read_basic_text_eol(r, r._word())
+
+
+HOLDERS: Dict[str, Holder] = {
+    "matrix": Holder(read_matrix, write_matrix),
+    "vector": Holder(read_vector, write_vector),
+    "float": Holder(lambda r: r.read_float() if r.binary
+                    else _read_basic_text_eol(r, r.read_float()), _w_float),
+    "int32": Holder(lambda r: r.read_int32() if r.binary
+                    else _read_basic_text_eol(r, r.read_int32()), _w_int),
+    "token": Holder(_r_token, _w_token),
+    "int32_vector": Holder(lambda r: r.read_int_vector(),
+                           lambda w, v: w.write_int_vector(v)),
+}
+
+
+def _holder(h) -> Holder:
+    if isinstance(h, Holder):
+        return h
+    if isinstance(h, str):
+        if h not in HOLDERS:
+            raise ValueError("unknown holder %r (one of %s)" % (h, ", ".join(HOLDERS)))
+        return HOLDERS[h]
+    raise TypeError("holder must be a Holder or one of %s" % ", ".join(HOLDERS))
+
+
+def _read_object(buf, pos: int, name: str, key: str, holder: Holder):
+    """Read one object at ``pos`` (binary header detected); returns (obj, end_pos)."""
+    r = KaldiReader(buf, pos, name=name, key=key)
+    if r.pos < r.end and buf[r.pos] == 0:
+        if r.pos + 1 >= r.end or buf[r.pos + 1] != 66:
+            raise r.error("bad binary header (\\0 not followed by 'B')")
+        r.pos += 2
+        r.binary = True
+    else:
+        r.binary = False
+    if r.at_eof():
+        raise r.error("truncated archive: no object after the key")
+    try:
+        obj = holder.read(r)
+    except KaldiFormatError:
+        raise
+    except (ValueError, IndexError, OverflowError) as e:
+        raise r.error("corrupt object (%s)" % e)
+    return obj, r.pos
+
+
+def _iter_archive(buf, name: str, holder: Holder, start: int = 0,
+                  with_offsets: bool = False):
+    """Yield ``(key, obj)`` (or ``(key, obj_offset, obj)``) from an archive buffer."""
+    r = KaldiReader(buf, start, name=name)
+    n = len(buf)
+    while True:
+        r.skip_ws()
+        if r.pos >= n:
+            return
+        kstart = r.pos
+        p = kstart
+        while p < n and buf[p] not in b" \t\n\r\v\f\0":
+            p += 1
+        key = bytes(buf[kstart:p]).decode("utf-8", errors="replace")
+        if p >= n:
+            raise KaldiFormatError("%s: truncated archive: key %r at byte %d has no object"
+                                   % (name, key, kstart))
+        if buf[p] not in b" \t\n":
+            raise KaldiFormatError("%s: invalid archive: expected a space after key %r at "
+                                   "byte %d" % (name, key, p))
+        if buf[p] != 10:
+            p += 1
+        obj, end = _read_object(buf, p, name, key, holder)
+        r.pos = end
+        yield (key, p, obj) if with_offsets else (key, obj)
+
+
+def _read_scp(path: str) -> List[Tuple[str, str]]:
+    buf = open_input_buffer(path)
+    text = bytes(buf).decode("utf-8", errors="replace")
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        f = line.strip().split(None, 1)
+        if len(f) != 2:
+            raise KaldiFormatError("%s:%d: bad script-file line %r (want 'key rxfilename')"
+                                   % (path, lineno, line[:80]))
+        out.append((f[0], f[1]))
+    return out
+
+
+class _BufferCache:
+    """Open archives mapped once per reader (scp files usually point into few arks)."""
+
+    def __init__(self):
+        self._bufs: Dict[str, object] = {}
+
+    def get(self, path: str):
+        if path not in self._bufs:
+            if len(self._bufs) > 64:
+                self._bufs.clear()
+            self._bufs[path] = open_input_buffer(path)
+        return self._bufs[path]
+
+
+def _read_scp_entry(cache: _BufferCache, key: str, rx: str, holder: Holder,
+                    scp_name: str):
+    path, offset = _split_offset(rx)
+    try:
+        buf = cache.get(path)
+    except OSError as e:
+        raise KaldiFormatError("%s: key %r: cannot open %r (%s)" % (scp_name, key, path, e))
+    if offset is not None and offset >= len(buf):
+        raise KaldiFormatError("%s: key %r: offset %d is past the end of %s (%d bytes)"
+                               % (scp_name, key, offset, path, len(buf)))
+    obj, _ = _read_object(buf, offset or 0, path, key, holder)
+    return obj
+
+
+class SequentialTableReader:
+    """Iterate over ``(key, object)`` of an rspecifier.
+
+    Args:
+      rspecifier: see the module docstring.
+      holder: a :class:`Holder` or the name of one in :data:`HOLDERS`.
+
+    Example::
+
+        for key, mat in SequentialTableReader("scp:feats.scp", "matrix"):
+            ...
+    """
+
+    def __init__(self, rspecifier: str, holder="matrix"):
+        self.spec = parse_rspecifier(rspecifier)
+        self.holder = _holder(holder)
+
+    def __iter__(self) -> Iterator[Tuple[str, object]]:
+        spec = self.spec
+        if spec.kind == "ark":
+            buf = open_input_buffer(spec.path)
+            yield from _iter_archive(buf, spec.path, self.holder)
+            return
+        cache = _BufferCache()
+        for key, rx in _read_scp(spec.path):
+            try:
+                obj = _read_scp_entry(cache, key, rx, self.holder, spec.path)
+            except KaldiFormatError:
+                if spec.permissive:
+                    continue  # 'p': Kaldi skips unreadable entries
+                raise
+            yield key, obj
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class RandomAccessTableReader:
+    """``reader[key]`` over an rspecifier: scp entries are read at their offsets; an
+    archive is indexed once (key -> byte offset) and objects are read on demand.
+
+    Args:
+      rspecifier: see the module docstring.
+      holder: a :class:`Holder` or the name of one in :data:`HOLDERS`.
+    """
+
+    def __init__(self, rspecifier: str, holder="matrix"):
+        self.spec = parse_rspecifier(rspecifier)
+        self.holder = _holder(holder)
+        self._cache = _BufferCache()
+        self._index: Dict[str, Tuple[str, Optional[int]]] = {}
+        if self.spec.kind == "scp":
+            for key, rx in _read_scp(self.spec.path):
+                self._index[key] = _split_offset(rx)
+        else:
+            buf = self._cache.get(self.spec.path)
+            for key, off, _ in _iter_archive(buf, self.spec.path, self.holder,
+                                             with_offsets=True):
+                self._index[key] = (self.spec.path, off)
+
+    def keys(self):
+        return self._index.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, key: str):
+        if key not in self._index:
+            raise KeyError("%s: no key %r" % (self.spec.path, key))
+        path, off = self._index[key]
+        rx = path if off is None else "%s:%d" % (path, off)
+        return _read_scp_entry(self._cache, key, rx, self.holder, self.spec.path)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self._index else default
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class TableWriter:
+    """Write ``(key, object)`` pairs to a wspecifier (context manager).
+
+    Args:
+      wspecifier: ``ark:f``, ``ark,t:f``, ``ark,scp:a.ark,a.scp``, ``ark:-``.
+      holder: a :class:`Holder` or the name of one in :data:`HOLDERS`.
+    """
+
+    def __init__(self, wspecifier: str, holder="matrix"):
+        self.spec = parse_wspecifier(wspecifier)
+        self.holder = _holder(holder)
+        if self.holder.write is None:
+            raise ValueError("holder has no writer")
+        if self.spec.ark == "-":
+            self._f = sys.stdout.buffer
+            self._own = False
+        else:
+            self._f = open(self.spec.ark, "wb")
+            self._own = True
+        if self.spec.scp is not None:
+            if self.spec.ark == "-":
+                raise ValueError("ark,scp: the archive must be a file to have offsets")
+            self._scp = open(self.spec.scp, "w") if self.spec.scp != "-" else sys.stdout
+        else:
+            self._scp = None
+        self._pos = 0
+        self._w = KaldiWriter(self, self.spec.binary)
+        self.closed = False
+
+    # KaldiWriter writes through us so we can count bytes for scp offsets.
+    def write(self, b: bytes) -> None:
+        self._f.write(b)
+        self._pos += len(b)
+
+    def __setitem__(self, key: str, obj) -> None:
+        self.write_item(key, obj)
+
+    def write_item(self, key: str, obj) -> None:
+        if self.closed:
+            raise ValueError("TableWriter is closed")
+        if not key or any(c.isspace() for c in key):
+            raise ValueError("invalid table key %r (empty or contains whitespace)" % key)
+        self.write(key.encode("utf-8") + b" ")
+        if self._scp is not None:
+            self._scp.write("%s %s:%d\n" % (key, self.spec.ark, self._pos))
+        self._w.write_header()
+        self.holder.write(self._w, obj)
+        if self.spec.flush:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._own:
+            self._f.close()
+        else:
+            self._f.flush()
+        if self._scp is not None and self._scp is not sys.stdout:
+            self._scp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def read_table(rspecifier: str, holder="matrix") -> Dict[str, object]:
+    """All of a table as an ordered dict ``key -> object``."""
+    return dict(SequentialTableReader(rspecifier, holder))
