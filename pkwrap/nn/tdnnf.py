@@ -1,0 +1,525 @@
+r"""TDNN-F acoustic models with Kaldi nnet3 semantics (the ``tdnn_1j`` family).
+
+Time-delay layer (Kaldi's ``TdnnComponent``) with time offsets :math:`o_1 < \dots < o_K`:
+
+.. math::
+
+   y(t) = W\,[x(t + o_1); \dots; x(t + o_K)] + b, \qquad W \in \mathbb{R}^{out \times K\,in}
+
+(column blocks of W in the order of the offsets).  Every layer is computed only where its
+whole input window exists ("valid" convolution), so a stack of layers with total context
+(l, r) maps T input frames to T - l - r output frames, as nnet3 does when the egs carry
+exactly the model context.
+
+Factorized layer (TDNN-F, Povey et al., Interspeech 2018) with time stride s:
+
+.. math::
+
+   h = W_1 [x(t-s); x(t)], \quad
+   y = \mathrm{BN}(\mathrm{ReLU}(W_2 [h(t); h(t+s)] + b_2)) + \beta\, x(t),
+
+with :math:`W_1` (no bias) kept semi-orthogonal (:func:`constrain_orthonormal_`),
+bypass scale :math:`\beta` = 0.66.  Stride 0 means the single offset 0 in both halves.
+
+Batch normalization (Kaldi's ``BatchNormComponent``; no learned scale or offset):
+
+.. math::
+
+   y = \rho\,(x - \mu) / \sqrt{\sigma^2 + \epsilon}, \qquad \epsilon = 10^{-3},
+
+with :math:`\mu, \sigma^2` of the minibatch in training (biased variance, derivatives through
+both), and of the accumulated statistics in evaluation mode.  The statistics are sums
+(count, sum, sum of squares) that :func:`scale_batchnorm_stats` scales down by 0.8 after
+every minibatch, as ``nnet3-chain-train`` does.
+
+Frame subsampling: with ``frame_subsampling_factor`` f = 3, the output is computed only for
+input frames l, l + 3, l + 6, ...  The model keeps full frame rate up to the last layer whose
+offsets are not all multiples of f, then takes every f-th frame and divides the remaining
+offsets by f.  This evaluates exactly the frames Kaldi evaluates.  Input ``[B][T_in][F]``
+gives output ``[B][T_out][P]`` with ``T_out = (T_in - l - r - 1) // f + 1`` and output frame
+j depends on input frames ``j f .. j f + l + r``.
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pkwrap.nn.natural import NaturalAffine, natural_gradient_modules
+
+__all__ = ["KaldiBatchNorm", "TDNN", "TDNNF", "PrefinalLayer", "TDNNFModel",
+           "constrain_orthonormal_", "constrain_orthonormal", "scale_batchnorm_stats",
+           "compute_idct_matrix", "delta_features", "splice"]
+
+
+def compute_idct_matrix(dim: int, cepstral_lifter: float = 22.0) -> torch.Tensor:
+    """The inverse DCT with liftering of Kaldi's ``idct-layer`` (MFCC -> log-mel-like).
+
+    ``M[n][k] = c_k cos(pi/dim (n + 1/2) k) / lifter_k`` with ``c_0 = sqrt(1/dim)``,
+    ``c_k = sqrt(2/dim)``, ``lifter_k = 1 + L/2 sin(pi k / L)``.
+
+    Returns:
+      A float32 ``[dim][dim]`` matrix; the layer computes ``y = M x``.
+    """
+    n = torch.arange(dim, dtype=torch.float64)[:, None]
+    k = torch.arange(dim, dtype=torch.float64)[None, :]
+    m = math.sqrt(2.0 / dim) * torch.cos(math.pi / dim * (n + 0.5) * k)
+    m[:, 0] = math.sqrt(1.0 / dim)
+    if cepstral_lifter != 0:
+        lifter = 1.0 + 0.5 * cepstral_lifter * torch.sin(math.pi * k / cepstral_lifter)
+        m = m / lifter
+    return m.float()
+
+
+def splice(x: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
+    """Append frames at the given (sorted, non-empty) offsets, valid frames only.
+
+    Args:
+      x:
+        ``[B][T][F]``.
+      offsets:
+        Time offsets in frames of ``x``.
+    Returns:
+      ``[B][T - (max - min)][K F]``; output frame j is centred on input frame j - min(offsets).
+    """
+    lo, hi = offsets[0], offsets[-1]
+    T_out = x.shape[1] - (hi - lo)
+    if T_out <= 0:
+        raise ValueError(f"splice: {x.shape[1]} frames are too few for offsets {list(offsets)}")
+    if len(offsets) == 1:
+        return x
+    return torch.cat([x[:, o - lo:o - lo + T_out] for o in offsets], dim=-1)
+
+
+def delta_features(x: torch.Tensor) -> torch.Tensor:
+    """Kaldi's ``delta-layer``: ``[x(t), x(t+1) - x(t-1), x(t-2) + x(t+2) - 2 x(t)]``.
+
+    Args:
+      x: ``[B][T][F]``.
+    Returns:
+      ``[B][T - 4][3 F]`` (2 frames of context on each side).
+    """
+    T = x.shape[1]
+    if T < 5:
+        raise ValueError(f"delta_features: need at least 5 frames, got {T}")
+    c = x[:, 2:T - 2]
+    d1 = x[:, 3:T - 1] - x[:, 1:T - 3]
+    d2 = x[:, 0:T - 4] + x[:, 4:T] - 2.0 * c
+    return torch.cat([c, d1, d2], dim=-1)
+
+
+@torch.no_grad()
+def constrain_orthonormal_(M: torch.Tensor, scale: float = -1.0) -> bool:
+    r"""One step of Kaldi's ``ConstrainOrthonormalInternal`` on a weight matrix, in place.
+
+    With P = M M^T (M transposed first if it has more rows than columns), the step
+    :math:`M \leftarrow M - 4\nu/\alpha^2 (P - \alpha^2 I) M` moves M towards
+    :math:`M M^T = \alpha^2 I` (update speed :math:`\nu` = 1/8).  ``scale`` > 0 fixes
+    :math:`\alpha`; ``scale`` < 0 lets it float: :math:`\alpha^2 = \mathrm{tr}(P^2)/\mathrm{tr}(P)`, and
+    :math:`\nu` is halved when :math:`\mathrm{tr}(P^2) R / \mathrm{tr}(P)^2 > 1.02` and halved again above 1.1.
+
+    Args:
+      M:
+        A 2-D weight (a ``[out][in][k]`` convolution weight is viewed as ``[out][in k]``).
+      scale:
+        Kaldi's orthonormal-constraint value (non-zero).
+    Returns:
+      False if the matrix was (almost) zero and left alone, True otherwise.
+    """
+    if scale == 0.0:
+        raise ValueError("constrain_orthonormal_: scale must be non-zero")
+    W = M.reshape(M.shape[0], -1)
+    transpose = W.shape[0] > W.shape[1]
+    A = W.t() if transpose else W
+    P = A @ A.t()
+    update_speed = 0.125
+    if scale < 0.0:
+        trace_P = float(torch.trace(P))
+        trace_P_P = float((P * P).sum())
+        if trace_P < 1.0e-15:
+            return False
+        scale = math.sqrt(trace_P_P / trace_P)
+        ratio = trace_P_P * P.shape[0] / (trace_P * trace_P)
+        if ratio > 1.02:
+            update_speed *= 0.5
+            if ratio > 1.1:
+                update_speed *= 0.5
+    P.diagonal().sub_(scale * scale)
+    alpha = update_speed / (scale * scale)
+    A.add_(P @ A, alpha=-4.0 * alpha)  # A is a view of M: updates M in place
+    return True
+
+
+def constrain_orthonormal(model: nn.Module, every: int = 4, step: Optional[int] = None) -> int:
+    """Apply :func:`constrain_orthonormal_` to every layer of ``model`` whose
+    ``orthonormal_constraint`` is non-zero, on one call in ``every`` (Kaldi draws 1 in 4 at
+    random per layer; this is deterministic so that DDP ranks stay identical).
+
+    Args:
+      model: the model.
+      every: apply on calls where ``step % every == 0``.
+      step: the step number; default: an internal counter of this model's calls.
+    Returns:
+      Number of layers constrained.
+    """
+    if step is None:
+        step = getattr(model, "_pkwrap_orth_calls", 0)
+        model._pkwrap_orth_calls = step + 1
+    if step % every != 0:
+        return 0
+    n = 0
+    for m in model.modules():
+        c = getattr(m, "orthonormal_constraint", 0.0)
+        if c != 0.0 and isinstance(getattr(m, "weight", None), torch.Tensor):
+            n += bool(constrain_orthonormal_(m.weight.data, c))
+    return n
+
+
+def scale_batchnorm_stats(model: nn.Module, scale: float = 0.8) -> None:
+    """Scale the statistics of every KaldiBatchNorm of ``model`` (nnet3-chain-train does this
+    with 0.8 after every minibatch, so test-mode statistics stay recent)."""
+    for m in model.modules():
+        if isinstance(m, KaldiBatchNorm):
+            m.scale_stats(scale)
+
+
+class KaldiBatchNorm(nn.Module):
+    """Kaldi's BatchNormComponent: normalization without affine, with target RMS.
+
+    Args:
+      dim:
+        Feature dimension (the last axis of the input).
+      target_rms:
+        Output RMS (Kaldi's target-rms, default 1).
+      epsilon:
+        Added to the variance (Kaldi: 0.001).
+
+    Buffers ``stats_count`` (scalar), ``stats_sum`` ``[dim]``, ``stats_sumsq`` ``[dim]`` (float64)
+    accumulate the training-mode inputs; evaluation mode normalizes with their mean and variance.
+    """
+
+    def __init__(self, dim: int, target_rms: float = 1.0, epsilon: float = 1e-3):
+        super().__init__()
+        if dim <= 0 or target_rms <= 0 or epsilon <= 0:
+            raise ValueError(f"KaldiBatchNorm: bad dim={dim}, target_rms={target_rms}, epsilon={epsilon}")
+        self.dim = dim
+        self.target_rms = float(target_rms)
+        self.epsilon = float(epsilon)
+        self.register_buffer("stats_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("stats_sum", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("stats_sumsq", torch.zeros(dim, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"KaldiBatchNorm: expected last dim {self.dim}, got {tuple(x.shape)}")
+        rows = x.reshape(-1, self.dim)
+        if self.training:
+            with torch.no_grad():
+                r = rows.detach().double()
+                self.stats_count += r.shape[0]
+                self.stats_sum += r.sum(0)
+                self.stats_sumsq += (r * r).sum(0)
+            y = F.batch_norm(rows, None, None, training=True, eps=self.epsilon)
+            if self.target_rms != 1.0:
+                y = y * self.target_rms
+            return y.reshape(x.shape)
+        if float(self.stats_count) <= 0:
+            raise RuntimeError("KaldiBatchNorm: evaluation mode needs statistics; "
+                               "run the model in training mode first")
+        mean = self.stats_sum / self.stats_count
+        var = (self.stats_sumsq / self.stats_count - mean * mean).clamp(min=0.0)
+        scale = self.target_rms * (var + self.epsilon).rsqrt()
+        return ((rows - mean.to(x.dtype)) * scale.to(x.dtype)).reshape(x.shape)
+
+    def scale_stats(self, scale: float) -> None:
+        """Multiply the accumulated statistics by ``scale`` (0 resets them)."""
+        self.stats_count *= scale
+        self.stats_sum *= scale
+        self.stats_sumsq *= scale
+
+    def set_stats(self, count: float, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Set the statistics from a mean and variance (e.g. a Kaldi model's StatsMean/StatsVar)."""
+        mean = torch.as_tensor(mean, dtype=torch.float64)
+        var = torch.as_tensor(var, dtype=torch.float64)
+        self.stats_count.fill_(float(count))
+        self.stats_sum.copy_(mean * count)
+        self.stats_sumsq.copy_((var + mean * mean) * count)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, target_rms={self.target_rms}, epsilon={self.epsilon}"
+
+
+class TDNN(NaturalAffine):
+    """Kaldi's TdnnComponent: an affine map of frames spliced at fixed time offsets.
+
+    Args:
+      in_dim:
+        Input dimension per frame.
+      out_dim:
+        Output dimension.
+      time_offsets:
+        Sorted offsets in input frames, e.g. ``(-1, 0)``; the weight is
+        ``[out_dim][len(time_offsets) * in_dim]``.
+      bias:
+        Whether there is a bias (Kaldi's use-bias).
+      **kwargs:
+        Natural-gradient and update settings of :class:`NaturalAffine` (rank_in defaults to
+        ``min(20, (len(offsets) * in_dim + 1) // 2)`` as in Kaldi).
+
+    ``forward(x, rate=1)``: x ``[B][T][in_dim]`` -> ``[B][T - span / rate][out_dim]``, where
+    ``rate`` is the frame subsampling already applied to x (offsets must be multiples of it).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, time_offsets: Sequence[int] = (0,),
+                 bias: bool = True, **kwargs):
+        offs = [int(o) for o in time_offsets]
+        if not offs or sorted(set(offs)) != offs:
+            raise ValueError(f"TDNN: time_offsets must be sorted and distinct, got {time_offsets}")
+        self.in_dim = in_dim
+        self.time_offsets = tuple(offs)
+        super().__init__(in_dim * len(offs), out_dim, bias=bias, **kwargs)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_(0.0, self.in_features ** -0.5)
+            if self.bias is not None:
+                self.bias.normal_(0.0, 1.0)
+
+    @property
+    def context(self) -> Tuple[int, int]:
+        return -self.time_offsets[0], self.time_offsets[-1]
+
+    def forward(self, x: torch.Tensor, rate: int = 1) -> torch.Tensor:
+        offs = self.time_offsets
+        if any(o % rate for o in offs):
+            raise ValueError(f"TDNN: offsets {offs} are not multiples of the frame rate {rate}")
+        return super().forward(splice(x, [o // rate for o in offs]))
+
+    def extra_repr(self) -> str:
+        return f"time_offsets={self.time_offsets}, " + super().extra_repr()
+
+
+class TDNNF(nn.Module):
+    """One factorized TDNN layer (Kaldi's ``tdnnf-layer``).
+
+    Args:
+      dim:
+        Input and output dimension.
+      bottleneck_dim:
+        Dimension of the semi-orthogonal linear bottleneck.
+      time_stride:
+        s: offsets (-s, 0) for ``linear`` and (0, s) for ``affine``; 0 gives (0,) and (0,).
+      bypass_scale:
+        Scale of the residual input (0.66 in tdnn_1j).
+      l2_regularize:
+        Kaldi's l2-regularize of both halves.
+      max_change:
+        Per-component max-change of both halves.
+
+    Submodules: ``linear`` (TDNN, no bias, orthonormal_constraint -1), ``affine`` (TDNN),
+    ``batchnorm`` (KaldiBatchNorm).
+    """
+
+    def __init__(self, dim: int, bottleneck_dim: int, time_stride: int = 1,
+                 bypass_scale: float = 0.66, l2_regularize: float = 0.0, max_change: float = 0.75):
+        super().__init__()
+        s = int(time_stride)
+        if s < 0:
+            raise ValueError(f"TDNNF: time_stride must be >= 0, got {time_stride}")
+        self.time_stride = s
+        self.bypass_scale = float(bypass_scale)
+        self.linear = TDNN(dim, bottleneck_dim, (-s, 0) if s else (0,), bias=False,
+                           orthonormal_constraint=-1.0, l2_regularize=l2_regularize,
+                           max_change=max_change)
+        self.affine = TDNN(bottleneck_dim, dim, (0, s) if s else (0,),
+                           l2_regularize=l2_regularize, max_change=max_change)
+        self.batchnorm = KaldiBatchNorm(dim)
+
+    @property
+    def context(self) -> Tuple[int, int]:
+        return self.time_stride, self.time_stride
+
+    def forward(self, x: torch.Tensor, rate: int = 1) -> torch.Tensor:
+        y = self.batchnorm(torch.relu(self.affine(self.linear(x, rate), rate)))
+        c = self.time_stride // rate
+        if self.time_stride % rate:
+            raise ValueError(f"TDNNF: stride {self.time_stride} is not a multiple of rate {rate}")
+        if self.bypass_scale != 0.0:
+            y = y + self.bypass_scale * x[:, c:x.shape[1] - c]
+        return y
+
+
+class PrefinalLayer(nn.Module):
+    """Kaldi's ``prefinal-layer``: affine -> ReLU -> batchnorm1 -> linear (semi-orthogonal) -> batchnorm2.
+
+    Args:
+      in_dim: input dimension (small-dim of the previous linear layer).
+      big_dim: dimension after the affine layer.
+      small_dim: output dimension.
+      l2_regularize, max_change: per-component settings of both linear maps.
+    """
+
+    def __init__(self, in_dim: int, big_dim: int, small_dim: int, l2_regularize: float = 0.0,
+                 max_change: float = 0.75):
+        super().__init__()
+        self.affine = NaturalAffine(in_dim, big_dim, l2_regularize=l2_regularize,
+                                    max_change=max_change)
+        self.batchnorm1 = KaldiBatchNorm(big_dim)
+        self.linear = NaturalAffine(big_dim, small_dim, bias=False, orthonormal_constraint=-1.0,
+                                    l2_regularize=l2_regularize, max_change=max_change)
+        self.batchnorm2 = KaldiBatchNorm(small_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.batchnorm2(self.linear(self.batchnorm1(torch.relu(self.affine(x)))))
+
+
+class TDNNFModel(nn.Module):
+    """A TDNN-F chain model like Kaldi's mini_librispeech ``tdnn_1j`` (without i-vectors).
+
+    input -> [idct] -> batchnorm0 -> [delta (+-2 frames) -> batchnorm] -> tdnn1 (affine, ReLU,
+    batchnorm) -> ``num_tdnnf`` TDNN-F layers -> prefinal_l (semi-orthogonal linear) -> two heads:
+    prefinal_chain -> output (chain, no softmax) and prefinal_xent -> output_xent -> log-softmax.
+
+    Args:
+      num_pdfs:
+        Output dimension P (number of pdf-ids).
+      feat_dim:
+        Input feature dimension F (40 MFCCs in 1j).
+      tdnn_dim:
+        Output dimension of tdnn1.
+      tdnnf_dim:
+        Dimension of the TDNN-F layers.
+      bottleneck_dim:
+        Bottleneck of the TDNN-F layers.
+      time_strides:
+        One time stride per TDNN-F layer (1j: 1,1,1,0,3,3,3,3,3,3,3,3); its length is the
+        number of TDNN-F layers.
+      prefinal_dim:
+        small-dim of prefinal_l and the prefinal layers (1j: 192).
+      prefinal_big_dim:
+        big-dim of the prefinal layers (1j: 768).
+      bypass_scale:
+        TDNN-F bypass scale (0.66).
+      frame_subsampling_factor:
+        Output frame rate divisor f (3 for chain models).
+      use_idct:
+        Start with Kaldi's fixed idct-layer (lifter 22); needs MFCC input.
+      use_delta:
+        Append delta and delta-delta features (Kaldi's delta-layer) after batchnorm0.
+      l2_regularize:
+        Per-layer l2 of the hidden layers (0.03 in 1j); output layers get half of it.
+      xent_head:
+        Build the xent head (``prefinal_xent``, ``output_xent``, learning-rate factor 5).
+
+    Attributes ``left_context``, ``right_context`` (input frames needed on each side) and
+    ``frame_subsampling_factor``.  ``forward(x)`` with x ``[B][T_in][F]`` returns
+    ``(chain [B][T_out][P], xent log-softmax [B][T_out][P] or None)``; see the module docstring
+    for T_out.
+    """
+
+    def __init__(self, num_pdfs: int, feat_dim: int = 40, tdnn_dim: int = 768,
+                 tdnnf_dim: int = 768, bottleneck_dim: int = 96,
+                 time_strides: Sequence[int] = (1, 1, 1, 0, 3, 3, 3, 3, 3, 3, 3, 3),
+                 prefinal_dim: int = 192, prefinal_big_dim: int = 768,
+                 bypass_scale: float = 0.66, frame_subsampling_factor: int = 3,
+                 use_idct: bool = True, use_delta: bool = True, l2_regularize: float = 0.03,
+                 xent_head: bool = True):
+        super().__init__()
+        if num_pdfs <= 0 or feat_dim <= 0:
+            raise ValueError(f"TDNNFModel: bad num_pdfs={num_pdfs} or feat_dim={feat_dim}")
+        if frame_subsampling_factor < 1:
+            raise ValueError("TDNNFModel: frame_subsampling_factor must be >= 1")
+        self.num_pdfs = num_pdfs
+        self.feat_dim = feat_dim
+        self.frame_subsampling_factor = int(frame_subsampling_factor)
+        self.use_idct = use_idct
+        self.use_delta = use_delta
+        if use_idct:
+            self.register_buffer("idct", compute_idct_matrix(feat_dim, 22.0))
+        self.batchnorm0 = KaldiBatchNorm(feat_dim)
+        in_dim = feat_dim
+        if use_delta:
+            in_dim = 3 * feat_dim
+            self.delta_batchnorm = KaldiBatchNorm(in_dim)
+        self.tdnn1 = NaturalAffine(in_dim, tdnn_dim, l2_regularize=l2_regularize)
+        self.tdnn1_batchnorm = KaldiBatchNorm(tdnn_dim)
+        if tdnn_dim != tdnnf_dim and len(time_strides) > 0 and bypass_scale != 0:
+            raise ValueError("TDNNFModel: tdnn_dim must equal tdnnf_dim when there is a bypass")
+        self.tdnnfs = nn.ModuleList(
+            TDNNF(tdnnf_dim, bottleneck_dim, s, bypass_scale, l2_regularize)
+            for s in time_strides)
+        last_dim = tdnnf_dim if len(time_strides) else tdnn_dim
+        self.prefinal_l = NaturalAffine(last_dim, prefinal_dim, bias=False,
+                                        orthonormal_constraint=-1.0, l2_regularize=l2_regularize)
+        self.prefinal_chain = PrefinalLayer(prefinal_dim, prefinal_big_dim, prefinal_dim,
+                                            l2_regularize)
+        self.output = NaturalAffine(prefinal_dim, num_pdfs, max_change=1.5,
+                                    l2_regularize=l2_regularize / 2)
+        self.xent_head = xent_head
+        if xent_head:
+            self.prefinal_xent = PrefinalLayer(prefinal_dim, prefinal_big_dim, prefinal_dim,
+                                               l2_regularize)
+            self.output_xent = NaturalAffine(prefinal_dim, num_pdfs, max_change=1.5,
+                                             l2_regularize=l2_regularize / 2,
+                                             learning_rate_factor=5.0)
+        with torch.no_grad():  # Kaldi: param-stddev=0 bias-stddev=0 for output layers
+            for m in [self.output] + ([self.output_xent] if xent_head else []):
+                m.weight.zero_()
+                m.bias.zero_()
+        f = self.frame_subsampling_factor
+        strides = [int(s) for s in time_strides]
+        # Subsample after the last layer with a stride that is not a multiple of f.
+        last_fine = max([i for i, s in enumerate(strides) if s % f] or [-1])
+        self._subsample_before = last_fine + 1  # index of the first TDNN-F layer at rate f
+        self.left_context = (2 if use_delta else 0) + sum(strides)
+        self.right_context = self.left_context
+
+    @classmethod
+    def tdnn_1j(cls, num_pdfs: int, feat_dim: int = 40) -> "TDNNFModel":
+        """Kaldi's mini_librispeech tdnn_1j network without i-vectors (5,024,134 parameters
+        for 2051 pdfs, context 29/29)."""
+        return cls(num_pdfs, feat_dim=feat_dim)
+
+    def num_output_frames(self, num_input_frames: int) -> int:
+        """T_out for an input of ``num_input_frames`` frames."""
+        n = num_input_frames - self.left_context - self.right_context
+        if n <= 0:
+            return 0
+        return (n - 1) // self.frame_subsampling_factor + 1
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if x.dim() != 3 or x.shape[-1] != self.feat_dim:
+            raise ValueError(f"TDNNFModel: expected input [B][T][{self.feat_dim}], got {tuple(x.shape)}")
+        if x.shape[1] <= self.left_context + self.right_context:
+            raise ValueError(f"TDNNFModel: {x.shape[1]} input frames, need more than "
+                             f"{self.left_context + self.right_context} (left + right context)")
+        if self.use_idct:
+            x = x @ self.idct.t()
+        x = self.batchnorm0(x)
+        if self.use_delta:
+            x = self.delta_batchnorm(delta_features(x))
+        x = self.tdnn1_batchnorm(torch.relu(self.tdnn1(x)))
+        f = self.frame_subsampling_factor
+        # frame index (in input frames, relative to the first output frame) of position 0
+        first = -(self.left_context - (2 if self.use_delta else 0))
+        rate = 1
+        for i, layer in enumerate(self.tdnnfs):
+            if i == self._subsample_before and f > 1:
+                x, first = self._subsample(x, first, f)
+                rate = f
+            x = layer(x, rate)
+            first += layer.time_stride // rate
+        if rate == 1 and f > 1:
+            x, first = self._subsample(x, first, f)
+        x = self.prefinal_l(x)
+        chain = self.output(self.prefinal_chain(x))
+        xent = None
+        if self.xent_head:
+            xent = F.log_softmax(self.output_xent(self.prefinal_xent(x)), dim=-1)
+        return chain, xent
+
+    @staticmethod
+    def _subsample(x: torch.Tensor, first: int, f: int) -> Tuple[torch.Tensor, int]:
+        j0 = (-first) % f
+        return x[:, j0::f], (first + j0) // f
