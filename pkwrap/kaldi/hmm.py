@@ -793,6 +793,10 @@ class HmmTopology:
                     seen.add(dst)
                 if j + 1 < n and not st.transitions:
                     bad("entry %d state %d: non-final state without transitions" % (i, j))
+            has_in = {dst for st in entry for dst, _ in st.transitions}
+            for j in range(1, n):
+                if j not in has_in:
+                    bad("entry %d state %d has no input transitions" % (i, j))
             if not classes or min(classes) != 0 or max(classes) != len(classes) - 1:
                 bad("entry %d: pdf-classes must be contiguous from 0" % i)
         for p in self.phones:
