@@ -1,0 +1,191 @@
+"""Denominator log-probability of LF-MMI with its leaky-HMM forward-backward.
+
+For sequence s with output x[s] ``[T][P]``, ``e[t][p] = exp(clamp(x[s][t][p], -30, 30))``,
+initial probabilities pi and leaky coefficient l (Kaldi's DenominatorComputation)::
+
+    alpha(0) = pi
+    c(t)          = sum_i alpha(t)_i
+    alpha'(t)_i   = alpha(t)_i + l * pi_i * c(t)
+    alpha(t+1)_j  = sum_{arcs i->j, pdf p, prob q} alpha'(t)_i * q * e[t][p] / c(t)
+    log p_den(s)  = log(sum_i alpha'(T)_i) + sum_{t<T} log c(t)
+
+and d log p_den / d x[s][t][p] is the occupation posterior gamma[s][t][p] of pdf p
+(each frame sums to one). As in Kaldi the clamp is ignored in the derivative (the
+posterior is returned even where |x| > 30; the out-of-range penalty of
+:class:`pkwrap.chain.ChainLoss` keeps x in range).
+
+Two implementations that agree to float32 rounding:
+
+* ``backend="cpp"``: the C++/OpenMP kernel of ``csrc/chain/denominator.cc`` (CPU tensors).
+* ``backend="torch"``: plain torch gather/index_add ops, one step per frame; any
+  device, used automatically for CUDA tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .den_graph import DenominatorGraph
+
+__all__ = ["denominator_logprob", "denominator_forward_backward", "DenResult"]
+
+
+class DenResult:
+    """What one denominator forward-backward returns.
+
+    Attributes:
+      logprob: float64 tensor ``[S]``, log p_den of each sequence.
+      post: float32 tensor ``[S][T][P]`` (times ``post_scale``), or None if not asked for.
+      ok: Kaldi's check passed: on frame 0, ``sum(alpha' * beta')`` and the sum of
+        the posteriors (both summed over sequences) are within 2 of S, and logprob
+        is finite.
+    """
+
+    __slots__ = ("logprob", "post", "ok")
+
+    def __init__(self, logprob, post, ok):
+        self.logprob = logprob
+        self.post = post
+        self.ok = ok
+
+
+def _pick_backend(x: torch.Tensor, backend: Optional[str]) -> str:
+    if backend is None or backend == "auto":
+        return "torch" if x.device.type != "cpu" else "cpp"
+    if backend not in ("cpp", "torch"):
+        raise ValueError("backend must be 'auto', 'cpp' or 'torch', got %r" % (backend,))
+    if backend == "cpp" and x.device.type != "cpu":
+        raise ValueError("backend 'cpp' needs a CPU tensor, got one on %s" % x.device)
+    return backend
+
+
+def _check_input(den_graph: DenominatorGraph, x: torch.Tensor, leaky: float):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("the network output must be a torch.Tensor, got %s" % type(x).__name__)
+    if x.dim() != 3:
+        raise ValueError("the network output must have shape (num_sequences, frames, num_pdfs); "
+                         "got shape %s" % (tuple(x.shape),))
+    S, T, P = x.shape
+    if P != den_graph.num_pdfs:
+        raise ValueError("the network output has %d pdfs (last dim) but the denominator graph "
+                         "%s has num_pdfs=%d" % (P, den_graph.name, den_graph.num_pdfs))
+    if S == 0 or T == 0:
+        raise ValueError("the network output is empty: shape %s" % (tuple(x.shape),))
+    if not 0.0 < float(leaky) < 1.0:
+        raise ValueError("leaky_hmm_coefficient must be in (0, 1), got %r" % (leaky,))
+
+
+def denominator_forward_backward(den_graph: DenominatorGraph, x: torch.Tensor,
+                                 leaky_hmm_coefficient: float, want_post: bool = True,
+                                 post_scale: float = 1.0, backend: Optional[str] = None,
+                                 num_threads: Optional[int] = None) -> DenResult:
+    """Run the denominator forward (and backward) pass; no autograd.
+
+    Args:
+      den_graph: the denominator graph.
+      x: the chain output ``[S][T][P]`` (batch-first); read as float32.
+      leaky_hmm_coefficient: l in (0, 1).
+      want_post: also run the backward pass and return the posteriors.
+      post_scale: the returned posteriors are multiplied by this.
+      backend: "auto" (C++ on CPU, torch otherwise), "cpp" or "torch".
+      num_threads: threads of the C++ kernel (default ``torch.get_num_threads()``).
+    Returns:
+      A :class:`DenResult` (tensors on x's device).
+    """
+    _check_input(den_graph, x, leaky_hmm_coefficient)
+    backend = _pick_backend(x, backend)
+    x = x.detach()
+    if backend == "torch":
+        return _den_torch(den_graph, x, float(leaky_hmm_coefficient), want_post, post_scale)
+    from .. import _pkwrap
+    xc = x.to(torch.float32).contiguous()
+    post = torch.empty(xc.shape, dtype=torch.float32) if want_post else None
+    nt = torch.get_num_threads() if num_threads is None else int(num_threads)
+    lp, ok, _, _ = _pkwrap.den_forward_backward(
+        den_graph.native(), xc.numpy(), float(leaky_hmm_coefficient),
+        post.numpy() if post is not None else None, float(post_scale), nt)
+    return DenResult(torch.from_numpy(lp), post, bool(ok))
+
+
+def _den_torch(g: DenominatorGraph, x: torch.Tensor, leaky: float, want_post: bool,
+               post_scale: float) -> DenResult:
+    """The same recursion with plain torch ops (see the module docstring)."""
+    S, T, P = x.shape
+    dev = x.device
+    a = g.torch_arrays(dev)
+    src, dst, pdf, prob, init = a["src"], a["dst"], a["pdf"], a["prob"], a["init"]
+    N = g.num_states
+    e = x.to(torch.float32).clamp(-30.0, 30.0).exp()
+    alpha = init.unsqueeze(0).expand(S, N)
+    alphas, escaled = [], []
+    log_scale = torch.zeros(S, dtype=torch.float64, device=dev)
+    for t in range(T):
+        c = alpha.sum(1)
+        alpha = alpha + leaky * init.unsqueeze(0) * c.unsqueeze(1)
+        et = e[:, t, :] / c.unsqueeze(1)
+        log_scale += torch.log(c.to(torch.float64))
+        if want_post:
+            alphas.append(alpha)
+            escaled.append(et)
+        contrib = alpha[:, src] * prob * et[:, pdf]
+        alpha = torch.zeros(S, N, dtype=torch.float32, device=dev).index_add_(1, dst, contrib)
+    c = alpha.sum(1)
+    alpha = alpha + leaky * init.unsqueeze(0) * c.unsqueeze(1)
+    tot = alpha.to(torch.float64).sum(1)
+    logprob = torch.log(tot) + log_scale
+    ok = bool(torch.isfinite(logprob).all())
+    if not want_post:
+        return DenResult(logprob, None, ok)
+    post = torch.empty(S, T, P, dtype=torch.float32, device=dev)
+    beta = (1.0 / tot.to(torch.float32)).unsqueeze(1).expand(S, N)
+    beta = beta + leaky * (beta @ init).unsqueeze(1)
+    ab = ps = None
+    for t in range(T - 1, -1, -1):
+        v = prob * escaled[t][:, pdf] * beta[:, dst]
+        beta_dash = torch.zeros(S, N, dtype=torch.float32, device=dev).index_add_(1, src, v)
+        occ = v * alphas[t][:, src]
+        gam = torch.zeros(S, P, dtype=torch.float32, device=dev).index_add_(1, pdf, occ)
+        post[:, t, :] = gam * post_scale
+        if t == 0:
+            ab = float((alphas[0].to(torch.float64) * beta_dash).sum())
+            ps = float(gam.to(torch.float64).sum())
+        beta = beta_dash + leaky * (beta_dash @ init).unsqueeze(1)
+    ok = ok and abs(ab - S) <= 2.0 and abs(ps - S) <= 2.0
+    return DenResult(logprob, post, ok)
+
+
+class _DenominatorLogprobFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, den_graph, leaky, backend, num_threads):
+        r = denominator_forward_backward(den_graph, x, leaky, want_post=x.requires_grad,
+                                         backend=backend, num_threads=num_threads)
+        ctx.save_for_backward(r.post if r.post is not None else torch.empty(0))
+        return r.logprob.sum().to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (post,) = ctx.saved_tensors
+        return (grad * post).to(grad.dtype), None, None, None, None
+
+
+def denominator_logprob(den_graph: DenominatorGraph, output: torch.Tensor,
+                        leaky_hmm_coefficient: float = 0.1, backend: Optional[str] = None,
+                        num_threads: Optional[int] = None) -> torch.Tensor:
+    """The denominator log-probability summed over sequences, differentiable.
+
+    Equals Kaldi's ``DenominatorComputation::Forward()``; its gradient w.r.t.
+    ``output`` is ``Backward(1.0)``, the occupation posteriors (each frame sums to 1).
+
+    Args:
+      den_graph: the denominator graph.
+      output: the chain output ``[S][T][P]`` (batch-first).
+      leaky_hmm_coefficient: l in (0, 1).
+      backend: "auto" (C++ on CPU, torch otherwise), "cpp" or "torch".
+      num_threads: threads of the C++ kernel (default ``torch.get_num_threads()``).
+    Returns:
+      A scalar tensor (dtype of ``output``): ``sum_s log p_den(s)``.
+    """
+    return _DenominatorLogprobFunction.apply(output, den_graph, float(leaky_hmm_coefficient),
+                                             backend, num_threads)

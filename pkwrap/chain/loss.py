@@ -1,0 +1,311 @@
+"""The LF-MMI ("chain") loss: Kaldi's ComputeChainObjfAndDeriv as a torch module.
+
+For a minibatch of S sequences of T frames with supervision weight w, chain output
+X ``[S][T][P]`` and (optionally) xent output Y ``[S][T][P]``::
+
+    objf      = w * log p_num(X) - w * log p_den(X)      (num_logprob_weighted - den_logprob_weighted)
+    l2_term   = -0.5 * w * l2_regularize * sum(X**2)
+    oor_term  = -0.5 * out_of_range_regularize * sum((|X| - 30)_+ ** 2)
+    xent_objf = sum(Y * w * num_post)                    (num_post: numerator posteriors)
+    weight    = w * S * T
+
+    loss      = -(objf + l2_term + oor_term + xent_regularize * xent_objf)   reduction "sum"
+    loss      = that / weight                                               reduction "mean"
+
+Kaldi's derivative (gradient *ascent*) is
+``nnet_output_deriv = w * num_post - w * den_post - w * l2_regularize * X + penalty``
+and ``xent_output_deriv = w * num_post``; with reduction "sum",
+``d loss / d X = -nnet_output_deriv`` and ``d loss / d Y = -xent_regularize * xent_output_deriv``.
+Like Kaldi, den_post is the denominator occupation posterior even where X is
+clamped to [-30, 30].
+
+Out-of-range penalty. Kaldi adds ``-2 * out_of_range_regularize * (x -+ 30)`` to the
+derivative of elements beyond +-30 on a random half of the minibatches; pkwrap adds
+its expected value ``-out_of_range_regularize * (x -+ 30)`` on every minibatch (the
+gradient of oor_term). It never changes objf, as in Kaldi.
+
+Failure (Kaldi's behaviour). If objf is not finite (NaN/inf in X, no numerator path)
+or the denominator's frame-0 check fails, the derivatives are zeroed, objf is set to
+``-10 * weight``, a warning is logged and ``ChainLoss.num_failed`` is incremented. As
+in Kaldi the l2 term and its derivative are still added afterwards (for e2e
+supervision only when the numerator succeeded), unless they are not finite
+themselves.
+
+Deriv weights. nnet3 training (``NnetChainTrainer::ProcessOutputs``) multiplies the
+rows of nnet_output_deriv and xent_output_deriv by the eg's ``deriv_weights`` after
+the objective is computed; pkwrap does the same: the gradients are multiplied by
+``deriv_weights[s][t]`` while objf, l2_term, xent_objf and the loss value are not.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..kaldi.chain_egs import Supervision
+from .den_graph import DenominatorGraph
+from .denominator import _check_input, _pick_backend, denominator_forward_backward
+from .numerator import check_supervision, numerator_forward_backward
+from .options import ChainOptions
+
+__all__ = ["ChainLoss", "ChainResult", "chain_loss"]
+
+logger = logging.getLogger("pkwrap.chain")
+
+
+@dataclass
+class ChainResult:
+    """What :class:`ChainLoss` returns for one minibatch.
+
+    Attributes:
+      loss: scalar tensor to back-propagate (see the module docstring).
+      objf: Kaldi's objf = num_logprob_weighted - den_logprob_weighted (or -10*weight
+        after a failure). Does not include l2_term.
+      l2_term: -0.5 * w * l2_regularize * sum(X**2).
+      weight: w * S * T; Kaldi prints objf/weight and (objf + l2_term)/weight.
+      num_logprob_weighted: w * log p_num.
+      den_logprob_weighted: w * log p_den (summed over sequences).
+      xent_objf: sum(xent_output * w * num_post); 0.0 without xent_output.
+      out_of_range_term: -0.5 * out_of_range_regularize * sum((|X|-30)_+**2).
+      num_elements_out_of_range: how many elements of X lie outside [-30, 30].
+      ok: False when Kaldi's failure rule applied (derivatives zeroed).
+    """
+
+    loss: torch.Tensor
+    objf: float
+    l2_term: float
+    weight: float
+    num_logprob_weighted: float
+    den_logprob_weighted: float
+    xent_objf: float = 0.0
+    out_of_range_term: float = 0.0
+    num_elements_out_of_range: int = 0
+    ok: bool = True
+
+    @property
+    def objf_per_frame(self) -> float:
+        return self.objf / self.weight
+
+    @property
+    def objf_plus_l2_per_frame(self) -> float:
+        return (self.objf + self.l2_term) / self.weight
+
+    @property
+    def xent_per_frame(self) -> float:
+        return self.xent_objf / self.weight
+
+
+class _PrecomputedGradFunction(torch.autograd.Function):
+    """loss = value; d loss / d output = g_out; d loss / d xent = g_xent (computed in forward)."""
+
+    @staticmethod
+    def forward(ctx, value, output, xent_output, g_out, g_xent):
+        ctx.save_for_backward(g_out, g_xent)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_out, g_xent = ctx.saved_tensors
+        go = (grad * g_out).to(grad.dtype) if ctx.needs_input_grad[1] else None
+        gx = (grad * g_xent).to(grad.dtype) if ctx.needs_input_grad[2] else None
+        return None, go, gx, None, None
+
+
+def _deriv_weights_bf(deriv_weights, S: int, T: int, device) -> torch.Tensor:
+    dw = torch.as_tensor(np.asarray(deriv_weights) if not isinstance(deriv_weights, torch.Tensor)
+                         else deriv_weights).to(device=device, dtype=torch.float32)
+    if dw.dim() == 2 and tuple(dw.shape) == (S, T):
+        return dw
+    if dw.dim() == 1 and dw.numel() == S * T:
+        # Kaldi's order (NnetChainSupervision::deriv_weights): row t*S + s.
+        return dw.reshape(T, S).t()
+    raise ValueError("deriv_weights must have shape (S, T) = (%d, %d), or be Kaldi's t-major "
+                     "vector of length S*T = %d; got shape %s" % (S, T, S * T, tuple(dw.shape)))
+
+
+def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: Supervision,
+               options: Optional[ChainOptions] = None, xent_output: Optional[torch.Tensor] = None,
+               deriv_weights=None, reduction: str = "sum", backend: Optional[str] = None,
+               num_threads: Optional[int] = None, _stats: Optional[dict] = None) -> ChainResult:
+    """Kaldi's chain objective and its derivatives for one minibatch (functional form).
+
+    Args:
+      den_graph: the denominator graph (its num_pdfs must equal P).
+      output: chain output ``[S][T][P]`` (batch-first; row (s, t) is Kaldi's row t*S+s).
+      supervision: a :class:`pkwrap.kaldi.chain_egs.Supervision` for S x T frames.
+      options: a :class:`ChainOptions` (default ChainOptions()).
+      xent_output: optional 'output-xent' log-softmax ``[S][T][P]``.
+      deriv_weights: optional ``[S][T]`` (or Kaldi's t-major vector of S*T) frame
+        weights applied to the gradients only (see the module docstring).
+      reduction: "sum" (Kaldi's totals) or "mean" (divided by weight).
+      backend: "auto" (C++ kernels for CPU tensors, plain torch ops otherwise),
+        "cpp" or "torch".
+      num_threads: threads of the C++ denominator (default torch.get_num_threads()).
+    Returns:
+      A :class:`ChainResult`.
+    """
+    opts = options if options is not None else ChainOptions()
+    if reduction not in ("sum", "mean"):
+        raise ValueError("reduction must be 'sum' or 'mean', got %r" % (reduction,))
+    _check_input(den_graph, output, opts.leaky_hmm_coefficient)
+    S, T, P = output.shape
+    check_supervision(supervision, S, T, P)
+    if xent_output is not None and tuple(xent_output.shape) != (S, T, P):
+        raise ValueError("xent_output has shape %s but output has shape %s"
+                         % (tuple(xent_output.shape), (S, T, P)))
+    backend = _pick_backend(output, backend)
+    dev = output.device
+    w = float(supervision.weight)
+    weight = w * S * T
+    x = output.detach()
+    need_grad = torch.is_grad_enabled() and (
+        output.requires_grad or (xent_output is not None and xent_output.requires_grad))
+
+    den = denominator_forward_backward(den_graph, x, opts.leaky_hmm_coefficient,
+                                       want_post=need_grad, post_scale=-w, backend=backend,
+                                       num_threads=num_threads)
+    den_lp_w = w * float(den.logprob.sum())
+    grad = den.post  # -w * den_post, or None
+    xent_d = None
+    if xent_output is not None:
+        xent_d = torch.zeros(S, T, P, dtype=torch.float32, device=dev)
+        num_lp_w, num_ok = numerator_forward_backward(supervision, x, xent_d, backend=backend)
+        if grad is not None and num_ok:
+            grad += xent_d
+    else:
+        num_lp_w, num_ok = numerator_forward_backward(supervision, x, grad, backend=backend)
+
+    xf = x.to(torch.float32)
+    over = xf - xf.clamp(-30.0, 30.0)
+    n_oor = int((over != 0).sum())
+    oor_term = 0.0
+    if n_oor and opts.out_of_range_regularize > 0:
+        oor_term = -0.5 * opts.out_of_range_regularize * float((over.double() ** 2).sum())
+        if grad is not None:
+            grad.add_(over, alpha=-opts.out_of_range_regularize)
+
+    objf = num_lp_w - den_lp_w
+    ok = bool(np.isfinite(objf)) and den.ok and num_ok
+    if not ok:
+        logger.warning("Objective function is %s and denominator computation returned %s and "
+                       "numerator computation returned %s, setting objective function to -10 "
+                       "per frame and zeroing the derivative.", objf, den.ok, num_ok)
+        if grad is not None:
+            grad.zero_()
+        if xent_d is not None:
+            xent_d.zero_()
+        objf = -10.0 * weight
+        oor_term = 0.0
+        if _stats is not None:
+            _stats["num_failed"] = _stats.get("num_failed", 0) + 1
+
+    l2_term = 0.0
+    if opts.l2_regularize != 0.0 and (num_ok or not supervision.e2e):
+        scale = w * opts.l2_regularize
+        l2 = -0.5 * scale * float((x.double() ** 2).sum())
+        if np.isfinite(l2):
+            l2_term = l2
+            if grad is not None:
+                grad.add_(xf, alpha=-scale)
+
+    xent_objf = 0.0
+    if xent_output is not None:
+        xent_objf = float((xent_output.detach().double() * xent_d.double()).sum())
+        if not np.isfinite(xent_objf):
+            xent_objf = 0.0 if not ok else xent_objf
+
+    if deriv_weights is not None:
+        dw = _deriv_weights_bf(deriv_weights, S, T, dev).unsqueeze(-1)
+        if grad is not None:
+            grad.mul_(dw)
+        if xent_d is not None:
+            xent_d.mul_(dw)
+
+    total = objf + l2_term + oor_term + opts.xent_regularize * xent_objf
+    norm = weight if reduction == "mean" else 1.0
+    value = torch.tensor(-total / norm, dtype=output.dtype if output.is_floating_point()
+                         else torch.float32, device=dev)
+    if need_grad:
+        g_out = (grad.neg_().div_(norm)).to(output.dtype)
+        if xent_d is not None:
+            g_xent = (xent_d * (-opts.xent_regularize / norm)).to(xent_output.dtype)
+        else:
+            g_xent = torch.empty(0, device=dev)
+        loss = _PrecomputedGradFunction.apply(value, output, xent_output, g_out, g_xent)
+    else:
+        loss = value
+    return ChainResult(loss=loss, objf=objf, l2_term=l2_term, weight=weight,
+                       num_logprob_weighted=num_lp_w, den_logprob_weighted=den_lp_w,
+                       xent_objf=xent_objf, out_of_range_term=oor_term,
+                       num_elements_out_of_range=n_oor, ok=ok)
+
+
+class ChainLoss(nn.Module):
+    """LF-MMI loss module: Kaldi's chain objective with torch autograd.
+
+    Args:
+      den_graph: a :class:`DenominatorGraph` (e.g. ``DenominatorGraph.from_fst("den.fst", P)``).
+      options: a :class:`ChainOptions` (default ChainOptions()).
+      reduction: "sum" (Kaldi's totals; gradients equal Kaldi's derivatives negated)
+        or "mean" (everything divided by ``weight = w * S * T``).
+      backend: "auto" (C++ kernels for CPU tensors, plain torch ops for CUDA),
+        "cpp" or "torch".
+      num_threads: threads of the C++ denominator (default torch.get_num_threads()).
+
+    Attributes:
+      num_failed: minibatches on which Kaldi's failure rule applied (zero derivative,
+        objf = -10 per frame); a trainer logs it.
+      num_minibatches: minibatches seen by forward().
+
+    Example::
+
+        den = DenominatorGraph.from_fst("exp/chain/tdnn/den.fst", num_pdfs)
+        criterion = ChainLoss(den, ChainOptions(l2_regularize=5e-5, xent_regularize=0.1))
+        res = criterion(chain_out, eg.supervision, xent_out)   # (S, T, P) each
+        res.loss.backward()
+        print(res.objf / res.weight)
+    """
+
+    def __init__(self, den_graph: DenominatorGraph, options: Optional[ChainOptions] = None,
+                 reduction: str = "sum", backend: Optional[str] = None,
+                 num_threads: Optional[int] = None):
+        super().__init__()
+        if not isinstance(den_graph, DenominatorGraph):
+            raise TypeError("den_graph must be a DenominatorGraph, got %s" % type(den_graph).__name__)
+        if reduction not in ("sum", "mean"):
+            raise ValueError("reduction must be 'sum' or 'mean', got %r" % (reduction,))
+        if backend not in (None, "auto", "cpp", "torch"):
+            raise ValueError("backend must be 'auto', 'cpp' or 'torch', got %r" % (backend,))
+        self.den_graph = den_graph
+        self.options = options if options is not None else ChainOptions()
+        self.reduction = reduction
+        self.backend = backend
+        self.num_threads = num_threads
+        self.num_failed = 0
+        self.num_minibatches = 0
+
+    def forward(self, output: torch.Tensor, supervision: Supervision,
+                xent_output: Optional[torch.Tensor] = None, deriv_weights=None) -> ChainResult:
+        """Compute the chain objective of one minibatch.
+
+        Args:
+          output: chain output ``[S][T][P]`` (batch-first).
+          supervision: the minibatch's Supervision (S sequences of T frames).
+          xent_output: optional 'output-xent' log-softmax ``[S][T][P]``.
+          deriv_weights: optional ``[S][T]`` gradient weights (or Kaldi's t-major vector).
+        Returns:
+          A :class:`ChainResult`; back-propagate ``result.loss``.
+        """
+        stats = {}
+        res = chain_loss(self.den_graph, output, supervision, self.options, xent_output,
+                         deriv_weights, self.reduction, self.backend, self.num_threads, stats)
+        self.num_minibatches += 1
+        self.num_failed += stats.get("num_failed", 0)
+        return res
+
+    def extra_repr(self) -> str:
+        return "%r, %r, reduction=%r" % (self.den_graph, self.options, self.reduction)
