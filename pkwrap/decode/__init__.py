@@ -15,10 +15,13 @@ Typical use (a digits recipe)::
     print(compute_wer(refs, hyp))
 """
 from .decoder import (DecodeError, DecodeResult, decode, decode_utterances,  # noqa: F401
-                      lattice_to_text, read_loglikes, write_lattice_ark, write_loglikes_ark)
+                      lattice_to_text, open_wspecifier, read_loglikes, write_int_vectors,
+                      write_lattice_ark, write_loglikes_ark)
 from .graph import (DecodingGraph, GraphError, add_hmm_self_loops, build_decoding_graph,  # noqa: F401
-                    compose_lg, from_kaldifst, make_arpa_grammar, make_h_transducer, make_hclg,
-                    make_word_loop_grammar, remove_disambig_symbols, to_kaldifst)
+                    build_decoding_graph_from_lang, compile_train_graph, compose_lg,
+                    from_kaldifst, make_arpa_grammar, make_h_transducer, make_hclg,
+                    make_word_loop_grammar, remove_disambig_symbols, to_kaldifst,
+                    write_lang_dir)
 from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,  # noqa: F401
                       make_lexicon_fst, make_phone_table, make_word_table, read_lexicon,
                       read_lexiconp, write_lexiconp)

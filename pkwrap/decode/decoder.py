@@ -35,7 +35,8 @@ import numpy as np
 from .graph import DecodingGraph, GraphError
 
 __all__ = ["DecodeResult", "decode", "decode_utterances", "write_loglikes_ark",
-           "read_loglikes", "lattice_to_text", "write_lattice_ark", "DecodeError"]
+           "read_loglikes", "lattice_to_text", "write_lattice_ark", "write_int_vectors",
+           "open_wspecifier", "DecodeError"]
 
 
 class DecodeError(ValueError):
@@ -345,3 +346,42 @@ def write_lattice_ark(path_or_file, lattices: Iterable[Tuple[str, object]],
     finally:
         if own:
             f.close()
+
+
+def open_wspecifier(wspecifier: str):
+    """Open a Kaldi archive wspecifier (``ark:f``, ``ark,t:f``, ``-`` = stdout).
+
+    Returns:
+      ``(binary_file, binary_mode, close)``; call ``close()`` when done.
+    """
+    import sys
+    if ":" not in wspecifier:
+        raise DecodeError("bad wspecifier %r (expected ark:FILE or ark,t:FILE)" % wspecifier)
+    head, target = wspecifier.split(":", 1)
+    opts = head.split(",")
+    if opts[0] != "ark" or any(o not in ("t", "b", "f", "nf", "p", "cs", "ncs") for o in opts[1:]):
+        raise DecodeError("unsupported wspecifier %r (only ark[,t]:FILE)" % wspecifier)
+    binary = "t" not in opts[1:]
+    if target == "-":
+        return sys.stdout.buffer, binary, sys.stdout.buffer.flush
+    try:
+        f = open(target, "wb")
+    except OSError as e:
+        raise DecodeError("cannot open %s for writing: %s" % (target, e.strerror)) from None
+    return f, binary, f.close
+
+
+def write_int_vectors(f, items: Iterable[Tuple[str, Sequence[int]]], binary: bool) -> None:
+    """Kaldi ``Int32VectorWriter`` entries (words, alignments) to a binary stream.
+
+    Binary: ``key \0B`` + size byte 4 + int32 count + (size byte 4 + int32) per value;
+    text: ``key v1 v2 ... \n``.
+    """
+    import struct
+    for key, vec in items:
+        if binary:
+            out = [key.encode(), b" \0B", struct.pack("<bi", 4, len(vec))]
+            out += [struct.pack("<bi", 4, int(v)) for v in vec]
+            f.write(b"".join(out))
+        else:
+            f.write((key + " " + "".join("%d " % int(v) for v in vec) + "\n").encode())

@@ -49,7 +49,8 @@ from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symb
 
 __all__ = ["DecodingGraph", "build_decoding_graph", "make_word_loop_grammar",
            "make_arpa_grammar", "compose_lg", "make_h_transducer", "add_hmm_self_loops",
-           "remove_disambig_symbols", "make_hclg", "to_kaldifst", "from_kaldifst",
+           "remove_disambig_symbols", "make_hclg", "compile_train_graph",
+           "build_decoding_graph_from_lang", "write_lang_dir", "to_kaldifst", "from_kaldifst",
            "GraphError"]
 
 
@@ -164,13 +165,35 @@ def make_arpa_grammar(arpa_path, word_table: Union[SymbolTable, str],
         # kaldilm stops the process on an out-of-vocabulary word; check here for a clear error.
         _check_arpa_words(arpa_path, table)
         out = os.path.join(d, "G.fst")
-        kaldilm.arpa2fst(arpa_path, out, disambig_symbol=disambig_symbol,
-                         read_symbol_table=wpath, max_order=max_order)
+        log = os.path.join(d, "arpa2fst.log")
+        with _stderr_to(log):  # kaldilm logs every section it reads to fd 2
+            kaldilm.arpa2fst(arpa_path, out, disambig_symbol=disambig_symbol,
+                             read_symbol_table=wpath, max_order=max_order)
         if not os.path.isfile(out):
-            raise GraphError("arpa2fst failed on %s" % arpa_path)
+            raise GraphError("arpa2fst failed on %s:\n%s" % (arpa_path, open(log).read()))
         g = kaldifst.StdVectorFst.read(out)
     kaldifst.arcsort(g, sort_type="ilabel")
     return g
+
+
+class _stderr_to:
+    """Send file descriptor 2 to a file for the duration of a with-block."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        import sys
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        return False
 
 
 def _check_arpa_words(path: str, table: SymbolTable) -> None:
@@ -459,6 +482,35 @@ def make_hclg(LG, tree, trans_model, disambig_phone_ids: Sequence[int],
     return add_hmm_self_loops(HCLGa, trans_model, (), self_loop_scale)
 
 
+def compile_train_graph(L, word_ids: Sequence[int], tree, trans_model,
+                        transition_scale: float = 0.0, self_loop_scale: float = 0.0,
+                        disambig_phone_ids: Sequence[int] = ()):
+    """The HCLG of one transcript, as Kaldi's ``compile-train-graphs`` makes it.
+
+    G is the linear acceptor of ``word_ids``; the rest is :func:`make_hclg`. With the
+    default scales 0 (what flat-start chain training uses) the result equals Kaldi's
+    graphs arc for arc (tested on the e2e fixtures).
+
+    Args:
+      L: lexicon FST (phones -> words), e.g. from :func:`make_lexicon_fst`.
+      word_ids: the transcript as word ids (non-empty).
+      tree, trans_model: as in :func:`make_hclg`.
+      transition_scale, self_loop_scale: Kaldi's ``--transition-scale``/``--self-loop-scale``.
+      disambig_phone_ids: disambiguation symbols of L, if it has any.
+    Returns:
+      a ``kaldifst.StdVectorFst`` over transition-ids (input) and words (output).
+    """
+    import kaldifst
+    word_ids = [int(w) for w in word_ids]
+    if not word_ids:
+        raise GraphError("compile_train_graph: empty transcript")
+    if min(word_ids) <= 0:
+        raise GraphError("compile_train_graph: word ids must be > 0, got %r" % word_ids)
+    G = kaldifst.make_linear_acceptor(word_ids)
+    return make_hclg(compose_lg(L, G), tree, trans_model, disambig_phone_ids,
+                     transition_scale, self_loop_scale)
+
+
 # ---------------------------------------------------------------------------------------
 # the whole thing
 
@@ -558,7 +610,8 @@ def build_decoding_graph(lexicon: Sequence[LexiconEntry], phone_table: SymbolTab
                 raise LexiconError("phone %r of word %r is not in %s" % (p, w, phone_table.name))
     L = make_lexicon_fst(lex_disambig, ptab, word_table, sil_phone=sil_phone,
                          sil_prob=sil_prob,
-                         sil_disambig=("#%d" % ndis) if sil_phone and sil_prob > 0 else None)
+                         sil_disambig=("#%d" % ndis) if sil_phone and sil_prob > 0 else None,
+                         word_disambig_loops="#0" in word_table)
     if isinstance(grammar, (str, os.PathLike)):
         G = make_arpa_grammar(grammar, word_table)
     elif isinstance(grammar, kaldifst.StdVectorFst):
@@ -575,3 +628,78 @@ def build_decoding_graph(lexicon: Sequence[LexiconEntry], phone_table: SymbolTab
     hclg = make_hclg(LG, tree, trans_model, ptab.disambig_ids(), transition_scale,
                      self_loop_scale)
     return DecodingGraph(hclg, word_table, ptab, trans_model)
+
+
+def build_decoding_graph_from_lang(lang_dir, tree, trans_model, transition_scale: float = 1.0,
+                                   self_loop_scale: float = 1.0) -> DecodingGraph:
+    """``utils/mkgraph.sh`` on a Kaldi lang directory.
+
+    Reads ``L_disambig.fst``, ``G.fst``, ``phones.txt``, ``words.txt`` and
+    ``phones/disambig.int`` (as written by ``prepare_lang.sh`` + ``format_lm.sh``, or by
+    :func:`write_lang_dir`).
+    """
+    import kaldifst
+
+    def need(*parts):
+        p = os.path.join(lang_dir, *parts)
+        if not os.path.isfile(p):
+            raise GraphError("lang directory %s lacks %s" % (lang_dir, os.path.join(*parts)))
+        return p
+
+    L = _read_any_fst(need("L_disambig.fst"))
+    G = _read_any_fst(need("G.fst"))
+    kaldifst.arcsort(G, sort_type="ilabel")
+    phones = SymbolTable.read(need("phones.txt"))
+    words = SymbolTable.read(need("words.txt"))
+    dis_path = need("phones", "disambig.int")
+    try:
+        disambig = [int(l.split()[0]) for l in open(dis_path) if l.strip()]
+    except ValueError:
+        raise GraphError("%s: expected one integer per line" % dis_path) from None
+    LG = compose_lg(L, G)
+    hclg = make_hclg(LG, tree, trans_model, disambig, transition_scale, self_loop_scale)
+    return DecodingGraph(hclg, words, phones, trans_model)
+
+
+def write_lang_dir(lang_dir, lexicon: Sequence[LexiconEntry], phone_table: SymbolTable,
+                   grammar=None, word_table: Optional[SymbolTable] = None,
+                   sil_phone: Optional[str] = None, sil_prob: float = 0.5) -> None:
+    """Write a Kaldi-style lang directory (what ``prepare_lang.sh`` + ``format_lm.sh`` give,
+    without position-dependent phones): ``phones.txt``, ``words.txt``, ``L.fst``,
+    ``L_disambig.fst``, ``phones/disambig.{int,txt}``, ``lexiconp.txt``, ``lexiconp_disambig.txt``
+    and, if ``grammar`` is given (ARPA path, word list or G FST), ``G.fst``.
+    """
+    import kaldifst
+    from .lexicon import make_word_table, write_lexiconp
+    if word_table is None:
+        word_table = make_word_table(w for w, _, _ in lexicon)
+    lex_dis, ndis = add_disambig_symbols(lexicon)
+    ndis += 1
+    ptab = make_phone_table(phone_table, ndis)
+    os.makedirs(os.path.join(lang_dir, "phones"), exist_ok=True)
+    ptab.write(os.path.join(lang_dir, "phones.txt"))
+    word_table.write(os.path.join(lang_dir, "words.txt"))
+    write_lexiconp(lexicon, os.path.join(lang_dir, "lexiconp.txt"))
+    write_lexiconp(lex_dis, os.path.join(lang_dir, "lexiconp_disambig.txt"))
+    dis = [(s, i) for s, i in ptab if s.startswith("#")]
+    with open(os.path.join(lang_dir, "phones", "disambig.int"), "w") as f:
+        f.writelines("%d\n" % i for _, i in dis)
+    with open(os.path.join(lang_dir, "phones", "disambig.txt"), "w") as f:
+        f.writelines("%s\n" % s for s, _ in dis)
+    use_sil = bool(sil_phone) and sil_prob > 0
+    L = make_lexicon_fst(lexicon, ptab, word_table, sil_phone, sil_prob)
+    Ld = make_lexicon_fst(lex_dis, ptab, word_table, sil_phone, sil_prob,
+                          sil_disambig=("#%d" % ndis) if use_sil else None,
+                          word_disambig_loops="#0" in word_table)
+    if not (L.write(os.path.join(lang_dir, "L.fst"))
+            and Ld.write(os.path.join(lang_dir, "L_disambig.fst"))):
+        raise GraphError("could not write the lexicon FSTs to %s" % lang_dir)
+    if grammar is not None:
+        if isinstance(grammar, (str, os.PathLike)):
+            G = make_arpa_grammar(grammar, word_table)
+        elif isinstance(grammar, kaldifst.StdVectorFst):
+            G = grammar
+        else:
+            G = make_word_loop_grammar(list(grammar), word_table)
+        if not G.write(os.path.join(lang_dir, "G.fst")):
+            raise GraphError("could not write %s/G.fst" % lang_dir)

@@ -297,7 +297,8 @@ def _ids(table: SymbolTable, symbols: Sequence[str], what: str, word: str) -> Li
 
 def make_lexicon_fst(lexicon: Sequence[LexiconEntry], phone_table: SymbolTable,
                      word_table: SymbolTable, sil_phone: Optional[str] = None,
-                     sil_prob: float = 0.5, sil_disambig: Optional[str] = None):
+                     sil_prob: float = 0.5, sil_disambig: Optional[str] = None,
+                     word_disambig_loops: bool = False):
     """Build L (phones -> words) as ``utils/lang/make_lexicon_fst.py`` does.
 
     Args:
@@ -310,6 +311,10 @@ def make_lexicon_fst(lexicon: Sequence[LexiconEntry], phone_table: SymbolTable,
       sil_prob: probability of silence at the start and after each word, in [0, 1).
       sil_disambig: e.g. ``"#3"`` to follow the optional silence by that
         disambiguation symbol (Kaldi does this in ``L_disambig.fst``).
+      word_disambig_loops: add ``#0:#0`` self-loops (``fstaddselfloops``) at the final
+        state and every state with a word on an outgoing arc, so that the back-off
+        symbol #0 on G's input passes through L; ``prepare_lang.sh`` does this for
+        ``L_disambig.fst``. Needs ``#0`` in both tables.
     Returns:
       A ``kaldifst.StdVectorFst``, arcs sorted by output label (like
       ``fstarcsort --sort_type=olabel`` in ``prepare_lang.sh``).
@@ -366,5 +371,10 @@ def make_lexicon_fst(lexicon: Sequence[LexiconEntry], phone_table: SymbolTable,
             fst.add_arc(cur, arc(p[-1], w if last_first else 0,
                                  cost + (pron_cost if last_first else 0.0), dest))
     fst.set_final(loop, 0.0)
+    if word_disambig_loops:
+        for table in (phone_table, word_table):
+            if "#0" not in table:
+                raise LexiconError("%s has no #0, needed for word_disambig_loops" % table.name)
+        kaldifst.add_self_loops(fst, [phone_table["#0"]], [word_table["#0"]])
     kaldifst.arcsort(fst, sort_type="olabel")
     return fst
