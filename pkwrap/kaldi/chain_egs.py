@@ -47,13 +47,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .fst import OPENFST_MAGIC, Fst, FstFormatError, read_fst_binary
 from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
-from .matrix import (CompressedMatrix, GeneralMatrix, SparseMatrix, read_general_matrix,
+from .matrix import (CompressedMatrix, GeneralMatrix, read_general_matrix,
                      read_vector, write_general_matrix, write_vector)
 
 __all__ = ["Supervision", "NnetChainExample", "read_chain_egs", "write_chain_egs",

@@ -21,7 +21,6 @@ byte offset.
 """
 from __future__ import annotations
 
-import io
 import mmap
 import os
 import subprocess
@@ -29,7 +28,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
-import numpy as np
 
 from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
 from .matrix import read_matrix, read_vector, write_matrix, write_vector
