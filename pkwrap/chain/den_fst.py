@@ -462,7 +462,10 @@ def create_denominator_fst(tree: ContextDependency, trans_model: TransitionModel
         fst = push_special(br.from_kf(k))
     finally:
         br.close()
-    return sort_on_transition_count(fst)
+    fst = sort_on_transition_count(fst)
+    # OpenFst property bits as in Kaldi's den.fst: expanded, mutable, no epsilons, weighted.
+    fst.properties = 0x1 | 0x2 | 0x800000 | 0x100000000
+    return fst
 
 
 def make_normalization_fst(den_fst: Fst, initial_probs: np.ndarray) -> Fst:
@@ -490,9 +493,12 @@ def make_normalization_fst(den_fst: Fst, initial_probs: np.ndarray) -> Fst:
         k = br.to_kf(fst)
         br.kf.rmepsilon(k)
         br.kf.arcsort(k, "ilabel")
-        return br.from_kf(k)
+        out = br.from_kf(k)
     finally:
         br.close()
+    # OpenFst property bits as in Kaldi's normalization.fst.
+    out.properties = 0x1 | 0x2 | 0x800000 | 0x10000000 | 0x10000000000 | 0x40000000000
+    return out
 
 
 def make_den_fst(tree: ContextDependency, trans_model: TransitionModel,

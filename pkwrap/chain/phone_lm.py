@@ -98,6 +98,10 @@ def _loglike(counts: Dict[int, int], tot: int) -> float:
     return float(np.float32(ans))
 
 
+_LM_PROPERTIES = (0x1 | 0x2 | 0x10000 | 0x800000 | 0x2000000 | 0x8000000 | 0x10000000
+                  | 0x40000000 | 0x10000000000 | 0x40000000000)
+
+
 def fst_from_arrays(num_states: int, start: int, final: np.ndarray, src: np.ndarray,
                     ilabel: np.ndarray, olabel: np.ndarray, weight: np.ndarray,
                     nextstate: np.ndarray) -> Fst:
@@ -294,8 +298,13 @@ class PhoneLmEstimator:
                     wt.append(-logprob)
                     dst.append(d)
         lab_a = np.array(lab, dtype=np.int32)
-        return fst_from_arrays(n, start, final, np.array(src, dtype=np.int64), lab_a, lab_a,
-                               np.array(wt, dtype=np.float32), np.array(dst, dtype=np.int32))
+        fst = fst_from_arrays(n, start, final, np.array(src, dtype=np.int64), lab_a, lab_a,
+                              np.array(wt, dtype=np.float32), np.array(dst, dtype=np.int32))
+        # The OpenFst property bits Kaldi's file carries (all true by construction):
+        # expanded, mutable, acceptor, no (i/o) epsilons, i/o label sorted, accessible,
+        # coaccessible. With them the file is byte-identical to Kaldi's.
+        fst.properties = _LM_PROPERTIES
+        return fst
 
 
 def estimate_phone_lm(phone_seqs: Iterable[Sequence[int]], ngram_order: int = 4,
@@ -327,17 +336,23 @@ def read_int_vector_archive(spec: Union[str, os.PathLike]) -> Iterator[Tuple[str
     """Read a Kaldi int32-vector archive (text ``key 1 2 3`` lines or binary).
 
     Args:
-      spec: a path, optionally prefixed ``ark:`` / ``ark,t:``; ``-`` is not supported.
+      spec: a path, optionally prefixed ``ark:`` / ``ark,t:`` (``-`` reads stdin).
     Yields:
       (key, list of ints), in file order.
     """
     path = os.fspath(spec)
-    for prefix in ("ark,t:", "ark:"):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-            break
-    with open(path, "rb") as f:
-        data = f.read()
+    if ":" in path and path.split(":", 1)[0].split(",")[0] in ("ark", "scp"):
+        kind, path = path.split(":", 1)
+        if kind.startswith("scp"):
+            raise ValueError("%s: scp: rspecifiers are not supported for phone sequences; "
+                             "use an archive (ark:)" % spec)
+    if path == "-":
+        import sys
+        data = sys.stdin.buffer.read()
+        path = "<stdin>"
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
     pos, n = 0, len(data)
     lineno = 0
     while pos < n:
