@@ -159,6 +159,32 @@ def test_train_graph_equals_kaldi_compile_train_graphs(mono):
         assert ours == kaldi[utt], utt
 
 
+def _total_prob(kfst):
+    """Sum over all successful paths of exp(-weight): solve alpha = e_start + alpha A."""
+    f = from_kaldifst(kfst)
+    A = np.zeros((f.num_states, f.num_states))
+    np.add.at(A, (f.src, f.nextstate), np.exp(-f.weight.astype(np.float64)))
+    e = np.zeros(f.num_states)
+    e[f.start] = 1.0
+    alpha = np.linalg.solve(np.eye(f.num_states) - A.T, e)
+    return float(alpha @ np.exp(-f.final.astype(np.float64)))
+
+
+@pytest.mark.parametrize("setup", ["mono", "biphone"])
+def test_hclg_is_a_distribution(setup):
+    """With a stochastic G, pron-probs summing to 1 per word, optional silence and the HMM
+    (self-loop and transition scale 1), all paths of HCLG sum to probability 1: checks
+    the weights of L, C, H and the self-loops together (the only loss is Kaldi's
+    1/1024 weight quantization in minimize_encoded)."""
+    tree, tm, phones = _setup(setup)
+    lex = [("a", 0.6, ["P1", "P2"]), ("a", 0.4, ["P1"]), ("b", 1.0, ["P3"]),
+           ("c", 1.0, ["P1", "P2", "P3"]), ("d", 1.0, ["P3"])]
+    for sil_prob in (0.0, 0.3):
+        g = build_decoding_graph(lex, phones, tree, tm, ["a", "b", "c", "d"],
+                                 sil_phone="SIL", sil_prob=sil_prob)
+        assert _total_prob(g.hclg) == pytest.approx(1.0, abs=5e-3)
+
+
 # ------------------------------------------------------------------------------- decoding
 
 def test_digit_loop_decodes_known_path(mono, lexicon, digit_graph):
