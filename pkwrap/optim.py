@@ -301,6 +301,7 @@ class NGSGD(Optimizer):
         self.num_steps += 1
         return loss
 
+    @torch.no_grad()
     def _update(self, max_change_scale: float, scale: float, l2_scale: float,
                 constrain: bool) -> bool:
         groups = self.param_groups

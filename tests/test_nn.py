@@ -1,0 +1,187 @@
+"""pkwrap.nn: natural-gradient layers, model conversion, TDNN-F model semantics."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pkwrap.ngsgd import OnlineNaturalGradient
+from pkwrap.nn import (TDNNF, KaldiBatchNorm, NaturalAffine, NaturalConv1d, TDNNFModel,
+                       compute_idct_matrix, constrain_orthonormal_, natural_gradient,
+                       natural_gradient_state_dict, load_natural_gradient_state_dict,
+                       scale_batchnorm_stats)
+
+torch.set_num_threads(1)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_natural_affine_grads_match_independent_preconditioning():
+    torch.manual_seed(0)
+    layer = NaturalAffine(30, 12)
+    assert layer.preconditioner_in.rank == 15 and layer.preconditioner_out.rank == 6
+    ref_in, ref_out = OnlineNaturalGradient(15), OnlineNaturalGradient(6)
+    for step in range(6):
+        x = torch.randn(64, 30, generator=_gen(step), requires_grad=True)
+        y = layer(x)
+        torch.testing.assert_close(y, x @ layer.weight.t() + layer.bias)
+        g = torch.randn(64, 12, generator=_gen(100 + step))
+        layer.weight.grad = layer.bias.grad = None
+        y.backward(g)
+        # independent reference: Kaldi's NaturalGradientAffineComponent::Update
+        xe = torch.cat([x.detach(), torch.ones(64, 1)], 1)
+        xh, s_in = ref_in.precondition_directions(xe)
+        gh, s_out = ref_out.precondition_directions(g)
+        s = float(s_in * s_out)
+        torch.testing.assert_close(layer.weight.grad, s * gh.t() @ xh[:, :30])
+        torch.testing.assert_close(layer.bias.grad, s * gh.t() @ xh[:, 30])
+        torch.testing.assert_close(x.grad, g @ layer.weight.detach())  # input grad not preconditioned
+    assert not torch.allclose(layer.weight.grad, g.t() @ x.detach())
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_natural_affine_off_and_eval_are_plain():
+    torch.manual_seed(1)
+    layer = NaturalAffine(8, 5, bias=False)
+    plain = nn.Linear(8, 5, bias=False)
+    plain.weight.data.copy_(layer.weight.data)
+    layer.use_natural_gradient = False
+    x = torch.randn(3, 7, 8)
+    layer(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
+    layer.use_natural_gradient = True
+    with torch.no_grad():
+        layer(x)
+    assert layer.preconditioner_in.t == 0  # nothing preconditioned without gradients
+
+
+def test_natural_gradient_converts_in_place():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv1d(6, 10, 3, dilation=2, padding=1), nn.ReLU(),
+                          nn.Conv1d(10, 10, 1, groups=2), nn.Flatten(), nn.Linear(10 * 10, 4))
+    x = torch.randn(5, 6, 12)
+    keys = list(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    ref = copy.deepcopy(model)
+    out_before = model(x)
+    assert natural_gradient(model) is model
+    assert isinstance(model[0], NaturalConv1d) and isinstance(model[4], NaturalAffine)
+    assert type(model[2]) is nn.Conv1d  # groups=2: not converted (warned)
+    assert model[4].max_change == 1.5 and model[0].max_change == 0.75
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    out = model(x)
+    torch.testing.assert_close(out, out_before)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref(x).backward(g)
+    for a, b in zip(model[2].parameters(), ref[2].parameters()):
+        torch.testing.assert_close(a.grad, b.grad)  # unconverted layer: plain gradient
+    assert not torch.allclose(model[0].weight.grad, ref[0].weight.grad)
+    assert model[0].preconditioner_in.t == 1 and model[0].preconditioner_in.W_t.shape == (9, 19)
+    # The conv gradient is formed from preconditioned unfolded patches (Kaldi's TdnnComponent).
+    conv = ref[0]
+    pin, pout = OnlineNaturalGradient(9), OnlineNaturalGradient(5)
+    h = conv(x)
+    gh_full = torch.autograd.grad((model[2](torch.relu(h)).flatten(1) @ ref[4].weight.t()
+                                   + ref[4].bias).mul(g).sum(), h)[0]
+    patches = torch.nn.functional.unfold(x.unsqueeze(2), (1, 3), dilation=(1, 2), padding=(0, 1))
+    rows = torch.cat([patches.transpose(1, 2).reshape(-1, 18), torch.ones(50, 1)], 1)
+    xh, s1 = pin.precondition_directions(rows)
+    gh, s2 = pout.precondition_directions(gh_full.transpose(1, 2).reshape(-1, 10))
+    want = float(s1 * s2) * gh.t() @ xh
+    torch.testing.assert_close(model[0].weight.grad.reshape(10, 18), want[:, :18], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[0].bias.grad, want[:, 18], rtol=1e-4, atol=1e-5)
+    sd = natural_gradient_state_dict(model)
+    assert set(sd) == {"0", "4"}
+    fresh = natural_gradient(copy.deepcopy(ref))
+    load_natural_gradient_state_dict(fresh, sd)
+    assert torch.equal(fresh[0].preconditioner_in.W_t, model[0].preconditioner_in.W_t)
+
+
+def test_kaldi_batchnorm():
+    bn = KaldiBatchNorm(4, target_rms=2.0)
+    x = torch.randn(3, 50, 4) * 3 + 1
+    y = bn(x)
+    rows = y.reshape(-1, 4)
+    torch.testing.assert_close(rows.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows.pow(2).mean(0), torch.full((4,), 4.0), rtol=1e-3, atol=0)
+    assert float(bn.stats_count) == 150
+    bn.eval()
+    xr = x.reshape(-1, 4).double()
+    want = (x - xr.mean(0).float()) * 2.0 / (xr.var(0, unbiased=False).float() + 1e-3).sqrt()
+    torch.testing.assert_close(bn(x), want, rtol=1e-4, atol=1e-4)
+    scale_batchnorm_stats(nn.Sequential(bn), 0.8)
+    assert abs(float(bn.stats_count) - 120) < 1e-9
+    with pytest.raises(RuntimeError):
+        KaldiBatchNorm(4).eval()(x)
+
+
+def test_constrain_orthonormal_floating_scale():
+    torch.manual_seed(3)
+    M = torch.randn(16, 40) * 0.3
+    for _ in range(30):
+        constrain_orthonormal_(M, -1.0)
+    P = M @ M.t()
+    a2 = float(torch.trace(P)) / 16
+    torch.testing.assert_close(P / a2, torch.eye(16), atol=1e-3, rtol=0)
+    W = torch.randn(40, 16) / 40 ** 0.5  # more rows than columns: constrained transposed
+    for _ in range(30):
+        constrain_orthonormal_(W, 1.0)
+    torch.testing.assert_close(W.t() @ W, torch.eye(16), atol=1e-3, rtol=0)
+
+
+def test_idct_and_tdnn_1j_size():
+    m = TDNNFModel.tdnn_1j(2051)
+    assert sum(p.numel() for p in m.parameters()) == 5024134  # nnet3-info of Kaldi's tdnn_1j
+    assert (m.left_context, m.right_context, m.frame_subsampling_factor) == (29, 29, 3)
+    assert m.num_output_frames(208) == 50
+    from conftest import fixture_path
+    txt = fixture_path("bench", "tdnn_1j.idct.mat").read_text().replace("[", "").replace("]", "")
+    kaldi = torch.tensor([float(v) for v in txt.split()]).reshape(40, 41)
+    torch.testing.assert_close(compute_idct_matrix(40, 22.0), kaldi[:, :40], atol=1e-6, rtol=0)
+
+
+def _small_model(fsf):
+    torch.manual_seed(4)
+    return TDNNFModel(11, feat_dim=8, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=6,
+                      time_strides=(1, 0, 3, 3), prefinal_dim=6, prefinal_big_dim=16,
+                      frame_subsampling_factor=fsf)
+
+
+def test_tdnnf_model_frame_alignment():
+    m3, m1 = _small_model(3), _small_model(1)
+    m1.load_state_dict(m3.state_dict())
+    assert m3.left_context == 2 + 1 + 0 + 3 + 3
+    x = torch.randn(2, 60, 8)
+    m3.train()
+    m3(x)  # accumulate batchnorm stats
+    m1.load_state_dict(m3.state_dict())
+    m3.eval(), m1.eval()
+    c3, x3 = m3(x)
+    c1, x1 = m1(x)
+    assert c3.shape == (2, m3.num_output_frames(60), 11) and c1.shape[1] == 60 - 18
+    torch.testing.assert_close(c3, c1[:, ::3], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x3, x1[:, ::3], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x3.exp().sum(-1), torch.ones(2, c3.shape[1]))
+    # output frame j depends on input frames 3j .. 3j + 18 only
+    for mod in m3.modules():  # give the zero-initialized output layers some weight
+        if mod is m3.output:
+            torch.nn.init.normal_(mod.weight)
+    xi = x.clone().requires_grad_(True)
+    m3(xi)[0][0, 4].sum().backward()
+    nz = (xi.grad[0].abs().sum(-1) > 0).nonzero().flatten()
+    assert int(nz.min()) >= 12 and int(nz.max()) <= 12 + 18
+
+
+def test_tdnnf_layer_bypass_and_bad_input():
+    layer = TDNNF(8, 4, time_stride=2, bypass_scale=0.5)
+    x = torch.randn(1, 10, 8)
+    y = layer(x)
+    assert y.shape == (1, 6, 8)
+    with pytest.raises(ValueError):
+        _small_model(3)(torch.randn(1, 10, 8))
+    with pytest.raises(ValueError):
+        _small_model(3)(torch.randn(1, 40, 7))
