@@ -247,13 +247,15 @@ def recompute_batchnorm_stats(model: nn.Module, ctx: ModelContext, batches: Iter
     """Re-estimate every batchnorm's running statistics as plain averages over ``batches``.
 
     Torch batchnorm: ``reset_running_stats()`` and ``momentum=None`` (cumulative
-    average) while the batches run in train mode, dropout in test mode. Other batchnorm
-    modules are handled if they expose ``reset_running_stats()`` and ``momentum``.
+    average) while the batches run in train mode, dropout in test mode. Kaldi batchnorm
+    (pkwrap.nn.KaldiBatchNorm, whose statistics are sums): ``scale_stats(0)``, then the
+    same. Other batchnorm modules are handled if they expose ``reset_running_stats()``.
 
     Returns:
       The number of batchnorm modules updated (0: nothing to do, no forward run).
     """
-    bns = [m for m in model.modules() if is_batchnorm(m) and hasattr(m, "reset_running_stats")]
+    bns = [m for m in model.modules() if is_batchnorm(m) and
+           (hasattr(m, "reset_running_stats") or hasattr(m, "scale_stats"))]
     if not bns:
         return 0
     if device is None:
@@ -264,7 +266,10 @@ def recompute_batchnorm_stats(model: nn.Module, ctx: ModelContext, batches: Iter
     try:
         model.eval()
         for m in bns:
-            m.reset_running_stats()
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+            else:  # Kaldi batchnorm: statistics are plain sums, zero them
+                m.scale_stats(0.0)
             if hasattr(m, "momentum"):
                 m.momentum = None
             m.train()

@@ -142,8 +142,16 @@ def setup_distributed(device: Optional[str] = None, backend: Optional[str] = Non
         if name not in os.environ:
             raise RuntimeError("WORLD_SIZE=%d but %s is not set: launch with torchrun"
                                % (world_size, name))
-    kwargs = dict(backend=backend, rank=rank, world_size=world_size,
-                  timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs = dict(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store across restarts (static rendezvous): keys that
+        # the dead round's ranks wrote (e.g. gloo's listening addresses) would be read by
+        # the new round and its ranks would connect to dead ports. A prefix per round
+        # keeps every round's keys apart.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              world_size, is_master=False, timeout=timeout)
+        kwargs["store"] = dist.PrefixStore("pkwrap/round%d" % restart_count(), store)
     if dev.type == "cuda":
         kwargs["device_id"] = dev
     dist.init_process_group(**kwargs)

@@ -38,8 +38,9 @@ from . import checkpoint as ckpt
 from .context import ModelContext, probe_model_context
 from .data import ChainMinibatchSampler, EgsDataset, make_loader
 from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
-                          compute_prob_log_lines, recompute_batchnorm_stats)
-from .dist import DistInfo, all_gather_object, barrier, broadcast_object, setup_distributed
+                          compute_prob_log_lines, is_batchnorm, recompute_batchnorm_stats)
+from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+                   setup_distributed)
 from .metrics import ObjfTracker, make_summary_writer, setup_logger
 
 __all__ = ["TrainConfig", "Trainer"]
@@ -71,6 +72,8 @@ class TrainConfig:
       input_name: the features input of the egs.
       progress_bar: tqdm bar on rank 0.
       tensorboard: write TensorBoard on rank 0.
+      batchnorm_stats_scale: after every step, scale the statistics of Kaldi batchnorm
+        layers (pkwrap.nn.KaldiBatchNorm) by this, as nnet3-chain-train does (0.8).
     """
 
     exp_dir: str
@@ -91,6 +94,7 @@ class TrainConfig:
     input_name: str = "input"
     progress_bar: bool = True
     tensorboard: bool = True
+    batchnorm_stats_scale: float = 0.8
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -98,11 +102,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model, nn.parallel.DistributedDataParallel) else model
 
 
+def _scale_kaldi_batchnorm_stats(model: nn.Module, scale: float) -> None:
+    for m in model.modules():
+        if hasattr(m, "scale_stats") and is_batchnorm(m):
+            m.scale_stats(scale)
+
+
 def _ng_scale_stats(model: nn.Module) -> Optional[Dict[str, float]]:
     """Mean/min/max of the natural-gradient scales of the NG layers' last update."""
     vals: List[float] = []
     for m in model.modules():
-        for attr in ("ng_scales", "last_scales", "last_ng_scales"):
+        for attr in ("last_scale", "ng_scales", "last_scales", "last_ng_scales"):
             v = getattr(m, attr, None)
             if v is None:
                 continue
@@ -140,13 +150,17 @@ class Trainer:
         ``pkwrap.train.comm_hooks``); None: DDP's default allreduce (mean).
       feat_dim: feature dim (default: from the first eg).
       model_context: skip probing and use this.
+      after_step: ``f(model, step)`` called on every rank after each optimizer step
+        (after the batchnorm stats scaling), e.g. for custom constraints.
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer, train_data,
                  config: TrainConfig, scheduler=None, valid_data=None, train_diag_data=None,
                  dist_info: Optional[DistInfo] = None, comm_hook=None,
-                 feat_dim: Optional[int] = None, model_context: Optional[ModelContext] = None):
+                 feat_dim: Optional[int] = None, model_context: Optional[ModelContext] = None,
+                 after_step: Optional[Callable[[nn.Module, int], None]] = None):
         self.cfg = config
+        self.after_step = after_step
         self.dist = dist_info if dist_info is not None else setup_distributed()
         self.device = self.dist.device
         self.raw_model = model
@@ -176,7 +190,10 @@ class Trainer:
                                           config.minibatch_size, self.dist.world_size))
         if self.dist.world_size > 1:
             kw = {} if self.device.type == "cpu" else {"device_ids": [self.device]}
-            self.model = nn.parallel.DistributedDataParallel(model, **kw)
+            # buffers (batchnorm statistics) are averaged over ranks at checkpoints, not
+            # overwritten by rank 0's on every forward (see sync_buffers)
+            self.model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                             **kw)
             if comm_hook is not None:
                 state, hook = comm_hook
                 self.model.register_comm_hook(state, hook)
@@ -191,10 +208,35 @@ class Trainer:
         self._last_saved_step = -1
 
     # --- checkpoints ------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def _optimizer_state_dict(self) -> Dict[str, Any]:
+        """The optimizer's state; NG-SGD preconditioners differ per rank (each rank
+        preconditions its own gradients), so those of every rank are gathered (collective)."""
+        sd = self.optimizer.state_dict()
+        ng = sd.get("ngsgd") if isinstance(sd, dict) else None
+        if isinstance(ng, dict) and "preconditioners" in ng:
+            by_rank = all_gather_object(ng["preconditioners"])
+            sd = dict(sd)
+            sd["ngsgd"] = dict(ng)
+            sd["ngsgd"]["preconditioners_by_rank"] = by_rank
+            del sd["ngsgd"]["preconditioners"]
+        return sd
+
+    def _load_optimizer_state_dict(self, sd: Dict[str, Any]) -> None:
+        ng = sd.get("ngsgd") if isinstance(sd, dict) else None
+        if isinstance(ng, dict) and "preconditioners_by_rank" in ng:
+            by_rank = ng["preconditioners_by_rank"]
+            # another number of workers: rank r continues from rank r mod (old size)
+            mine = by_rank[self.dist.rank % len(by_rank)]
+            sd = dict(sd)
+            sd["ngsgd"] = {k: v for k, v in ng.items() if k != "preconditioners_by_rank"}
+            sd["ngsgd"]["preconditioners"] = mine
+        self.optimizer.load_state_dict(sd)
+
+    def state_dict(self, optimizer_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         return {
             "model": _unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None
+            else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "sampler": self.sampler.state_dict(),
             "step": self.step,
@@ -205,12 +247,35 @@ class Trainer:
             "config": asdict(self.cfg),
         }
 
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Average the floating buffers (batchnorm statistics) over ranks (collective).
+
+        Each rank accumulates statistics of its own minibatches; Kaldi's model averaging
+        averages them, and so does this, before checkpoints, diagnostics and the end.
+        """
+        if self.dist.world_size == 1:
+            return
+        bufs = [b for b in _unwrap(self.model).buffers() if b.is_floating_point()]
+        if not bufs:
+            return
+        flat = torch.cat([b.detach().reshape(-1).double() for b in bufs])
+        all_reduce_sum(flat)
+        flat /= self.dist.world_size
+        i = 0
+        for b in bufs:
+            n = b.numel()
+            b.copy_(flat[i:i + n].view_as(b).to(b.dtype))
+            i += n
+
     def save(self) -> Optional[str]:
         """Checkpoint now (collective: every rank must call it)."""
+        self.sync_buffers()
         rngs = all_gather_object(ckpt.get_rng_state())
+        opt_sd = self._optimizer_state_dict()
         path = None
         if self.dist.is_main:
-            st = self.state_dict()
+            st = self.state_dict(opt_sd)
             st["rng"] = rngs
             st["world_size"] = self.dist.world_size
             path = ckpt.save_checkpoint(ckpt.checkpoint_path(self.ckpt_dir, self.step), st)
@@ -230,7 +295,7 @@ class Trainer:
             return False
         st = ckpt.load_checkpoint(path)
         _unwrap(self.model).load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        self._load_optimizer_state_dict(st["optimizer"])
         if self.scheduler is not None and st.get("scheduler") is not None:
             self.scheduler.load_state_dict(st["scheduler"])
         self.step = int(st["step"])
@@ -277,6 +342,7 @@ class Trainer:
     def diagnostics(self) -> Dict[str, float]:
         """compute-prob on the valid and train-diagnostic egs; logs Kaldi's lines."""
         res = {}
+        self.sync_buffers()
         rng = ckpt.get_rng_state()  # diagnostics must not move the training RNGs
         try:
             for name, data in (("valid", self.valid_data), ("train_diag", self.train_diag_data)):
@@ -300,27 +366,42 @@ class Trainer:
         model, opt = self.model, self.optimizer
         model.train()
         batch = batch.to(self.device)
-        res = compute_chain_loss(model, self.ctx, self.loss_fn, batch,
-                                 self.cfg.apply_deriv_weights)
-        opt.zero_grad(set_to_none=True)
-        loss = res.loss
-        ok = bool(torch.isfinite(loss.detach()).item()) and bool(getattr(res, "ok", True))
-        loss.backward()
-        gn = torch.zeros((), dtype=torch.float64)
-        for p in model.parameters():
-            if p.grad is not None:
-                gn += p.grad.detach().double().pow(2).sum().cpu()
-        grad_norm = float(gn.sqrt())
-        if not math.isfinite(grad_norm):
-            ok = False
+        box = {}
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            res = compute_chain_loss(model, self.ctx, self.loss_fn, batch,
+                                     self.cfg.apply_deriv_weights)
+            res.loss.backward()
+            box["res"] = res
+            return res.loss
+
+        is_ngsgd = hasattr(opt, "is_backstitch_step")
+        skipped_before = getattr(opt, "num_skipped", 0)
         want_change = self.cfg.log_every > 0 and (self.step + 1) % self.cfg.log_every == 0
         before = [p.detach().clone() for p in model.parameters()] if want_change else None
-        if math.isfinite(grad_norm):
-            opt.step()
-        else:  # every rank sees the same (all-reduced) gradient, so all skip together
-            opt.zero_grad(set_to_none=True)
+        if is_ngsgd and opt.is_backstitch_step():
+            # backstitch evaluates the minibatch twice through the closure
+            opt.step(closure, num_sequences=batch.num_sequences)
+            grad_norm = self._grad_norm()
+        else:
+            closure()
+            grad_norm = self._grad_norm()
+            if is_ngsgd:
+                opt.step(num_sequences=batch.num_sequences)  # skips non-finite changes itself
+            elif math.isfinite(grad_norm):
+                opt.step()
+            else:  # every rank sees the same (all-reduced) gradient, so all skip together
+                opt.zero_grad(set_to_none=True)
+        res = box["res"]
+        ok = bool(math.isfinite(float(res.loss.detach()))) and math.isfinite(grad_norm) and \
+            bool(getattr(res, "ok", True)) and getattr(opt, "num_skipped", 0) == skipped_before
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.cfg.batchnorm_stats_scale != 1.0:
+            _scale_kaldi_batchnorm_stats(_unwrap(model), self.cfg.batchnorm_stats_scale)
+        if self.after_step is not None:
+            self.after_step(_unwrap(model), self.step + 1)
         change = None
         if before is not None:
             c = torch.zeros((), dtype=torch.float64)
@@ -328,6 +409,13 @@ class Trainer:
                 c += (p.detach() - b).double().pow(2).sum().cpu()
             change = float(c.sqrt())
         return res, ok, grad_norm, change
+
+    def _grad_norm(self) -> float:
+        gn = torch.zeros((), dtype=torch.float64)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                gn += p.grad.detach().double().pow(2).sum().cpu()
+        return float(gn.sqrt())
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -429,6 +517,7 @@ class Trainer:
         n, a, b = combine_models(model, sds, self.ctx, self.loss_fn,
                                  self._batches_of(self.valid_data, rank_share=True),
                                  logger=self.log)
+        self.sync_buffers()  # statistics were recomputed on each rank's share
         self.log.info("combined the last %d of %d checkpoints: valid objf %g -> %g",
                       n, len(sds), a, b)
 
