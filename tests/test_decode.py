@@ -24,8 +24,8 @@ from pkwrap.decode import (DecodeError, DecodingGraph, GraphError, LexiconError,
                            compile_train_graph, compute_wer, decode, from_kaldifst,
                            make_arpa_grammar, make_lexicon_fst, make_phone_table,
                            make_word_loop_grammar, make_word_table, read_lexicon,
-                           read_lexiconp, read_loglikes, write_lang_dir, write_lattice_ark,
-                           write_loglikes_ark)
+                           read_lexiconp, read_loglikes, write_int_vectors, write_lang_dir,
+                           write_lattice_ark, write_loglikes_ark)
 from pkwrap.kaldi.hmm import read_transition_model, read_tree  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,6 +241,10 @@ def test_lang_dir_route_equals_direct(mono, lexicon, digit_graph, tmp_path):
     g.write(tmp_path / "graph")
     g2 = DecodingGraph.read(tmp_path / "graph", tm)
     assert from_kaldifst(g2.hclg) == from_kaldifst(g.hclg) and g2.word_table == g.word_table
+    # Kaldi's mkgraph.sh stores HCLG.fst as a const FST
+    assert kaldifst.StdConstFst(g.hclg).write(str(tmp_path / "graph" / "HCLG.fst"))
+    g3 = DecodingGraph.read(tmp_path / "graph", tm)
+    assert from_kaldifst(g3.hclg) == from_kaldifst(g.hclg)
 
 
 # ------------------------------------------------------------------------------- I/O, WER
@@ -256,6 +260,10 @@ def test_loglikes_ark_roundtrip_and_lattice_ark(mono, lexicon, digit_graph, tmp_
     got = dict(back)
     assert set(got) == {"u1", "u2"} and np.array_equal(got["u1"], x1)
     assert np.array_equal(dict(read_loglikes("scp:%s" % (tmp_path / "ll.scp")))["u2"], x2)
+    with open(tmp_path / "words.ark", "wb") as f:
+        write_int_vectors(f, [("u1", [3, 4, 5]), ("u2", [])], binary=True)
+    w = dict(kaldiio.load_ark(str(tmp_path / "words.ark")))
+    assert w["u1"].tolist() == [3, 4, 5] and w["u2"].tolist() == []
     r = decode(x1, digit_graph, lattice=True)
     write_lattice_ark(str(tmp_path / "lat.ark"), [("u1", r.lattice)], binary=True)
     write_lattice_ark(str(tmp_path / "lat.txt"), [("u1", r.lattice)], binary=False)

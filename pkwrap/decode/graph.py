@@ -563,16 +563,31 @@ class DecodingGraph:
 
 
 def _read_any_fst(path):
-    """Read a vector or const OpenFst file as a ``kaldifst.StdVectorFst``."""
+    """Read a vector or const OpenFst file (Kaldi writes HCLG.fst as const) as a
+    ``kaldifst.StdVectorFst``."""
+    import struct
     import kaldifst
+    path = os.fspath(path)
     try:
-        return kaldifst.StdVectorFst.read(path)
-    except Exception:
-        pass
-    try:
-        return kaldifst.StdVectorFst(kaldifst.StdConstFst.read(path))
-    except Exception as e:
-        raise GraphError("%s is not a readable OpenFst vector or const FST: %s" % (path, e))
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise GraphError("cannot read %s: %s" % (path, e.strerror)) from None
+    if len(head) < 8 or struct.unpack("<i", head[:4])[0] != 2125659606:
+        raise GraphError("%s is not an OpenFst binary FST (bad magic number)" % path)
+    n = struct.unpack("<i", head[4:8])[0]
+    fst_type = head[8:8 + n].decode("ascii", "replace")
+    if fst_type == "vector":
+        fst = kaldifst.StdVectorFst.read(path)
+    elif fst_type == "const":
+        c = kaldifst.StdConstFst.read(path)
+        fst = kaldifst.StdVectorFst(c) if c is not None else None
+    else:
+        raise GraphError("%s: FST type %r is not supported (vector or const)" % (path, fst_type))
+    if fst is None:
+        raise GraphError("%s: OpenFst could not read this %s FST (arc type must be "
+                         "'standard')" % (path, fst_type))
+    return fst
 
 
 def build_decoding_graph(lexicon: Sequence[LexiconEntry], phone_table: SymbolTable,
