@@ -59,7 +59,9 @@ from .matrix import (CompressedMatrix, GeneralMatrix, read_general_matrix,
 __all__ = ["Supervision", "NnetChainExample", "read_chain_egs", "write_chain_egs",
            "merge_chain_egs", "merge_supervision", "scale_supervision_weight",
            "shift_chain_example_times", "read_chain_example", "write_chain_example",
-           "CHAIN_EG_HOLDER", "compact_fst_properties", "ChainEgsWriter"]
+           "CHAIN_EG_HOLDER", "compact_fst_properties", "ChainEgsWriter",
+           "merge_chain_egs_stream", "merge_chain_egs_table", "copy_chain_egs",
+           "MinibatchSizeRule"]
 
 
 @dataclass
@@ -1139,3 +1141,176 @@ def shift_chain_example_times(eg: NnetChainExample, frame_shift: int,
         oi[:, 1] += shift
     eg.output_indexes = oi
     return eg
+
+
+# ============================================================================ programs
+def _parse_int_set(s: str, full: str) -> List[Tuple[int, int]]:
+    ranges = []
+    for part in s.split(","):
+        try:
+            ab = [int(x) for x in part.split(":")]
+        except ValueError:
+            ab = []
+        if not 1 <= len(ab) <= 2 or ab[0] > ab[-1] or ab[0] <= 0:
+            raise ValueError("could not parse --minibatch-size=%s" % full)
+        ranges.append((ab[0], ab[-1]))
+    return ranges
+
+
+class MinibatchSizeRule:
+    """Kaldi's ``ExampleMergingConfig`` ``--minibatch-size`` rules: ``"64"``,
+    ``"128,64"``, ``"100:128"`` or per eg size ``"150=64/300=32"``; the rule whose
+    eg size is closest to an eg's size (its largest number of indexes) applies.
+    Before the input ends only the largest size of the rule is emitted; at the end
+    the largest allowed size not above what is left."""
+
+    def __init__(self, spec: str = "64"):
+        self.spec = spec
+        rules = []
+        parts = str(spec).split("/")
+        for part in parts:
+            if "=" in part:
+                a, _, b = part.partition("=")
+                try:
+                    size = int(a)
+                except ValueError:
+                    raise ValueError("could not parse --minibatch-size=%s" % spec)
+                rules.append((size, _parse_int_set(b, spec)))
+            else:
+                if len(parts) != 1:
+                    raise ValueError("--minibatch-size=%s: all rules need 'eg-size=' when "
+                                     "there is more than one" % spec)
+                rules.append((0, _parse_int_set(part, spec)))
+        sizes = [r[0] for r in rules]
+        if len(set(sizes)) != len(sizes):
+            raise ValueError("--minibatch-size=%s: repeated example sizes" % spec)
+        self.rules = rules
+
+    def minibatch_size(self, eg_size: int, num_available: int, input_ended: bool) -> int:
+        best = min(range(len(self.rules)), key=lambda i: abs(eg_size - self.rules[i][0]))
+        ranges = self.rules[best][1]
+        largest = max(b for _, b in ranges)
+        if not input_ended:
+            return largest if largest <= num_available else 0
+        ans = 0
+        for a, b in ranges:
+            if num_available >= a:
+                ans = max(ans, min(b, num_available))
+        return ans
+
+
+def _structure_key(eg: NnetChainExample):
+    parts = []
+    for name, x in eg.inputs.items():
+        parts.append((name, np.asarray(eg.input_indexes[name]).tobytes(), int(x.shape[1])))
+    parts.append((eg.output_name, np.asarray(eg.output_indexes).tobytes(), 0))
+    return tuple(parts)
+
+
+def _eg_size(eg: NnetChainExample) -> int:
+    return max([len(v) for v in eg.input_indexes.values()] + [len(eg.output_indexes)])
+
+
+def merge_chain_egs_stream(items: Iterable[Tuple[str, NnetChainExample]],
+                           minibatch_size: str = "64", compress: bool = False,
+                           stats: Optional[dict] = None
+                           ) -> Iterator[Tuple[str, NnetChainExample]]:
+    """``ChainExampleMerger``: group examples of identical structure (same input and
+    output indexes) and merge each group into minibatches; keys are
+    ``merged-<k>-<size>``.
+
+    Args:
+      items: ``(key, example)`` pairs (single, unmerged examples).
+      minibatch_size: Kaldi's ``--minibatch-size`` rule string (see
+        :class:`MinibatchSizeRule`).
+      compress: compress merged inputs.
+      stats: optional dict that receives ``num_read``, ``num_written`` (minibatches)
+        and ``num_discarded`` (examples left over that fit no allowed size).
+    Yields:
+      ``(key, merged_example)``. Leftovers at the end are flushed group by group in
+      first-seen order (Kaldi's order there depends on its hash table).
+    """
+    rule = MinibatchSizeRule(minibatch_size)
+    groups: Dict[tuple, List[NnetChainExample]] = {}
+    n_written = n_read = n_discarded = 0
+    for _, eg in items:
+        n_read += 1
+        key = _structure_key(eg)
+        vec = groups.setdefault(key, [])
+        vec.append(eg)
+        mb = rule.minibatch_size(_eg_size(eg), len(vec), False)
+        if mb:
+            del groups[key]
+            yield "merged-%d-%d" % (n_written, mb), merge_chain_egs(vec, compress)
+            n_written += 1
+    for key, vec in list(groups.items()):
+        while vec:
+            mb = rule.minibatch_size(_eg_size(vec[0]), len(vec), True)
+            if not mb:
+                break
+            yield "merged-%d-%d" % (n_written, mb), merge_chain_egs(vec[:mb], compress)
+            n_written += 1
+            vec = vec[mb:]
+        n_discarded += len(vec)
+    if stats is not None:
+        stats.update(num_read=n_read, num_written=n_written, num_discarded=n_discarded)
+
+
+def merge_chain_egs_table(rspec: str, wspec: str, minibatch_size: str = "64",
+                          compress: bool = False) -> dict:
+    """``nnet3-chain-merge-egs``: read egs from ``rspec``, write merged minibatches
+    to ``wspec``; returns the counts (see :func:`merge_chain_egs_stream`)."""
+    stats: dict = {}
+    write_chain_egs(wspec, merge_chain_egs_stream(read_chain_egs(rspec), minibatch_size,
+                                                  compress, stats))
+    return stats
+
+
+def copy_chain_egs(rspec: str, wspecs: Sequence[str], weights: Optional[str] = None,
+                   outputs: Optional[str] = None, frame_shift: int = 0) -> dict:
+    """``nnet3-chain-copy-egs``: copy egs, round-robin over several outputs.
+
+    Args:
+      rspec: egs rspecifier.
+      wspecs: one or more wspecifiers (egs are distributed round-robin).
+      weights: rspecifier of per-key float weights; the supervision weight of output
+        "output" is multiplied by it; egs without a weight are skipped with a warning.
+      outputs: rspecifier of per-key new names for the output "output".
+      frame_shift: shift times as :func:`shift_chain_example_times`.
+    Returns:
+      ``{"num_read", "num_written", "num_skipped"}``.
+    """
+    import warnings
+    from .table import RandomAccessTableReader
+    wreader = RandomAccessTableReader(weights, "float") if weights else None
+    oreader = RandomAccessTableReader(outputs, "token") if outputs else None
+    if not wspecs:
+        raise ValueError("copy_chain_egs: at least one wspecifier is needed")
+    writers = [ChainEgsWriter(w) for w in wspecs]
+    n_read = n_written = n_skipped = 0
+    try:
+        for key, eg in read_chain_egs(rspec):
+            n_read += 1
+            if wreader is not None:
+                if key not in wreader:
+                    warnings.warn("No weight for example key %s" % key)
+                    n_skipped += 1
+                    continue
+                scale_supervision_weight(eg, float(wreader[key]))
+            if oreader is not None:
+                if key not in oreader:
+                    warnings.warn("No new output-name for example key %s" % key)
+                    n_skipped += 1
+                    continue
+                if eg.output_name != "output":
+                    raise ValueError("%s: no supervision named 'output' in example %s"
+                                     % (rspec, key))
+                eg.output_name = oreader[key]
+            if frame_shift:
+                shift_chain_example_times(eg, frame_shift)
+            writers[n_written % len(writers)].write(key, eg)
+            n_written += 1
+    finally:
+        for w in writers:
+            w.close()
+    return {"num_read": n_read, "num_written": n_written, "num_skipped": n_skipped}
