@@ -376,12 +376,15 @@ def add_hmm_self_loops(fst, trans_model, disambig_tids: Sequence[int] = (),
         raise GraphError("add_hmm_self_loops: empty FST")
     ntid = trans_model.num_transition_ids
     id2state = np.zeros(ntid + 1, dtype=np.int64)
+    is_loop = np.zeros(ntid + 1, dtype=bool)
     for tid in range(1, ntid + 1):
         id2state[tid] = trans_model.transition_id_to_transition_state(tid)
-        if trans_model.is_self_loop(tid) and np.any(f.ilabel == tid):
-            raise GraphError("add_hmm_self_loops: the graph already has self-loops "
-                             "(transition-id %d)" % tid)
+        is_loop[tid] = trans_model.is_self_loop(tid)
     il = f.ilabel.astype(np.int64)
+    in_range = (il >= 1) & (il <= ntid)
+    if np.any(is_loop[il[in_range]]):
+        raise GraphError("add_hmm_self_loops: the graph already has self-loops "
+                         "(transition-id %d)" % il[in_range][is_loop[il[in_range]]][0])
     bad_label = (il < 0) | ((il > ntid) & ~np.isin(il, np.asarray(list(disambig_tids) or [0])))
     if np.any(bad_label):
         raise GraphError("add_hmm_self_loops: input label %d is neither a transition-id "
