@@ -22,7 +22,7 @@ from pkwrap.chain.denominator import denominator_logprob
 from pkwrap.chain.phone_lm import estimate_phone_lm, read_int_vector_archive
 from pkwrap.chain.tree import chain_topology, full_biphone_tree, make_transition_model
 from pkwrap.kaldi.fst import Fst, read_fst, write_fst
-from pkwrap.kaldi.hmm import read_transition_model, read_tree
+from pkwrap.kaldi.hmm import ContextDependency, read_transition_model, read_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,6 +147,25 @@ def test_flat_start_full_biphone_den_fst():
     x = torch.randn(2, 20, tm.num_pdfs, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(denominator_logprob(graph, x, 0.1))
     assert norm.num_states == den.num_states and not norm.has_epsilons()
+
+
+def test_right_context_tree_path():
+    """A triphone tree (N=3, P=1) that ignores the right phone exercises the
+    subsequential-symbol / context-epsilon path; it must give the biphone graph's
+    denominator (the graphs differ in size, the distribution over pdf sequences not)."""
+    tree = read_tree(fixture_path("biphone", "tree"))
+    tm = read_transition_model(fixture_path("biphone", "trans.mdl"))
+    lm = read_fst(fixture_path("biphone", "phone_lm.fst"))
+    tri = ContextDependency(3, 1, tree.to_pdf)
+    tm3 = make_transition_model(tri, tm.topology)
+    assert tm3 == tm
+    den3, norm3 = make_den_fst(tri, tm3, lm)
+    den, _ = _graphs("biphone")
+    x = 2 * torch.randn(2, 50, tm.num_pdfs, generator=torch.Generator().manual_seed(0))
+    lp = [denominator_logprob(DenominatorGraph.from_fst(d, tm.num_pdfs), x, 0.1).item()
+          for d in (den, den3)]
+    assert abs(lp[0] - lp[1]) <= 1e-4 * abs(lp[0])
+    assert norm3.num_states == den3.num_states
 
 
 def test_bad_input():

@@ -355,12 +355,19 @@ def _pdf_acceptor(tree: ContextDependency, tm: TransitionModel, phone_lm: Fst) -
     A_src, A_lab, A_w, A_dst = [], [], [], []
     final: Dict[int, float] = {}
 
-    def emit_clm_arcs(from_id, q, extra):
-        """Arcs of CLM state q entering HMMs, as leaving state ``from_id``."""
+    def emit_clm_arcs(from_id, q, extra, depth=0):
+        """Arcs and final weight of CLM state q, as leaving state ``from_id`` (CLM
+        epsilons, which a context wider than the central position + 1 makes at the
+        start of the LM, are followed: there is at most one epsilon path)."""
+        if depth > len(by_src):
+            raise ValueError("epsilon cycle in the context-expanded phone LM")
+        if np.isfinite(cfinal[q]):
+            w_fin = f32(f32(cfinal[q]) + extra)
+            final[from_id] = float(min(w_fin, final.get(from_id, np.inf)))
         for cd, w, q2 in by_src[q]:
             if cd == 0:
-                raise NotImplementedError("epsilon arcs in the context-expanded LM "
-                                          "(phone LM with epsilons?) are not supported")
+                emit_clm_arcs(from_id, q2, f32(f32(w) + extra), depth + 1)
+                continue
             phys = phys_of_label[cd]
             n, states = hmm(phys)
             for d, lab, cost in states[0][0]:
@@ -373,10 +380,7 @@ def _pdf_acceptor(tree: ContextDependency, tm: TransitionModel, phone_lm: Fst) -
     while i < len(order):
         key = order[i]
         if key[0] == "L":
-            q = key[1]
-            if np.isfinite(cfinal[q]):
-                final[i] = float(cfinal[q])
-            emit_clm_arcs(i, q, f32(0.0))
+            emit_clm_arcs(i, key[1], f32(0.0))
         else:
             _, phys, d, q2, j_from = key
             n, states = hmm(phys)
@@ -389,8 +393,6 @@ def _pdf_acceptor(tree: ContextDependency, tm: TransitionModel, phone_lm: Fst) -
                 A_dst.append(i)
             if d == n - 1:
                 # epsilon back to the CLM state q2, removed: take over its arcs and final
-                if np.isfinite(cfinal[q2]):
-                    final[i] = float(f32(f32(cfinal[q2]) + extra))
                 emit_clm_arcs(i, q2, extra)
             else:
                 for d2, lab, cost in states[d][0]:
