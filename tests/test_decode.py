@@ -307,6 +307,10 @@ def test_bad_input_is_reported(mono, lexicon, digit_graph, tmp_path):
     arpa.write_text("\\data\\\nngram 1=3\n\n\\1-grams:\n-1 </s>\n-99 <s>\n-0.5 eleven\n\n\\end\\\n")
     with pytest.raises(LexiconError, match=r"oov.arpa:7: word 'eleven'"):
         make_arpa_grammar(arpa, words)
+    # kaldilm would abort the whole process on this one: caught before it runs
+    arpa.write_text("\\data\\\nngram 1=3\n\n\\1-grams:\n-1 </s>\n-99 <s>\nxyz one\n\n\\end\\\n")
+    with pytest.raises(GraphError, match=r"oov.arpa:7: log-prob 'xyz' is not a number"):
+        make_arpa_grammar(arpa, words)
     x = np.zeros((10, tm.num_pdfs), np.float32)
     with pytest.raises(DecodeError, match="34 pdfs"):
         decode(x[:, :30], digit_graph)

@@ -197,26 +197,65 @@ class _stderr_to:
 
 
 def _check_arpa_words(path: str, table: SymbolTable) -> None:
-    section = None
+    """Validate an ARPA file before kaldilm sees it (kaldilm aborts the process on a
+    malformed file): sections, number fields and that every word is in ``table``."""
+    def err(n, msg):
+        raise GraphError("%s:%d: %s" % (path, n, msg))
+
+    def num(tok, n, what):
+        try:
+            return float(tok)
+        except ValueError:
+            err(n, "%s %r is not a number" % (what, tok))
+
+    section, order, seen_data, seen_end, max_order = None, 0, False, False, 0
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
-            if line.startswith("\\"):
-                section = line
+            if seen_end:
+                break
+            if not seen_data:  # text before \\data\\ is ignored, as Kaldi's parser does
+                if line != "\\data\\":
+                    continue
+                seen_data = True
+                section = "data"
                 continue
-            if section and section.endswith("-grams:"):
-                order = int(section[1:section.index("-")])
-                a = line.split()
-                if len(a) < order + 1:
-                    raise GraphError("%s:%d: bad %d-gram line %r" % (path, n, order, line))
-                for w in a[1:1 + order]:
-                    if w not in table:
-                        raise LexiconError("%s:%d: word %r of the LM is not in %s"
-                                           % (path, n, w, table.name))
-    if section is None:
-        raise GraphError("%s does not look like an ARPA file (no \\data\\ section)" % path)
+            if line.startswith("\\"):
+                if line == "\\end\\":
+                    seen_end = True
+                    continue
+                if not (line.endswith("-grams:") and line[1:line.index("-")].isdigit()):
+                    err(n, "unknown section %r" % line)
+                order = int(line[1:line.index("-")])
+                if order < 1 or order > max_order:
+                    err(n, "section %r but the header declares orders 1..%d" % (line, max_order))
+                section = "ngrams"
+                continue
+            if section == "data":
+                if not line.startswith("ngram ") or "=" not in line:
+                    err(n, "expected 'ngram N=count' in the \\data\\ section, got %r" % line)
+                k, c = line[6:].split("=", 1)
+                if not (k.strip().isdigit() and c.strip().isdigit()):
+                    err(n, "bad header line %r" % line)
+                max_order = max(max_order, int(k))
+                continue
+            a = line.split()
+            if len(a) not in (order + 1, order + 2):
+                err(n, "a %d-gram line needs a log-prob, %d words and an optional back-off "
+                       "weight, got %r" % (order, order, line))
+            num(a[0], n, "log-prob")
+            if len(a) == order + 2:
+                num(a[-1], n, "back-off weight")
+            for w in a[1:1 + order]:
+                if w not in table:
+                    raise LexiconError("%s:%d: word %r of the LM is not in %s"
+                                       % (path, n, w, table.name))
+    if not seen_data:
+        raise GraphError("%s is not an ARPA file (no \\data\\ section)" % path)
+    if not seen_end:
+        raise GraphError("%s: no \\end\\ marker (truncated ARPA file?)" % path)
 
 
 # ---------------------------------------------------------------------------------------
