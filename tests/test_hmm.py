@@ -4,20 +4,25 @@ Fixtures: ``mono`` and ``biphone`` (tree, tree.txt, topo, trans.mdl, trans.mdl.t
 show-transitions.txt, tree-info.txt, phones.txt), ``bench`` (binary tree + trans.mdl).
 """
 import io
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import fixture_path
-from pkwrap.chain.tree import (chain_topology, full_biphone_tree, make_transition_model,
-                               monophone_tree)
+from pkwrap.chain.tree import (chain_topology, chain_topology_text, full_biphone_tree,
+                               make_transition_model, monophone_tree, read_phone_counts)
 from pkwrap.kaldi.hmm import (ContextDependency, KaldiFormatError, read_phone_symbols,
                               read_topology, read_transition_model, read_tree,
                               show_transitions, write_topology, write_transition_model,
                               write_tree)
 
 SETUPS = ["mono", "biphone"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _bytes(*parts):
@@ -119,6 +124,8 @@ def test_transition_model_io(setup):
     assert write_transition_model(tm) == _bytes(setup, "trans.mdl")
     assert write_transition_model(tm, binary=False) == _bytes(setup, "trans.mdl.txt")
     assert tm.topology == read_topology(fixture_path(setup, "topo"))
+    # a model file with more after the transition model (GMM / nnet3 final.mdl)
+    assert read_transition_model(_bytes(setup, "trans.mdl") + b"<Nnet3> rest") == tm
     names = read_phone_symbols(fixture_path(setup, "phones.txt"))
     assert show_transitions(tm, names) == fixture_path(setup, "show-transitions.txt").read_text()
 
@@ -246,3 +253,26 @@ def test_truncated_and_corrupt_files(tmp_path):
         read_topology(p)
     with pytest.raises(KaldiFormatError, match="cannot read"):
         read_tree(tmp_path / "missing")
+
+
+def test_cli_flat_start_tree(tmp_path):
+    """chain-gen-topo + chain-init-tree --type=mono reproduce Kaldi's mono topo/tree/model."""
+    assert chain_topology_text(range(2, 18), [1]) == fixture_path("mono", "topo").read_text()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "chain-gen-topo"),
+                        ":".join(str(p) for p in range(2, 18)), "1"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "topo").write_text(r.stdout)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "chain-init-tree"),
+                        "--type=mono", str(tmp_path / "topo"), str(tmp_path / "mdl"),
+                        str(tmp_path / "tree")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "mdl").read_bytes() == _bytes("mono", "trans.mdl")
+    assert (tmp_path / "tree").read_bytes() == _bytes("mono", "tree")
+    counts = tmp_path / "counts"
+    counts.write_text("0 2 150\n2 3 5\n3 40\n")
+    assert read_phone_counts(counts) == ({(0, 2): 150, (2, 3): 5}, {3: 40})
+    counts.write_text("0 2 x\n")
+    with pytest.raises(ValueError, match="counts:1"):
+        read_phone_counts(counts)

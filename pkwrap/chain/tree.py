@@ -37,7 +37,8 @@ from pkwrap.kaldi.hmm import (PDF_CLASS_KEY, ConstantEventMap, ContextDependency
                               HmmState, HmmTopology, SplitEventMap, TableEventMap,
                               TransitionModel)
 
-__all__ = ["chain_topology", "monophone_tree", "full_biphone_tree", "make_transition_model"]
+__all__ = ["chain_topology", "chain_topology_text", "monophone_tree", "full_biphone_tree",
+           "make_transition_model", "read_phone_counts"]
 
 
 def chain_topology(phones: Iterable[int]) -> HmmTopology:
@@ -54,6 +55,53 @@ def chain_topology(phones: Iterable[int]) -> HmmTopology:
         raise ValueError("chain_topology needs positive phone ids, got %r" % (phones,))
     entry = [HmmState(0, 1, [(0, 0.5), (1, 0.5)]), HmmState(-1, -1, [])]
     return HmmTopology([entry], {p: 0 for p in phones})
+
+
+def chain_topology_text(nonsilence_phones: Sequence[int], silence_phones: Sequence[int]) -> str:
+    """The ``topo`` file Kaldi's ``steps/nnet3/chain/gen_topo.py`` prints (silence phones
+    listed first), readable by :func:`~pkwrap.kaldi.hmm.read_topology`.
+
+    Args:
+      nonsilence_phones: non-silence phone ids.
+      silence_phones: silence phone ids.
+    Returns:
+      the text.
+    """
+    phones = [int(p) for p in silence_phones] + [int(p) for p in nonsilence_phones]
+    if not phones or min(phones) <= 0 or len(set(phones)) != len(phones):
+        raise ValueError("phones must be distinct positive ids, got %r" % (phones,))
+    return ("<Topology>\n<TopologyEntry>\n<ForPhones>\n%s\n</ForPhones>\n"
+            "<State> 0 <ForwardPdfClass> 0 <SelfLoopPdfClass> 1 <Transition> 0 0.5 "
+            "<Transition> 1 0.5 </State>\n<State> 1 </State>\n</TopologyEntry>\n"
+            "</Topology>\n" % " ".join(str(p) for p in phones))
+
+
+def read_phone_counts(path) -> Tuple[Dict[Tuple[int, int], int], Dict[int, int]]:
+    """Read ``gmm-init-biphone --phone-counts``: lines ``left right count`` (left 0 =
+    utterance start) or ``phone count``.
+
+    Returns:
+      ``(biphone_counts, mono_counts)``.
+    """
+    bi: Dict[Tuple[int, int], int] = {}
+    mono: Dict[int, int] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                vals = [int(x) for x in parts]
+            except ValueError:
+                vals = []
+            if len(vals) == 3 and vals[0] >= 0 and vals[1] > 0 and vals[2] >= 0:
+                bi[(vals[0], vals[1])] = vals[2]
+            elif len(vals) == 2 and vals[0] > 0 and vals[1] >= 0:
+                mono[vals[0]] = vals[1]
+            else:
+                raise ValueError("%s:%d: bad line in phone counts: %r"
+                                 % (path, lineno, line.rstrip("\n")))
+    return bi, mono
 
 
 def _table(key: int, mapping: Dict[int, EventMap]) -> TableEventMap:
