@@ -20,7 +20,7 @@ pytest.importorskip("kaldi_decoder")
 
 from pkwrap.decode import (DecodeError, DecodingGraph, GraphError, LexiconError,  # noqa: E402
                            ScoringError, SymbolTable, add_disambig_symbols,
-                           build_decoding_graph, build_decoding_graph_from_lang,
+                           build_decoding_graph, build_decoding_graph_from_lang, compose_lg,
                            compile_train_graph, compute_wer, decode, from_kaldifst,
                            make_arpa_grammar, make_lexicon_fst, make_phone_table,
                            make_word_loop_grammar, make_word_table, read_lexicon,
@@ -183,6 +183,25 @@ def test_hclg_is_a_distribution(setup):
         g = build_decoding_graph(lex, phones, tree, tm, ["a", "b", "c", "d"],
                                  sil_phone="SIL", sil_prob=sil_prob)
         assert _total_prob(g.hclg) == pytest.approx(1.0, abs=5e-3)
+
+
+def test_push_special_equalizes_state_sums(mono, lexicon):
+    _, _, phones = mono
+    words = make_word_table(w for w, _, _ in lexicon)
+    lex, nd = add_disambig_symbols(lexicon)
+    ptab = make_phone_table(phones, nd)
+    L = make_lexicon_fst(lex, ptab, words, word_disambig_loops=True)
+    G = make_word_loop_grammar(DIGITS, words, probs=[0.1] * 8, final_prob=0.05)
+    lg0, lg = compose_lg(L, G, push=False), compose_lg(L, G)
+    for f in (lg0, lg):
+        assert _total_prob(f) == pytest.approx(_total_prob(lg0), rel=1e-4)
+    f = from_kaldifst(lg)
+    out = np.bincount(f.src, np.exp(-f.weight.astype(np.float64)), minlength=f.num_states)
+    out += np.exp(-f.final.astype(np.float64))
+    assert np.log(out.max() / out.min()) < 2e-3  # every state sums to the same lambda
+    f0 = from_kaldifst(lg0)
+    out0 = np.bincount(f0.src, np.exp(-f0.weight.astype(np.float64)), minlength=f0.num_states)
+    assert np.log(out0.max() / out0.min()) > 0.1  # ... which it did not before
 
 
 # ------------------------------------------------------------------------------- decoding

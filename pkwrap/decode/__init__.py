@@ -19,7 +19,7 @@ from .decoder import (DecodeError, DecodeResult, decode, decode_utterances,  # n
                       write_lattice_ark, write_loglikes_ark)
 from .graph import (DecodingGraph, GraphError, add_hmm_self_loops, build_decoding_graph,  # noqa: F401
                     build_decoding_graph_from_lang, compile_train_graph, compose_lg,
-                    from_kaldifst, make_arpa_grammar, make_h_transducer, make_hclg,
+                    from_kaldifst, make_arpa_grammar, make_h_transducer, make_hclg, push_special,
                     make_word_loop_grammar, remove_disambig_symbols, to_kaldifst,
                     write_lang_dir)
 from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,  # noqa: F401

@@ -16,7 +16,7 @@ Each factor is a weighted transducer (tropical semiring, weights -log p):
 
 Kaldi's ``utils/mkgraph.sh`` recipe, which this module follows step for step::
 
-    LG    = minimize_encoded(determinize_star_log(L_disambig ∘ G))
+    LG    = push_special(minimize_encoded(determinize_star_log(L_disambig ∘ G)))
     CLG   = compose_context(LG)
     HCLGa = minimize_encoded(rm_disambig(determinize_star_log(Ha ∘ CLG)))
     HCLG  = add_self_loops(HCLGa, self_loop_scale, reorder=True)
@@ -27,11 +27,11 @@ such state, multiplies its outgoing arcs and final weight by (1 - p_loop(t))^sca
 adds the self-loop (``SelfLoopOf(t)`` : eps) with weight -scale * log p_loop(t). Chain
 models use ``self_loop_scale = transition_scale = 1.0``.
 
-Two optional Kaldi steps are omitted because kaldifst does not offer them:
-``fstpushspecial`` on LG (weight pushing; it moves weight earlier on paths but does not
-change any path's total weight) and ``fstrmepslocal`` on HCLGa (a size optimization).
-The graph therefore accepts exactly the same weighted paths as Kaldi's and gives the
-same best path, but may differ from Kaldi's HCLG.fst in state numbering and size.
+One optional Kaldi step is omitted because kaldifst does not offer it: ``fstrmepslocal``
+on HCLGa (it removes some epsilon arcs, a size optimization). The graph accepts exactly
+the same weighted paths as Kaldi's, but may differ from Kaldi's HCLG.fst in state
+numbering and size. With transcripts as G and no pushing, :func:`compile_train_graph`
+reproduces Kaldi's ``compile-train-graphs`` arc for arc.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symb
                       make_lexicon_fst, make_phone_table)
 
 __all__ = ["DecodingGraph", "build_decoding_graph", "make_word_loop_grammar",
-           "make_arpa_grammar", "compose_lg", "make_h_transducer", "add_hmm_self_loops",
+           "make_arpa_grammar", "compose_lg", "push_special", "make_h_transducer",
+           "add_hmm_self_loops",
            "remove_disambig_symbols", "make_hclg", "compile_train_graph",
            "build_decoding_graph_from_lang", "write_lang_dir", "to_kaldifst", "from_kaldifst",
            "GraphError"]
@@ -261,8 +262,15 @@ def _check_arpa_words(path: str, table: SymbolTable) -> None:
 # ---------------------------------------------------------------------------------------
 # LG, H, HCLG
 
-def compose_lg(L_disambig, G):
-    """LG = min_encoded(det_star_log(L_disambig ∘ G)) (``mkgraph.sh`` without pushspecial)."""
+def compose_lg(L_disambig, G, push: bool = True):
+    """LG = push_special(min_encoded(det_star_log(L_disambig ∘ G))), as ``mkgraph.sh``.
+
+    Args:
+      L_disambig: the lexicon FST with disambiguation symbols (and #0 loops).
+      G: the grammar.
+      push: apply :func:`push_special` (``fstpushspecial``); ``compile-train-graphs``
+        does not push, so :func:`compile_train_graph` passes False.
+    """
     import kaldifst
     L = L_disambig.copy() if hasattr(L_disambig, "copy") else L_disambig
     kaldifst.arcsort(L, sort_type="olabel")
@@ -272,7 +280,60 @@ def compose_lg(L_disambig, G):
                          "lexicon (check the word ids of G against words.txt)")
     kaldifst.determinize_star(LG, use_log=True)
     kaldifst.minimize_encoded(LG)
-    return LG
+    return push_special(LG) if push else LG
+
+
+def push_special(fst, delta: float = 1.0 / 1024, max_iter: int = 200):
+    """Kaldi's ``fstpushspecial``: reweight so that every state "sums to" the same λ.
+
+    With P[i][j] the summed probability of arcs i -> j, plus the final probability of i
+    added to P[i][start], the power iteration ``v <- (P + 0.1 I) v / |.|`` finds the top
+    eigenvector (v_s > 0, P v = λ v). Arcs i -> j get weight ``w - log v_j + log v_i`` and
+    finals ``w_f - log v_start + log v_i``, which keeps every path's total weight and
+    makes each state's outgoing probability (arcs + final) equal λ. It stops when
+    ``log(max_sum / min_sum) <= delta`` (checked every 5 iterations).
+
+    Returns:
+      a new ``kaldifst.StdVectorFst``.
+    """
+    import warnings
+    f = from_kaldifst(fst)
+    S = f.num_states
+    if S == 0:
+        return fst
+    src, dst = f.src.astype(np.int64), f.nextstate.astype(np.int64)
+    p = np.exp(-f.weight.astype(np.float64))
+    pf = np.exp(-f.final.astype(np.float64))
+    start = f.start
+    occ = np.full(S, 1.0 / math.sqrt(S))
+
+    def sums(v):
+        out = np.bincount(src, weights=p * v[dst], minlength=S) + pf * v[start]
+        return out
+
+    converged = False
+    for it in range(max_iter):
+        new = 0.1 * occ + sums(occ)
+        occ = new / math.sqrt(float(new @ new))
+        if it % 5 == 0 and it > 0:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r = sums(occ) / occ
+            if np.all(np.isfinite(r)) and np.log(r.max() / r.min()) <= delta:
+                converged = True
+                break
+    if not converged:
+        warnings.warn("push_special: %d iterations without converging; the weights are "
+                      "pushed inaccurately (paths keep their total weight)" % max_iter)
+    with np.errstate(divide="ignore"):
+        pot = -np.log(occ)
+    if not np.all(np.isfinite(pot)):
+        warnings.warn("push_special: some states have zero potential; not pushing")
+        return fst
+    w = f.weight.astype(np.float64) + pot[dst] - pot[src]
+    fin = f.final.astype(np.float64) + pot[start] - pot
+    f.weight = w.astype(np.float32)
+    f.final = np.where(np.isfinite(f.final), fin, np.inf).astype(np.float32)
+    return to_kaldifst(f)
 
 
 def _non_self_loop_log_prob(trans_model, trans_state: int) -> float:
@@ -549,7 +610,7 @@ def compile_train_graph(L, word_ids: Sequence[int], tree, trans_model,
     if min(word_ids) <= 0:
         raise GraphError("compile_train_graph: word ids must be > 0, got %r" % word_ids)
     G = kaldifst.make_linear_acceptor(word_ids)
-    return make_hclg(compose_lg(L, G), tree, trans_model, disambig_phone_ids,
+    return make_hclg(compose_lg(L, G, push=False), tree, trans_model, disambig_phone_ids,
                      transition_scale, self_loop_scale)
 
 
