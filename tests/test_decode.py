@@ -232,6 +232,27 @@ def test_four_with_two_pronunciations_and_homophones(mono, lexicon, digit_graph)
     assert r.nbest[0][1] == pytest.approx(r.cost, abs=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["monophone", "full_biphone"])
+def test_flat_start_trees_decode_digit_strings(mono, lexicon, kind):
+    """The trees flat-start chain training builds (pkwrap.chain.tree), as the digits recipe
+    uses them: random digit strings with optional silence decode exactly."""
+    tree_mod = pytest.importorskip("pkwrap.chain.tree")
+    _, _, phones = mono
+    topo = tree_mod.chain_topology([i for _, i in phones if i > 0])
+    tree = (tree_mod.monophone_tree(topo) if kind == "monophone"
+            else tree_mod.full_biphone_tree(topo, ci_phones=[phones["SIL"]]))
+    tm = tree_mod.make_transition_model(tree, topo)
+    g = build_decoding_graph(lexicon, phones, tree, tm, grammar=DIGITS, sil_phone="SIL")
+    rng = np.random.default_rng(5)
+    for trial in range(8):
+        words = [DIGITS[i] for i in rng.integers(0, len(DIGITS), 1 + trial % 6)]
+        seq = ["SIL"] + phones_of(lexicon, words, sil_after={0, 3})
+        x, pdfs = synth_loglikes(tree, phones, seq, rng.integers(1, 4, len(seq)), seed=trial)
+        r = decode(x, g)
+        assert r.words == words
+        assert [tm.transition_id_to_pdf(t) for t in r.alignment] == pdfs
+
+
 def test_biphone_arpa_grammar_known_path(biphone, tmp_path):
     tree, tm, phones = biphone
     lex = [("a", 1.0, ["P1", "P2"]), ("b", 1.0, ["P3"]), ("c", 1.0, ["P4", "P5", "P6"]),
