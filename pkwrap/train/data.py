@@ -18,8 +18,8 @@ consumed by the whole job, so it does not depend on W. A job restarted with a di
 number of workers continues at the same global minibatch: no minibatch is trained twice
 or skipped within the epoch (the minibatches are then grouped into different steps, so
 the trajectory differs from the uninterrupted run only in how minibatches are averaged
-together). The last ``len(plan) mod W`` minibatches of an epoch are not used, so that
-every rank takes the same number of steps (DDP needs that).
+together). The last ``(len(plan) - p) mod W`` minibatches of an epoch are not used, so
+that every rank takes the same number of steps (DDP needs that).
 
 **Frame shift.** Minibatch g of epoch e gets shift ``s = (g + e) mod f`` as
 ``steps/nnet3/chain/train.py`` rotates ``--frame-shift`` over archives; as in
@@ -363,7 +363,7 @@ class ChainMinibatchSampler(torch.utils.data.Sampler):
         return out
 
     def steps_per_epoch(self, epoch: Optional[int] = None) -> int:
-        """Steps every rank takes in an epoch (``len(plan) // world_size``)."""
+        """Steps every rank takes in a whole epoch (``len(plan) // world_size``)."""
         return len(self.plan(self.epoch if epoch is None else epoch)) // self.world_size
 
     def frame_shift_of(self, epoch: int, index: int) -> int:
@@ -374,15 +374,15 @@ class ChainMinibatchSampler(torch.utils.data.Sampler):
     # --- iteration --------------------------------------------------------------------
     def __iter__(self) -> Iterator[List[Tuple[int, int, int]]]:
         plan = self.plan(self.epoch)
-        usable = (len(plan) // self.world_size) * self.world_size
-        p = self.position - self.position % self.world_size
-        for g in range(p + self.rank, usable, self.world_size):
+        p0, n = self.position, len(self)  # step_done() moves position while we iterate
+        for k in range(n):
+            g = p0 + self.rank + k * self.world_size
             shift = self.frame_shift_of(self.epoch, g)
             yield [(i, g, shift) for i in plan[g]]
 
     def __len__(self) -> int:
-        usable = (len(self.plan(self.epoch)) // self.world_size) * self.world_size
-        return max(0, usable - self.position) // self.world_size
+        """Steps left in this epoch (the same on every rank)."""
+        return max(0, len(self.plan(self.epoch)) - self.position) // self.world_size
 
     def step_done(self) -> None:
         """Record that one step (one minibatch on each rank) finished."""

@@ -144,7 +144,7 @@ def compute_prob(model: nn.Module, ctx: ModelContext, loss_fn: nn.Module,
         for batch in batches:
             res = compute_chain_loss(model, ctx, loss_fn, batch.to(device),
                                      apply_deriv_weights=False)
-            tracker.add_result(res)
+            tracker.add_result(res, batch.num_output_frames, xent=ctx.has_xent)
     return tracker.reduce(device) if reduce else tracker
 
 

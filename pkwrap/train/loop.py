@@ -436,7 +436,12 @@ class Trainer:
         if not resumed:
             self._seed_rngs(cfg.seed * 1000003 + self.dist.rank)
             self.sampler.set_epoch(0)
-        total_steps = sum(self.sampler.steps_per_epoch(e) for e in range(cfg.num_epochs))
+        # steps still to do from the global data position (the number of workers may have
+        # changed since the checkpoint)
+        total_steps = self.step
+        if self.epoch < cfg.num_epochs:
+            total_steps += len(self.sampler) + sum(self.sampler.steps_per_epoch(e)
+                                                   for e in range(self.epoch + 1, cfg.num_epochs))
         if cfg.max_steps is not None:
             total_steps = min(total_steps, cfg.max_steps)
         bar = None
@@ -460,7 +465,7 @@ class Trainer:
                     self.skipped += 1
                     self.log.warning("step %d: non-finite objective or gradient "
                                      "(minibatch %d)", self.step, batch.index)
-                tracker.add_result(res, batch.num_output_frames)
+                tracker.add_result(res, batch.num_output_frames, xent=self.ctx.has_xent)
                 if bar is not None:
                     bar.update(1)
                 if cfg.log_every > 0 and self.step % cfg.log_every == 0:
@@ -472,14 +477,15 @@ class Trainer:
                     self.save()
                 if self.step >= total_steps:
                     break
-            if self.sampler.position >= self.sampler.steps_per_epoch() * self.dist.world_size:
+            if len(self.sampler) == 0:  # the epoch is over
                 self.log.info("finished epoch %d at step %d", self.epoch, self.step)
                 self.epoch += 1
                 self.sampler.set_epoch(self.epoch)
                 if cfg.valid_every == 0 and (self.valid_data is not None
                                              or self.train_diag_data is not None):
                     self.diagnostics()
-                self.save()
+                if self._last_saved_step != self.step:
+                    self.save()
         if bar is not None:
             bar.close()
         if tracker.get("minibatches", 0):

@@ -32,9 +32,11 @@ __all__ = ["ObjfTracker", "setup_logger", "kaldi_objf_line", "make_summary_write
 class ObjfTracker(dict):
     """Sums of objective parts; ``per_frame(key)`` divides by the summed ``weight``."""
 
-    def add_result(self, result, num_frames: Optional[float] = None) -> None:
-        """Accumulate a ChainLoss result (objf, l2_term, weight, xent_objf)."""
-        for k in ("objf", "l2_term", "weight", "xent_objf"):
+    def add_result(self, result, num_frames: Optional[float] = None,
+                   xent: bool = True) -> None:
+        """Accumulate a ChainLoss result (objf, l2_term, weight and, with ``xent``,
+        xent_objf)."""
+        for k in ("objf", "l2_term", "weight") + (("xent_objf",) if xent else ()):
             v = getattr(result, k, None)
             if v is not None:
                 self[k] = self.get(k, 0.0) + float(v)
