@@ -386,11 +386,6 @@ def _pdf_acceptor(tree: ContextDependency, tm: TransitionModel, phone_lm: Fst) -
             n, states = hmm(phys)
             ts, sl_info = states[j_from][1]
             extra = non_self_cost(ts)  # reordered self-loop: scale what leaves
-            if sl_info is not None:
-                A_src.append(i)
-                A_lab.append(sl_info[0])
-                A_w.append(sl_info[1])
-                A_dst.append(i)
             if d == n - 1:
                 # epsilon back to the CLM state q2, removed: take over its arcs and final
                 emit_clm_arcs(i, q2, extra)
@@ -400,6 +395,11 @@ def _pdf_acceptor(tree: ContextDependency, tm: TransitionModel, phone_lm: Fst) -
                     A_lab.append(lab)
                     A_w.append(f32(cost + extra))
                     A_dst.append(sid(("X", phys, d2, q2, d)))
+            if sl_info is not None:  # AddSelfLoops appends the self-loop
+                A_src.append(i)
+                A_lab.append(sl_info[0])
+                A_w.append(sl_info[1])
+                A_dst.append(i)
         i += 1
     S = len(order)
     fin = np.full(S, np.inf, dtype=np.float32)
@@ -470,6 +470,123 @@ def create_denominator_fst(tree: ContextDependency, trans_model: TransitionModel
     return fst
 
 
+def _std_sort(keys: List[int]) -> List[int]:
+    """The permutation libstdc++'s ``std::sort`` (introsort + final insertion sort)
+    produces when sorting ``keys`` with ``<``. It is not stable; OpenFst's ``ArcSort``
+    uses it, so this reproduces the order of arcs with equal labels."""
+    a = list(range(len(keys)))
+
+    def lt(i, j):
+        return keys[i] < keys[j]
+
+    def insertion_sort(first, last):
+        for i in range(first + 1, last):
+            v = a[i]
+            if lt(v, a[first]):
+                a[first + 1:i + 1] = a[first:i]
+                a[first] = v
+            else:
+                unguarded_linear_insert(i)
+
+    def unguarded_linear_insert(last):
+        v = a[last]
+        nxt = last - 1
+        while lt(v, a[nxt]):
+            a[last] = a[nxt]
+            last = nxt
+            nxt -= 1
+        a[last] = v
+
+    def adjust_heap(first, hole, length, value):
+        top = hole
+        child = hole
+        while child < (length - 1) // 2:
+            child = 2 * (child + 1)
+            if lt(a[first + child], a[first + child - 1]):
+                child -= 1
+            a[first + hole] = a[first + child]
+            hole = child
+        if length % 2 == 0 and child == (length - 2) // 2:
+            child = 2 * (child + 1)
+            a[first + hole] = a[first + child - 1]
+            hole = child - 1
+        parent = (hole - 1) // 2
+        while hole > top and lt(a[first + parent], value):
+            a[first + hole] = a[first + parent]
+            hole = parent
+            parent = (hole - 1) // 2
+        a[first + hole] = value
+
+    def heap_sort(first, last):
+        length = last - first
+        if length >= 2:
+            parent = (length - 2) // 2
+            while True:
+                adjust_heap(first, parent, length, a[first + parent])
+                if parent == 0:
+                    break
+                parent -= 1
+        while last - first > 1:
+            last -= 1
+            v = a[last]
+            a[last] = a[first]
+            adjust_heap(first, 0, last - first, v)
+
+    def introsort(first, last, depth):
+        while last - first > 16:
+            if depth == 0:
+                heap_sort(first, last)
+                return
+            depth -= 1
+            x, y, z = first + 1, first + (last - first) // 2, last - 1
+            if lt(a[x], a[y]):
+                m = y if lt(a[y], a[z]) else (z if lt(a[x], a[z]) else x)
+            else:
+                m = x if lt(a[x], a[z]) else (z if lt(a[y], a[z]) else y)
+            a[first], a[m] = a[m], a[first]
+            lo, hi = first + 1, last
+            while True:
+                while lt(a[lo], a[first]):
+                    lo += 1
+                hi -= 1
+                while lt(a[first], a[hi]):
+                    hi -= 1
+                if not lo < hi:
+                    break
+                a[lo], a[hi] = a[hi], a[lo]
+                lo += 1
+            introsort(lo, last, depth)
+            last = lo
+
+    n = len(a)
+    if n > 1:
+        introsort(0, n, 2 * (n.bit_length() - 1))
+        if n > 16:
+            insertion_sort(0, 16)
+            for i in range(16, n):
+                unguarded_linear_insert(i)
+        else:
+            insertion_sort(0, n)
+    return a
+
+
+def arcsort_ilabel(fst: Fst) -> Fst:
+    """OpenFst ``ArcSort(fst, ILabelCompare)`` with the arc order of equal labels that
+    Kaldi's build gives (libstdc++ ``std::sort``)."""
+    perm = np.empty(fst.num_arcs, dtype=np.int64)
+    for s in range(fst.num_states):
+        b, e = int(fst.state_offsets[s]), int(fst.state_offsets[s + 1])
+        if e - b > 1:
+            keys = fst.ilabel[b:e].tolist()
+            perm[b:e] = b + np.asarray(_std_sort(keys), dtype=np.int64)
+        else:
+            perm[b:e] = np.arange(b, e)
+    return Fst(num_states=fst.num_states, start=fst.start, final=fst.final.copy(),
+               state_offsets=fst.state_offsets.copy(), ilabel=fst.ilabel[perm],
+               olabel=fst.olabel[perm], weight=fst.weight[perm], nextstate=fst.nextstate[perm],
+               arc_type=fst.arc_type)
+
+
 def make_normalization_fst(den_fst: Fst, initial_probs: np.ndarray) -> Fst:
     """Kaldi's ``DenominatorGraph::GetNormalizationFst``.
 
@@ -494,8 +611,7 @@ def make_normalization_fst(den_fst: Fst, initial_probs: np.ndarray) -> Fst:
     try:
         k = br.to_kf(fst)
         br.kf.rmepsilon(k)
-        br.kf.arcsort(k, "ilabel")
-        out = br.from_kf(k)
+        out = arcsort_ilabel(br.from_kf(k))
     finally:
         br.close()
     # OpenFst property bits as in Kaldi's normalization.fst.
