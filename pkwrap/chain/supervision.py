@@ -1,0 +1,922 @@
+"""Numerator supervision for chain training, as Kaldi's ``chain-get-supervision`` makes it.
+
+For an utterance with a phone alignment ``(p_1, d_1) ... (p_N, d_N)`` (phones and their
+lengths in input frames, ``T = sum d_i``) and frame-subsampling factor f, the output has
+``T' = ceil(T / f)`` frames. Phone i starts at input frame ``b_i = d_1 + ... + d_{i-1}``;
+with tolerances l, r it may appear on the output frames
+
+    ceil(max(0, b_i - l) / f)  <=  t  <  ceil(min(T, b_i + d_i + r) / f)
+
+(Kaldi's ``AlignmentToProtoSupervision``: ``allowed_phones[t]`` is the sorted set of
+phones allowed on output frame t). The supervision FST is the set of HMM state
+sequences of the phone sequence, restricted to those times:
+
+    S = Proj_out( (H o C o P)^selfloops  o  TimeEnforcer )
+
+* P is the linear acceptor of p_1..p_N, C maps it to context-dependent phones
+  (windows ``(p_{i-P} .. p_{i+N-1-P})``, 0 outside the utterance), H expands each into
+  its HMM (transition-ids, no self-loops) and self-loops are added "reordered": the
+  self-loop of an HMM state follows the transition that *leaves* it, so a phone of
+  the chain topology lasting k frames reads ``forward, loop x (k-1)``.
+* The TimeEnforcer has states 0..T' and an arc t -> t+1 for every transition-id whose
+  phone is in ``allowed_phones[t]``; its output labels are pdf-id + 1.
+* The result is trimmed (``Connect``) and its states renumbered in breadth-first order
+  from the start (``SortBreadthFirstSearch``), so state numbers increase with time. All
+  weights are 0 (``--transition-scale=0``); the weights come later from the
+  normalization FST.
+
+This module reproduces those FSTs state for state and arc for arc (tested against
+``chain-get-supervision`` output of the fixtures). Splitting into chunks
+(``SupervisionSplitter``) and the normalization of a chunk (``AddWeightToSupervisionFst``:
+``RmEpsilon``, determinize, minimize, compose with normalization.fst, determinize,
+minimize, breadth-first sort; tropical semiring, OpenFst's algorithms through kaldifst)
+are also here, as is the conversion of a ``compile-train-graphs`` graph into
+end-to-end supervision (``TrainingGraphToSupervisionE2e`` + ``AddWeightToSupervisionFstE2e``).
+
+Problems of single utterances (unknown phone, empty alignment or transcript, too many
+phones for the frames, an empty numerator after normalization) raise
+:class:`SupervisionError` naming the utterance and a reason code; batch helpers collect
+them in an :class:`ErrorReport` (counts per reason, every key listed) instead of
+dropping utterances silently.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..kaldi.chain_egs import Supervision
+from ..kaldi.fst import Fst, read_fst, write_fst
+from ..kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter
+
+__all__ = [
+    "SupervisionOptions", "ProtoSupervision", "SupervisionError", "ErrorReport",
+    "alignment_to_proto_supervision", "proto_supervision_to_supervision",
+    "alignment_to_supervision", "get_supervisions", "sort_breadth_first",
+    "fst_state_times", "SupervisionSplitter", "add_weight_to_supervision",
+    "training_graph_to_supervision_e2e", "min_path_length", "read_phones_with_lengths",
+    "read_int_vectors", "read_supervisions", "write_supervisions", "SUPERVISION_HOLDER",
+    "PHONE_LENGTHS_HOLDER",
+]
+
+logger = logging.getLogger(__name__)
+
+# Kaldi's kSupervisionMaxStates: determinization of a supervision FST gives up past this.
+SUPERVISION_MAX_STATES = 200000
+
+
+# ======================================================================= errors
+class SupervisionError(ValueError):
+    """A problem with one utterance's supervision.
+
+    Args:
+      key: the utterance (or chunk) id.
+      reason: a short code: ``unknown_phone``, ``empty_alignment``, ``empty_transcript``,
+        ``too_short`` (too many phones for the frames), ``empty_numerator`` (no path
+        left after composing with the normalization FST, e.g. an unseen phone n-gram),
+        ``bad_length`` (features and supervision lengths disagree), ``bad_input``.
+      message: what is wrong, for a human.
+    """
+
+    def __init__(self, key: str, reason: str, message: str):
+        super().__init__("utterance %s: %s" % (key, message))
+        self.key = key
+        self.reason = reason
+        self.message = message
+
+
+class ErrorReport:
+    """Per-utterance problems met by a batch job, counted by reason.
+
+    ``report.add(err)`` records a :class:`SupervisionError` (and logs a warning);
+    ``report.counts`` is ``{reason: count}``, ``report.errors`` the list of
+    ``(key, reason, message)`` and :meth:`summary` a one-line account such as
+    ``"2 of 10 utterances failed: too_short=1 (utt3), unknown_phone=1 (utt7)"``.
+    """
+
+    def __init__(self):
+        self.errors: List[Tuple[str, str, str]] = []
+        self.num_ok = 0
+
+    def add(self, err: SupervisionError, log: bool = True) -> None:
+        self.errors.append((err.key, err.reason, err.message))
+        if log:
+            logger.warning("%s", err)
+
+    @property
+    def counts(self) -> Dict[str, int]:
+        c: Dict[str, int] = OrderedDict()
+        for _, reason, _ in self.errors:
+            c[reason] = c.get(reason, 0) + 1
+        return c
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def keys(self, reason: Optional[str] = None) -> List[str]:
+        return [k for k, r, _ in self.errors if reason is None or r == reason]
+
+    def summary(self, what: str = "utterances", max_keys: int = 5) -> str:
+        total = self.num_ok + self.num_errors
+        if not self.errors:
+            return "%d of %d %s done, no errors" % (self.num_ok, total, what)
+        parts = []
+        for reason, n in self.counts.items():
+            ks = self.keys(reason)
+            shown = ", ".join(ks[:max_keys]) + (", ..." if len(ks) > max_keys else "")
+            parts.append("%s=%d (%s)" % (reason, n, shown))
+        return "%d of %d %s failed: %s" % (self.num_errors, total, what, "; ".join(parts))
+
+    def __repr__(self):
+        return "ErrorReport(ok=%d, errors=%s)" % (self.num_ok, dict(self.counts))
+
+
+# ======================================================================= options
+@dataclass
+class SupervisionOptions:
+    """Kaldi's ``chain::SupervisionOptions`` (flags of ``chain-get-supervision``).
+
+    Args:
+      left_tolerance: ``--left-tolerance``: a phone may start this many input frames
+        before its aligned start (default 5).
+      right_tolerance: ``--right-tolerance``: ... and end this many after its end (5).
+      frame_subsampling_factor: ``--frame-subsampling-factor``: output frame rate is
+        the input rate divided by this (3 for chain models); applied after the
+        tolerances. Requires ``left + right + 1 >= factor``.
+      weight: ``--weight``. Kaldi registers it but its ``ProtoSupervisionToSupervision``
+        always sets weight 1.0; pkwrap applies it (so the default 1.0 gives Kaldi's
+        output). Use ``scale_supervision_weight`` on egs to mimic Kaldi exactly.
+      convert_to_pdfs: ``--convert-to-pdfs``: labels pdf-id + 1 (True) or
+        transition-ids (False, for "unconstrained" egs).
+    """
+
+    left_tolerance: int = 5
+    right_tolerance: int = 5
+    frame_subsampling_factor: int = 1
+    weight: float = 1.0
+    convert_to_pdfs: bool = True
+
+    def check(self) -> None:
+        if self.left_tolerance < 0 or self.right_tolerance < 0:
+            raise ValueError("tolerances must be >= 0 (got --left-tolerance=%d "
+                             "--right-tolerance=%d)" % (self.left_tolerance,
+                                                         self.right_tolerance))
+        if self.frame_subsampling_factor < 1:
+            raise ValueError("--frame-subsampling-factor must be >= 1, got %d"
+                             % self.frame_subsampling_factor)
+        if self.left_tolerance + self.right_tolerance + 1 < self.frame_subsampling_factor:
+            raise ValueError("left_tolerance + right_tolerance + 1 must be >= "
+                             "frame_subsampling_factor (%d + %d + 1 < %d): some output "
+                             "frames would allow no phone" % (
+                                 self.left_tolerance, self.right_tolerance,
+                                 self.frame_subsampling_factor))
+        if not self.weight > 0:
+            raise ValueError("--weight must be > 0, got %r" % self.weight)
+
+
+@dataclass
+class ProtoSupervision:
+    """Kaldi's ``ProtoSupervision`` for an alignment (a linear phone sequence).
+
+    Args:
+      phones: the phone sequence ``[N]``.
+      allowed_phones: ``[T']`` sorted lists: the phones allowed on each output frame.
+    """
+
+    phones: List[int]
+    allowed_phones: List[List[int]]
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.allowed_phones)
+
+
+def alignment_to_proto_supervision(phones: Sequence[int], durations: Sequence[int],
+                                   opts: SupervisionOptions,
+                                   key: str = "<utt>") -> ProtoSupervision:
+    """Kaldi's ``AlignmentToProtoSupervision``: allowed phones per output frame.
+
+    Args:
+      phones: phone ids ``[N]`` (> 0).
+      durations: their lengths in input frames ``[N]`` (> 0).
+      opts: tolerances and frame subsampling.
+      key: utterance id for error messages.
+    Returns:
+      the :class:`ProtoSupervision`.
+    """
+    opts.check()
+    phones = [int(p) for p in phones]
+    durations = [int(d) for d in durations]
+    if len(phones) != len(durations):
+        raise SupervisionError(key, "bad_input", "%d phones but %d durations"
+                               % (len(phones), len(durations)))
+    if not phones:
+        raise SupervisionError(key, "empty_alignment", "the alignment is empty")
+    for p, d in zip(phones, durations):
+        if p <= 0 or d <= 0:
+            raise SupervisionError(key, "bad_input", "phone %d with duration %d (both must "
+                                   "be > 0)" % (p, d))
+    f = opts.frame_subsampling_factor
+    T = sum(durations)
+    Ts = (T + f - 1) // f
+    allowed: List[set] = [set() for _ in range(Ts)]
+    cur = 0
+    for p, d in zip(phones, durations):
+        t0 = max(0, cur - opts.left_tolerance)
+        t1 = min(T, cur + d + opts.right_tolerance)
+        for t in range((t0 + f - 1) // f, (t1 + f - 1) // f):
+            allowed[t].add(p)
+        cur += d
+    return ProtoSupervision(phones=phones, allowed_phones=[sorted(a) for a in allowed])
+
+
+# ======================================================================= HMM tables
+class _ModelTables:
+    """Per-transition-id arrays of a TransitionModel (built once per model)."""
+
+    def __init__(self, trans_model):
+        n = trans_model.num_transition_ids
+        self.num_tids = n
+        self.pdf = np.asarray(trans_model.transition_id_to_pdf_array, dtype=np.int64)
+        self.phone = np.zeros(n + 1, np.int64)
+        self.tstate = np.zeros(n + 1, np.int64)
+        self.self_loop = np.zeros(n + 1, bool)
+        for tid in range(1, n + 1):
+            self.phone[tid] = trans_model.transition_id_to_phone(tid)
+            self.tstate[tid] = trans_model.transition_id_to_transition_state(tid)
+            self.self_loop[tid] = trans_model.is_self_loop(tid)
+        self.loop_of = np.zeros(trans_model.num_transition_states + 1, np.int64)
+        self.loop_of[self.tstate[self.self_loop]] = np.nonzero(self.self_loop)[0]
+        self.phones = set(int(p) for p in trans_model.phones)
+
+
+_TABLES: Dict[int, Tuple[object, _ModelTables]] = {}
+
+
+def _tables(trans_model) -> _ModelTables:
+    ent = _TABLES.get(id(trans_model))
+    if ent is None or ent[0] is not trans_model:
+        ent = (trans_model, _ModelTables(trans_model))
+        _TABLES[id(trans_model)] = ent
+    return ent[1]
+
+
+def _hmm_arcs(window: Sequence[int], ctx_dep, trans_model, key: str):
+    """The phone's HMM without self-loops: (num_states, [(src, tid, dst)]) with
+    topology state numbering (Kaldi's ``GetHmmAsFsaSimple``)."""
+    phone = window[ctx_dep.central_position]
+    entry = trans_model.topology.topology_for_phone(phone)
+    arcs = []
+    for j, st in enumerate(entry):
+        if st.forward_pdf_class < 0:
+            if any(dst != j for dst, _ in st.transitions):
+                raise SupervisionError(key, "bad_input", "non-emitting HMM states with "
+                                       "transitions are not supported (phone %d)" % phone)
+            continue
+        fpdf = ctx_dep.compute(list(window), st.forward_pdf_class)
+        spdf = ctx_dep.compute(list(window), st.self_loop_pdf_class)
+        if fpdf is None or spdf is None:
+            raise SupervisionError(key, "bad_input", "the tree has no pdf for phone window "
+                                   "%r: tree and transition model do not match"
+                                   % (list(window),))
+        try:
+            ts = trans_model.tuple_to_transition_state(phone, j, fpdf, spdf)
+        except ValueError as e:
+            raise SupervisionError(key, "bad_input", str(e)) from None
+        for k, (dst, _) in enumerate(st.transitions):
+            if dst != j:
+                arcs.append((j, trans_model.pair_to_transition_id(ts, k), dst))
+    return len(entry), arcs
+
+
+def _phone_windows(phones: Sequence[int], N: int, P: int) -> List[Tuple[int, ...]]:
+    """Context windows of a linear phone sequence (0 beyond the utterance ends)."""
+    padded = [0] * P + list(phones) + [0] * (N - 1 - P)
+    return [tuple(padded[i:i + N]) for i in range(len(phones))]
+
+
+def _linear_transition_fsa(phones: Sequence[int], ctx_dep, trans_model, key: str):
+    """H o C o P for a linear phone sequence, with Kaldi's reordered self-loops.
+
+    Returns ``(num_states, arcs[state] = [(tid, next)], final_state)``; state 0 is the
+    start. Each state's arcs are in the order Kaldi's graph has them: the HMM arcs in
+    topology order, then the self-loop that ``AddSelfLoops(reorder=true)`` appends.
+    """
+    tabs = _tables(trans_model)
+    arcs: List[List[Tuple[int, int]]] = [[]]
+    cur = 0
+    for win in _phone_windows(phones, ctx_dep.context_width, ctx_dep.central_position):
+        n, hmm = _hmm_arcs(win, ctx_dep, trans_model, key)
+        smap = [cur] + [-1] * (n - 1)
+        for j in range(1, n):
+            smap[j] = len(arcs)
+            arcs.append([])
+        for src, tid, dst in hmm:
+            arcs[smap[src]].append((tid, smap[dst]))
+        cur = smap[n - 1]
+    num_states = len(arcs)
+    # MakePrecedingInputSymbolsSameClass: a state entered from several
+    # transition-states is split (one copy per class, reached through epsilon in
+    # Kaldi; here the copy gets the original's out-arcs directly).
+    incoming: Dict[int, List[int]] = {}
+    for s in range(num_states):
+        for tid, d in arcs[s]:
+            c = int(tabs.tstate[tid])
+            lst = incoming.setdefault(d, [])
+            if c not in lst:
+                lst.append(c)
+    state_in = [0] * num_states
+    for d, cls in incoming.items():
+        state_in[d] = cls[0]
+        if len(cls) > 1:
+            copies = {cls[0]: d}
+            for c in cls[1:]:
+                copies[c] = len(arcs)
+                arcs.append(list(arcs[d]))
+                state_in.append(c)
+            for s in range(len(arcs)):
+                arcs[s] = [(tid, copies[int(tabs.tstate[tid])] if nx == d else nx)
+                           for tid, nx in arcs[s]]
+            if cur == d:
+                raise SupervisionError(key, "bad_input", "topologies whose final state is "
+                                       "entered from several HMM states are not supported")
+    for s in range(len(arcs)):
+        loop = int(tabs.loop_of[state_in[s]]) if state_in[s] > 0 else 0
+        if loop:
+            arcs[s].append((loop, s))
+    return len(arcs), arcs, cur
+
+
+def proto_supervision_to_supervision(proto: ProtoSupervision, ctx_dep, trans_model,
+                                     convert_to_pdfs: bool = True, weight: float = 1.0,
+                                     key: str = "<utt>") -> Supervision:
+    """Kaldi's ``ProtoSupervisionToSupervision`` (see the module docstring).
+
+    Args:
+      proto: allowed phones per output frame and the phone sequence.
+      ctx_dep: :class:`pkwrap.kaldi.hmm.ContextDependency` (the tree).
+      trans_model: :class:`pkwrap.kaldi.hmm.TransitionModel`.
+      convert_to_pdfs: labels pdf-id + 1 (else transition-ids).
+      weight: the supervision weight (Kaldi always writes 1.0).
+      key: utterance id for error messages.
+    Returns:
+      a one-sequence :class:`Supervision` whose FST is sorted breadth-first.
+    Raises:
+      SupervisionError: unknown phone, or no path fits the frames (``too_short``).
+    """
+    tabs = _tables(trans_model)
+    for p in proto.phones:
+        if p not in tabs.phones:
+            raise SupervisionError(key, "unknown_phone", "phone %d is not in the transition "
+                                   "model (phones %d..%d)" % (p, min(tabs.phones),
+                                                               max(tabs.phones)))
+    nq, qarcs, qfinal = _linear_transition_fsa(proto.phones, ctx_dep, trans_model, key)
+    T = proto.num_frames
+    allowed = [set(a) for a in proto.allowed_phones]
+    # forward: reachable (q, t)
+    levels: List[List[int]] = [[0]]
+    for t in range(T):
+        seen = set()
+        nxt = []
+        for q in levels[t]:
+            for tid, q2 in qarcs[q]:
+                if tabs.phone[tid] in allowed[t] and q2 not in seen:
+                    seen.add(q2)
+                    nxt.append(q2)
+        levels.append(nxt)
+    # backward: keep co-accessible states (Connect)
+    keep: List[set] = [set() for _ in range(T + 1)]
+    if qfinal in levels[T]:
+        keep[T].add(qfinal)
+    for t in range(T - 1, -1, -1):
+        for q in levels[t]:
+            for tid, q2 in qarcs[q]:
+                if q2 in keep[t + 1] and tabs.phone[tid] in allowed[t]:
+                    keep[t].add(q)
+                    break
+    if 0 not in keep[0]:
+        raise SupervisionError(key, "too_short", "supervision FST is empty: %d phones do not "
+                               "fit in %d output frames with these tolerances"
+                               % (len(proto.phones), T))
+    # breadth-first numbering (SortBreadthFirstSearch), arcs in graph order
+    ids: Dict[Tuple[int, int], int] = {(0, 0): 0}
+    order = [(0, 0)]
+    out_arcs = []
+    head = 0
+    while head < len(order):
+        q, t = order[head]
+        s = head
+        head += 1
+        if t == T:
+            continue
+        for tid, q2 in qarcs[q]:
+            if q2 in keep[t + 1] and tabs.phone[tid] in allowed[t]:
+                k = (q2, t + 1)
+                d = ids.get(k)
+                if d is None:
+                    d = ids[k] = len(order)
+                    order.append(k)
+                lab = int(tabs.pdf[tid]) + 1 if convert_to_pdfs else int(tid)
+                out_arcs.append((s, lab, lab, 0.0, d))
+    fst = Fst.from_arcs(len(order), 0, out_arcs, {ids[(qfinal, T)]: 0.0})
+    return Supervision(weight=float(weight), num_sequences=1, frames_per_sequence=T,
+                       label_dim=(trans_model.num_pdfs if convert_to_pdfs
+                                  else trans_model.num_transition_ids), fst=fst)
+
+
+def alignment_to_supervision(phones_and_lengths: Sequence[Tuple[int, int]], ctx_dep,
+                             trans_model, opts: Optional[SupervisionOptions] = None,
+                             key: str = "<utt>") -> Supervision:
+    """One utterance's supervision from ``(phone, length)`` pairs (``chain-get-supervision``).
+
+    Args:
+      phones_and_lengths: ``ali-to-phones --write-lengths`` pairs.
+      ctx_dep, trans_model: the tree and transition model.
+      opts: :class:`SupervisionOptions` (default: Kaldi's defaults, factor 1).
+      key: utterance id for error messages.
+    Returns:
+      the :class:`Supervision`.
+    """
+    opts = opts or SupervisionOptions()
+    pl = list(phones_and_lengths)
+    proto = alignment_to_proto_supervision([p for p, _ in pl], [d for _, d in pl], opts, key)
+    return proto_supervision_to_supervision(proto, ctx_dep, trans_model,
+                                            opts.convert_to_pdfs, opts.weight, key)
+
+
+def get_supervisions(alignments: Iterable[Tuple[str, Sequence[Tuple[int, int]]]], ctx_dep,
+                     trans_model, opts: Optional[SupervisionOptions] = None,
+                     report: Optional[ErrorReport] = None
+                     ) -> Iterator[Tuple[str, Supervision]]:
+    """Supervision for many utterances; failures go to ``report`` (never dropped silently).
+
+    Args:
+      alignments: ``(key, [(phone, length), ...])`` pairs, e.g. from
+        :func:`read_phones_with_lengths`.
+      ctx_dep, trans_model, opts: as in :func:`alignment_to_supervision`.
+      report: an :class:`ErrorReport` to fill (one is made if None; read it after
+        the iterator is exhausted).
+    Yields:
+      ``(key, Supervision)`` for the utterances that worked.
+    """
+    report = report if report is not None else ErrorReport()
+    for key, pl in alignments:
+        try:
+            sup = alignment_to_supervision(pl, ctx_dep, trans_model, opts, key)
+        except SupervisionError as e:
+            report.add(e)
+            continue
+        report.num_ok += 1
+        yield key, sup
+
+
+# ======================================================================= FST helpers
+def sort_breadth_first(fst: Fst) -> Fst:
+    """Kaldi's ``SortBreadthFirstSearch``: renumber states in BFS order from the start,
+    keeping each state's arc order. The FST must be connected (every state reachable)."""
+    if fst.start < 0:
+        raise ValueError("sort_breadth_first: empty FST")
+    S = fst.num_states
+    order = np.full(S, -1, np.int64)
+    order[fst.start] = 0
+    queue = deque([fst.start])
+    n = 1
+    off, nxt = fst.state_offsets, fst.nextstate
+    visit = []
+    while queue:
+        s = queue.popleft()
+        visit.append(s)
+        for d in nxt[off[s]:off[s + 1]].tolist():
+            if order[d] < 0:
+                order[d] = n
+                n += 1
+                queue.append(d)
+    if n != S:
+        raise ValueError("sort_breadth_first: input must be connected (%d of %d states "
+                         "reachable)" % (n, S))
+    visit = np.asarray(visit, np.int64)
+    counts = np.diff(off)[visit]
+    idx = np.concatenate([np.arange(off[s], off[s + 1]) for s in visit]) if fst.num_arcs \
+        else np.zeros(0, np.int64)
+    offsets = np.zeros(S + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    final = np.empty(S, np.float32)
+    final[order] = fst.final
+    return Fst(num_states=S, start=0, final=final, state_offsets=offsets,
+               ilabel=fst.ilabel[idx], olabel=fst.olabel[idx], weight=fst.weight[idx],
+               nextstate=order[fst.nextstate[idx]].astype(np.int32), arc_type=fst.arc_type)
+
+
+def fst_state_times(fst: Fst) -> Tuple[np.ndarray, int]:
+    """Kaldi's ``ComputeFstStateTimes``: the frame of every state of an epsilon-free,
+    breadth-first-sorted FST whose paths all have the same length.
+
+    Returns:
+      ``(times [S], num_frames)``.
+    Raises:
+      ValueError: if the FST does not have these properties.
+    """
+    S = fst.num_states
+    if fst.start != 0:
+        raise ValueError("expected the FST's start state to be 0 (breadth-first sorted)")
+    times = np.full(S, -1, np.int64)
+    times[0] = 0
+    total = -1
+    off = fst.state_offsets
+    for s in range(S):
+        t = times[s]
+        if t < 0:
+            raise ValueError("state %d is not reached by earlier states: FST not sorted by time"
+                             % s)
+        b, e = off[s], off[s + 1]
+        if np.any(fst.ilabel[b:e] == 0):
+            raise ValueError("FST has epsilon arcs (state %d)" % s)
+        for d in fst.nextstate[b:e].tolist():
+            if times[d] == -1:
+                times[d] = t + 1
+            elif times[d] != t + 1:
+                raise ValueError("state %d is reached at two different times" % d)
+        if np.isfinite(fst.final[s]):
+            if total == -1:
+                total = int(t)
+            elif total != t:
+                raise ValueError("final states at different times (%d and %d)" % (total, t))
+    if S and np.any(np.diff(times) < 0):
+        raise ValueError("state times are not monotonic: FST not sorted breadth-first")
+    if total < 0:
+        raise ValueError("FST has no final state")
+    return times, total
+
+
+def _to_kaldifst(fst: Fst):
+    import kaldifst
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "a.fst")
+        write_fst(Fst(fst.num_states, fst.start, fst.final, fst.state_offsets, fst.ilabel,
+                      fst.olabel, fst.weight, fst.nextstate, "standard"), p)
+        return kaldifst.StdVectorFst.read(p)
+
+
+def _from_kaldifst(kfst) -> Fst:
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "a.fst")
+        if not kfst.write(p):
+            raise RuntimeError("kaldifst could not write an FST to %s" % p)
+        f = read_fst(p)
+    f.properties = 0
+    return f
+
+
+def _determinize_minimize(kfst, key: str):
+    """Kaldi's ``TryDeterminizeMinimize`` (tropical ``Determinize`` + ``Minimize``)."""
+    import kaldifst
+    if kfst.num_states >= SUPERVISION_MAX_STATES:
+        raise SupervisionError(key, "bad_input", "supervision FST has %d states, too many to "
+                               "determinize" % kfst.num_states)
+    out = kaldifst.determinize(kfst, nstate=SUPERVISION_MAX_STATES)
+    if out.num_states >= SUPERVISION_MAX_STATES - 1:
+        raise SupervisionError(key, "bad_input", "determinization stopped after %d states "
+                               "(a very strange transcription?)" % out.num_states)
+    kaldifst.minimize(out)
+    return out
+
+
+class _Normalizer:
+    """normalization.fst converted once to kaldifst (ilabel-sorted for composition)."""
+
+    def __init__(self, fst: Fst):
+        import kaldifst
+        if fst.num_states == 0 or fst.start < 0:
+            raise ValueError("normalization FST is empty")
+        if not fst.is_acceptor() or fst.has_epsilons():
+            raise ValueError("normalization FST must be an epsilon-free acceptor")
+        self.fst = fst
+        self.k = _to_kaldifst(fst)
+        kaldifst.arcsort(self.k, sort_type="ilabel")
+
+
+_NORMALIZERS: Dict[int, Tuple[Fst, _Normalizer]] = {}
+
+
+def _normalizer(fst: Union[Fst, str, "os.PathLike"]) -> _Normalizer:
+    if not isinstance(fst, Fst):
+        fst = read_fst(fst)
+    ent = _NORMALIZERS.get(id(fst))
+    if ent is None or ent[0] is not fst:
+        ent = (fst, _Normalizer(fst))
+        _NORMALIZERS[id(fst)] = ent
+    return ent[1]
+
+
+def add_weight_to_supervision(supervision: Supervision, normalization_fst,
+                              key: str = "<chunk>") -> Supervision:
+    """Kaldi's ``AddWeightToSupervisionFst`` (what ``nnet3-chain-get-egs`` does to each chunk).
+
+    Regular: ``RmEpsilon``, determinize + minimize, compose with the normalization FST,
+    determinize + minimize (tropical semiring), breadth-first sort. End-to-end:
+    ``RmEpsilon`` and compose only (the graph keeps its self-loops).
+
+    Args:
+      supervision: a one-sequence supervision (e.g. from :class:`SupervisionSplitter`).
+      normalization_fst: normalization.fst (:class:`Fst` or path; labels pdf-id + 1).
+      key: chunk id for error messages.
+    Returns:
+      a new :class:`Supervision` with the weighted FST.
+    Raises:
+      SupervisionError: ``empty_numerator`` if no path survives the composition (a phone
+        n-gram the phone LM never saw). Kaldi warns and writes the chunk unnormalized;
+        pkwrap refuses it, so the caller can count and skip it.
+    """
+    import kaldifst
+    norm = _normalizer(normalization_fst)
+    if supervision.num_sequences != 1:
+        raise ValueError("add_weight_to_supervision needs a one-sequence supervision")
+    if supervision.e2e:
+        if len(supervision.e2e_fsts) != 1:
+            raise ValueError("e2e supervision must have exactly one FST")
+        k = _to_kaldifst(supervision.e2e_fsts[0])
+        kaldifst.rmepsilon(k)
+        composed = kaldifst.compose(k, norm.k)
+        if composed.num_states == 0:
+            raise SupervisionError(key, "empty_numerator", "FST was empty after composing with "
+                                   "the normalization FST (phone n-gram unseen by the phone LM?)")
+        return Supervision(weight=supervision.weight, num_sequences=1,
+                           frames_per_sequence=supervision.frames_per_sequence,
+                           label_dim=supervision.label_dim, fst=None,
+                           e2e_fsts=[_from_kaldifst(composed)])
+    k = _to_kaldifst(supervision.fst)
+    kaldifst.rmepsilon(k)
+    k = _determinize_minimize(k, key)
+    composed = kaldifst.compose(k, norm.k)
+    if composed.num_states == 0:
+        raise SupervisionError(key, "empty_numerator", "FST was empty after composing with the "
+                               "normalization FST (phone n-gram unseen by the phone LM?)")
+    composed = _determinize_minimize(composed, key)
+    fst = sort_breadth_first(_from_kaldifst(composed))
+    return Supervision(weight=supervision.weight, num_sequences=1,
+                       frames_per_sequence=supervision.frames_per_sequence,
+                       label_dim=supervision.label_dim, fst=fst)
+
+
+class SupervisionSplitter:
+    """Kaldi's ``SupervisionSplitter``: cut an utterance's supervision into chunks.
+
+    The FST of frames ``[b, b + n)`` has a new start state with epsilon arcs to every
+    state at time b, the states with times in ``[b, b + n)``, and a new final state that
+    every arc leaving the range goes to. It still has epsilons: normalize it with
+    :func:`add_weight_to_supervision` before training, as Kaldi does.
+
+    Args:
+      supervision: one-sequence regular supervision (breadth-first sorted).
+    """
+
+    def __init__(self, supervision: Supervision):
+        if supervision.e2e or supervision.fst is None:
+            raise ValueError("SupervisionSplitter needs regular (not e2e) supervision")
+        self.supervision = supervision
+        self.times, total = fst_state_times(supervision.fst)
+        expected = supervision.frames_per_sequence * supervision.num_sequences
+        if total != expected:
+            raise ValueError("supervision FST has %d frames, frames_per_sequence says %d"
+                             % (total, expected))
+
+    def get_frame_range(self, begin_frame: int, num_frames: int) -> Supervision:
+        """Supervision of output frames ``[begin_frame, begin_frame + num_frames)``."""
+        sup, f, times = self.supervision, self.supervision.fst, self.times
+        end_frame = begin_frame + num_frames
+        if not (num_frames > 0 and begin_frame >= 0 and end_frame <= sup.frames_per_sequence
+                * sup.num_sequences):
+            raise ValueError("frame range [%d, %d) outside the supervision's %d frames"
+                             % (begin_frame, end_frame, sup.frames_per_sequence))
+        b_state = int(np.searchsorted(times, begin_frame, "left"))
+        e_state = int(np.searchsorted(times, end_frame, "left"))
+        n_in = e_state - b_state
+        final_state = n_in + 1
+        off = f.state_offsets
+        arcs = []
+        for s in range(b_state, e_state):
+            o = s - b_state + 1
+            if times[s] == begin_frame:
+                arcs.append((0, 0, 0, 0.0, o))
+            for i in range(off[s], off[s + 1]):
+                d = int(f.nextstate[i])
+                nd = final_state if d >= e_state else d - b_state + 1
+                arcs.append((o, int(f.ilabel[i]), int(f.olabel[i]), float(f.weight[i]), nd))
+        fst = Fst.from_arcs(n_in + 2, 0, arcs, {final_state: 0.0})
+        return Supervision(weight=sup.weight, num_sequences=1, frames_per_sequence=num_frames,
+                           label_dim=sup.label_dim, fst=fst)
+
+
+# ======================================================================= end-to-end
+def training_graph_to_supervision_e2e(graph: Fst, trans_model, num_frames: int,
+                                      key: str = "<utt>") -> Supervision:
+    """Kaldi's ``TrainingGraphToSupervisionE2e``: a ``compile-train-graphs`` graph
+    (transition-ids in, words out) becomes an end-to-end supervision acceptor with
+    labels pdf-id + 1 (epsilons removed, weights kept).
+
+    Args:
+      graph: the training graph (:class:`Fst`, tropical).
+      trans_model: the :class:`pkwrap.kaldi.hmm.TransitionModel`.
+      num_frames: output frames of the utterance (``ceil(feature frames / factor)``).
+      key: utterance id for error messages.
+    Returns:
+      a one-sequence e2e :class:`Supervision` (not yet normalized).
+    """
+    import kaldifst
+    tabs = _tables(trans_model)
+    if graph.num_states == 0 or graph.start < 0:
+        raise SupervisionError(key, "empty_transcript", "the training graph is empty")
+    k = _to_kaldifst(graph)
+    kaldifst.rmepsilon(k)
+    f = _from_kaldifst(k)
+    if f.num_states == 0:
+        raise SupervisionError(key, "empty_transcript", "the training graph has no path")
+    if np.any(f.ilabel == 0):
+        raise SupervisionError(key, "bad_input", "utterance rejected due to epsilon on an "
+                               "input label of the training graph")
+    if f.num_arcs and (f.ilabel.max() > tabs.num_tids or f.ilabel.min() < 0):
+        raise SupervisionError(key, "bad_input", "training graph has labels that are not "
+                               "transition-ids (1..%d)" % tabs.num_tids)
+    lab = (tabs.pdf[f.ilabel] + 1).astype(np.int32)
+    fst = Fst(f.num_states, f.start, f.final, f.state_offsets, lab, lab.copy(), f.weight,
+              f.nextstate)
+    return Supervision(weight=1.0, num_sequences=1, frames_per_sequence=int(num_frames),
+                       label_dim=trans_model.num_pdfs, fst=None, e2e_fsts=[fst])
+
+
+def min_path_length(fst: Fst) -> int:
+    """Fewest non-epsilon arcs on a path from the start to a final state (Kaldi's
+    ``FindMinimumLengthPath`` in ``nnet3-chain-e2e-get-egs``); -1 if there is none."""
+    if fst.start < 0:
+        return -1
+    S = fst.num_states
+    dist = np.full(S, np.iinfo(np.int64).max, np.int64)
+    dist[fst.start] = 0
+    # 0/1 BFS: epsilon arcs cost 0, others 1
+    dq = deque([fst.start])
+    off = fst.state_offsets
+    while dq:
+        s = dq.popleft()
+        for i in range(off[s], off[s + 1]):
+            c = 0 if fst.olabel[i] == 0 else 1
+            d = int(fst.nextstate[i])
+            if dist[s] + c < dist[d]:
+                dist[d] = dist[s] + c
+                (dq.appendleft if c == 0 else dq.append)(d)
+    fin = np.isfinite(fst.final)
+    if not np.any(fin & (dist < np.iinfo(np.int64).max)):
+        return -1
+    return int(dist[fin].min())
+
+
+# ======================================================================= tables
+def _read_pair_vector(r: KaldiReader) -> List[Tuple[int, int]]:
+    """Kaldi's ``Int32PairVectorHolder`` (``ali-to-phones --write-lengths`` output)."""
+    if r.binary:
+        n = r.read_int32()
+        if n < 0:
+            raise r.error("negative pair-vector size %d" % n)
+        return [(r.read_int32(), r.read_int32()) for _ in range(n)]
+    buf = r.buf
+    e = r.pos
+    while e < r.end and buf[e] != 10:
+        e += 1
+    line = bytes(buf[r.pos:e]).decode("utf-8", errors="replace")
+    r.pos = min(e + 1, r.end)
+    out = []
+    if line.strip():
+        for part in line.split(";"):
+            f = part.split()
+            if len(f) != 2:
+                raise r.error("expected 'phone length' pairs separated by ';', got %r"
+                              % part.strip())
+            try:
+                out.append((int(f[0]), int(f[1])))
+            except ValueError:
+                raise r.error("non-integer in pair %r" % part.strip()) from None
+    return out
+
+
+def _read_basic_int_vector(r: KaldiReader) -> List[int]:
+    """Kaldi's ``Int32VectorHolder`` (e.g. ``text.int``): text ``1 2 3`` to the end of the
+    line; binary int32 count then that many int32s."""
+    if r.binary:
+        n = r.read_int32()
+        if n < 0:
+            raise r.error("negative vector size %d" % n)
+        return [r.read_int32() for _ in range(n)]
+    buf = r.buf
+    e = r.pos
+    while e < r.end and buf[e] != 10:
+        e += 1
+    line = bytes(buf[r.pos:e]).decode("utf-8", errors="replace")
+    r.pos = min(e + 1, r.end)
+    try:
+        return [int(x) for x in line.split()]
+    except ValueError:
+        raise r.error("expected integers, got %r" % line.strip()[:60]) from None
+
+
+def _write_basic_int_vector(w: KaldiWriter, v) -> None:
+    if w.binary:
+        w.write_int32(len(v))
+        for a in v:
+            w.write_int32(a)
+    else:
+        w.write((" ".join("%d" % a for a in v) + "\n").encode())
+
+
+def _write_pair_vector(w: KaldiWriter, v) -> None:
+    if w.binary:
+        w.write_int32(len(v))
+        for a, b in v:
+            w.write_int32(a)
+            w.write_int32(b)
+    else:
+        w.write((" ; ".join("%d %d" % (a, b) for a, b in v) + "\n").encode())
+
+
+def _read_supervision_obj(r: KaldiReader) -> Supervision:
+    from ..kaldi.chain_egs import _read_supervision
+    return _read_supervision(r)
+
+
+def _write_supervision_obj(w: KaldiWriter, sup: Supervision) -> None:
+    from ..kaldi.chain_egs import _write_fst
+    w.write_token("<Supervision>")
+    w.write_token("<Weight>")
+    w.write_float(sup.weight)
+    w.write_token("<NumSequences>")
+    w.write_int32(sup.num_sequences)
+    w.write_token("<FramesPerSeq>")
+    w.write_int32(sup.frames_per_sequence)
+    w.write_token("<LabelDim>")
+    w.write_int32(sup.label_dim)
+    w.write_token("<End2End>")
+    w.write_bool(sup.e2e)
+    if not sup.e2e:
+        _write_fst(w, sup.fst)
+    else:
+        w.write_token("<Fsts>")
+        for f in sup.e2e_fsts:
+            _write_fst(w, f)
+        w.write_token("</Fsts>")
+    if sup.alignment_pdfs is not None and len(sup.alignment_pdfs):
+        w.write_token("<AlignmentPdfs>")
+        w.write_int_vector(sup.alignment_pdfs)
+    w.write_token("</Supervision>")
+
+
+def _holders():
+    from ..kaldi.table import Holder
+    return (Holder(_read_supervision_obj, _write_supervision_obj),
+            Holder(_read_pair_vector, _write_pair_vector),
+            Holder(_read_basic_int_vector, _write_basic_int_vector))
+
+
+class _Lazy:
+    def __init__(self, i):
+        self.i = i
+
+    def __getattr__(self, item):
+        return getattr(_holders()[self.i], item)
+
+
+SUPERVISION_HOLDER = _Lazy(0)    # table holder for chain::Supervision archives
+PHONE_LENGTHS_HOLDER = _Lazy(1)  # table holder for int32-pair vectors
+
+
+def read_supervisions(rspecifier: str) -> Iterator[Tuple[str, Supervision]]:
+    """``(key, Supervision)`` from a ``chain-get-supervision`` archive (binary or text)."""
+    from ..kaldi.table import SequentialTableReader
+    return iter(SequentialTableReader(rspecifier, _holders()[0]))
+
+
+def write_supervisions(wspecifier: str, items: Iterable[Tuple[str, Supervision]]) -> int:
+    """Write ``(key, Supervision)`` pairs as Kaldi does; returns the count."""
+    from ..kaldi.table import TableWriter
+    n = 0
+    with TableWriter(wspecifier, _holders()[0]) as w:
+        for key, sup in items:
+            w.write_item(key, sup)
+            n += 1
+    return n
+
+
+def read_phones_with_lengths(rspecifier: str) -> Iterator[Tuple[str, List[Tuple[int, int]]]]:
+    """``(key, [(phone, length), ...])`` from ``ali-to-phones --write-lengths`` output
+    (text ``utt 1 15 ; 14 7 ; ...`` or binary)."""
+    from ..kaldi.table import SequentialTableReader
+    return iter(SequentialTableReader(rspecifier, _holders()[1]))
+
+
+def read_int_vectors(rspecifier: str) -> Iterator[Tuple[str, List[int]]]:
+    """``(key, [int, ...])`` from an int-vector archive such as ``text.int``."""
+    from ..kaldi.table import SequentialTableReader
+    return iter(SequentialTableReader(rspecifier, _holders()[2]))
