@@ -14,15 +14,58 @@ Typical use (a digits recipe)::
     hyp = {utt: decode(nnet_output, graph).words for utt, nnet_output in outputs}
     print(compute_wer(refs, hyp))
 """
-from .decoder import (DecodeError, DecodeResult, decode, decode_utterances,  # noqa: F401
-                      lattice_to_text, open_wspecifier, read_loglikes, write_int_vectors,
-                      write_lattice_ark, write_loglikes_ark)
-from .graph import (DecodingGraph, GraphError, add_hmm_self_loops, build_decoding_graph,  # noqa: F401
+from .decoder import (DecodeError, DecodeResult, decode, decode_utterances, lattice_to_text,
+                      open_wspecifier, read_loglikes, write_int_vectors, write_lattice_ark,
+                      write_loglikes_ark)
+from .graph import (DecodingGraph, GraphError, add_hmm_self_loops, build_decoding_graph,
                     build_decoding_graph_from_lang, compile_train_graph, compose_lg,
-                    from_kaldifst, make_arpa_grammar, make_h_transducer, make_hclg, push_special,
-                    make_word_loop_grammar, remove_disambig_symbols, to_kaldifst,
+                    from_kaldifst, make_arpa_grammar, make_h_transducer, make_hclg,
+                    make_word_loop_grammar, push_special, remove_disambig_symbols, to_kaldifst,
                     write_lang_dir)
-from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,  # noqa: F401
+from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,
                       make_lexicon_fst, make_phone_table, make_word_table, read_lexicon,
                       read_lexiconp, write_lexiconp)
-from .scoring import ScoringError, WerStats, compute_wer, read_transcripts  # noqa: F401
+from .scoring import ScoringError, WerStats, compute_wer, read_transcripts
+
+__all__ = [
+    "DecodeError",
+    "DecodeResult",
+    "DecodingGraph",
+    "GraphError",
+    "LexiconEntry",
+    "LexiconError",
+    "ScoringError",
+    "SymbolTable",
+    "WerStats",
+    "add_disambig_symbols",
+    "add_hmm_self_loops",
+    "build_decoding_graph",
+    "build_decoding_graph_from_lang",
+    "compile_train_graph",
+    "compose_lg",
+    "compute_wer",
+    "decode",
+    "decode_utterances",
+    "from_kaldifst",
+    "lattice_to_text",
+    "make_arpa_grammar",
+    "make_h_transducer",
+    "make_hclg",
+    "make_lexicon_fst",
+    "make_phone_table",
+    "make_word_loop_grammar",
+    "make_word_table",
+    "open_wspecifier",
+    "push_special",
+    "read_lexicon",
+    "read_lexiconp",
+    "read_loglikes",
+    "read_transcripts",
+    "remove_disambig_symbols",
+    "to_kaldifst",
+    "write_int_vectors",
+    "write_lang_dir",
+    "write_lattice_ark",
+    "write_lexiconp",
+    "write_loglikes_ark",
+]

@@ -32,7 +32,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from .graph import DecodingGraph, GraphError
+from .graph import DecodingGraph
 
 __all__ = ["DecodeResult", "decode", "decode_utterances", "write_loglikes_ark",
            "read_loglikes", "lattice_to_text", "write_lattice_ark", "write_int_vectors",

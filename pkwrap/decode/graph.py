@@ -654,7 +654,6 @@ class DecodingGraph:
     @classmethod
     def read(cls, graph_dir, trans_model) -> "DecodingGraph":
         """Read a graph directory (ours or Kaldi's ``exp/.../graph``)."""
-        import kaldifst
         p = os.path.join(graph_dir, "HCLG.fst")
         if not os.path.isfile(p):
             raise GraphError("%s does not exist" % p)

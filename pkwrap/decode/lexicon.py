@@ -79,7 +79,8 @@ class SymbolTable:
                 if not a:
                     continue
                 if len(a) != 2:
-                    raise LexiconError("%s:%d: expected 'symbol id', got %r" % (path, n, line.rstrip()))
+                    raise LexiconError("%s:%d: expected 'symbol id', got %r"
+                                       % (path, n, line.rstrip()))
                 try:
                     i = int(a[1])
                 except ValueError:

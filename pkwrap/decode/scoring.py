@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 __all__ = ["WerStats", "compute_wer", "read_transcripts", "ScoringError"]
 
