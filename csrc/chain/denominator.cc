@@ -78,6 +78,26 @@ constexpr int kMaxBlock = 32;
 // sequences so that every row of a block buffer is NV such vectors.
 typedef float v8f __attribute__((vector_size(32)));
 
+// Buffers of one thread, kept between calls (they only grow): a fresh allocation of
+// the ~40 MB per block would cost more in page faults than the recursion itself.
+struct Workspace {
+  std::vector<v8f> E, alpha, csum, beta_next, beta_cur, gam;
+  std::vector<float> tmp;
+};
+
+template <class V>
+void Grow(V *v, size_t n) {
+  if (v->size() < n) {
+    V().swap(*v);
+    v->resize(n);
+  }
+}
+
+Workspace &ThreadWorkspace() {
+  thread_local Workspace ws;
+  return ws;
+}
+
 struct BlockOut {
   double alpha_beta_product = 0;
   double frame0_post_sum = 0;
@@ -92,24 +112,29 @@ void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int 
   const int N = g.num_states;
   const float *init = g.initial_probs.data();
   // e[t][p][j], later scaled by 1/c(t); row (t, p) is E[(t*P + p)*NV + k].
-  std::vector<v8f> E(static_cast<size_t>(T) * P * NV);
+  Workspace &ws = ThreadWorkspace();
+  Grow(&ws.E, static_cast<size_t>(T) * P * NV);
+  v8f *const E = ws.E.data();
   {
-    float *Ef = reinterpret_cast<float *>(E.data());
-    std::vector<float> tmp(static_cast<size_t>(T) * P);
+    float *Ef = reinterpret_cast<float *>(E);
+    Grow(&ws.tmp, static_cast<size_t>(T) * P);
+    float *tmp = ws.tmp.data();
     for (int j = 0; j < W; ++j) {
       if (j < w) {
-        ExpClamped30(x + static_cast<size_t>(s0 + j) * T * P, tmp.data(),
+        ExpClamped30(x + static_cast<size_t>(s0 + j) * T * P, tmp,
                      static_cast<int64_t>(T) * P);
       } else if (j == w) {
-        std::fill(tmp.begin(), tmp.end(), 1.0f);
+        std::fill(tmp, tmp + static_cast<size_t>(T) * P, 1.0f);
       }
       const size_t TP = static_cast<size_t>(T) * P;
       for (size_t r = 0; r < TP; ++r) Ef[r * W + j] = tmp[r];
     }
   }
   // alpha'(t), t = 0..T: row (t, i) is alpha[(t*N + i)*NV + k]; c(t) is csum[t*NV + k].
-  std::vector<v8f> alpha(static_cast<size_t>(T + 1) * N * NV);
-  std::vector<v8f> csum(static_cast<size_t>(T + 1) * NV);
+  Grow(&ws.alpha, static_cast<size_t>(T + 1) * N * NV);
+  Grow(&ws.csum, static_cast<size_t>(T + 1) * NV);
+  v8f *const alpha = ws.alpha.data();
+  v8f *const csum = ws.csum.data();
   double log_scale[W] = {0};
   v8f tot[NV];
 
@@ -119,7 +144,7 @@ void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int 
   const int32_t *bo = g.bwd_offsets.data(), *bs = g.bwd_src.data(), *bp = g.bwd_pdf.data();
   const float *bq = g.bwd_prob.data();
   for (int t = 0;; ++t) {
-    v8f *__restrict at = alpha.data() + static_cast<size_t>(t) * N * NV;
+    v8f *__restrict at = alpha + static_cast<size_t>(t) * N * NV;
     v8f c[NV] = {};
     for (int i = 0; i < N; ++i)
       for (int k = 0; k < NV; ++k) c[k] += at[i * NV + k];
@@ -134,7 +159,7 @@ void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int 
       inv[k] = 1.0f / c[k];
       for (int l = 0; l < 8; ++l) log_scale[k * 8 + l] += std::log(static_cast<double>(c[k][l]));
     }
-    v8f *__restrict Et = E.data() + static_cast<size_t>(t) * P * NV;
+    v8f *__restrict Et = E + static_cast<size_t>(t) * P * NV;
     for (int p = 0; p < P; ++p)
       for (int k = 0; k < NV; ++k) Et[p * NV + k] *= inv[k];
     v8f *__restrict an = at + static_cast<size_t>(N) * NV;
@@ -150,7 +175,7 @@ void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int 
     }
   }
   {
-    const v8f *aT = alpha.data() + static_cast<size_t>(T) * N * NV;
+    const v8f *aT = alpha + static_cast<size_t>(T) * N * NV;
     double s[W] = {0};
     for (int i = 0; i < N; ++i)
       for (int k = 0; k < NV; ++k)
@@ -162,8 +187,11 @@ void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int 
   if (post == nullptr) return;
 
   // Backward.
-  std::vector<v8f> beta_next(static_cast<size_t>(N) * NV), beta_cur(static_cast<size_t>(N) * NV);
-  std::vector<v8f> gam(static_cast<size_t>(P) * NV);
+  Grow(&ws.beta_next, static_cast<size_t>(N) * NV);
+  Grow(&ws.beta_cur, static_cast<size_t>(N) * NV);
+  Grow(&ws.gam, static_cast<size_t>(P) * NV);
+  v8f *beta_next = ws.beta_next.data(), *beta_cur = ws.beta_cur.data();
+  v8f *const gam = ws.gam.data();
   auto leak = [&](v8f *b) {
     v8f bsum[NV] = {};
     for (int i = 0; i < N; ++i)
@@ -178,16 +206,16 @@ void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int 
     for (int i = 0; i < N; ++i)
       for (int k = 0; k < NV; ++k) beta_next[i * NV + k] = inv_tot[k];
   }
-  leak(beta_next.data());
+  leak(beta_next);
   const int32_t *fo = g.fwd_offsets.data(), *fd = g.fwd_dst.data(), *fp = g.fwd_pdf.data();
   const float *fq = g.fwd_prob.data();
   for (int t = T - 1; t >= 0; --t) {
-    const v8f *__restrict at = alpha.data() + static_cast<size_t>(t) * N * NV;
-    const v8f *__restrict Et = E.data() + static_cast<size_t>(t) * P * NV;
-    const v8f *__restrict bn = beta_next.data();
-    v8f *__restrict bcur = beta_cur.data();
-    v8f *__restrict g_t = gam.data();
-    std::fill(gam.begin(), gam.end(), v8f{});
+    const v8f *__restrict at = alpha + static_cast<size_t>(t) * N * NV;
+    const v8f *__restrict Et = E + static_cast<size_t>(t) * P * NV;
+    const v8f *__restrict bn = beta_next;
+    v8f *__restrict bcur = beta_cur;
+    v8f *__restrict g_t = gam;
+    std::fill(gam, gam + static_cast<size_t>(P) * NV, v8f{});
     for (int i = 0; i < N; ++i) {
       v8f ai[NV], bc[NV] = {};
       for (int k = 0; k < NV; ++k) ai[k] = at[i * NV + k];

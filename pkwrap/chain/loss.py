@@ -110,8 +110,12 @@ class _PrecomputedGradFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         g_out, g_xent = ctx.saved_tensors
-        go = (grad * g_out).to(grad.dtype) if ctx.needs_input_grad[1] else None
-        gx = (grad * g_xent).to(grad.dtype) if ctx.needs_input_grad[2] else None
+        one = grad.dim() == 0 and bool(grad == 1)  # the usual loss.backward(): no extra pass
+        go = gx = None
+        if ctx.needs_input_grad[1]:
+            go = g_out if one else grad * g_out
+        if ctx.needs_input_grad[2]:
+            gx = g_xent if one else grad * g_xent
         return None, go, gx, None, None
 
 
@@ -165,28 +169,35 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
     need_grad = torch.is_grad_enabled() and (
         output.requires_grad or (xent_output is not None and xent_output.requires_grad))
 
+    norm = weight if reduction == "mean" else 1.0
+    # G accumulates d loss / d X directly (Kaldi's nnet_output_deriv negated, / norm).
     den = denominator_forward_backward(den_graph, x, opts.leaky_hmm_coefficient,
-                                       want_post=need_grad, post_scale=-w, backend=backend,
-                                       num_threads=num_threads)
+                                       want_post=need_grad, post_scale=w / norm,
+                                       backend=backend, num_threads=num_threads)
     den_lp_w = w * float(den.logprob.sum())
-    grad = den.post  # -w * den_post, or None
+    G = den.post  # w * den_post / norm, or None
     xent_d = None
     if xent_output is not None:
         xent_d = torch.zeros(S, T, P, dtype=torch.float32, device=dev)
         num_lp_w, num_ok = numerator_forward_backward(supervision, x, xent_d, backend=backend)
-        if grad is not None and num_ok:
-            grad += xent_d
+        if G is not None and num_ok:
+            G.sub_(xent_d, alpha=1.0 / norm)
     else:
-        num_lp_w, num_ok = numerator_forward_backward(supervision, x, grad, backend=backend)
+        num_lp_w, num_ok = numerator_forward_backward(supervision, x, G, backend=backend,
+                                                      post_scale=-1.0 / norm)
 
-    xf = x.to(torch.float32)
-    over = xf - xf.clamp(-30.0, 30.0)
-    n_oor = int((over != 0).sum())
+    xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+    n_oor = 0
     oor_term = 0.0
-    if n_oor and opts.out_of_range_regularize > 0:
-        oor_term = -0.5 * opts.out_of_range_regularize * float((over.double() ** 2).sum())
-        if grad is not None:
-            grad.add_(over, alpha=-opts.out_of_range_regularize)
+    lo, hi = torch.aminmax(xf)
+    if not (float(lo) >= -30.0 and float(hi) <= 30.0):
+        n_oor = int((xf.abs() > 30.0).sum())
+        if n_oor and opts.out_of_range_regularize > 0:
+            over = xf - xf.clamp(-30.0, 30.0)
+            oor_term = -0.5 * opts.out_of_range_regularize * float(
+                torch.sum(over * over, dtype=torch.float64))
+            if G is not None:
+                G.add_(over, alpha=opts.out_of_range_regularize / norm)
 
     objf = num_lp_w - den_lp_w
     ok = bool(np.isfinite(objf)) and den.ok and num_ok
@@ -194,8 +205,8 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
         logger.warning("Objective function is %s and denominator computation returned %s and "
                        "numerator computation returned %s, setting objective function to -10 "
                        "per frame and zeroing the derivative.", objf, den.ok, num_ok)
-        if grad is not None:
-            grad.zero_()
+        if G is not None:
+            G.zero_()
         if xent_d is not None:
             xent_d.zero_()
         objf = -10.0 * weight
@@ -206,33 +217,33 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
     l2_term = 0.0
     if opts.l2_regularize != 0.0 and (num_ok or not supervision.e2e):
         scale = w * opts.l2_regularize
-        l2 = -0.5 * scale * float((x.double() ** 2).sum())
+        l2 = -0.5 * scale * float(torch.linalg.vector_norm(xf, dtype=torch.float64)) ** 2
         if np.isfinite(l2):
             l2_term = l2
-            if grad is not None:
-                grad.add_(xf, alpha=-scale)
+            if G is not None:
+                G.add_(xf, alpha=scale / norm)
 
     xent_objf = 0.0
     if xent_output is not None:
-        xent_objf = float((xent_output.detach().double() * xent_d.double()).sum())
-        if not np.isfinite(xent_objf):
-            xent_objf = 0.0 if not ok else xent_objf
+        xent_objf = float(torch.sum(xent_output.detach().to(torch.float32) * xent_d,
+                                    dtype=torch.float64))
+        if not np.isfinite(xent_objf) and not ok:
+            xent_objf = 0.0
 
     if deriv_weights is not None:
         dw = _deriv_weights_bf(deriv_weights, S, T, dev).unsqueeze(-1)
-        if grad is not None:
-            grad.mul_(dw)
+        if G is not None:
+            G.mul_(dw)
         if xent_d is not None:
             xent_d.mul_(dw)
 
     total = objf + l2_term + oor_term + opts.xent_regularize * xent_objf
-    norm = weight if reduction == "mean" else 1.0
     value = torch.tensor(-total / norm, dtype=output.dtype if output.is_floating_point()
                          else torch.float32, device=dev)
     if need_grad:
-        g_out = (grad.neg_().div_(norm)).to(output.dtype)
+        g_out = G.to(output.dtype)
         if xent_d is not None:
-            g_xent = (xent_d * (-opts.xent_regularize / norm)).to(xent_output.dtype)
+            g_xent = xent_d.mul_(-opts.xent_regularize / norm).to(xent_output.dtype)
         else:
             g_xent = torch.empty(0, device=dev)
         loss = _PrecomputedGradFunction.apply(value, output, xent_output, g_out, g_xent)

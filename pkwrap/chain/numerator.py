@@ -72,15 +72,17 @@ def _fst_args(f: Fst, what: str):
 
 def numerator_forward_backward(supervision: Supervision, x: torch.Tensor,
                                post: Optional[torch.Tensor] = None,
-                               backend: Optional[str] = None) -> Tuple[float, bool]:
+                               backend: Optional[str] = None,
+                               post_scale: float = 1.0) -> Tuple[float, bool]:
     """Numerator log-probability, optionally adding weighted posteriors into ``post``.
 
     Args:
       supervision: regular or e2e supervision for S sequences of T frames.
       x: the chain output ``[S][T][P]`` (batch-first), any float dtype; not modified.
       post: None, or a float32 tensor ``[S][T][P]`` on x's device (C-contiguous) to which
-        ``supervision.weight * posteriors`` are ADDED (like Kaldi's Backward).
+        ``post_scale * supervision.weight * posteriors`` are ADDED (like Kaldi's Backward).
       backend: "auto" (C++ on CPU, torch otherwise), "cpp" or "torch".
+      post_scale: extra factor on what is added to ``post`` (e.g. -1 to subtract).
     Returns:
       ``(num_logprob_weighted, ok)``: weight * log p_num summed over sequences, and
       whether it is finite (False: no path through the FST, or NaN/inf in x; then
@@ -96,7 +98,7 @@ def numerator_forward_backward(supervision: Supervision, x: torch.Tensor,
                              or not post.is_contiguous()):
         raise ValueError("post must be a contiguous float32 tensor of shape %s" % (tuple(x.shape),))
     if backend == "torch":
-        return _num_torch(supervision, x, post)
+        return _num_torch(supervision, x, post, float(post_scale))
     if backend != "cpp":
         raise ValueError("backend must be 'auto', 'cpp' or 'torch', got %r" % (backend,))
     from .. import _pkwrap
@@ -107,13 +109,13 @@ def numerator_forward_backward(supervision: Supervision, x: torch.Tensor,
         if not supervision.e2e:
             lp, ok = _pkwrap.num_forward_backward(
                 *_fst_args(supervision.fst, "the supervision FST"), xn.reshape(S * T, P),
-                e2e=False, post=pn.reshape(S * T, P) if pn is not None else None, post_scale=w)
+                e2e=False, post=pn.reshape(S * T, P) if pn is not None else None, post_scale=w * post_scale)
             return w * lp, bool(ok)
         tot, ok_all = 0.0, True
         for s, f in enumerate(supervision.e2e_fsts):
             lp, ok = _pkwrap.num_forward_backward(
                 *_fst_args(f, "e2e supervision FST %d" % s), xn[s], e2e=True,
-                post=pn[s] if pn is not None else None, post_scale=w)
+                post=pn[s] if pn is not None else None, post_scale=w * post_scale)
             tot += lp
             ok_all = ok_all and ok
         return w * tot, bool(ok_all)
@@ -158,7 +160,7 @@ def _state_times(f: Fst, what: str) -> np.ndarray:
     return time
 
 
-def _num_torch(sup: Supervision, x: torch.Tensor, post: Optional[torch.Tensor]):
+def _num_torch(sup: Supervision, x: torch.Tensor, post: Optional[torch.Tensor], post_scale: float):
     S, T, P = x.shape
     dev = x.device
     w = float(sup.weight)
@@ -210,7 +212,7 @@ def _num_torch(sup: Supervision, x: torch.Tensor, post: Optional[torch.Tensor]):
             v = -aw[a:b] + xf[xi[a:b]] + lb[dst[a:b]]
             occ_all[a:b] = torch.exp(la[src[a:b]] + v - tot)
             lb = torch.logaddexp(lb, _scatter_logsumexp(v, src[a:b], N))
-        post.view(-1).index_add_(0, xi, (w * occ_all).to(torch.float32))
+        post.view(-1).index_add_(0, xi, (w * post_scale * occ_all).to(torch.float32))
         return w * float(tot), ok
 
     # e2e: all sequences' FSTs side by side, node ids offset per sequence.
@@ -253,6 +255,6 @@ def _num_torch(sup: Supervision, x: torch.Tensor, post: Optional[torch.Tensor]):
     for t in range(T - 1, -1, -1):
         v = -aw + xf[xbase + t * P] + lb[dst]
         occ = torch.exp(las[t][src] + v - tot_seq[seq])
-        pv.index_add_(0, xbase + t * P, (w * occ).to(torch.float32))
+        pv.index_add_(0, xbase + t * P, (w * post_scale * occ).to(torch.float32))
         lb = _scatter_logsumexp(v, src, N)
     return w * tot, ok
