@@ -333,6 +333,12 @@ def test_bad_input_is_reported(mono, lexicon, digit_graph, tmp_path):
     words = make_word_table(w for w, _, _ in lexicon)
     with pytest.raises(LexiconError, match="'eleven'"):
         make_word_loop_grammar(["one", "eleven"], words)
+    with pytest.raises(LexiconError, match=r"'eleven' have no pronunciation"):
+        build_decoding_graph(lexicon, phones, tree, tm, grammar=["one", "eleven"],
+                             word_table=make_word_table(DIGITS + ["eleven", "fife"]))
+    with pytest.raises(LexiconError, match="word id 99 of the transcript"):
+        compile_train_graph(make_lexicon_fst(lexicon, make_phone_table(phones), words),
+                            [1, 99], tree, tm)
     with pytest.raises(LexiconError, match=r"phone 'XX' of word 'bad'"):
         build_decoding_graph(lexicon + [("bad", 1.0, ["P1", "XX"])], phones, tree, tm,
                              grammar=DIGITS)

@@ -609,6 +609,11 @@ def compile_train_graph(L, word_ids: Sequence[int], tree, trans_model,
         raise GraphError("compile_train_graph: empty transcript")
     if min(word_ids) <= 0:
         raise GraphError("compile_train_graph: word ids must be > 0, got %r" % word_ids)
+    spelled = set(np.unique(from_kaldifst(L).olabel).tolist())
+    for w in word_ids:
+        if w not in spelled:
+            raise LexiconError("compile_train_graph: word id %d of the transcript has no "
+                               "pronunciation in L" % w)
     G = kaldifst.make_linear_acceptor(word_ids)
     return make_hclg(compose_lg(L, G, push=False), tree, trans_model, disambig_phone_ids,
                      transition_scale, self_loop_scale)
@@ -729,12 +734,27 @@ def build_decoding_graph(lexicon: Sequence[LexiconEntry], phone_table: SymbolTab
                          sil_prob=sil_prob,
                          sil_disambig=("#%d" % ndis) if sil_phone and sil_prob > 0 else None,
                          word_disambig_loops="#0" in word_table)
+    in_lexicon = {w for w, _, _ in lexicon}
     if isinstance(grammar, (str, os.PathLike)):
         G = make_arpa_grammar(grammar, word_table)
     elif isinstance(grammar, kaldifst.StdVectorFst):
         G = grammar
     else:
-        G = make_word_loop_grammar(list(grammar), word_table)
+        grammar = list(grammar)
+        missing = [w for w in grammar if w not in in_lexicon]
+        if missing:
+            raise LexiconError("grammar word(s) %s have no pronunciation in the lexicon"
+                               % ", ".join(repr(w) for w in missing))
+        G = make_word_loop_grammar(grammar, word_table)
+    if not isinstance(grammar, list):
+        special = {"<eps>", "#0", "<s>", "</s>"}
+        g_words = {word_table.symbol(i) for i in np.unique(from_kaldifst(G).olabel).tolist()
+                   if i != 0}
+        missing = sorted(w for w in g_words if w not in in_lexicon and w not in special)
+        if missing:
+            import warnings
+            warnings.warn("%d grammar word(s) have no pronunciation and can never be "
+                          "recognized: %s" % (len(missing), " ".join(missing[:20])))
     phones_in_tree = set(trans_model.phones)
     for w, _, phones in lexicon:
         for p in phones:
