@@ -308,3 +308,33 @@ def test_cli_copy_with_weights_then_merge_equals_kaldi(tmp_path):
                         ["ark:%s" % (tmp_path / "a.ark"), "ark:%s" % (tmp_path / "b.ark")])
     assert st["num_written"] == 4
     assert [k for k, _ in read_chain_egs("ark:%s" % (tmp_path / "b.ark"))] == ["utt00-171", "utt01-0"]
+
+
+def _random_fst(rng, n_states):
+    """A random acceptor with finals that also have arcs and duplicate arcs."""
+    from pkwrap.kaldi.fst import Fst
+    arcs = []
+    for s in range(n_states - 1):
+        for _ in range(rng.integers(1, 4)):
+            d = int(rng.integers(s + 1, n_states))
+            lab = int(rng.integers(1, 5))
+            arcs.append((s, lab, lab, float(np.float32(rng.random() * 3)), d))
+        if rng.random() < 0.2:
+            arcs.append(arcs[-1][:3] + (float(np.float32(rng.random())),) + arcs[-1][4:])
+    finals = {n_states - 1: 0.0}
+    for s in rng.integers(0, n_states - 1, 2):
+        finals[int(s)] = float(np.float32(rng.random()))
+    return Fst.from_arcs(n_states, 0, arcs, finals)
+
+
+def test_native_fst_merge_equals_python_reference():
+    from pkwrap.kaldi.chain_egs import merge_supervision_fsts
+    rng = np.random.default_rng(7)
+    pool = [e.supervision.fst for _, e in egs_of("biphone/data/cegs_compress_true.ark")]
+    for trial in range(20):
+        if trial % 2:
+            fsts = [pool[i] for i in rng.integers(0, len(pool), rng.integers(1, 9))]
+        else:
+            fsts = [_random_fst(rng, int(rng.integers(2, 9))) for _ in range(rng.integers(1, 5))]
+        assert merge_supervision_fsts(fsts, native=True) == \
+            merge_supervision_fsts(fsts, native=False), trial

@@ -53,6 +53,7 @@ import numpy as np
 
 from .fst import OPENFST_MAGIC, Fst, FstFormatError, read_fst_binary
 from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .matrix import _native
 from .matrix import (CompressedMatrix, GeneralMatrix, read_general_matrix,
                      read_vector, write_general_matrix, write_vector)
 
@@ -61,7 +62,7 @@ __all__ = ["Supervision", "NnetChainExample", "read_chain_egs", "write_chain_egs
            "shift_chain_example_times", "read_chain_example", "write_chain_example",
            "CHAIN_EG_HOLDER", "compact_fst_properties", "ChainEgsWriter",
            "merge_chain_egs_stream", "merge_chain_egs_table", "copy_chain_egs",
-           "MinibatchSizeRule"]
+           "MinibatchSizeRule", "merge_supervision_fsts"]
 
 
 @dataclass
@@ -995,8 +996,42 @@ def _sort_bfs(start: int, arcs: List[List[list]], finals: List[float]) -> Fst:
     return Fst.from_arcs(S, 0, tuples, fin)
 
 
-def merge_supervision(sups: Sequence[Supervision]) -> Supervision:
-    """Kaldi's ``chain::MergeSupervision`` (see the module docstring)."""
+def merge_supervision_fsts(fsts: Sequence[Fst], native: Optional[bool] = None) -> Fst:
+    """The FST part of Kaldi's ``MergeSupervision``: ``fst::Concat`` of ``fsts`` (last
+    first), ``fst::RmEpsilon`` + ``Connect``, breadth-first state order.
+
+    Args:
+      fsts: the sequences' supervision FSTs, in minibatch order.
+      native: use the C++ implementation (None: when built); False runs the pure
+        Python reference (same algorithm, used to test the C++ one).
+    """
+    if native is None:
+        native = _native is not None
+    if native:
+        if _native is None:
+            raise RuntimeError("pkwrap._pkwrap is not built: run `make build`")
+        try:
+            start, final, off, il, ol, w, nx = _native.merge_supervision_fsts(
+                [(f.start, f.final, f.state_offsets, f.ilabel, f.olabel, f.weight,
+                  f.nextstate) for f in fsts])
+        except ValueError as e:
+            raise ValueError(str(e))
+        return Fst(num_states=len(final), start=int(start), final=final, state_offsets=off,
+                   ilabel=il, olabel=ol, weight=w, nextstate=nx)
+    start, arcs, finals = _fst_concat(fsts)
+    start, arcs, finals = _rm_epsilon_connect(start, arcs, finals)
+    if start < 0:
+        raise ValueError("merge: the merged FST is empty")
+    return _sort_bfs(start, arcs, finals)
+
+
+def merge_supervision(sups: Sequence[Supervision], native: Optional[bool] = None) -> Supervision:
+    """Kaldi's ``chain::MergeSupervision`` (see the module docstring).
+
+    Args:
+      sups: supervisions of single sequences (or e2e ones), in minibatch order.
+      native: see :func:`merge_supervision_fsts`.
+    """
     if not sups:
         raise ValueError("merge_supervision: nothing to merge")
     first = sups[0]
@@ -1029,11 +1064,7 @@ def merge_supervision(sups: Sequence[Supervision]) -> Supervision:
             raise ValueError("merge: input %d has alignment_pdfs (Kaldi cannot merge those)" % i)
         if s.fst is None:
             raise ValueError("merge: regular input %d has no FST" % i)
-    start, arcs, finals = _fst_concat([s.fst for s in sups])
-    start, arcs, finals = _rm_epsilon_connect(start, arcs, finals)
-    if start < 0:
-        raise ValueError("merge: the concatenated supervision FST is empty")
-    fst = _sort_bfs(start, arcs, finals)
+    fst = merge_supervision_fsts([s.fst for s in sups], native=native)
     last = sups[-1]
     return Supervision(weight=last.weight, num_sequences=last.num_sequences + len(sups) - 1,
                        frames_per_sequence=last.frames_per_sequence, label_dim=last.label_dim,
