@@ -1,0 +1,156 @@
+"""compute-prob, combination and batchnorm stats of pkwrap.train against Kaldi's numbers.
+
+The nnet3 fixture stores Kaldi's outputs of its trained model on one merged eg
+(8 x 50 frames) and nnet3-chain-compute-prob's printout for it. A module that returns
+exactly those outputs for that eg's input rows isolates the diagnostics pipeline (egs
+reading and merging, context cutting, row order, ChainLoss, per-frame sums, log lines)."""
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import fixture_path
+from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
+from pkwrap.train.context import probe_model_context
+from pkwrap.train.data import ChainMinibatchSampler, EgsDataset, make_loader
+from pkwrap.train.diagnostics import (average_state_dicts, combine_models, compute_prob,
+                                      compute_prob_log_lines, recompute_batchnorm_stats)
+
+torch.set_num_threads(1)
+
+
+class KaldiOutputs(nn.Module):
+    """Valid-convolution stand-in with context 11/11 and subsampling 3 that returns Kaldi's
+    stored outputs when given the eg's input rows, and zeros for anything else."""
+
+    left_context = 11
+    right_context = 11
+
+    def __init__(self, feats, chain, xent):
+        super().__init__()
+        self.register_buffer("feats", feats)    # [S][T_in][F], the rows the model gets
+        self.register_buffer("chain", chain)    # [S][T][P]
+        self.register_buffer("xent", xent)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        t_out = (x.shape[1] - 23) // 3 + 1
+        if t_out < 1:
+            raise ValueError("input too short")
+        if x.shape == self.feats.shape and torch.equal(x, self.feats):
+            return self.chain + self.dummy, self.xent
+        z = x.new_zeros(x.shape[0], t_out, self.chain.shape[-1]) + self.dummy
+        return z, z
+
+
+def _nnet3_setup():
+    fx = fixture_path("nnet3")
+    prob = json.loads((fx / "compute_prob.json").read_text())
+    data = EgsDataset.from_kaldi(str(fx / "egs" / "cegs_merged8.ark"))
+    _, eg = data[0]
+    s, t = eg.supervision.num_sequences, eg.supervision.frames_per_sequence
+    p = eg.supervision.label_dim
+    feats = eg.inputs["input"].reshape(s, -1, 40)[:, 1:171]  # t = -11 .. 158
+    chain = torch.from_numpy(np.load(fx / "egs" / "eg_nnet_output.npy"))
+    xent = torch.from_numpy(np.load(fx / "egs" / "eg_xent_output.npy"))
+    chain = chain.reshape(t, s, p).transpose(0, 1).contiguous()  # t-major rows -> [S][T][P]
+    xent = xent.reshape(t, s, p).transpose(0, 1).contiguous()
+    model = KaldiOutputs(feats.contiguous(), chain, xent)
+    den = DenominatorGraph.from_fst(str(fixture_path("biphone", "den.fst")), p)
+    opts = prob["options"]
+    loss = ChainLoss(den, ChainOptions(leaky_hmm_coefficient=opts["leaky_hmm_coefficient"],
+                                       l2_regularize=opts["l2_regularize"],
+                                       xent_regularize=opts["xent_regularize"]))
+    return prob, data, model, loss
+
+
+def _batches(data, ctx):
+    s = ChainMinibatchSampler(data.structures, "1", ctx.frame_subsampling_factor,
+                              shuffle=False, rank=0, world_size=1, frame_shift=False)
+    return list(make_loader(data, s))
+
+
+def test_compute_prob_equals_kaldi():
+    prob, data, model, loss = _nnet3_setup()
+    ctx = probe_model_context(model, 40)
+    assert (ctx.left_context, ctx.right_context, ctx.frame_subsampling_factor) == (11, 11, 3)
+    batches = _batches(data, ctx)
+    assert batches[0].egs_left_context == 12  # from the eg's indexes (t = -12 ..)
+    tr = compute_prob(model, ctx, loss, batches)
+    want = prob["result"]
+    assert tr["weight"] == want["output"]["num_frames"] == 400
+    assert tr.per_frame("objf") == pytest.approx(want["output"]["objf_per_frame"], rel=1e-4)
+    assert tr.per_frame("xent_objf") == pytest.approx(want["output-xent"]["objf_per_frame"],
+                                                      rel=1e-4)
+    lines = compute_prob_log_lines(tr)
+    # Kaldi's lines, same order and wording; numbers printed with %g agree to 1e-4
+    num = re.compile(r"-?\d+\.?\d*(?:e[-+]?\d+)?")
+    for got, ref in zip(lines, prob["kaldi_log_lines"]):
+        assert num.sub("#", got) == num.sub("#", ref)
+        for a, b in zip(num.findall(got), num.findall(ref)):
+            assert float(a) == pytest.approx(float(b), rel=1e-4), (got, ref)
+    assert len(lines) == len(prob["kaldi_log_lines"]) == 2
+
+
+def test_combine_models_picks_best_average():
+    _, data, model, loss = _nnet3_setup()
+    ctx = probe_model_context(model, 40)
+    batches = _batches(data, ctx)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    # older models: the outputs shifted by a constant per pdf -> worse objective;
+    # the average of the newest two is half as bad as the older one
+    bad = {k: v.clone() for k, v in good.items()}
+    bad["chain"] = bad["chain"] + torch.linspace(-2, 2, bad["chain"].shape[-1])
+    base = compute_prob(model, ctx, loss, batches).per_frame("objf")
+    n, init, best = combine_models(model, [bad, bad, good], ctx, loss, batches,
+                                   recompute_stats=False, logger=logging.getLogger("t"))
+    assert n == 1 and init == pytest.approx(base) and best == init
+    # newest is bad, older two good: averaging the last 3 pulls 2/3 of the way back
+    n, init, best = combine_models(model, [good, good, bad], ctx, loss, batches,
+                                   max_objective_evaluations=30, recompute_stats=False)
+    assert n == 3 and best > init
+    avg = average_state_dicts([good, good, bad])
+    assert torch.allclose(model.state_dict()["chain"], avg["chain"])
+
+
+def test_recompute_batchnorm_stats():
+    from pkwrap.nn import TDNNFModel
+    torch.manual_seed(0)
+    m = TDNNFModel(5, feat_dim=8, tdnn_dim=8, tdnnf_dim=8, bottleneck_dim=4,
+                   time_strides=(1,), prefinal_dim=4, prefinal_big_dim=8, use_idct=False)
+    bn2 = nn.BatchNorm1d(3)
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m, self.bn = m, bn2
+
+        def forward(self, x):
+            c, xe = self.m(x)
+            return self.bn(c[..., :3].transpose(1, 2)).transpose(1, 2), xe
+
+    w = Wrap()
+    ctx = probe_model_context(w, 8)
+
+    class B:  # the parts of a ChainBatch recompute_batchnorm_stats uses
+        def __init__(self, x):
+            self.feats, self.egs_left_context, self.frames_per_sequence = x, ctx.left_context, 4
+            self.frame_shift = 0
+
+        def to(self, device):
+            return self
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, ctx.num_input_frames(4), 8, generator=g) * 3 + 1 for _ in range(3)]
+    m.batchnorm0.stats_count.fill_(123.0)  # stale statistics are replaced
+    assert recompute_batchnorm_stats(w, ctx, [B(x) for x in xs]) == len(
+        [mod for mod in w.modules() if "BatchNorm" in type(mod).__name__])
+    rows = torch.cat([x.reshape(-1, 8) for x in xs]).double()
+    assert float(m.batchnorm0.stats_count) == rows.shape[0]
+    assert torch.allclose(m.batchnorm0.stats_sum, rows.sum(0))
+    assert bn2.momentum == 0.1 and int(bn2.num_batches_tracked) == 3
+    assert w.training  # modes restored
