@@ -8,4 +8,5 @@ from .table import (SequentialTableReader, RandomAccessTableReader, TableWriter,
                     parse_rspecifier, parse_wspecifier, read_table)
 from .chain_egs import (Supervision, NnetChainExample, read_chain_egs,  # noqa: F401
                         write_chain_egs, merge_chain_egs, merge_supervision,
-                        scale_supervision_weight, shift_chain_example_times, ChainEgsWriter)
+                        scale_supervision_weight, shift_chain_example_times, ChainEgsWriter,
+                        merge_chain_egs_stream, merge_chain_egs_table, copy_chain_egs)

@@ -337,6 +337,14 @@ def _read_vector_fst(r: KaldiReader) -> Fst:
         raise KaldiFormatError(str(e))
 
 
+def _find(buf, sub: bytes, start: int, end: int) -> int:
+    """buf.find for bytes/mmap, also for other buffers."""
+    if hasattr(buf, "find"):
+        return buf.find(sub, start, end)
+    i = bytes(buf[start:end]).find(sub)
+    return -1 if i < 0 else start + i
+
+
 def _read_fst_text(r: KaldiReader) -> Fst:
     buf = r.buf
     while r.pos < r.end and buf[r.pos] in b" \t\r\v\f":
@@ -349,13 +357,8 @@ def _read_fst_text(r: KaldiReader) -> Fst:
     while True:
         if r.pos >= r.end:
             raise r.error("text FST: no empty line at the end of the FST")
-        nl = bytes(buf[r.pos:min(r.end, r.pos + 4096)]).find(b"\n")
-        while nl < 0:
-            chunk_end = min(r.end, r.pos + 65536 * 16)
-            nl = bytes(buf[r.pos:chunk_end]).find(b"\n")
-            if nl < 0 and chunk_end >= r.end:
-                nl = r.end - r.pos
-                break
+        nl = _find(buf, b"\n", r.pos, r.end)
+        nl = (r.end if nl < 0 else nl) - r.pos
         line = bytes(buf[r.pos:r.pos + nl]).decode("ascii", errors="replace")
         line_pos = r.pos
         r.pos = min(r.end, r.pos + nl + 1)

@@ -405,12 +405,13 @@ def _read_text_matrix(r: KaldiReader) -> np.ndarray:
     if w != "[":
         raise r.error("expected '[' to start a text matrix, got %r" % w[:40], start)
     buf = r.buf
-    end = bytes(buf[r.pos:r.end]).find(b"]") if not isinstance(buf, (bytes, bytearray)) \
-        else buf.find(b"]", r.pos, r.end)
+    if hasattr(buf, "find"):
+        end = buf.find(b"]", r.pos, r.end)
+    else:
+        end = bytes(buf[r.pos:r.end]).find(b"]")
+        end = -1 if end < 0 else end + r.pos
     if end < 0:
         raise r.error("unterminated text matrix (no ']')", start)
-    if not isinstance(buf, (bytes, bytearray)):
-        end += r.pos
     body = bytes(buf[r.pos:end]).decode("ascii", errors="replace")
     r.pos = end + 1
     if r.pos < r.end and buf[r.pos] == 13:
