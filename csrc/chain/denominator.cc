@@ -52,7 +52,9 @@ void ExpClamped30(const float *__restrict in, float *__restrict out, int64_t n) 
     float x = is_nan ? 0.0f : x0;
     x = x < -30.0f ? -30.0f : x;
     x = x > 30.0f ? 30.0f : x;
-    const float kf = std::floor(x * kLog2e + 0.5f);
+    // round to nearest by the 1.5 * 2^23 trick (|x * log2e| <= 44; no libm call, so
+    // the loop vectorizes)
+    const float kf = (x * kLog2e + 12582912.0f) - 12582912.0f;
     const float r = (x - kf * kLn2Hi) - kf * kLn2Lo;
     float p = 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;
@@ -117,17 +119,21 @@ void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int 
   v8f *const E = ws.E.data();
   {
     float *Ef = reinterpret_cast<float *>(E);
-    Grow(&ws.tmp, static_cast<size_t>(T) * P);
+    Grow(&ws.tmp, 256);
     float *tmp = ws.tmp.data();
-    for (int j = 0; j < W; ++j) {
-      if (j < w) {
-        ExpClamped30(x + static_cast<size_t>(s0 + j) * T * P, tmp,
-                     static_cast<int64_t>(T) * P);
-      } else if (j == w) {
-        std::fill(tmp, tmp + static_cast<size_t>(T) * P, 1.0f);
+    // Tiles of kTile rows of (t, p) so that the transposed tile stays in L1/L2.
+    constexpr size_t kTile = 256;
+    const size_t TP = static_cast<size_t>(T) * P;
+    for (size_t r0 = 0; r0 < TP; r0 += kTile) {
+      const size_t nr = std::min(kTile, TP - r0);
+      float *Et = Ef + r0 * W;
+      for (int j = 0; j < W; ++j) {
+        if (j < w)
+          ExpClamped30(x + static_cast<size_t>(s0 + j) * TP + r0, tmp, nr);
+        else if (j == w)
+          std::fill(tmp, tmp + nr, 1.0f);
+        for (size_t r = 0; r < nr; ++r) Et[r * W + j] = tmp[r];
       }
-      const size_t TP = static_cast<size_t>(T) * P;
-      for (size_t r = 0; r < TP; ++r) Ef[r * W + j] = tmp[r];
     }
   }
   // alpha'(t), t = 0..T: row (t, i) is alpha[(t*N + i)*NV + k]; c(t) is csum[t*NV + k].
@@ -243,9 +249,13 @@ void RunBlock(const DenGraph &g, const float *x, int T, int P, float leaky, int 
       res->frame0_post_sum = ps;
     }
     const float *gf = reinterpret_cast<const float *>(g_t);
-    for (int j = 0; j < w; ++j) {
-      float *dst = post + (static_cast<size_t>(s0 + j) * T + t) * P;
-      for (int p = 0; p < P; ++p) dst[p] = post_scale * gf[p * W + j];
+    constexpr int kPTile = 64;
+    for (int p0 = 0; p0 < P; p0 += kPTile) {
+      const int p1 = std::min(P, p0 + kPTile);
+      for (int j = 0; j < w; ++j) {
+        float *dst = post + (static_cast<size_t>(s0 + j) * T + t) * P;
+        for (int p = p0; p < p1; ++p) dst[p] = post_scale * gf[p * W + j];
+      }
     }
     leak(bcur);
     std::swap(beta_next, beta_cur);
