@@ -61,7 +61,7 @@ __all__ = [
     "fst_state_times", "SupervisionSplitter", "add_weight_to_supervision",
     "training_graph_to_supervision_e2e", "min_path_length", "read_phones_with_lengths",
     "read_int_vectors", "read_supervisions", "write_supervisions", "SUPERVISION_HOLDER",
-    "PHONE_LENGTHS_HOLDER",
+    "PHONE_LENGTHS_HOLDER", "INT_VECTOR_HOLDER",
 ]
 
 logger = logging.getLogger(__name__)
@@ -873,23 +873,18 @@ def _write_supervision_obj(w: KaldiWriter, sup: Supervision) -> None:
     w.write_token("</Supervision>")
 
 
+from ..kaldi.table import Holder as _Holder  # noqa: E402
+
+SUPERVISION_HOLDER = _Holder(_read_supervision_obj, _write_supervision_obj)
+"""Table holder for ``chain::Supervision`` archives (``chain-get-supervision`` output)."""
+PHONE_LENGTHS_HOLDER = _Holder(_read_pair_vector, _write_pair_vector)
+"""Table holder for int32-pair vectors (``ali-to-phones --write-lengths`` output)."""
+INT_VECTOR_HOLDER = _Holder(_read_basic_int_vector, _write_basic_int_vector)
+"""Table holder for Kaldi's ``Int32VectorHolder`` (e.g. ``text.int``)."""
+
+
 def _holders():
-    from ..kaldi.table import Holder
-    return (Holder(_read_supervision_obj, _write_supervision_obj),
-            Holder(_read_pair_vector, _write_pair_vector),
-            Holder(_read_basic_int_vector, _write_basic_int_vector))
-
-
-class _Lazy:
-    def __init__(self, i):
-        self.i = i
-
-    def __getattr__(self, item):
-        return getattr(_holders()[self.i], item)
-
-
-SUPERVISION_HOLDER = _Lazy(0)    # table holder for chain::Supervision archives
-PHONE_LENGTHS_HOLDER = _Lazy(1)  # table holder for int32-pair vectors
+    return SUPERVISION_HOLDER, PHONE_LENGTHS_HOLDER, INT_VECTOR_HOLDER
 
 
 def read_supervisions(rspecifier: str) -> Iterator[Tuple[str, Supervision]]:
