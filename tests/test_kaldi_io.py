@@ -274,3 +274,13 @@ def test_table_bad_input(tmp_path):
     scp.write_text("onlykey\n")
     with pytest.raises(KaldiFormatError, match="bad script-file line"):
         list(SequentialTableReader("scp:%s" % scp))
+
+
+def test_pipes(tmp_path):
+    p = tmp_path / "v.ark.gz"
+    with TableWriter("ark:| gzip -c > %s" % p, "vector") as w:
+        w["k"] = np.array([1.5, 2], np.float32)
+    got = read_table("ark:gunzip -c %s |" % p, "vector")
+    assert list(got) == ["k"] and got["k"].tolist() == [1.5, 2.0]
+    with pytest.raises(OSError, match="failed"):
+        read_table("ark:false |", "vector")

@@ -10,7 +10,7 @@ Specifiers accepted (``src/util/kaldi-table.h``)::
     rspecifier   ark:file | ark,t:file | ark,s,cs,p,...:file | scp:file.scp | ark:- |
                  ark:command|  | a plain path (``*.scp`` is read as a script, else an archive)
     wspecifier   ark:file | ark,t:file | ark,scp:a.ark,a.scp | scp,ark:a.scp,a.ark |
-                 ark:-  (binary unless ``t``; ``b`` forces binary)
+                 ark:- | ark:| command  (binary unless ``t``)
 
 Readers: :class:`SequentialTableReader` (a generator of ``(key, object)``) and
 :class:`RandomAccessTableReader` (``reader[key]``; scp offsets or an index of an
@@ -411,9 +411,17 @@ class TableWriter:
         self.holder = _holder(holder)
         if self.holder.write is None:
             raise ValueError("holder has no writer")
+        self._proc = None
         if self.spec.ark == "-":
             self._f = sys.stdout.buffer
             self._own = False
+        elif self.spec.ark.lstrip().startswith("|"):
+            if self.spec.scp is not None:
+                raise ValueError("ark,scp: the archive must be a file to have offsets")
+            self._proc = subprocess.Popen(self.spec.ark.lstrip()[1:], shell=True,
+                                          stdin=subprocess.PIPE)
+            self._f = self._proc.stdin
+            self._own = True
         else:
             self._f = open(self.spec.ark, "wb")
             self._own = True
@@ -456,6 +464,9 @@ class TableWriter:
             self._f.close()
         else:
             self._f.flush()
+        if self._proc is not None and self._proc.wait() != 0:
+            raise OSError("output command %r failed with exit status %d"
+                          % (self.spec.ark, self._proc.returncode))
         if self._scp is not None and self._scp is not sys.stdout:
             self._scp.close()
 
