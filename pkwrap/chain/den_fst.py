@@ -91,6 +91,35 @@ class _Bridge:
 # push_special
 
 
+_LIBM_EXPF = None
+
+
+def _expf(x: np.ndarray) -> np.ndarray:
+    """float32 exp as C's ``expf`` computes it (Kaldi's ``kaldi::Exp(float)``), returned as
+    float64. Uses the C library's expf when it can be loaded (so pushed weights round
+    like Kaldi's), else exp in double rounded to float32 (differs in rare last bits)."""
+    global _LIBM_EXPF
+    x = np.asarray(x, dtype=np.float32)
+    if _LIBM_EXPF is None:
+        try:
+            import ctypes
+            import ctypes.util
+            lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+            f = lib.expf
+            f.restype = ctypes.c_float
+            f.argtypes = [ctypes.c_float]
+            _LIBM_EXPF = f
+        except (OSError, AttributeError):
+            _LIBM_EXPF = False
+    if _LIBM_EXPF is False:
+        return np.exp(x.astype(np.float64)).astype(np.float32).astype(np.float64)
+    out = np.zeros(x.shape, dtype=np.float64)
+    fin = np.isfinite(x)
+    f = _LIBM_EXPF
+    out[fin] = [f(v) for v in x[fin].tolist()]
+    return out
+
+
 def push_special(fst: Fst, delta: float = float(_K_DELTA * np.float32(0.01))) -> Fst:
     """Kaldi's ``PushSpecial``: reweight so every state sums to the same probability.
 
@@ -108,23 +137,38 @@ def push_special(fst: Fst, delta: float = float(_K_DELTA * np.float32(0.01))) ->
     init = fst.start
     src = fst.src.astype(np.int64)
     dst = fst.nextstate.astype(np.int64)
-    p_arc = np.exp(-fst.weight.astype(np.float64))
-    p_fin = np.exp(-fst.final.astype(np.float64))
+    # Kaldi takes kaldi::Exp of the float weights, i.e. expf: float32 probabilities.
+    p_arc = _expf(-fst.weight)
+    p_fin = _expf(-fst.final)
+    # Kaldi's "pred" lists: for each arc s->t an entry (t: s, p), for each final state s
+    # an entry (start: s, final prob) right after s's arcs. The power step visits the
+    # lists in order of t and accumulates into new_occ[s]; we add in the same order so
+    # the sums round the same way.
+    fin_states = np.nonzero(p_fin != 0.0)[0]
+    e_i = np.concatenate([dst, np.full(len(fin_states), init, dtype=np.int64)])
+    e_j = np.concatenate([src, fin_states])
+    e_p = np.concatenate([p_arc, p_fin[fin_states]])
+    e_pos = np.concatenate([np.arange(len(src)) + src,
+                            fst.state_offsets[fin_states + 1] + fin_states])
+    order = np.lexsort((e_pos, e_i))
+    e_i, e_j, e_p = e_i[order], e_j[order], e_p[order]
+    idx = np.concatenate([np.arange(N), e_j])
 
-    def step_sum(occ):
-        # sum_s = sum over arcs s->t of p * occ[t] / occ[s] + final(s) * occ[init] / occ[s]
-        tot = np.bincount(src, weights=p_arc * occ[dst], minlength=N) + p_fin * occ[init]
-        return tot
+    def sums(occ):
+        # TestAccuracy: sum over arcs of p * occ[t] / occ[s], plus the final term
+        tot = np.bincount(src, weights=p_arc * occ[dst] / occ[src], minlength=N)
+        return tot + p_fin * occ[init] / occ
 
     occ = np.full(N, 1.0 / np.sqrt(N))
     delta = float(np.float32(delta))
     for it in range(200):
-        new = 0.1 * occ + step_sum(occ)
-        lam = np.sqrt(np.dot(new, new))
+        new = np.bincount(idx, weights=np.concatenate([0.1 * occ, occ[e_i] * e_p]),
+                          minlength=N)
+        lam = np.sqrt(np.cumsum(new * new)[-1])
         occ = new * (1.0 / lam)
         if it % 5 == 0 and it > 0:
-            sums = step_sum(occ) / occ
-            if np.log(sums.max() / sums.min()) <= delta:
+            tot = sums(occ)
+            if np.log(tot.max() / tot.min()) <= delta:
                 break
     pot = -np.log(occ)
     w = (fst.weight.astype(np.float64) + pot[dst]) - pot[src]
