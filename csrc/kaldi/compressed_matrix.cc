@@ -14,6 +14,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace pkwrap {
 namespace kaldi {
@@ -77,14 +78,23 @@ void DecompressMatrix(const uint8_t *data, size_t size, float *out) {
   const uint8_t *p = data + sizeof(h);
   if (h.format == 1) {
     const uint8_t *bytes = p + 8 * C;
-    float table[256];
+    std::vector<float> tables(static_cast<size_t>(C) * 256);
     for (int64_t c = 0; c < C; c++) {
       uint16_t q[4];
       std::memcpy(q, p + 8 * c, 8);
       ColumnTable(Uint16ToFloat(h, q[0]), Uint16ToFloat(h, q[1]),
-                  Uint16ToFloat(h, q[2]), Uint16ToFloat(h, q[3]), table);
-      const uint8_t *col = bytes + c * R;
-      for (int64_t r = 0; r < R; r++) out[r * C + c] = table[col[r]];
+                  Uint16ToFloat(h, q[2]), Uint16ToFloat(h, q[3]), &tables[c * 256]);
+    }
+    // The bytes are column-major, the output row-major: go through blocks of rows so
+    // that both the reads of every column and the writes of every row stay in cache.
+    const int64_t kBlock = 32;
+    for (int64_t r0 = 0; r0 < R; r0 += kBlock) {
+      const int64_t r1 = r0 + kBlock < R ? r0 + kBlock : R;
+      for (int64_t c = 0; c < C; c++) {
+        const float *table = &tables[c * 256];
+        const uint8_t *col = bytes + c * R;
+        for (int64_t r = r0; r < r1; r++) out[r * C + c] = table[col[r]];
+      }
     }
   } else if (h.format == 2) {
     const float inc = static_cast<float>(h.range * (1.0 / 65535.0));
