@@ -3,11 +3,10 @@
 Fixtures: ``mono`` and ``biphone`` (tree, tree.txt, topo, trans.mdl, trans.mdl.txt,
 show-transitions.txt, tree-info.txt, phones.txt), ``bench`` (binary tree + trans.mdl).
 """
+import contextlib
 import io
-import os
 import re
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -256,20 +255,20 @@ def test_truncated_and_corrupt_files(tmp_path):
 
 
 def test_cli_flat_start_tree(tmp_path):
-    """chain-gen-topo + chain-init-tree --type=mono reproduce Kaldi's mono topo/tree/model."""
+    """chain-gen-topo + chain-init-tree --type=mono reproduce Kaldi's mono topo/tree/model
+    (the scripts' main() run in-process)."""
     assert chain_topology_text(range(2, 18), [1]) == fixture_path("mono", "topo").read_text()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "chain-gen-topo"),
-                        ":".join(str(p) for p in range(2, 18)), "1"],
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    (tmp_path / "topo").write_text(r.stdout)
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "chain-init-tree"),
-                        "--type=mono", str(tmp_path / "topo"), str(tmp_path / "mdl"),
-                        str(tmp_path / "tree")], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
+    gen_topo = runpy.run_path(str(REPO / "scripts" / "chain-gen-topo"), run_name="cli")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        gen_topo["main"]([":".join(str(p) for p in range(2, 18)), "1"])
+    (tmp_path / "topo").write_text(out.getvalue())
+    init_tree = runpy.run_path(str(REPO / "scripts" / "chain-init-tree"), run_name="cli")
+    init_tree["main"](["--type=mono", str(tmp_path / "topo"), str(tmp_path / "mdl"),
+                       str(tmp_path / "tree")])
     assert (tmp_path / "mdl").read_bytes() == _bytes("mono", "trans.mdl")
     assert (tmp_path / "tree").read_bytes() == _bytes("mono", "tree")
+    with pytest.raises(SystemExit, match="chain-init-tree: .*no-such-topo"):
+        init_tree["main"](["--type=mono", str(tmp_path / "no-such-topo"), "m", "t"])
     counts = tmp_path / "counts"
     counts.write_text("0 2 150\n2 3 5\n3 40\n")
     assert read_phone_counts(counts) == ({(0, 2): 150, (2, 3): 5}, {3: 40})

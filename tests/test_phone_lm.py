@@ -1,16 +1,14 @@
 """Phone LM estimation vs Kaldi's chain-est-phone-lm on the mono and biphone fixtures."""
 import json
 import math
-import os
+import runpy
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, fixture_path
+from conftest import fixture_path
 from pkwrap.chain.phone_lm import (PhoneLmOptions, estimate_phone_lm,
                                    read_int_vector_archive)
 from pkwrap.kaldi.fst import read_fst, write_fst
@@ -49,7 +47,8 @@ def test_phone_lm_equals_kaldi(setup, tmp_path):
 
 
 def test_cli_and_binary_archive(tmp_path):
-    """chain-est-phone-lm on a binary int-vector archive gives Kaldi's file."""
+    """chain-est-phone-lm (its main(), in-process) on a binary int-vector archive gives
+    Kaldi's file."""
     src = fixture_path("mono", "lm_phone_seqs.txt")
     ark = tmp_path / "seqs.ark"
     with open(ark, "wb") as f:
@@ -59,13 +58,11 @@ def test_cli_and_binary_archive(tmp_path):
     assert list(read_int_vector_archive(ark)) == list(read_int_vector_archive(src))
     out = tmp_path / "lm.fst"
     o = _lm_opts("mono")
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "chain-est-phone-lm"),
-                        "--ngram-order=%d" % o["ngram_order"],
-                        "--no-prune-ngram-order=%d" % o["no_prune_ngram_order"],
-                        "--num-extra-lm-states=%d" % o["num_extra_lm_states"],
-                        "ark:%s" % ark, str(out)], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr
+    cli = runpy.run_path(str(REPO / "scripts" / "chain-est-phone-lm"), run_name="cli")
+    cli["main"](["--ngram-order=%d" % o["ngram_order"],
+                 "--no-prune-ngram-order=%d" % o["no_prune_ngram_order"],
+                 "--num-extra-lm-states=%d" % o["num_extra_lm_states"],
+                 "ark:%s" % ark, str(out)])
     assert out.read_bytes() == fixture_path("mono", "phone_lm.fst").read_bytes()
 
 
