@@ -15,7 +15,7 @@ import pytest
 from conftest import fixture_path
 from pkwrap.chain.tree import (chain_topology, chain_topology_text, full_biphone_tree,
                                make_transition_model, monophone_tree, read_phone_counts)
-from pkwrap.kaldi.hmm import (ContextDependency, KaldiFormatError, read_phone_symbols,
+from pkwrap.kaldi.hmm import (KaldiFormatError, read_phone_symbols,
                               read_topology, read_transition_model, read_tree,
                               show_transitions, write_topology, write_transition_model,
                               write_tree)

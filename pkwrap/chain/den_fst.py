@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import deque
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 

@@ -30,12 +30,11 @@ acceptor with arcs sorted by label: the same states, arcs and weights as Kaldi's
 from __future__ import annotations
 
 import heapq
-import io
 import math
 import os
 import struct
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 

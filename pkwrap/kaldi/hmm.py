@@ -51,7 +51,7 @@ import io
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -449,8 +449,6 @@ def _read_event_map(r: _Reader) -> Optional[EventMap]:
         r.error("expected an EventMap (CE, TE, SE or NULL), got character %r" % c)
 
     stack: List[list] = []
-    result_set = False
-    result = None
     kind, val = read_node()
     while True:
         if kind == "open":
