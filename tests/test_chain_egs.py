@@ -338,3 +338,26 @@ def test_native_fst_merge_equals_python_reference():
             fsts = [_random_fst(rng, int(rng.integers(2, 9))) for _ in range(rng.integers(1, 5))]
         assert merge_supervision_fsts(fsts, native=True) == \
             merge_supervision_fsts(fsts, native=False), trial
+
+
+def test_supervision_archives_round_trip(tmp_path):
+    """chain-get-supervision archives (binary and its text copy) read and re-write to
+    Kaldi's bytes with read_supervision / write_supervision."""
+    from pkwrap.kaldi.chain_egs import read_supervision, write_supervision
+    from pkwrap.kaldi.table import Holder, SequentialTableReader, TableWriter
+    h = Holder(read_supervision, write_supervision)
+    d = fixture_path("mono/data")
+    b = list(SequentialTableReader("ark:%s" % (d / "supervision.ark"), h))
+    t = list(SequentialTableReader("ark,t:%s" % (d / "supervision.txt"), h))
+    assert [k for k, _ in b] == [k for k, _ in t] and len(b) > 5
+    for (_, x), (_, y) in zip(b, t):
+        assert (x.num_sequences, x.frames_per_sequence, x.label_dim) == \
+            (y.num_sequences, y.frames_per_sequence, y.label_dim)
+        assert np.array_equal(x.fst.ilabel, y.fst.ilabel)
+        np.testing.assert_allclose(x.fst.weight, y.fst.weight, rtol=1e-6)
+    for spec, ref in (("ark:%s", "supervision.ark"), ("ark,t:%s", "supervision.txt")):
+        out = tmp_path / ref
+        with TableWriter(spec % out, h) as w:
+            for k, s in b:
+                w[k] = s
+        assert out.read_bytes() == (d / ref).read_bytes()

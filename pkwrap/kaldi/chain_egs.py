@@ -62,7 +62,8 @@ __all__ = ["Supervision", "NnetChainExample", "read_chain_egs", "write_chain_egs
            "shift_chain_example_times", "read_chain_example", "write_chain_example",
            "CHAIN_EG_HOLDER", "compact_fst_properties", "ChainEgsWriter",
            "merge_chain_egs_stream", "merge_chain_egs_table", "copy_chain_egs",
-           "MinibatchSizeRule", "merge_supervision_fsts"]
+           "MinibatchSizeRule", "merge_supervision_fsts", "read_supervision",
+           "write_supervision"]
 
 
 @dataclass
@@ -597,7 +598,9 @@ def _check_output_indexes(r: KaldiReader, idx: np.ndarray, sup: Supervision) -> 
         raise r.error("output indexes are not in Kaldi's t-major (t, n) order")
 
 
-def _read_supervision(r: KaldiReader) -> Supervision:
+def read_supervision(r: KaldiReader) -> Supervision:
+    """``chain::Supervision::Read`` at the reader's position (binary or text), as in
+    egs and in ``chain-get-supervision`` archives."""
     r.expect_token("<Supervision>")
     r.expect_token("<Weight>")
     weight = r.read_float()
@@ -652,7 +655,7 @@ def read_chain_example(r: KaldiReader) -> NnetChainExample:
     r.expect_token("<NnetChainSup>")
     out_name = r.read_token()
     out_idx = _read_index_vector(r)
-    sup = _read_supervision(r)
+    sup = read_supervision(r)
     tok = r.read_token()
     dw = None
     if tok != "</NnetChainSup>":
@@ -685,6 +688,40 @@ def _input_matrix(eg: NnetChainExample, name: str, compress: bool) -> GeneralMat
     if compress:
         return CompressedMatrix.from_matrix(arr)
     return arr
+
+
+def write_supervision(w: KaldiWriter, sup: Supervision) -> None:
+    """``chain::Supervision::Write`` (binary: compact-acceptor FSTs; text: fstprint)."""
+    w.write_token("<Supervision>")
+    w.write_token("<Weight>")
+    w.write_float(sup.weight)
+    w.write_token("<NumSequences>")
+    w.write_int32(sup.num_sequences)
+    w.write_token("<FramesPerSeq>")
+    w.write_int32(sup.frames_per_sequence)
+    w.write_token("<LabelDim>")
+    w.write_int32(sup.label_dim)
+    w.write_token("<End2End>")
+    w.write_bool(sup.e2e)
+    if not sup.e2e:
+        if sup.fst is None:
+            raise ValueError("regular supervision without an FST")
+        _write_fst(w, sup.fst)
+    else:
+        if len(sup.e2e_fsts) != sup.num_sequences:
+            raise ValueError("e2e supervision has %d FSTs for %d sequences"
+                             % (len(sup.e2e_fsts), sup.num_sequences))
+        w.write_token("<Fsts>")
+        for f in sup.e2e_fsts:
+            _write_fst(w, f)
+        w.write_token("</Fsts>")
+    if sup.alignment_pdfs is not None and len(sup.alignment_pdfs):
+        w.write_token("<AlignmentPdfs>")
+        w.write_int_vector(sup.alignment_pdfs)
+    w.write_token("</Supervision>")
+
+
+_read_supervision = read_supervision  # older private name, still imported elsewhere
 
 
 def write_chain_example(w: KaldiWriter, eg: NnetChainExample, compress: bool = False) -> None:
@@ -723,33 +760,7 @@ def write_chain_example(w: KaldiWriter, eg: NnetChainExample, compress: bool = F
     w.write_token("<NnetChainSup>")
     w.write_token(eg.output_name)
     _write_index_vector(w, eg.output_indexes)
-    w.write_token("<Supervision>")
-    w.write_token("<Weight>")
-    w.write_float(sup.weight)
-    w.write_token("<NumSequences>")
-    w.write_int32(sup.num_sequences)
-    w.write_token("<FramesPerSeq>")
-    w.write_int32(sup.frames_per_sequence)
-    w.write_token("<LabelDim>")
-    w.write_int32(sup.label_dim)
-    w.write_token("<End2End>")
-    w.write_bool(sup.e2e)
-    if not sup.e2e:
-        if sup.fst is None:
-            raise ValueError("regular supervision without an FST")
-        _write_fst(w, sup.fst)
-    else:
-        if len(sup.e2e_fsts) != sup.num_sequences:
-            raise ValueError("e2e supervision has %d FSTs for %d sequences"
-                             % (len(sup.e2e_fsts), sup.num_sequences))
-        w.write_token("<Fsts>")
-        for f in sup.e2e_fsts:
-            _write_fst(w, f)
-        w.write_token("</Fsts>")
-    if sup.alignment_pdfs is not None and len(sup.alignment_pdfs):
-        w.write_token("<AlignmentPdfs>")
-        w.write_int_vector(sup.alignment_pdfs)
-    w.write_token("</Supervision>")
+    write_supervision(w, sup)
     w.write_token("<DW2>")
     dw = eg.deriv_weights
     dwv = np.zeros(0, np.float32) if dw is None else np.asarray(
