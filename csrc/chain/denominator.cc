@@ -289,7 +289,9 @@ DenResult DenominatorForwardBackward(const DenGraph &g, const float *x, int S, i
   if (num_threads <= 0) num_threads = omp_get_max_threads();
   num_threads = std::max(1, std::min(num_threads, S));
   // Blocks of at most kMaxBlock sequences keep one frame's alpha, beta and e in cache.
-  const int nb = std::max(num_threads, (S + kMaxBlock - 1) / kMaxBlock);
+  const char *env_block = std::getenv("PKWRAP_DEN_BLOCK");
+  const int max_block = env_block ? std::max(1, std::min(kMaxBlock, std::atoi(env_block))) : kMaxBlock;
+  const int nb = std::max(num_threads, (S + max_block - 1) / max_block);
   DenResult r;
   r.logprob.assign(S, 0.0);
   std::vector<BlockOut> outs(nb);

@@ -111,47 +111,52 @@ def denominator_forward_backward(den_graph: DenominatorGraph, x: torch.Tensor,
 
 def _den_torch(g: DenominatorGraph, x: torch.Tensor, leaky: float, want_post: bool,
                post_scale: float) -> DenResult:
-    """The same recursion with plain torch ops (see the module docstring)."""
+    """The same recursion with plain torch ops (see the module docstring).
+
+    Layout as in the C++ kernel: alpha/beta ``[N][S]`` and e ``[T][P][S]``, so every
+    gather / index_add moves whole rows of S sequences.
+    """
     S, T, P = x.shape
     dev = x.device
     a = g.torch_arrays(dev)
     src, dst, pdf, prob, init = a["src"], a["dst"], a["pdf"], a["prob"], a["init"]
     N = g.num_states
-    e = x.to(torch.float32).clamp(-30.0, 30.0).exp()
-    alpha = init.unsqueeze(0).expand(S, N)
-    alphas, escaled = [], []
+    prob_c = prob.unsqueeze(1)
+    init_c = init.unsqueeze(1)
+    e = x.to(torch.float32).clamp(-30.0, 30.0).exp().permute(1, 2, 0).contiguous()  # [T][P][S]
+    alpha = init_c.expand(N, S)
+    alphas = []
     log_scale = torch.zeros(S, dtype=torch.float64, device=dev)
     for t in range(T):
-        c = alpha.sum(1)
-        alpha = alpha + leaky * init.unsqueeze(0) * c.unsqueeze(1)
-        et = e[:, t, :] / c.unsqueeze(1)
+        c = alpha.sum(0)
+        alpha = alpha + leaky * init_c * c
+        e[t] /= c  # e is scaled in place by 1/c(t), as in the kernel
         log_scale += torch.log(c.to(torch.float64))
         if want_post:
             alphas.append(alpha)
-            escaled.append(et)
-        contrib = alpha[:, src] * prob * et[:, pdf]
-        alpha = torch.zeros(S, N, dtype=torch.float32, device=dev).index_add_(1, dst, contrib)
-    c = alpha.sum(1)
-    alpha = alpha + leaky * init.unsqueeze(0) * c.unsqueeze(1)
-    tot = alpha.to(torch.float64).sum(1)
+        contrib = alpha[src] * prob_c * e[t][pdf]
+        alpha = torch.zeros(N, S, dtype=torch.float32, device=dev).index_add_(0, dst, contrib)
+    c = alpha.sum(0)
+    alpha = alpha + leaky * init_c * c
+    tot = alpha.to(torch.float64).sum(0)
     logprob = torch.log(tot) + log_scale
     ok = bool(torch.isfinite(logprob).all())
     if not want_post:
         return DenResult(logprob, None, ok)
     post = torch.empty(S, T, P, dtype=torch.float32, device=dev)
-    beta = (1.0 / tot.to(torch.float32)).unsqueeze(1).expand(S, N)
-    beta = beta + leaky * (beta @ init).unsqueeze(1)
+    beta = (1.0 / tot.to(torch.float32)).unsqueeze(0).expand(N, S)
+    beta = beta + leaky * (init @ beta).unsqueeze(0)
     ab = ps = None
     for t in range(T - 1, -1, -1):
-        v = prob * escaled[t][:, pdf] * beta[:, dst]
-        beta_dash = torch.zeros(S, N, dtype=torch.float32, device=dev).index_add_(1, src, v)
-        occ = v * alphas[t][:, src]
-        gam = torch.zeros(S, P, dtype=torch.float32, device=dev).index_add_(1, pdf, occ)
-        post[:, t, :] = gam * post_scale
+        v = prob_c * e[t][pdf] * beta[dst]
+        beta_dash = torch.zeros(N, S, dtype=torch.float32, device=dev).index_add_(0, src, v)
+        occ = v * alphas[t][src]
+        gam = torch.zeros(P, S, dtype=torch.float32, device=dev).index_add_(0, pdf, occ)
+        post[:, t, :] = gam.t() * post_scale
         if t == 0:
             ab = float((alphas[0].to(torch.float64) * beta_dash).sum())
             ps = float(gam.to(torch.float64).sum())
-        beta = beta_dash + leaky * (beta_dash @ init).unsqueeze(1)
+        beta = beta_dash + leaky * (init @ beta_dash).unsqueeze(0)
     ok = ok and abs(ab - S) <= 2.0 and abs(ps - S) <= 2.0
     return DenResult(logprob, post, ok)
 
