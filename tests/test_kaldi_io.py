@@ -270,7 +270,11 @@ def test_table_bad_input(tmp_path):
     scp.write_text("a %s/missing.ark:0\n" % tmp_path)
     with pytest.raises(KaldiFormatError, match="key 'a': cannot open"):
         list(SequentialTableReader("scp:%s" % scp))
-    assert list(SequentialTableReader("scp,p:%s" % scp)) == []  # permissive skips
+    with pytest.warns(UserWarning, match="skipping.*cannot open"):
+        assert list(SequentialTableReader("scp,p:%s" % scp)) == []  # permissive skips
+    bad.write_bytes(raw[:-5])
+    with pytest.warns(UserWarning, match="stopped.*truncated"):
+        assert [k for k, _ in SequentialTableReader("ark,p:%s" % bad)] == ["a"]
     scp.write_text("onlykey\n")
     with pytest.raises(KaldiFormatError, match="bad script-file line"):
         list(SequentialTableReader("scp:%s" % scp))

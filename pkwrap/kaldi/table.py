@@ -25,6 +25,7 @@ import mmap
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
@@ -330,15 +331,22 @@ class SequentialTableReader:
         spec = self.spec
         if spec.kind == "ark":
             buf = open_input_buffer(spec.path)
-            yield from _iter_archive(buf, spec.path, self.holder)
+            try:
+                yield from _iter_archive(buf, spec.path, self.holder)
+            except KaldiFormatError as e:
+                if not spec.permissive:
+                    raise
+                # 'p': Kaldi ends the archive quietly; we still say why.
+                warnings.warn("permissive read of %s stopped: %s" % (spec.path, e))
             return
         cache = _BufferCache()
         for key, rx in _read_scp(spec.path):
             try:
                 obj = _read_scp_entry(cache, key, rx, self.holder, spec.path)
-            except KaldiFormatError:
-                if spec.permissive:
-                    continue  # 'p': Kaldi skips unreadable entries
+            except KaldiFormatError as e:
+                if spec.permissive:  # 'p': Kaldi skips unreadable entries
+                    warnings.warn("permissive read: skipping %s" % e)
+                    continue
                 raise
             yield key, obj
 
