@@ -121,3 +121,29 @@ def test_single_process_truncated_checkpoint_and_worker_change(tmp_path):
     assert "wrote %s" % os.path.join(grown, "final.pt") in log0
     assert "after %d steps" % (STEPS_1RANK // 2 + STEPS_2RANKS // 2) in log0
     _assert_equal_bitwise(_params(grown, 0), _params(grown, 1), "after 1 -> 2 workers")
+
+
+def test_compute_prob_and_combine_clis(two_rank_run, tmp_path):
+    exp = two_rank_run
+    fx = ROOT / "tests" / "fixtures" / "kaldi" / "mono"
+    egs = "ark:%s" % (fx / "data" / "cegs_merged4.ark")
+    opts = ["--leaky-hmm-coefficient=0.1", "--xent-regularize=0.1"]
+    p = _run([sys.executable, str(ROOT / "scripts" / "nnet3-chain-compute-prob")] + opts +
+             [os.path.join(exp, "final.pt"), str(fx / "den.fst"), egs])
+    lines = [l for l in p.stderr.splitlines() if "Overall log-probability" in l]
+    assert len(lines) == 2 and "'output-xent'" in lines[0] and "'output'" in lines[1]
+    assert lines[1].endswith("per frame, over 200 frames.")  # 4 sequences x 50 frames
+    last = float(lines[1].split(" is ")[1].split()[0])
+    ck = sorted(os.listdir(os.path.join(exp, "checkpoints")))
+    out = str(tmp_path / "combined.pt")
+    p = _run([sys.executable, str(ROOT / "scripts" / "nnet3-chain-combine")] + opts +
+             [str(fx / "den.fst")] + [os.path.join(exp, "checkpoints", c) for c in ck] +
+             [egs, out])
+    assert "objective function using the last model is" in p.stderr
+    # the combined model (batchnorm stats recomputed) loads and is evaluated like any other
+    from pkwrap.train import load_model
+    model, ctx = load_model(out)
+    assert ctx is not None and ctx.frame_subsampling_factor == 3
+    n_models = int(p.stderr.split("Combining ")[-1].split()[0])
+    assert 1 <= n_models <= len(ck)
+    assert -20 < last < 0

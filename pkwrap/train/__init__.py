@@ -8,6 +8,7 @@
   diagnostics.py  compute-prob, nnet3-chain-combine, batchnorm stats
   loop.py         Trainer / TrainConfig
   forward.py      nnet3-compute style forward pass writing a Kaldi ark
+  model_io.py     model files (state dict + how to rebuild), compute-prob/combine programs
   comm_hooks.py   DDP communication hook for NG-SGD (pkwrap.optim)
 """
 from .checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,  # noqa: F401
@@ -22,3 +23,5 @@ from .dist import (DistInfo, cleanup_distributed, get_rank, get_world_size,  # n
 from .forward import compute_nnet_output, compute_nnet_outputs  # noqa: F401
 from .loop import TrainConfig, Trainer  # noqa: F401
 from .metrics import ObjfTracker, kaldi_objf_line  # noqa: F401
+from .model_io import (combine_model_files, compute_prob_on_egs, load_model,  # noqa: F401
+                       save_model)

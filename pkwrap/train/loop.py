@@ -42,6 +42,7 @@ from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                    setup_distributed)
 from .metrics import ObjfTracker, make_summary_writer, setup_logger
+from .model_io import save_model
 
 __all__ = ["TrainConfig", "Trainer"]
 
@@ -152,15 +153,20 @@ class Trainer:
       model_context: skip probing and use this.
       after_step: ``f(model, step)`` called on every rank after each optimizer step
         (after the batchnorm stats scaling), e.g. for custom constraints.
+      model_spec: ``{"factory": "package.module:callable", "kwargs": {...}}`` that
+        rebuilds the model; stored in checkpoints and final.pt so that
+        ``pkwrap.train.load_model`` and the CLIs can load them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer, train_data,
                  config: TrainConfig, scheduler=None, valid_data=None, train_diag_data=None,
                  dist_info: Optional[DistInfo] = None, comm_hook=None,
                  feat_dim: Optional[int] = None, model_context: Optional[ModelContext] = None,
-                 after_step: Optional[Callable[[nn.Module, int], None]] = None):
+                 after_step: Optional[Callable[[nn.Module, int], None]] = None,
+                 model_spec: Optional[Dict[str, Any]] = None):
         self.cfg = config
         self.after_step = after_step
+        self.model_spec = model_spec
         self.dist = dist_info if dist_info is not None else setup_distributed()
         self.device = self.dist.device
         self.raw_model = model
@@ -244,6 +250,7 @@ class Trainer:
             "skipped": self.skipped,
             "valid_objf": dict(self.valid_objf),
             "model_context": asdict(self.ctx),
+            "model_spec": self.model_spec,
             "config": asdict(self.cfg),
         }
 
@@ -497,9 +504,7 @@ class Trainer:
             self.combine()
         if self.dist.is_main:
             final = os.path.join(cfg.exp_dir, "final.pt")
-            ckpt.save_checkpoint(final, {"model": model.state_dict(),
-                                         "model_context": asdict(self.ctx),
-                                         "step": self.step})
+            save_model(final, model, self.model_spec, self.ctx, step=self.step)
             self.log.info("wrote %s after %d steps (%d skipped minibatches)", final,
                           self.step, self.skipped)
         if self.tb is not None:

@@ -52,9 +52,11 @@ def main():
     opts = ChainOptions(leaky_hmm_coefficient=0.1, l2_regularize=5e-5, xent_regularize=0.1)
     loss = ChainLoss(den, opts)
     torch.manual_seed(1234)  # the same initial model on every rank
-    model = TDNNFModel(args.num_pdfs, feat_dim=40, tdnn_dim=32, tdnnf_dim=32, bottleneck_dim=8,
-                       time_strides=(1, 0, 3), prefinal_dim=16, prefinal_big_dim=32,
-                       use_idct=False)
+    spec = {"factory": "pkwrap.nn:TDNNFModel",
+            "kwargs": dict(num_pdfs=args.num_pdfs, feat_dim=40, tdnn_dim=32, tdnnf_dim=32,
+                           bottleneck_dim=8, time_strides=[1, 0, 3], prefinal_dim=16,
+                           prefinal_big_dim=32, use_idct=False)}
+    model = TDNNFModel(**spec["kwargs"])
     opt = NGSGD(kaldi_param_groups(model), lr=args.lr)
 
     def after_step(m, step):
@@ -69,7 +71,7 @@ def main():
                       checkpoint_every=args.checkpoint_every, keep_last=2, log_every=1,
                       progress_bar=False)
     trainer = Trainer(model, loss, opt, data, cfg, valid_data=data, dist_info=info,
-                      after_step=after_step)
+                      after_step=after_step, model_spec=spec)
     model = trainer.train()
     torch.save({k: v.clone() for k, v in model.state_dict().items()},
                os.path.join(args.exp, "params.%d.pt" % info.rank))
