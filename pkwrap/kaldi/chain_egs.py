@@ -30,7 +30,7 @@ start state first) between a newline and an empty line.
 
 Merging (``nnet3-chain-merge-egs``, ``MergeChainExamples``): inputs are appended
 example by example with ``n`` renumbered (n += i * stride); output indexes are sorted
-by (t, n, x), i.e. t-major; deriv weights follow that order; regular supervision FSTs
+by (t, x, n), i.e. t-major; deriv weights follow that order; regular supervision FSTs
 are joined with ``fst::Concat`` (last first), ``fst::RmEpsilon`` and a breadth-first
 state renumbering, which this module reproduces state for state; e2e FST lists are
 appended.
@@ -1136,7 +1136,7 @@ def merge_chain_egs(egs: Sequence[NnetChainExample], compress: bool = False) -> 
         idx[:, 0] = i
         out_idx.append(idx)
     oi = np.concatenate(out_idx)
-    order = np.lexsort((oi[:, 2], oi[:, 0], oi[:, 1]))  # Index::operator<: t, then n, x
+    order = np.lexsort((oi[:, 0], oi[:, 2], oi[:, 1]))  # Index::operator<: t, then x, n
     oi = oi[order]
     sup = merge_supervision([eg.supervision for eg in egs])
     dw = None
