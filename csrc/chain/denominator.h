@@ -53,6 +53,11 @@
 // grouped by source state. Sequences are split into blocks, one per OpenMP thread;
 // blocks never share data, so there is no synchronization inside the recursion.
 // Arithmetic is float32 (Kaldi's BaseFloat), log-likelihood sums in double.
+// Blocks hold at most 32 sequences (padded to a multiple of 8 with dummy
+// sequences); the environment variable PKWRAP_DEN_BLOCK lowers that cap (for
+// tuning). Each thread keeps its buffers (e, alpha, beta: about
+// (T+1) * (N + P) * 32 floats) between calls, so repeated minibatches of the same
+// size allocate nothing.
 #ifndef PKWRAP_CHAIN_DENOMINATOR_H_
 #define PKWRAP_CHAIN_DENOMINATOR_H_
 

@@ -146,13 +146,10 @@ class DenominatorGraph:
         key = str(device)
         if key not in self._torch:
             t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a)).to(device=device, dtype=dt)
-            o = self.bwd_order
             self._torch[key] = {
                 "src": t(self.src, torch.long), "dst": t(self.dst, torch.long),
                 "pdf": t(self.pdf, torch.long), "prob": t(self.prob, torch.float32),
                 "init": t(self.initial_probs, torch.float32),
-                # backward-grouped copies are not needed by index_add; kept for symmetry
-                "order_bwd": t(o, torch.long),
             }
         return self._torch[key]
 
