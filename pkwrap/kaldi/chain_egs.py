@@ -53,6 +53,8 @@ import numpy as np
 
 from .fst import OPENFST_MAGIC, Fst, FstFormatError, read_fst_binary
 from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .table import (Holder, RandomAccessTableReader, SequentialTableReader, TableWriter,
+                    parse_wspecifier)
 from .matrix import _native
 from .matrix import (CompressedMatrix, GeneralMatrix, read_general_matrix,
                      read_vector, write_general_matrix, write_vector)
@@ -773,17 +775,8 @@ def write_chain_example(w: KaldiWriter, eg: NnetChainExample, compress: bool = F
 
 
 # ============================================================================ tables
-def _holder():
-    from .table import Holder
-    return Holder(read_chain_example, write_chain_example)
-
-
-class _LazyHolder:
-    def __getattr__(self, item):
-        return getattr(_holder(), item)
-
-
-CHAIN_EG_HOLDER = _LazyHolder()
+CHAIN_EG_HOLDER = Holder(read_chain_example, write_chain_example)
+"""Table holder for ``NnetChainExample`` (binary or text)."""
 
 
 def read_chain_egs(spec: str) -> Iterator[Tuple[str, NnetChainExample]]:
@@ -796,8 +789,7 @@ def read_chain_egs(spec: str) -> Iterator[Tuple[str, NnetChainExample]]:
             x = eg.inputs["input"]          # float32 [S*T_in][F]
             sup = eg.supervision            # Supervision
     """
-    from .table import SequentialTableReader
-    return iter(SequentialTableReader(spec, _holder()))
+    return iter(SequentialTableReader(spec, CHAIN_EG_HOLDER))
 
 
 class ChainEgsWriter:
@@ -810,7 +802,6 @@ class ChainEgsWriter:
     """
 
     def __init__(self, wspec: str, binary: bool = True, compress: bool = False):
-        from .table import Holder, TableWriter, parse_wspecifier
         spec = parse_wspecifier(wspec)
         if not binary and spec.binary:
             head, _, rest = wspec.partition(":")
@@ -1326,7 +1317,6 @@ def copy_chain_egs(rspec: str, wspecs: Sequence[str], weights: Optional[str] = N
       ``{"num_read", "num_written", "num_skipped"}``.
     """
     import warnings
-    from .table import RandomAccessTableReader
     wreader = RandomAccessTableReader(weights, "float") if weights else None
     oreader = RandomAccessTableReader(outputs, "token") if outputs else None
     if not wspecs:
