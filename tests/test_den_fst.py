@@ -180,3 +180,35 @@ def test_bad_input():
     empty = Fst.from_arcs(0, -1, [])
     with pytest.raises(ValueError, match="empty"):
         make_den_fst(tree, tm, empty)
+
+
+def test_three_state_hmm_den_fst():
+    """Multi-state HMMs (a plain 3-state topology): every phone emits >= 3 frames, so the
+    shortest path through the den graph has 3 arcs per phone."""
+    from test_hmm import _HMM3_TOPO
+    import io
+    from pkwrap.chain.tree import monophone_tree
+    from pkwrap.kaldi.hmm import read_topology
+    topo = read_topology(io.BytesIO(_HMM3_TOPO.encode()))
+    tree = monophone_tree(topo)
+    tm = make_transition_model(tree, topo)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 5, size=rng.integers(1, 6)).tolist() for _ in range(50)]
+    den, norm = make_den_fst(tree, tm, estimate_phone_lm(seqs, 2, 1, 10))
+    assert set(den.ilabel.tolist()) == set(range(1, 13))
+    # pdf classes follow each other 0 -> 1 -> 2 within a phone
+    pdf = den.ilabel - 1
+    nxt_pdfs = {}
+    for a in range(den.num_arcs):
+        nxt_pdfs.setdefault(int(pdf[a]), set())
+    for s in range(den.num_states):
+        into = set(int(p) for p in pdf[den.nextstate == s])
+        out = set(int(p) for p in pdf[den.state_offsets[s]:den.state_offsets[s + 1]])
+        for p in into:
+            nxt_pdfs[p] |= out
+    for p, nxt in nxt_pdfs.items():
+        if p % 3 != 2:  # inside a phone: only itself or the next pdf-class
+            assert nxt <= {p, p + 1}
+    graph = DenominatorGraph.from_fst(den, tm.num_pdfs)
+    x = torch.zeros(1, 12, tm.num_pdfs)
+    assert torch.isfinite(denominator_logprob(graph, x, 1e-5))

@@ -275,3 +275,40 @@ def test_cli_flat_start_tree(tmp_path):
     counts.write_text("0 2 x\n")
     with pytest.raises(ValueError, match="counts:1"):
         read_phone_counts(counts)
+
+
+_HMM3_TOPO = """<Topology>
+<TopologyEntry>
+<ForPhones>
+1 2 3 4
+</ForPhones>
+<State> 0 <PdfClass> 0 <Transition> 0 0.75 <Transition> 1 0.25 </State>
+<State> 1 <PdfClass> 1 <Transition> 1 0.75 <Transition> 2 0.25 </State>
+<State> 2 <PdfClass> 2 <Transition> 2 0.75 <Transition> 3 0.25 </State>
+<State> 3 </State>
+</TopologyEntry>
+</Topology>
+"""
+
+
+def test_plain_hmm_topology_triples():
+    """A classic 3-state HMM topology (forward = self-loop pdf-class): <PdfClass>,
+    <Triples>; Kaldi's ComputeTuplesIsHmm path."""
+    topo = read_topology(io.BytesIO(_HMM3_TOPO.encode()))
+    assert topo.is_hmm() and topo.num_pdf_classes(2) == 3 and topo.min_length(2) == 3
+    assert read_topology(io.BytesIO(write_topology(topo))) == topo
+    tree = monophone_tree(topo)
+    assert tree.num_pdfs == 12
+    tm = make_transition_model(tree, topo)
+    assert tm.num_transition_states == 12 and tm.num_transition_ids == 24
+    assert tm.tuples[:3] == [(1, 0, 0, 0), (1, 1, 1, 1), (1, 2, 2, 2)]
+    text = write_transition_model(tm, binary=False)
+    assert b"<Triples> 12" in text and b"<PdfClass> 1" in text
+    assert read_transition_model(io.BytesIO(write_transition_model(tm))) == tm
+    back = read_transition_model(io.BytesIO(text))  # text keeps 7 digits, as Kaldi's
+    assert back.tuples == tm.tuples and back.topology == tm.topology
+    np.testing.assert_allclose(back.log_probs, tm.log_probs, rtol=1e-6)
+    tid = tm.tuple_to_transition_id(2, 1, 4, 4, 1)  # phone 2, state 1 -> state 2
+    assert (tm.transition_id_to_pdf(tid), tm.is_self_loop(tid), tm.is_final(tid)) == \
+        (4, False, False)
+    assert tm.transition_prob(tid) == pytest.approx(0.25)
