@@ -99,6 +99,8 @@ def test_pruning_reaches_target():
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="utt7.*phones must be positive"):
         estimate_phone_lm([("utt1", [1, 2]), ("utt7", [3, 0, 2])])
+    with pytest.raises(ValueError, match="utt2: unknown phone id.*\\[9\\]"):
+        estimate_phone_lm({"utt1": [1, 2], "utt2": [2, 9]}, phones=range(1, 5))
     with pytest.raises(ValueError, match="no phone sequences"):
         estimate_phone_lm([])
     with pytest.raises(ValueError, match="ngram-order"):

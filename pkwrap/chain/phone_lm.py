@@ -34,7 +34,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -307,23 +307,31 @@ class PhoneLmEstimator:
 
 
 def estimate_phone_lm(phone_seqs: Iterable[Sequence[int]], ngram_order: int = 4,
-                      no_prune_ngram_order: int = 3, num_extra_lm_states: int = 1000) -> Fst:
+                      no_prune_ngram_order: int = 3, num_extra_lm_states: int = 1000,
+                      phones: Optional[Iterable[int]] = None) -> Fst:
     """Estimate the chain phone LM exactly as ``chain-est-phone-lm`` does.
 
     Args:
       phone_seqs: phone-id sequences (e.g. ``ali-to-phones`` output); a dict key -> seq
         or an iterable of sequences or of (key, seq) pairs.
       ngram_order, no_prune_ngram_order, num_extra_lm_states: see :class:`PhoneLmOptions`.
+      phones: optional set of valid phone ids (e.g. the transition model's phones); a
+        sequence with any other id is an error naming its key (Kaldi does not check).
     Returns:
       the LM as an epsilon-free deterministic acceptor (tropical weights = -log prob).
     """
     est = PhoneLmEstimator(PhoneLmOptions(ngram_order, no_prune_ngram_order,
                                           num_extra_lm_states))
     items = phone_seqs.items() if isinstance(phone_seqs, dict) else phone_seqs
+    valid = None if phones is None else set(int(p) for p in phones)
     for i, item in enumerate(items):
         key = str(i)
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             key, item = item
+        if valid is not None:
+            bad = sorted(set(int(p) for p in item) - valid)
+            if bad:
+                raise ValueError("phone sequence %s: unknown phone id(s) %s" % (key, bad))
         try:
             est.add_counts(item)
         except ValueError as e:
