@@ -361,3 +361,20 @@ def test_supervision_archives_round_trip(tmp_path):
             for k, s in b:
                 w[k] = s
         assert out.read_bytes() == (d / ref).read_bytes()
+
+
+def test_modify_context_like_kaldi():
+    from pkwrap.kaldi.chain_egs import modify_chain_example_context
+    (_, eg), = fresh("mono/data/cegs_compress_true.ark")[:1]
+    full = eg.inputs["input"].clone()
+    t = eg.input_indexes["input"][:, 1].copy()  # -10 .. 159, outputs at 0 .. 147
+    modify_chain_example_context(eg, 4, 20)    # right side has only 12: kept
+    assert eg.input_indexes["input"][:, 1].tolist() == list(range(-4, 160))
+    assert torch.equal(eg.inputs["input"], full[6:])
+    assert "input" not in eg.stored_inputs     # filtered rows are written full
+    (_, eg2), = fresh("mono/data/cegs_compress_true.ark")[:1]
+    modify_chain_example_context(eg2, 10, 12)  # keeps everything: stays compressed
+    assert "input" in eg2.stored_inputs and np.array_equal(eg2.input_indexes["input"][:, 1], t)
+    merged = egs_of("mono/data/cegs_merged4.ark")[0][1]
+    with pytest.raises(ValueError, match="already merged"):
+        modify_chain_example_context(merged.copy(), 2, 2)

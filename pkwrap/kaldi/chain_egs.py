@@ -65,6 +65,7 @@ __all__ = ["Supervision", "NnetChainExample", "read_chain_egs", "write_chain_egs
            "CHAIN_EG_HOLDER", "compact_fst_properties", "ChainEgsWriter",
            "merge_chain_egs_stream", "merge_chain_egs_table", "copy_chain_egs",
            "MinibatchSizeRule", "merge_supervision_fsts", "read_supervision",
+           "modify_chain_example_context",
            "write_supervision"]
 
 
@@ -670,6 +671,8 @@ def read_chain_example(r: KaldiReader) -> NnetChainExample:
             if len(v) != len(out_idx):
                 raise r.error("deriv_weights has %d entries, output has %d indexes"
                               % (len(v), len(out_idx)))
+            if not (v >= 0).all():
+                raise r.error("deriv_weights has negative or NaN entries")
             dw = torch.from_numpy(v.astype(np.float32))
         r.expect_token("</NnetChainSup>")
     _check_output_indexes(r, out_idx, sup)
@@ -1179,6 +1182,45 @@ def shift_chain_example_times(eg: NnetChainExample, frame_shift: int,
     return eg
 
 
+def modify_chain_example_context(eg: NnetChainExample, left_context: int = -1,
+                                 right_context: int = -1) -> NnetChainExample:
+    """``nnet3-chain-copy-egs --left-context/--right-context``
+    (``ModifyChainExampleContext``): drop rows of the input named "input" whose t lies
+    more than ``left_context`` before the first output frame or ``right_context`` after
+    the last one (-1: keep that side). Works on single (unmerged) examples only. Rows
+    of a compressed input come out decoded, as a full matrix (Kaldi's
+    ``FilterGeneralMatrixRows``); an input that keeps all rows stays compressed.
+    Modifies and returns ``eg``."""
+    if left_context == -1 and right_context == -1:
+        return eg
+    if "input" not in eg.inputs:
+        raise ValueError("example has no input named 'input'")
+    if eg.output_name != "output":
+        raise ValueError("example has no output named 'output'")
+    for name, idx in eg.input_indexes.items():
+        if (np.asarray(idx)[:, 0] != 0).any():
+            raise ValueError("too late to reduce context: the example is already merged")
+    if (np.asarray(eg.output_indexes)[:, 0] != 0).any():
+        raise ValueError("too late to reduce context: the example is already merged")
+    t_in = np.asarray(eg.input_indexes["input"])[:, 1]
+    t_out = np.asarray(eg.output_indexes)[:, 1]
+    min_t, max_t = int(t_in.min()), int(t_in.max())
+    if left_context != -1:
+        min_t = max(min_t, int(t_out.min()) - left_context)
+    if right_context != -1:
+        max_t = min(max_t, int(t_out.max()) + right_context)
+    keep = (t_in >= min_t) & (t_in <= max_t)
+    if not keep.any():
+        raise ValueError("reducing the context removed all rows of 'input'")
+    if keep.all():
+        return eg
+    x = eg.inputs["input"]
+    eg.inputs["input"] = x[_torch().from_numpy(np.nonzero(keep)[0])].contiguous()
+    eg.input_indexes["input"] = np.asarray(eg.input_indexes["input"])[keep]
+    eg.stored_inputs.pop("input", None)
+    return eg
+
+
 # ============================================================================ programs
 def _parse_int_set(s: str, full: str) -> List[Tuple[int, int]]:
     ranges = []
@@ -1303,7 +1345,8 @@ def merge_chain_egs_table(rspec: str, wspec: str, minibatch_size: str = "64",
 
 
 def copy_chain_egs(rspec: str, wspecs: Sequence[str], weights: Optional[str] = None,
-                   outputs: Optional[str] = None, frame_shift: int = 0) -> dict:
+                   outputs: Optional[str] = None, frame_shift: int = 0,
+                   left_context: int = -1, right_context: int = -1) -> dict:
     """``nnet3-chain-copy-egs``: copy egs, round-robin over several outputs.
 
     Args:
@@ -1313,6 +1356,8 @@ def copy_chain_egs(rspec: str, wspecs: Sequence[str], weights: Optional[str] = N
         "output" is multiplied by it; egs without a weight are skipped with a warning.
       outputs: rspecifier of per-key new names for the output "output".
       frame_shift: shift times as :func:`shift_chain_example_times`.
+      left_context, right_context: trim the input context as
+        :func:`modify_chain_example_context` (-1: keep).
     Returns:
       ``{"num_read", "num_written", "num_skipped"}``.
     """
@@ -1343,6 +1388,8 @@ def copy_chain_egs(rspec: str, wspecs: Sequence[str], weights: Optional[str] = N
                 eg.output_name = oreader[key]
             if frame_shift:
                 shift_chain_example_times(eg, frame_shift)
+            if left_context != -1 or right_context != -1:
+                modify_chain_example_context(eg, left_context, right_context)
             writers[n_written % len(writers)].write(key, eg)
             n_written += 1
     finally:
