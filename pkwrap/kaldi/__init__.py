@@ -9,4 +9,5 @@ from .table import (SequentialTableReader, RandomAccessTableReader, TableWriter,
 from .chain_egs import (Supervision, NnetChainExample, read_chain_egs,  # noqa: F401
                         write_chain_egs, merge_chain_egs, merge_supervision,
                         scale_supervision_weight, shift_chain_example_times, ChainEgsWriter,
-                        merge_chain_egs_stream, merge_chain_egs_table, copy_chain_egs)
+                        merge_chain_egs_stream, merge_chain_egs_table, copy_chain_egs,
+                        modify_chain_example_context, read_supervision, write_supervision)
