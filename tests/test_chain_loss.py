@@ -276,3 +276,23 @@ def test_nnet3_whole_model_objective():
     assert res.weight == 400
     assert res.objf_per_frame == pytest.approx(-0.666522, abs=2e-6)
     assert res.xent_per_frame == pytest.approx(-5.30337, abs=2e-5)
+
+
+def test_float64_output_and_loops_in_regular_supervision():
+    c, g, eg, X, _ = _setup("mono_merged4_leaky0.1_l20_xent0")
+    X32 = X.clone().requires_grad_()
+    X64 = X.double().requires_grad_()
+    crit = ChainLoss(g, ChainOptions(**c["options"]), num_threads=THREADS)
+    r32, r64 = crit(X32, eg.supervision), crit(X64, eg.supervision)
+    r32.loss.backward()
+    r64.loss.backward()
+    assert r64.loss.dtype == torch.float64 and X64.grad.dtype == torch.float64
+    assert r64.objf == pytest.approx(r32.objf, rel=1e-7)
+    np.testing.assert_allclose(X64.grad.numpy(), X32.grad.numpy(), atol=1e-6)
+    # a regular (non-e2e) supervision FST must be time-synchronous: a self-loop is not
+    S, T, P = X.shape
+    loop = Fst.from_arcs(2, 0, [(0, 1, 1, 0.0, 1), (1, 2, 2, 0.0, 1)], {1: 0.0})
+    sup = Supervision(1.0, S, T, P, fst=loop)
+    for backend in ("cpp", "torch"):
+        with pytest.raises(ValueError, match="time-synchronous"):
+            ChainLoss(g, backend=backend, num_threads=THREADS)(X, sup)
