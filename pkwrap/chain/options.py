@@ -4,7 +4,7 @@ The objective maximized for a minibatch with supervision weight w is::
 
     F = w * log p_num(O) - w * log p_den(O)                    (the "objf")
         - 0.5 * w * l2_regularize * sum(X**2)                  (the "l2_term")
-        - out_of_range_regularize * sum(max(|X| - 30, 0)**2)   (only through its derivative)
+        - 0.5 * out_of_range_regularize * sum(max(|X| - 30, 0)**2)   (only through its derivative)
         + xent_regularize * sum(num_post * xent_output)        (separate 'output-xent' head)
 
 where X is the chain output (one row per frame and sequence, one column per pdf).
@@ -45,9 +45,10 @@ class ChainOptions:
       out_of_range_regularize: ``--out-of-range-regularize``. Like l2_regularize but
         only for the part of X beyond [-30, 30]: the denominator clamps X to that
         range before its exp(), so outputs outside it get no denominator gradient.
-        Adds ``-out_of_range_regularize * 2 * (x -+ 30)`` to the derivative of each
-        such element (pkwrap applies the expected value of Kaldi's randomized
-        version, see :class:`pkwrap.chain.ChainLoss`). Default 0.01.
+        Kaldi adds ``-2 * out_of_range_regularize * (x -+ 30)`` to the derivative of
+        each such element on a random half of the minibatches; pkwrap adds the
+        expected value ``-out_of_range_regularize * (x -+ 30)`` on every minibatch
+        (see :mod:`pkwrap.chain.loss`). Default 0.01.
     """
 
     leaky_hmm_coefficient: float = 0.1
