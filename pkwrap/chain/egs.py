@@ -420,7 +420,8 @@ def get_chain_egs(key: str, feats, supervision: Supervision, splitter: Utterance
                   normalization_fst=None, deriv_weights: Optional[np.ndarray] = None,
                   supervision_length_tolerance: int = 1, long_key: bool = False,
                   report: Optional[ErrorReport] = None,
-                  chunks: Optional[List[ChunkTimeInfo]] = None
+                  chunks: Optional[List[ChunkTimeInfo]] = None,
+                  sup_splitter: Optional[SupervisionSplitter] = None
                   ) -> List[Tuple[str, NnetChainExample]]:
     """The chain egs of one utterance (``nnet3-chain-get-egs``'s ``ProcessFile``).
 
@@ -439,6 +440,7 @@ def get_chain_egs(key: str, feats, supervision: Supervision, splitter: Utterance
       report: chunks whose numerator is empty after normalization are recorded here
         (and skipped); if None they raise.
       chunks: use these chunks instead of drawing them (e.g. to rebuild a Kaldi eg).
+      sup_splitter: a :class:`SupervisionSplitter` of ``supervision`` to reuse.
     Returns:
       ``[(key, NnetChainExample)]``; empty if the utterance is too short.
     Raises:
@@ -465,7 +467,7 @@ def get_chain_egs(key: str, feats, supervision: Supervision, splitter: Utterance
     if not chunks:
         raise SupervisionError(key, "too_short", "not producing egs: utterance is too short "
                                "(%d frames) for --num-frames=%s" % (U, cfg.num_frames))
-    ssplit = SupervisionSplitter(supervision)
+    ssplit = sup_splitter if sup_splitter is not None else SupervisionSplitter(supervision)
     out = []
     for ch in chunks:
         b = ch.first_frame // sf
@@ -595,6 +597,7 @@ class ChainEgsDataset(_torch_data()):
         self.deriv_weights = deriv_weights
         self.epoch = 0
         self.report = ErrorReport()
+        self._sup_splitters: Dict[str, SupervisionSplitter] = {}
         self._place_chunks()
 
     def _place_chunks(self) -> None:
@@ -637,11 +640,18 @@ class ChainEgsDataset(_torch_data()):
 
     def __getitem__(self, i: int):
         key, ch = self.items[i]
-        dw = None if self.deriv_weights is None else self.deriv_weights.get(key)
+        dw = (self.deriv_weights[key] if self.deriv_weights is not None
+              and key in self.deriv_weights else None)
         rep = ErrorReport()
+        ssp = self._sup_splitters.pop(key, None)
+        if ssp is None:
+            ssp = SupervisionSplitter(self.supervisions[key])
+        self._sup_splitters[key] = ssp  # most recently used last
+        while len(self._sup_splitters) > 16:
+            self._sup_splitters.pop(next(iter(self._sup_splitters)))
         egs = get_chain_egs(key, self.feats[key], self.supervisions[key], self.splitter,
                             self.normalization_fst, deriv_weights=dw, report=rep,
-                            chunks=[ch])
+                            chunks=[ch], sup_splitter=ssp)
         if not egs:
             logger.warning("%s", rep.summary("chunks"))
             return None

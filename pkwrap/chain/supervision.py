@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -483,34 +484,38 @@ def sort_breadth_first(fst: Fst) -> Fst:
     if fst.start < 0:
         raise ValueError("sort_breadth_first: empty FST")
     S = fst.num_states
-    order = np.full(S, -1, np.int64)
+    off = fst.state_offsets.tolist()
+    nxt = fst.nextstate.tolist()
+    order = [-1] * S
     order[fst.start] = 0
-    queue = deque([fst.start])
+    visit = [fst.start]
     n = 1
-    off, nxt = fst.state_offsets, fst.nextstate
-    visit = []
-    while queue:
-        s = queue.popleft()
-        visit.append(s)
-        for d in nxt[off[s]:off[s + 1]].tolist():
+    head = 0
+    while head < len(visit):
+        s = visit[head]
+        head += 1
+        for d in nxt[off[s]:off[s + 1]]:
             if order[d] < 0:
                 order[d] = n
                 n += 1
-                queue.append(d)
+                visit.append(d)
     if n != S:
         raise ValueError("sort_breadth_first: input must be connected (%d of %d states "
                          "reachable)" % (n, S))
-    visit = np.asarray(visit, np.int64)
-    counts = np.diff(off)[visit]
-    idx = np.concatenate([np.arange(off[s], off[s + 1]) for s in visit]) if fst.num_arcs \
-        else np.zeros(0, np.int64)
+    so = np.asarray(fst.state_offsets, np.int64)
+    visit_a = np.asarray(visit, np.int64)
+    counts = so[visit_a + 1] - so[visit_a]
     offsets = np.zeros(S + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
+    # arc k of the output is arc (so[visit[s]] + k - offsets[s]) of the input
+    state_of = np.repeat(np.arange(S), counts)
+    idx = so[visit_a][state_of] + np.arange(int(offsets[-1])) - offsets[state_of]
+    order_a = np.asarray(order, np.int64)
     final = np.empty(S, np.float32)
-    final[order] = fst.final
+    final[order_a] = fst.final
     return Fst(num_states=S, start=0, final=final, state_offsets=offsets,
                ilabel=fst.ilabel[idx], olabel=fst.olabel[idx], weight=fst.weight[idx],
-               nextstate=order[fst.nextstate[idx]].astype(np.int32), arc_type=fst.arc_type)
+               nextstate=order_a[fst.nextstate[idx]].astype(np.int32), arc_type=fst.arc_type)
 
 
 def fst_state_times(fst: Fst) -> Tuple[np.ndarray, int]:
@@ -554,23 +559,90 @@ def fst_state_times(fst: Fst) -> Tuple[np.ndarray, int]:
     return times, total
 
 
+_TMP = {"dir": None}
+
+
+def _tmp_path() -> str:
+    """A per-process scratch file for exchanging FSTs with kaldifst (binary OpenFst form
+    is the fastest bridge; the directory is made once, in /dev/shm when available)."""
+    d = _TMP["dir"]
+    if d is None or _TMP.get("pid") != os.getpid() or not os.path.isdir(d):
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+            else None
+        d = tempfile.mkdtemp(prefix="pkwrap-sup-", dir=base)
+        _TMP["dir"], _TMP["pid"] = d, os.getpid()
+        import atexit
+        import shutil
+        atexit.register(shutil.rmtree, d, True)
+    return os.path.join(d, "f%d.fst" % threading.get_ident())
+
+
 def _to_kaldifst(fst: Fst):
     import kaldifst
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "a.fst")
+    p = _tmp_path()
+    try:
         write_fst(Fst(fst.num_states, fst.start, fst.final, fst.state_offsets, fst.ilabel,
                       fst.olabel, fst.weight, fst.nextstate, "standard"), p)
         return kaldifst.StdVectorFst.read(p)
+    finally:
+        if os.path.exists(p):
+            os.unlink(p)
+
+
+_ARC_DTYPE = np.dtype([("ilabel", "<i4"), ("olabel", "<i4"), ("weight", "<f4"),
+                       ("nextstate", "<i4")])
+
+
+def _parse_vector_fst(data: bytes, name: str) -> Fst:
+    """Parse a binary OpenFst vector FST (as kaldifst writes it) in one pass: the state
+    headers are walked with ``struct``, the arcs of all states decoded in one go."""
+    import struct
+    from ..kaldi.fst import OPENFST_MAGIC
+    if len(data) < 4 or struct.unpack_from("<i", data, 0)[0] != OPENFST_MAGIC:
+        raise RuntimeError("%s: kaldifst wrote something that is not an OpenFst FST" % name)
+    pos = 4
+    strs = []
+    for _ in range(2):
+        (n,) = struct.unpack_from("<i", data, pos)
+        strs.append(data[pos + 4:pos + 4 + n].decode("latin-1"))
+        pos += 4 + n
+    if strs[0] != "vector" or strs[1] != "standard":
+        raise RuntimeError("%s: expected a standard vector FST, got %r" % (name, strs))
+    _, flags, _, start, num_states, _ = struct.unpack_from("<iiQqqq", data, pos)
+    pos += 40
+    if flags & 3:
+        raise RuntimeError("%s: unexpected symbol tables" % name)
+    final = np.empty(num_states, np.float32)
+    counts = np.empty(num_states, np.int64)
+    blocks = []
+    unpack = struct.Struct("<fq").unpack_from
+    for st in range(num_states):
+        fw, na = unpack(data, pos)
+        final[st] = fw
+        counts[st] = na
+        pos += 12
+        blocks.append(data[pos:pos + 16 * na])
+        pos += 16 * na
+    arcs = np.frombuffer(b"".join(blocks), dtype=_ARC_DTYPE)
+    offsets = np.zeros(num_states + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return Fst(num_states=int(num_states), start=int(start), final=final,
+               state_offsets=offsets, ilabel=arcs["ilabel"].astype(np.int32),
+               olabel=arcs["olabel"].astype(np.int32), weight=arcs["weight"].astype(np.float32),
+               nextstate=arcs["nextstate"].astype(np.int32))
 
 
 def _from_kaldifst(kfst) -> Fst:
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "a.fst")
+    p = _tmp_path()
+    try:
         if not kfst.write(p):
             raise RuntimeError("kaldifst could not write an FST to %s" % p)
-        f = read_fst(p)
-    f.properties = 0
-    return f
+        with open(p, "rb") as fh:
+            data = fh.read()
+    finally:
+        if os.path.exists(p):
+            os.unlink(p)
+    return _parse_vector_fst(data, p)
 
 
 def _determinize_minimize(kfst, key: str):
@@ -604,9 +676,15 @@ class _Normalizer:
 _NORMALIZERS: Dict[int, Tuple[Fst, _Normalizer]] = {}
 
 
+_NORMALIZERS_BY_PATH: Dict[str, Fst] = {}
+
+
 def _normalizer(fst: Union[Fst, str, "os.PathLike"]) -> _Normalizer:
     if not isinstance(fst, Fst):
-        fst = read_fst(fst)
+        path = os.path.abspath(os.fspath(fst))
+        if path not in _NORMALIZERS_BY_PATH:
+            _NORMALIZERS_BY_PATH[path] = read_fst(path)
+        fst = _NORMALIZERS_BY_PATH[path]
     ent = _NORMALIZERS.get(id(fst))
     if ent is None or ent[0] is not fst:
         ent = (fst, _Normalizer(fst))
