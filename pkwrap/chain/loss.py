@@ -145,7 +145,8 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
       xent_output: optional 'output-xent' log-softmax ``[S][T][P]``.
       deriv_weights: optional ``[S][T]`` (or Kaldi's t-major vector of S*T) frame
         weights applied to the gradients only (see the module docstring).
-      reduction: "sum" (Kaldi's totals) or "mean" (divided by weight).
+      reduction: "sum" (Kaldi's totals) or "mean" (divided by weight; a zero
+        weight, e.g. a multilingual eg switched off, divides by 1).
       backend: "auto" (C++ kernels for CPU tensors, plain torch ops otherwise),
         "cpp" or "torch".
       num_threads: threads of the C++ denominator (default torch.get_num_threads()).
@@ -169,7 +170,7 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
     need_grad = torch.is_grad_enabled() and (
         output.requires_grad or (xent_output is not None and xent_output.requires_grad))
 
-    norm = weight if reduction == "mean" else 1.0
+    norm = weight if (reduction == "mean" and weight > 0) else 1.0
     # G accumulates d loss / d X directly (Kaldi's nnet_output_deriv negated, / norm).
     den = denominator_forward_backward(den_graph, x, opts.leaky_hmm_coefficient,
                                        want_post=need_grad, post_scale=w / norm,
