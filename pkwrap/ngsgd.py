@@ -228,12 +228,16 @@ class OnlineNaturalGradient:
 
     # ------------------------------------------------------------------ main
     @torch.no_grad()
-    def precondition_directions(self, X: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def precondition_directions(self, X: torch.Tensor, in_place: bool = False
+                                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Precondition the rows of X with the current estimate, updating it when due.
 
         Args:
           X:
-            The ``[N][D]`` floating-point matrix of row vectors (not modified).
+            The ``[N][D]`` floating-point matrix of row vectors (not modified unless in_place).
+          in_place:
+            Write X_hat into X (saves a copy of an ``[N][D]`` matrix; X must be contiguous
+            and of float32/float64 dtype).
         Returns:
           ``(X_hat, scale)``: X_hat ``[N][D]`` (same dtype/device as X) is X times
           ``beta_t G_t^{-1}`` (eqn. X-hat), **not** multiplied by scale; scale is a 0-dim
@@ -253,9 +257,9 @@ class OnlineNaturalGradient:
             self._init(X)
         in_dtype = X.dtype
         X = X.to(self.W_t.dtype)
-        initial_product = (X * X).sum()
-        X_hat = self._precondition_internal(X, initial_product, self.updating())
-        final_product = (X_hat * X_hat).sum()
+        initial_product = torch.linalg.vector_norm(X).square()
+        X_hat = self._precondition_internal(X, initial_product, self.updating(), in_place)
+        final_product = torch.linalg.vector_norm(X_hat).square()
         scale = torch.where(initial_product > 0,
                             torch.sqrt(initial_product.double() / final_product.double()),
                             torch.ones((), dtype=torch.float64, device=X.device))
@@ -284,9 +288,9 @@ class OnlineNaturalGradient:
         tmp.t = 1  # the copy never re-enters _init
         num_iters = 1 if X0.shape[0] <= tmp.rank else 3
         X0 = X0.to(dtype)
-        tr = (X0 * X0).sum()
+        tr = torch.linalg.vector_norm(X0).square()
         for _ in range(num_iters):
-            tmp._precondition_internal(X0, tr, True)
+            tmp._precondition_internal(X0, tr, True, False)
             tmp.t += 1
         self.rank = tmp.rank
         self.W_t, self.d_t, self.rho_t = tmp.W_t, tmp.d_t, tmp.rho_t
@@ -298,29 +302,93 @@ class OnlineNaturalGradient:
         return e, sqrt_e, 1.0 / sqrt_e
 
     def _precondition_internal(self, X: torch.Tensor, tr_X_Xt: torch.Tensor,
-                               updating: bool) -> torch.Tensor:
+                               updating: bool, in_place: bool) -> torch.Tensor:
         N, D = X.shape
-        R = self.rank
         W_t = self.W_t
         H_t = X @ W_t.t()  # (X-hat): H_t = X_t W_t^T, [N][R]
         self.last_updated = updating
         self.last_reorthogonalized = False
         self.last_num_floored = 0
-        if not updating:
-            return torch.addmm(X, H_t, W_t, alpha=-1.0)
+        if updating:
+            J_t = H_t.t() @ X  # [R][D]
+            if N > D:
+                L_t = W_t @ J_t.t()
+            else:
+                L_t = H_t.t() @ H_t
+            self._update(N, D, float(tr_X_Xt), J_t, L_t)
+        # X_hat = X - H_t W_t with the W_t from before the update
+        return X.addmm_(H_t, W_t, alpha=-1.0) if in_place else torch.addmm(X, H_t, W_t, alpha=-1.0)
+
+    @torch.no_grad()
+    def precondition_factors(self, x: torch.Tensor, ones_column: bool = False
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like :meth:`precondition_directions`, but returns X_hat in factored form.
+
+        X is ``x``, or ``[x, 1]`` (a column of ones appended) when ``ones_column`` is set, and is
+        never formed; X_hat = X - H W.  Natural-gradient layers use this to build the weight
+        gradient without any extra ``[N][D]`` matrix.  The estimate is updated exactly as
+        :meth:`precondition_directions` would (same equations); the scale uses
+        ``|X_hat|^2 = |X|^2 - 2 tr(L) + tr(L W W^T)`` with ``L = H^T H``, the same quantity
+        up to rounding.
+
+        Args:
+          x:
+            ``[N][D']`` with D = D' + 1 if ``ones_column`` else D'.
+          ones_column:
+            Whether X has a column of ones appended to x.
+        Returns:
+          ``(H, W, scale)``: H ``[N][R]``, W ``[R][D]`` (the estimate the call used; later calls
+          do not modify it in place), scale a 0-dim float64 tensor as in
+          :meth:`precondition_directions`.
+        """
+        if x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"precondition_factors: expected a 2-D floating-point matrix, got "
+                             f"{tuple(x.shape)} {x.dtype}")
+        N, Dx = x.shape
+        D = Dx + (1 if ones_column else 0)
+        one = torch.ones((), dtype=torch.float64, device=x.device)
+        if D == 1:
+            return x.new_zeros(N, 0), x.new_zeros(0, D), one
+        if self.W_t is not None and self.W_t.shape[1] != D:
+            raise ValueError(f"precondition_factors: this preconditioner was set up for dimension "
+                             f"{self.W_t.shape[1]}, got {D} columns")
+        if self.t == 0:
+            self._init(torch.cat([x, x.new_ones(N, 1)], 1) if ones_column else x)
+        W_t = self.W_t
+        x = x.to(W_t.dtype)
+        H = x @ W_t[:, :Dx].t()
+        tr = torch.linalg.vector_norm(x).square()
+        if ones_column:
+            H += W_t[:, Dx]
+            tr = tr + N
+        self.last_reorthogonalized = False
+        self.last_num_floored = 0
+        updating = self.updating()
+        self.last_updated = updating
+        L = H.t() @ H
+        if updating:
+            J = H.t() @ x
+            if ones_column:
+                J = torch.cat([J, H.sum(0)[:, None]], 1)
+            L_upd = W_t @ J.t() if N > D else L
+            self._update(N, D, float(tr), J, L_upd)
+        L64 = L.double()
+        WWt = (W_t @ W_t.t()).double()
+        final = tr.double() - 2.0 * torch.trace(L64) + (L64 * WWt).sum()
+        scale = torch.where((tr > 0) & (final > 0), torch.sqrt(tr.double() / final), one)
+        self.t += 1
+        return H, W_t, scale
+
+    def _update(self, N: int, D: int, tr_X_Xt: float, J_t: torch.Tensor, L_t: torch.Tensor) -> None:
+        """Update W_t, d_t, rho_t from J_t = H_t^T X_t and L_t = H_t^T H_t (eqns Z to W_{t+1})."""
+        R = self.rank
+        W_t = self.W_t
         eta = self.eta(N)
         rho_t = self.rho_t
         d_t = self.d_t
-        J_t = H_t.t() @ X  # [R][D]
-        if N > D:
-            L_t = W_t @ J_t.t()
-            K_t = J_t @ J_t.t()
-        else:
-            K_t = J_t @ J_t.t()
-            L_t = H_t.t() @ H_t
+        K_t = J_t @ J_t.t()
         # The small R x R algebra runs in float64 on the CPU, as Kaldi does.
         LK = torch.cat([L_t, K_t], 0).to(device="cpu", dtype=torch.float64)
-        tr_X_Xt = float(tr_X_Xt)
         L_t, K_t = LK[:R], LK[R:]
         L_t = 0.5 * (L_t + L_t.t())
         K_t = 0.5 * (K_t + K_t.t())
@@ -333,6 +401,13 @@ class OnlineNaturalGradient:
         Z_t = (etaN * etaN) * (inv_sqrt_e_t[:, None] * K_t * inv_sqrt_e_t[None, :]) \
             + (etaN * eta1) * (S * p_t[None, :] + p_t[:, None] * S) \
             + torch.diag(eta1 * eta1 * p_t * p_t)  # (Z)
+        if not (math.isfinite(tr_X_Xt) and bool(torch.isfinite(Z_t).all())):
+            # Kaldi would crash or poison its estimate; we keep the old one.  The output is
+            # non-finite anyway, and NGSGD skips such an update with a warning.
+            logger.warning("OnlineNaturalGradient: non-finite input (inf/NaN); "
+                           "not updating the Fisher-matrix estimate")
+            self.last_updated = False
+            return
         z_scale = max(1.0, float(torch.trace(Z_t)))
         c_t, U_t = torch.linalg.eigh(Z_t / z_scale)
         c_t, U_t = c_t.flip(0) * z_scale, U_t.flip(1)  # largest first
@@ -343,8 +418,6 @@ class OnlineNaturalGradient:
             c_t = c_t.clamp(min=c_floor)
             must_reorthogonalize = True
         self.last_num_floored = nf
-
-        X_hat = torch.addmm(X, H_t, W_t, alpha=-1.0)
 
         sqrt_c_t = c_t.sqrt()
         rho_t1 = (eta / N * tr_X_Xt + (1.0 - eta) * (D * rho_t + float(d_t.sum()))
@@ -357,8 +430,7 @@ class OnlineNaturalGradient:
         # (W_{t+1}) = A_t B_t
         beta_t1 = rho_t1 * (1.0 + self.alpha) + self.alpha * float(d_t1.sum()) / D
         if not beta_t1 > 0.0:
-            raise RuntimeError(f"OnlineNaturalGradient: beta_t1 = {beta_t1} is not positive "
-                               "(non-finite input?)")
+            raise RuntimeError(f"OnlineNaturalGradient: beta_t1 = {beta_t1} is not positive")
         _, sqrt_e_t1, inv_sqrt_e_t1 = self._compute_et(d_t1, beta_t1)
         w_coeff = (eta1 / etaN) * p_t
         B_t = torch.addcmul(J_t, w_coeff.to(J_t)[:, None], W_t)
@@ -369,7 +441,6 @@ class OnlineNaturalGradient:
         self.W_t = W_t1
         self.d_t = d_t1
         self.rho_t = rho_t1
-        return X_hat
 
     def _reorthogonalize(self, W_t1: torch.Tensor, sqrt_e_t1: torch.Tensor,
                          inv_sqrt_e_t1: torch.Tensor) -> torch.Tensor:

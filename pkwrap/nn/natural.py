@@ -98,20 +98,30 @@ class _NaturalGradientMixin:
     def _preconditioned_grads(self, x: torch.Tensor, g: torch.Tensor,
                               has_bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Weight (as ``[out][in]``) and bias gradients from inputs x ``[N][in]`` and
-        output derivatives g ``[N][out]``."""
+        output derivatives g ``[N][out]``.
+
+        With X = [x, 1], X_hat = X - H_i W_i and G_hat = g - H_o W_o (factored outputs of the
+        two preconditioners), the gradient gamma_i gamma_o G_hat^T X_hat is expanded as
+        ``g^T X - W_o^T (H_o^T X) - (G_hat^T H_i) W_i`` so that no ``[N][D]`` matrix besides
+        the plain ``g^T x`` product is needed.
+        """
         if not self.use_natural_gradient:
             gw = g.t() @ x
             return gw, (g.sum(0) if has_bias else None)
-        if has_bias:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        xh, s_in = self.preconditioner_in.precondition_directions(x)
-        gh, s_out = self.preconditioner_out.precondition_directions(g)
-        scale = (s_in * s_out).to(g.dtype)
-        if has_bias:
-            gw = (gh.t() @ xh[:, :-1]) * scale
-            gb = (gh.t() @ xh[:, -1]) * scale
-            return gw, gb
-        return (gh.t() @ xh) * scale, None
+        Hi, Wi, s_in = self.preconditioner_in.precondition_factors(x, ones_column=has_bias)
+        Ho, Wo, s_out = self.preconditioner_out.precondition_factors(g)
+        x = x.to(Wi.dtype) if Wi.numel() else x
+        n_in = x.shape[1]
+        # C = G_hat^T H_i = g^T H_i - W_o^T (H_o^T H_i)   [out][R_i]
+        C = torch.addmm(g.t() @ Hi, Wo.t(), Ho.t() @ Hi, alpha=-1.0)
+        gw = torch.addmm(g.t() @ x, Wo.t(), Ho.t() @ x, alpha=-1.0)
+        gw.addmm_(C, Wi[:, :n_in], alpha=-1.0)
+        scale = (s_in * s_out).to(gw.dtype)
+        gw.mul_(scale)
+        if not has_bias:
+            return gw, None
+        gb = g.sum(0) - Wo.t() @ Ho.sum(0) - C @ Wi[:, n_in]
+        return gw, gb.mul_(scale)
 
     def freeze_natural_gradient(self, frozen: bool = True) -> None:
         """Freeze (True) or unfreeze the Fisher-matrix estimates (backstitch step 1)."""
