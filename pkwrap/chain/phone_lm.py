@@ -30,6 +30,7 @@ acceptor with arcs sorted by label: the same states, arcs and weights as Kaldi's
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 import math
 import os
 import struct
@@ -72,7 +73,7 @@ class PhoneLmOptions:
 
 class _LmState:
     __slots__ = ("history", "counts", "tot", "tot_with_parents", "backoff", "fst_state",
-                 "backoff_allowed")
+                 "backoff_allowed", "_ll")
 
     def __init__(self, history: Tuple[int, ...]):
         self.history = history
@@ -82,10 +83,17 @@ class _LmState:
         self.backoff = -1
         self.fst_state = -1
         self.backoff_allowed = False
+        self._ll = None  # cached LogLike(), None when stale
 
     def add(self, phone: int, count: int):
         self.counts[phone] = self.counts.get(phone, 0) + count
         self.tot += count
+        self._ll = None
+
+    def loglike(self) -> float:
+        if self._ll is None:
+            self._ll = _loglike(self.counts, self.tot)
+        return self._ll
 
 
 def _loglike(counts: Dict[int, int], tot: int) -> float:
@@ -146,6 +154,7 @@ class PhoneLmEstimator:
         self.num_active = 0
         self.num_basic = 0
         self.num_sentences = 0
+        self._pending: Counter = Counter()  # (history, next phone) -> count, not yet added
 
     def _find_or_create(self, hist: Tuple[int, ...]) -> int:
         i = self.index.get(hist)
@@ -160,24 +169,27 @@ class PhoneLmEstimator:
 
     def add_counts(self, sentence: Sequence[int]) -> None:
         """Count one phone sequence (phones must be > 0)."""
-        order = self.opts.ngram_order
-        hist: List[int] = [0]
+        padded = [0]
         for p in sentence:
             p = int(p)
             if p <= 0:
                 raise ValueError("phone sequence contains %d; phones must be positive ids" % p)
-            self._increment(tuple(hist), p)
-            hist.append(p)
-            if len(hist) >= order:
-                del hist[0]
-        self._increment(tuple(hist), 0)
+            padded.append(p)
+        m = self.opts.ngram_order - 1
+        # history before predicting padded[k+1] (or end-of-sentence 0 after the last)
+        hists = [tuple(padded[max(0, k - m + 1):k + 1]) for k in range(len(padded))]
+        # A Counter keeps keys in first-seen order, so flushing it creates the LM states
+        # in the order Kaldi creates them (that order is the FST's state numbering).
+        self._pending.update(zip(hists, padded[1:] + [0]))
         self.num_sentences += 1
 
-    def _increment(self, hist, phone):
-        st = self.states[self._find_or_create(hist)]
-        if st.tot == 0:
-            self.num_active += 1
-        st.add(phone, 1)
+    def _flush(self):
+        for (hist, phone), c in self._pending.items():
+            st = self.states[self._find_or_create(hist)]
+            if st.tot == 0:
+                self.num_active += 1
+            st.add(phone, c)
+        self._pending.clear()
 
     # -- pruning --
     def _set_parent_counts(self):
@@ -215,8 +227,7 @@ class PhoneLmEstimator:
         merged = dict(b.counts)
         for k, v in st.counts.items():
             merged[k] = merged.get(k, 0) + v
-        change = _f32(_f32(_loglike(merged, b.tot + st.tot) - _loglike(st.counts, st.tot))
-                      - _loglike(b.counts, b.tot))
+        change = _f32(_f32(_loglike(merged, b.tot + st.tot) - st.loglike()) - b.loglike())
         return min(change, 0.0)
 
     def _back_off_state(self, l: int, queue: list):
@@ -228,6 +239,7 @@ class PhoneLmEstimator:
         for k, v in st.counts.items():
             b.add(k, v)
         st.counts = {}
+        st._ll = None
         st.tot = 0
         st.tot_with_parents = 0
         st.backoff_allowed = False
@@ -271,6 +283,7 @@ class PhoneLmEstimator:
         """Prune and return the LM as an :class:`~pkwrap.kaldi.fst.Fst` acceptor."""
         if self.num_sentences == 0:
             raise ValueError("no phone sequences were given to the phone LM estimator")
+        self._flush()
         self._set_parent_counts()
         self.num_basic = self._count_basic()
         self._do_backoff()
