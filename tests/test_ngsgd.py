@@ -113,3 +113,33 @@ def test_zero_input_and_eta():
         OnlineNaturalGradient(num_minibatches_history=0.5)
     with pytest.raises(ValueError):
         ng.precondition_directions(torch.zeros(16, 11))
+
+
+def test_factored_path_equals_explicit():
+    g = torch.Generator().manual_seed(7)
+    a, b = OnlineNaturalGradient(rank=6), OnlineNaturalGradient(rank=6)
+    for step in range(14):
+        N = 40 if step % 3 else 9  # both N > D and N <= D
+        x = torch.randn(N, 15, generator=g) * torch.linspace(0.1, 3, 15)
+        Y, s1 = a.precondition_directions(torch.cat([x, torch.ones(N, 1)], 1))
+        H, W, s2 = b.precondition_factors(x, ones_column=True)
+        Y2 = torch.cat([x, torch.ones(N, 1)], 1) - H @ W
+        torch.testing.assert_close(Y2, Y, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(float(s2), float(s1), rtol=1e-4)
+        assert a.last_updated == b.last_updated and a.t == b.t
+        torch.testing.assert_close(b.W_t, a.W_t, rtol=1e-4, atol=1e-5)
+
+
+def test_nonfinite_input_keeps_estimate(caplog):
+    ng = OnlineNaturalGradient(rank=3)
+    X = torch.randn(20, 8)
+    ng.precondition_directions(X)
+    W, rho = ng.W_t.clone(), ng.rho_t
+    bad = X.clone()
+    bad[3, 2] = float("nan")
+    with caplog.at_level(logging.WARNING):
+        Y, _ = ng.precondition_directions(bad)
+    assert "non-finite" in caplog.text and not ng.last_updated
+    assert torch.equal(ng.W_t, W) and ng.rho_t == rho
+    Y, _ = ng.precondition_directions(X)
+    assert torch.isfinite(Y).all() and ng.last_updated

@@ -185,3 +185,23 @@ def test_tdnnf_layer_bypass_and_bad_input():
         _small_model(3)(torch.randn(1, 10, 8))
     with pytest.raises(ValueError):
         _small_model(3)(torch.randn(1, 40, 7))
+
+
+def test_nan_gradient_does_not_crash_and_optimizer_skips():
+    from pkwrap.optim import NGSGD, kaldi_param_groups
+    layer = NaturalAffine(6, 4)
+    opt = NGSGD(kaldi_param_groups(layer), lr=0.1)
+    x = torch.randn(10, 6)
+    layer(x).sum().backward()
+    opt.step()
+    W = layer.weight.detach().clone()
+    Wt = layer.preconditioner_in.W_t.clone()
+    opt.zero_grad()
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    layer(bad).sum().backward()
+    assert not torch.isfinite(layer.weight.grad).all()
+    with pytest.warns(UserWarning, match="will not apply"):
+        opt.step()
+    assert torch.equal(layer.weight.detach(), W)
+    assert torch.equal(layer.preconditioner_in.W_t, Wt)  # estimate not poisoned
