@@ -58,7 +58,8 @@ test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts)
 done
 
 recipe=$(cd "$(dirname "$0")" && pwd)
-export PYTHONUNBUFFERED=1
+. "$recipe/path.sh"
+. "$recipe/conf/chain.conf"
 # two cores: keep each process at one OpenMP/MKL thread (torchrun runs $nproc of them)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -112,9 +113,18 @@ if run_stage 2; then
 fi
 
 if run_stage 3; then
-  log "stage 3: flat-start chain graphs: topology, tree, phone LM, den.fst, normalization.fst"
-  python3 "$recipe/local/prepare_chain.py" --lang "$data/lang" --train "$data/train" \
-    --config "$recipe/conf/chain.conf" "$exp"
+  log "stage 3: flat-start chain graphs: topology, $tree_type tree, phone LM, den.fst, normalization.fst"
+  lang=$data/lang
+  ids() { awk 'NR==FNR{a[$1]; next} ($1 in a){print $2}' "$1" "$lang/phones.txt" | paste -sd:; }
+  sil=$(ids "$lang/silence_phones.txt")
+  chain-gen-topo "$(ids "$lang/nonsilence_phones.txt")" "$sil" > "$exp/topo"
+  chain-init-tree --type="$tree_type" --ci-phones="$sil" "$exp/topo" "$exp/0.trans_mdl" "$exp/tree"
+  python3 "$recipe/local/text_to_phones.py" --int --copies "$lm_copies" --edge-silprob "$edge_silprob" \
+    --between-silprob "$between_silprob" "$lang" "$data/train/text" > "$exp/phone_seqs.txt"
+  chain-est-phone-lm --ngram-order="$ngram_order" --no-prune-ngram-order="$no_prune_ngram_order" \
+    --num-extra-lm-states="$num_extra_lm_states" "ark:$exp/phone_seqs.txt" "$exp/phone_lm.fst"
+  chain-make-den-fst "$exp/tree" "$exp/0.trans_mdl" "$exp/phone_lm.fst" \
+    "$exp/den.fst" "$exp/normalization.fst"
   done_stage 3
 fi
 

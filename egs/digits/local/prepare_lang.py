@@ -7,12 +7,16 @@ syllable marks (``'`` ``,`` ``%`` ``=``) are dropped; each distinct phoneme stri
 becomes one pronunciation, so ``one`` gets both ``w V n`` (en-us) and ``w 0 n``
 (en-gb). The phone set is every phoneme seen, plus ``SIL`` for silence.
 
-Writes (Kaldi lang files, position-independent phones):
+Writes a Kaldi lang directory (position-independent phones), the FSTs made by
+``pkwrap.decode.write_lang_dir`` (Kaldi's ``prepare_lang.sh`` + ``format_lm.sh``):
 
   <lang>/lexicon.txt   <word> <phone> <phone> ...   (one line per pronunciation)
-  <lang>/phones.txt    <phone> <int>: <eps> 0, SIL 1, then the phonemes sorted
-  <lang>/words.txt     <word> <int>: <eps> 0, the words sorted
+  <lang>/phones.txt    <eps> 0, SIL 1, the phonemes sorted, then #0 #1 ... (disambiguation)
+  <lang>/words.txt     <eps> 0, the words sorted, then #0 <s> </s>
   <lang>/silence_phones.txt, nonsilence_phones.txt, optional_silence.txt
+  <lang>/L.fst, L_disambig.fst  lexicon FSTs with optional silence (probability --sil-prob)
+  <lang>/G.fst         the digit-loop grammar: any sequence of the words, uniform
+  <lang>/phones/disambig.{int,txt}, lexiconp.txt, lexiconp_disambig.txt
 
 Usage:
   local/prepare_lang.py --accents conf/accents.txt data/lang
@@ -21,6 +25,8 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+from pkwrap.decode import SymbolTable, read_lexicon, write_lang_dir
 
 WORDS = ["eight", "five", "four", "nine", "oh", "one", "seven", "six", "three", "two", "zero"]
 MARKS = "'%,="
@@ -48,6 +54,8 @@ def main():
     p.add_argument("--accents", type=Path, default=Path("conf/accents.txt"),
                    help="file with one espeak-ng English voice per line")
     p.add_argument("--words", default=",".join(WORDS))
+    p.add_argument("--sil-prob", type=float, default=0.5,
+                   help="optional-silence probability in L (prepare_lang.sh's default)")
     p.add_argument("lang_dir", type=Path)
     args = p.parse_args()
     accents = [l.split("#", 1)[0].strip() for l in args.accents.read_text().splitlines()]
@@ -69,12 +77,13 @@ def main():
     d = args.lang_dir
     d.mkdir(parents=True, exist_ok=True)
     (d / "lexicon.txt").write_text("".join("%s %s\n" % (w, " ".join(pr)) for w, pr in lexicon))
-    (d / "phones.txt").write_text("".join("%s %d\n" % (ph, i)
-                                          for i, ph in enumerate(["<eps>", "SIL"] + phones)))
-    (d / "words.txt").write_text("".join("%s %d\n" % (w, i) for i, w in enumerate(["<eps>"] + words)))
     (d / "silence_phones.txt").write_text("SIL\n")
     (d / "optional_silence.txt").write_text("SIL\n")
     (d / "nonsilence_phones.txt").write_text("".join(ph + "\n" for ph in phones))
+    phone_table = SymbolTable.from_symbols(["<eps>", "SIL"] + phones, name=str(d / "phones.txt"))
+    # phones.txt (+ #k), words.txt (+ #0 <s> </s>), L.fst, L_disambig.fst, G.fst
+    write_lang_dir(d, read_lexicon(d / "lexicon.txt"), phone_table, grammar=words,
+                   sil_phone="SIL", sil_prob=args.sil_prob)
     print("prepare_lang.py: %d words, %d pronunciations, %d phones + SIL (%s)"
           % (len(words), len(lexicon), len(phones), " ".join(phones)))
 

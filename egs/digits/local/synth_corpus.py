@@ -13,6 +13,12 @@ random SNR:
 
 where P_x is the mean power of the speech samples and e is white or pink noise.
 
+End-to-end chain training merges only utterances of equal length, so (as Kaldi's
+``utils/data/perturb_speed_to_allowed_lengths.py`` does with speed perturbation)
+train and valid utterances are padded with extra silence to the next *allowed
+length*: frame counts L_k = 3 * ceil(L_0 * r^k / 3), r = ``--allowed-length-factor``,
+listed in ``data/<split>/allowed_lengths.txt``. Test utterances keep their length.
+
 Speakers are split by voice: the variants (``espeak-ng --voices=variant``) are
 shuffled with the seed and dealt into train / valid / test, so no voice in test or
 valid was heard in training. Output, per split (Kaldi data dir):
@@ -83,6 +89,8 @@ def get_parser():
     p.add_argument("--snr-range", default="8,35", help="additive noise SNR in dB")
     p.add_argument("--clean-prob", type=float, default=0.1,
                    help="probability that an utterance gets no added noise")
+    p.add_argument("--allowed-length-factor", type=float, default=1.08,
+                   help="ratio of consecutive allowed lengths (train/valid padding)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nj", type=int, default=2, help="parallel espeak-ng processes")
     return p
@@ -139,8 +147,24 @@ def pink_noise(n, rng):
     return x / (np.std(x) + 1e-12)
 
 
-def make_utterance(spec, wav_path):
-    """Synthesize, resample, pad, add noise and write one utterance."""
+def allowed_lengths(factor, shortest=30, longest=3000, multiple=3):
+    """Allowed frame counts: ``multiple * ceil(shortest * factor^k / multiple)``."""
+    out, x = [], float(shortest)
+    while x <= longest:
+        n = multiple * int(np.ceil(x / multiple))
+        if not out or n > out[-1]:
+            out.append(n)
+        x *= factor
+    return out
+
+
+def num_frames(num_samples):
+    """Frames of 25 ms every 10 ms at 16 kHz with Kaldi's snip-edges."""
+    return 0 if num_samples < 400 else 1 + (num_samples - 400) // 160
+
+
+def make_utterance(spec, wav_path, lengths=None):
+    """Synthesize, resample, pad (to an allowed length if ``lengths``), add noise, write."""
     rng = np.random.default_rng(spec["seed"])
     x = synthesize(" ".join(spec["words"]), spec["accent"], spec["variant"],
                    spec["speed"], spec["pitch"], spec["gap"])
@@ -150,6 +174,15 @@ def make_utterance(spec, wav_path):
     if active.size:
         x = x[max(0, active[0] - 160):active[-1] + 160]
     lead, trail = (int(rng.uniform(0.1, 0.5) * TARGET_RATE) for _ in range(2))
+    if lengths is not None:
+        n = num_frames(len(x) + lead + trail)
+        target = next((m for m in lengths if m >= n), None)
+        if target is None:
+            raise RuntimeError("utterance %s (%d frames) is longer than every allowed length"
+                               % (spec["utt"], n))
+        extra = max(0, 400 + (target - 1) * 160 - (len(x) + lead + trail))
+        add_lead = int(rng.integers(0, extra + 1))
+        lead, trail = lead + add_lead, trail + extra - add_lead
     x = np.concatenate([np.zeros(lead), x, np.zeros(trail)])
     x *= rng.uniform(0.3, 0.9) / (np.max(np.abs(x)) + 1e-9)
     if spec["snr"] is not None:
@@ -243,12 +276,24 @@ def main():
         "test": plan_split(rng, test_v, args.test_utts_per_voice, accents, args),
     }
     args.wav_dir.mkdir(parents=True, exist_ok=True)
+    lengths = allowed_lengths(args.allowed_length_factor)
+    for specs in (plans["train"], plans["valid"]):
+        for s in specs:
+            s["pad_to_allowed"] = True
     jobs = [s for specs in plans.values() for s in specs]
+
+    def make(s):
+        return make_utterance(s, args.wav_dir / (s["utt"] + ".wav"),
+                              lengths if s.get("pad_to_allowed") else None)
+
     with ThreadPoolExecutor(max_workers=max(1, args.nj)) as ex:
-        durs = list(ex.map(lambda s: make_utterance(s, args.wav_dir / (s["utt"] + ".wav")), jobs))
+        durs = list(ex.map(make, jobs))
     dur_of = {s["utt"]: d for s, d in zip(jobs, durs)}
     for split, specs in plans.items():
         write_data_dir(args.out_dir / split, specs, args.wav_dir)
+        if split != "test":
+            (args.out_dir / split / "allowed_lengths.txt").write_text(
+                "".join("%d\n" % n for n in lengths))
         hours = sum(dur_of[s["utt"]] for s in specs) / 3600
         spks = sorted({s["spk"] for s in specs})
         print("%s: %d utterances, %.2f h, %d voices: %s" % (split, len(specs), hours, len(spks),

@@ -7,7 +7,10 @@ probability ``--edge-silprob`` and between words with ``--between-silprob``, as
 Kaldi's ``steps/nnet3/chain/e2e/text_to_phones.py`` does before
 ``chain-est-phone-lm``. Output: ``<utt> <phone> <phone> ...`` lines; with
 ``--int``, phone ids from ``<lang>/phones.txt`` (the form the phone LM estimator
-reads).
+reads). With ``--copies N`` every utterance is written N times (keys ``<utt>-<i>``)
+with independent draws, so that the phone LM sees the pronunciation variants of
+word pairs it would otherwise miss (an n-gram the LM never saw makes an utterance's
+normalized numerator empty).
 
 Usage:
   local/text_to_phones.py --int data/lang data/train/text > exp/chain/phone_seqs.txt
@@ -23,6 +26,7 @@ def main():
     p.add_argument("--edge-silprob", type=float, default=0.8)
     p.add_argument("--between-silprob", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copies", type=int, default=1, help="draws per utterance")
     p.add_argument("--int", action="store_true", help="write phone ids instead of names")
     p.add_argument("lang_dir", type=Path)
     p.add_argument("text", type=Path)
@@ -44,14 +48,16 @@ def main():
                 args.text, lineno, utt, "is empty" if not words else
                 "has words not in the lexicon: " + " ".join(unknown)), file=sys.stderr)
             continue
-        phones = [sil] if rng.random() < args.edge_silprob else []
-        for i, w in enumerate(words):
-            phones += rng.choice(lexicon[w])
-            if rng.random() < (args.between_silprob if i + 1 < len(words) else args.edge_silprob):
-                phones.append(sil)
-        if args.int:
-            phones = [phone_id[ph] for ph in phones]
-        print(utt, " ".join(phones))
+        for copy in range(args.copies):
+            phones = [sil] if rng.random() < args.edge_silprob else []
+            for i, w in enumerate(words):
+                phones += rng.choice(lexicon[w])
+                last = i + 1 == len(words)
+                if rng.random() < (args.edge_silprob if last else args.between_silprob):
+                    phones.append(sil)
+            if args.int:
+                phones = [phone_id[ph] for ph in phones]
+            print(utt if args.copies == 1 else "%s-%d" % (utt, copy), " ".join(phones))
     if n_bad:
         print("text_to_phones.py: %d utterance(s) skipped" % n_bad, file=sys.stderr)
 
