@@ -296,3 +296,21 @@ def test_float64_output_and_loops_in_regular_supervision():
     for backend in ("cpp", "torch"):
         with pytest.raises(ValueError, match="time-synchronous"):
             ChainLoss(g, backend=backend, num_threads=THREADS)(X, sup)
+
+
+@pytest.mark.parametrize("case", ["biphone_weighted0.5_merged2", "e2e_merged3_leaky0.1_l20_xent0"])
+def test_numerator_host_path_equals_cpp(case):
+    """The path CUDA tensors take for the numerator (gather, C++ on the host, index_add)."""
+    from pkwrap.chain.numerator import numerator_forward_backward
+    c, g, eg, X, _ = _setup(case)
+    out = {}
+    for backend in ("cpp", "host", "torch"):
+        post = torch.zeros(X.shape)
+        lp, ok = numerator_forward_backward(eg.supervision, X, post, backend=backend,
+                                            post_scale=-2.0)
+        assert ok
+        out[backend] = (lp, post)
+    assert out["cpp"][0] == pytest.approx(c["outputs"]["num_logprob_weighted"], rel=1e-5)
+    for b in ("host", "torch"):
+        assert out[b][0] == pytest.approx(out["cpp"][0], rel=1e-7)
+        np.testing.assert_allclose(out[b][1].numpy(), out["cpp"][1].numpy(), atol=1e-6)

@@ -36,42 +36,58 @@ void CheckLabels(const FstView &f, int P, const char *what) {
 
 }  // namespace
 
-double NumeratorForwardBackward(const FstView &f, const float *x, int64_t num_frames, int P,
-                                float *post, float post_scale, bool *ok) {
-  CheckLabels(f, P, "numerator supervision FST");
+// Frame of each reachable state (BFS from the start; -1 if unreachable) and the
+// states in BFS order (which is sorted by frame). Throws if not time-synchronous.
+void StateTimes(const FstView &f, int64_t num_frames, std::vector<int64_t> *time,
+                std::vector<int64_t> *order) {
   const int64_t N = f.num_states;
-  // Frame of each state by breadth-first search (unreachable states: -1).
-  std::vector<int64_t> time(N, -1), order;
-  order.reserve(N);
-  time[f.start] = 0;
-  order.push_back(f.start);
-  for (size_t k = 0; k < order.size(); ++k) {
-    const int64_t s = order[k];
+  if (f.start < 0 || f.start >= N)
+    throw std::invalid_argument("numerator supervision FST has no start state");
+  time->assign(N, -1);
+  order->clear();
+  order->reserve(N);
+  (*time)[f.start] = 0;
+  order->push_back(f.start);
+  for (size_t k = 0; k < order->size(); ++k) {
+    const int64_t s = (*order)[k];
+    const int64_t ts = (*time)[s];
     for (int64_t a = f.state_offsets[s]; a < f.state_offsets[s + 1]; ++a) {
       const int64_t n = f.nextstate[a];
-      if (time[n] < 0) {
-        time[n] = time[s] + 1;
-        order.push_back(n);
-      } else if (time[n] != time[s] + 1) {
+      if (n < 0 || n >= N)
+        throw std::invalid_argument("numerator supervision FST: arc to a state that does not exist");
+      if ((*time)[n] < 0) {
+        (*time)[n] = ts + 1;
+        order->push_back(n);
+      } else if ((*time)[n] != ts + 1) {
         throw std::invalid_argument(
             "numerator supervision FST is not time-synchronous: state " + std::to_string(n) +
-            " is reached after " + std::to_string(time[n]) + " and after " +
-            std::to_string(time[s] + 1) + " frames (use the e2e numerator for FSTs with loops)");
+            " is reached after " + std::to_string((*time)[n]) + " and after " +
+            std::to_string(ts + 1) + " frames (use the e2e numerator for FSTs with loops)");
       }
     }
-    if (time[s] >= num_frames && f.state_offsets[s + 1] > f.state_offsets[s])
+    if (ts >= num_frames && f.state_offsets[s + 1] > f.state_offsets[s])
       throw std::invalid_argument("numerator supervision FST has paths longer than the " +
                                   std::to_string(num_frames) + " frames of the output");
   }
-  // BFS order is sorted by frame. Forward.
+}
+
+namespace {
+
+// The regular numerator over any source of arc log-likelihoods: loglike(a, frame)
+// returns x[frame][pdf(a)] and add_post(a, frame, value) accumulates a posterior.
+template <class LogLike, class AddPost>
+double RegularForwardBackward(const FstView &f, int64_t num_frames, bool want_post,
+                              LogLike loglike, AddPost add_post, bool *ok) {
+  const int64_t N = f.num_states;
+  std::vector<int64_t> time, order;
+  StateTimes(f, num_frames, &time, &order);
   std::vector<double> la(N, kNegInf), lb(N, kNegInf);
   la[f.start] = 0.0;
   for (int64_t s : order) {
     const double as = la[s];
     if (as == kNegInf) continue;
-    const float *xr = x + time[s] * P;
     for (int64_t a = f.state_offsets[s]; a < f.state_offsets[s + 1]; ++a) {
-      const double v = as - f.weight[a] + xr[f.ilabel[a] - 1];
+      const double v = as - f.weight[a] + loglike(a, time[s]);
       la[f.nextstate[a]] = LogAdd(la[f.nextstate[a]], v);
     }
   }
@@ -80,23 +96,41 @@ double NumeratorForwardBackward(const FstView &f, const float *x, int64_t num_fr
     if (time[s] == num_frames && std::isfinite(f.final[s]))
       tot = LogAdd(tot, la[s] - f.final[s]);
   *ok = std::isfinite(tot);
-  if (post == nullptr) return tot;
-  // Backward.
+  if (!want_post) return tot;
   for (auto it = order.rbegin(); it != order.rend(); ++it) {
     const int64_t s = *it;
     double b = (time[s] == num_frames && std::isfinite(f.final[s])) ? -f.final[s] : kNegInf;
-    const float *xr = x + time[s] * P;
-    float *pr = post + time[s] * P;
     const double as = la[s];
     for (int64_t a = f.state_offsets[s]; a < f.state_offsets[s + 1]; ++a) {
-      const double v = -f.weight[a] + xr[f.ilabel[a] - 1] + lb[f.nextstate[a]];
+      const double v = -f.weight[a] + loglike(a, time[s]) + lb[f.nextstate[a]];
       b = LogAdd(b, v);
-      if (*ok && as != kNegInf && v != kNegInf)
-        pr[f.ilabel[a] - 1] += post_scale * static_cast<float>(std::exp(as + v - tot));
+      if (*ok && as != kNegInf && v != kNegInf) add_post(a, time[s], std::exp(as + v - tot));
     }
     lb[s] = b;
   }
   return tot;
+}
+
+}  // namespace
+
+double NumeratorForwardBackward(const FstView &f, const float *x, int64_t num_frames, int P,
+                                float *post, float post_scale, bool *ok) {
+  CheckLabels(f, P, "numerator supervision FST");
+  return RegularForwardBackward(
+      f, num_frames, post != nullptr,
+      [&](int64_t a, int64_t t) { return static_cast<double>(x[t * P + f.ilabel[a] - 1]); },
+      [&](int64_t a, int64_t t, double occ) {
+        post[t * P + f.ilabel[a] - 1] += post_scale * static_cast<float>(occ);
+      },
+      ok);
+}
+
+double NumeratorArcsForwardBackward(const FstView &f, const float *arc_loglike,
+                                    int64_t num_frames, float *arc_post, bool *ok) {
+  return RegularForwardBackward(
+      f, num_frames, arc_post != nullptr,
+      [&](int64_t a, int64_t) { return static_cast<double>(arc_loglike[a]); },
+      [&](int64_t a, int64_t, double occ) { arc_post[a] += static_cast<float>(occ); }, ok);
 }
 
 double NumeratorE2eForwardBackward(const FstView &f, const float *x, int T, int P,

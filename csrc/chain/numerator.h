@@ -30,6 +30,7 @@
 #define PKWRAP_CHAIN_NUMERATOR_H_
 
 #include <cstdint>
+#include <vector>
 
 namespace pkwrap {
 namespace chain {
@@ -54,6 +55,18 @@ struct FstView {
 // label outside [1, P].
 double NumeratorForwardBackward(const FstView &fst, const float *x, int64_t num_frames,
                                 int P, float *post, float post_scale, bool *ok);
+
+// The same on per-arc log-likelihoods (arc_loglike[a] = x[frame of a's source][pdf
+// of a], as gathered on a device by the caller); arc_post[a] (if not nullptr,
+// zeroed by the caller) receives each arc's posterior. Labels are not used.
+double NumeratorArcsForwardBackward(const FstView &fst, const float *arc_loglike,
+                                    int64_t num_frames, float *arc_post, bool *ok);
+
+// Frame of every reachable state (-1: unreachable) and the reachable states in
+// breadth-first order (sorted by frame). Throws std::invalid_argument if the FST
+// is not time-synchronous or has paths longer than num_frames.
+void StateTimes(const FstView &fst, int64_t num_frames, std::vector<int64_t> *time,
+                std::vector<int64_t> *order);
 
 // End-to-end supervision of one sequence of T frames (x and post as above).
 double NumeratorE2eForwardBackward(const FstView &fst, const float *x, int T, int P,

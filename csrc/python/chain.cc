@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -173,6 +174,57 @@ void PybindChain(py::module &m) {
       py::arg("e2e") = false, py::arg("post") = py::none(), py::arg("post_scale") = 1.0f,
       "Numerator log-space forward-backward of one supervision FST over x [frames][P]; "
       "ADDS post_scale * posteriors into post. Returns (logprob, ok).");
+
+  m.def(
+      "num_arc_frames",
+      [](int64_t num_states, int64_t start, CArray<float> final, CArray<int64_t> offsets,
+         CArray<int32_t> ilabel, CArray<float> weight, CArray<int32_t> nextstate,
+         int64_t num_frames) {
+        FstArrays f(num_states, start, final, offsets, ilabel, weight, nextstate);
+        std::vector<int64_t> time, order;
+        chain::StateTimes(f.view, num_frames, &time, &order);
+        const int64_t A = ilabel.size();
+        py::array_t<int64_t> out(A);
+        int64_t *o = out.mutable_data();
+        for (int64_t s = 0; s < num_states; ++s)
+          for (int64_t a = offsets.data()[s]; a < offsets.data()[s + 1]; ++a) o[a] = time[s];
+        return out;
+      },
+      py::arg("num_states"), py::arg("start"), py::arg("final"), py::arg("state_offsets"),
+      py::arg("ilabel"), py::arg("weight"), py::arg("nextstate"), py::arg("num_frames"),
+      "Frame of each arc's source state in a time-synchronous supervision FST (-1: "
+      "unreachable). Raises ValueError if the FST is not time-synchronous.");
+
+  m.def(
+      "num_forward_backward_arcs",
+      [](int64_t num_states, int64_t start, CArray<float> final, CArray<int64_t> offsets,
+         CArray<int32_t> ilabel, CArray<float> weight, CArray<int32_t> nextstate,
+         CArray<float> arc_loglike, int64_t num_frames, bool want_post) {
+        FstArrays f(num_states, start, final, offsets, ilabel, weight, nextstate);
+        const int64_t A = ilabel.size();
+        if (arc_loglike.size() != A)
+          throw std::invalid_argument("num_forward_backward_arcs: arc_loglike must have one "
+                                      "value per arc");
+        py::array_t<float> post(want_post ? A : 0);
+        float *pp = nullptr;
+        if (want_post) {
+          pp = post.mutable_data();
+          std::fill(pp, pp + A, 0.0f);
+        }
+        bool ok = false;
+        double logprob;
+        {
+          py::gil_scoped_release release;
+          logprob = chain::NumeratorArcsForwardBackward(f.view, arc_loglike.data(), num_frames,
+                                                        pp, &ok);
+        }
+        return py::make_tuple(logprob, ok, post);
+      },
+      py::arg("num_states"), py::arg("start"), py::arg("final"), py::arg("state_offsets"),
+      py::arg("ilabel"), py::arg("weight"), py::arg("nextstate"), py::arg("arc_loglike"),
+      py::arg("num_frames"), py::arg("want_post") = true,
+      "Regular numerator on per-arc log-likelihoods (gathered by the caller, e.g. on a "
+      "GPU). Returns (logprob, ok, per-arc posteriors).");
 }
 
 }  // namespace pkwrap

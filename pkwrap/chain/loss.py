@@ -147,8 +147,10 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
         weights applied to the gradients only (see the module docstring).
       reduction: "sum" (Kaldi's totals) or "mean" (divided by weight; a zero
         weight, e.g. a multilingual eg switched off, divides by 1).
-      backend: "auto" (C++ kernels for CPU tensors, plain torch ops otherwise),
-        "cpp" or "torch".
+      backend: "auto": C++ kernels for CPU tensors; for other devices the
+        denominator in plain torch ops and the numerator's C++ recursion on the host
+        over log-likelihoods gathered on the device. "cpp" (CPU only) or "torch"
+        (plain torch ops for both, any device) force one path.
       num_threads: threads of the C++ denominator (default torch.get_num_threads()).
     Returns:
       A :class:`ChainResult`.
@@ -162,6 +164,7 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
     if xent_output is not None and tuple(xent_output.shape) != (S, T, P):
         raise ValueError("xent_output has shape %s but output has shape %s"
                          % (tuple(xent_output.shape), (S, T, P)))
+    num_backend = backend  # None/"auto": C++ on the host for every device
     backend = _pick_backend(output, backend)
     dev = output.device
     w = float(supervision.weight)
@@ -180,11 +183,11 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
     xent_d = None
     if xent_output is not None:
         xent_d = torch.zeros(S, T, P, dtype=torch.float32, device=dev)
-        num_lp_w, num_ok = numerator_forward_backward(supervision, x, xent_d, backend=backend)
+        num_lp_w, num_ok = numerator_forward_backward(supervision, x, xent_d, backend=num_backend)
         if G is not None and num_ok:
             G.sub_(xent_d, alpha=1.0 / norm)
     else:
-        num_lp_w, num_ok = numerator_forward_backward(supervision, x, G, backend=backend,
+        num_lp_w, num_ok = numerator_forward_backward(supervision, x, G, backend=num_backend,
                                                       post_scale=-1.0 / norm)
 
     xf = x if x.dtype == torch.float32 else x.to(torch.float32)

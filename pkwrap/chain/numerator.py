@@ -22,8 +22,14 @@ The value returned is multiplied by ``supervision.weight`` (Kaldi's
 leaves its log-likelihood unweighted but weights its derivative; both are weighted
 here, so that objf and gradient agree. The e2e fixtures all have weight 1.)
 
-Backends: "cpp" (csrc/chain/numerator.cc, CPU) and "torch" (plain torch ops, any
-device; used automatically for CUDA tensors).
+Backends:
+  * "cpp": csrc/chain/numerator.cc on a CPU output.
+  * "host": for an output on another device (used automatically for CUDA tensors):
+    the log-likelihoods the FST needs are gathered on the device, the same C++
+    recursion runs on the host (as Kaldi's numerator does) and the posteriors are
+    index-added back on the device (e2e: the output is copied to the host).
+  * "torch": plain torch ops on any device, one step per frame (S*T steps for
+    regular supervision, so slow on a GPU; kept as the reference torch path).
 """
 from __future__ import annotations
 
@@ -81,7 +87,7 @@ def numerator_forward_backward(supervision: Supervision, x: torch.Tensor,
       x: the chain output ``[S][T][P]`` (batch-first), any float dtype; not modified.
       post: None, or a float32 tensor ``[S][T][P]`` on x's device (C-contiguous) to which
         ``post_scale * supervision.weight * posteriors`` are ADDED (like Kaldi's Backward).
-      backend: "auto" (C++ on CPU, torch otherwise), "cpp" or "torch".
+      backend: "auto" ("cpp" on CPU, "host" otherwise), "cpp", "host" or "torch".
       post_scale: extra factor on what is added to ``post`` (e.g. -1 to subtract).
     Returns:
       ``(num_logprob_weighted, ok)``: weight * log p_num summed over sequences, and
@@ -91,7 +97,7 @@ def numerator_forward_backward(supervision: Supervision, x: torch.Tensor,
     S, T, P = x.shape
     check_supervision(supervision, S, T, P)
     if backend in (None, "auto"):
-        backend = "torch" if x.device.type != "cpu" else "cpp"
+        backend = "host" if x.device.type != "cpu" else "cpp"
     w = float(supervision.weight)
     x = x.detach()
     if post is not None and (post.shape != x.shape or post.dtype != torch.float32
@@ -99,8 +105,12 @@ def numerator_forward_backward(supervision: Supervision, x: torch.Tensor,
         raise ValueError("post must be a contiguous float32 tensor of shape %s" % (tuple(x.shape),))
     if backend == "torch":
         return _num_torch(supervision, x, post, float(post_scale))
+    if backend == "host":
+        return _num_host(supervision, x, post, float(post_scale))
     if backend != "cpp":
-        raise ValueError("backend must be 'auto', 'cpp' or 'torch', got %r" % (backend,))
+        raise ValueError("backend must be 'auto', 'cpp', 'host' or 'torch', got %r" % (backend,))
+    if x.device.type != "cpu":
+        raise ValueError("numerator backend 'cpp' needs a CPU tensor, got one on %s" % x.device)
     from .. import _pkwrap
     xc = x.to(torch.float32).contiguous()
     xn = xc.numpy()
@@ -123,6 +133,37 @@ def numerator_forward_backward(supervision: Supervision, x: torch.Tensor,
         raise
     except RuntimeError as e:  # pragma: no cover - pybind maps invalid_argument to ValueError
         raise ValueError(str(e))
+
+
+# ------------------------------------------------------------------------------ host
+def _num_host(sup: Supervision, x: torch.Tensor, post: Optional[torch.Tensor],
+              post_scale: float):
+    from .. import _pkwrap
+    S, T, P = x.shape
+    dev = x.device
+    w = float(sup.weight)
+    if sup.e2e:
+        xc = x.to(device="cpu", dtype=torch.float32).contiguous()
+        buf = torch.zeros(S, T, P) if post is not None else None
+        lp, ok = numerator_forward_backward(sup, xc, buf, backend="cpp")
+        if post is not None and ok:
+            post.add_(buf.to(dev), alpha=post_scale)
+        return lp, ok
+    args = _fst_args(sup.fst, "the supervision FST")
+    il = args[4]
+    if il.size and (il.min() < 1 or il.max() > P):
+        raise ValueError("numerator supervision FST: arc label outside [1, num_pdfs=%d] "
+                         "(labels are pdf-id + 1)" % P)
+    frames = _pkwrap.num_arc_frames(*args, S * T)
+    idx = torch.from_numpy(np.where(frames >= 0, frames * P + il.astype(np.int64) - 1, 0))
+    idx_dev = idx.to(dev)
+    arc_x = x.reshape(-1)[idx_dev].to(device="cpu", dtype=torch.float32).numpy()
+    lp, ok, arc_post = _pkwrap.num_forward_backward_arcs(*args, arc_x, S * T,
+                                                         want_post=post is not None)
+    if post is not None and ok:
+        vals = torch.from_numpy(arc_post).to(dev) * (w * post_scale)
+        post.view(-1).index_add_(0, idx_dev, vals)
+    return w * lp, bool(ok)
 
 
 # ----------------------------------------------------------------------------- torch
