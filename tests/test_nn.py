@@ -144,17 +144,20 @@ def test_idct_and_tdnn_1j_size():
     torch.testing.assert_close(compute_idct_matrix(40, 22.0), kaldi[:, :40], atol=1e-6, rtol=0)
 
 
-def _small_model(fsf):
+def _small_model(fsf, strides=(1, 0, 3, 3), use_delta=True):
     torch.manual_seed(4)
     return TDNNFModel(11, feat_dim=8, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=6,
-                      time_strides=(1, 0, 3, 3), prefinal_dim=6, prefinal_big_dim=16,
-                      frame_subsampling_factor=fsf)
+                      time_strides=strides, prefinal_dim=6, prefinal_big_dim=16,
+                      frame_subsampling_factor=fsf, use_delta=use_delta)
 
 
-def test_tdnnf_model_frame_alignment():
-    m3, m1 = _small_model(3), _small_model(1)
+@pytest.mark.parametrize("strides,use_delta", [((1, 0, 3, 3), True), ((3, 0, 3), True),
+                                               ((3, 3), False), ((1, 2), False)])
+def test_tdnnf_model_frame_alignment(strides, use_delta):
+    m3, m1 = _small_model(3, strides, use_delta), _small_model(1, strides, use_delta)
     m1.load_state_dict(m3.state_dict())
-    assert m3.left_context == 2 + 1 + 0 + 3 + 3
+    ctx = (2 if use_delta else 0) + sum(strides)
+    assert m3.left_context == m3.right_context == ctx
     x = torch.randn(2, 60, 8)
     m3.train()
     m3(x)  # accumulate batchnorm stats
@@ -162,18 +165,18 @@ def test_tdnnf_model_frame_alignment():
     m3.eval(), m1.eval()
     c3, x3 = m3(x)
     c1, x1 = m1(x)
-    assert c3.shape == (2, m3.num_output_frames(60), 11) and c1.shape[1] == 60 - 18
+    assert c3.shape == (2, m3.num_output_frames(60), 11) and c1.shape[1] == 60 - 2 * ctx
     torch.testing.assert_close(c3, c1[:, ::3], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x3, x1[:, ::3], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x3.exp().sum(-1), torch.ones(2, c3.shape[1]))
-    # output frame j depends on input frames 3j .. 3j + 18 only
+    # output frame j depends on input frames 3j .. 3j + 2 ctx only
     for mod in m3.modules():  # give the zero-initialized output layers some weight
         if mod is m3.output:
             torch.nn.init.normal_(mod.weight)
     xi = x.clone().requires_grad_(True)
     m3(xi)[0][0, 4].sum().backward()
     nz = (xi.grad[0].abs().sum(-1) > 0).nonzero().flatten()
-    assert int(nz.min()) >= 12 and int(nz.max()) <= 12 + 18
+    assert int(nz.min()) >= 12 and int(nz.max()) <= 12 + 2 * ctx
 
 
 def test_tdnnf_layer_bypass_and_bad_input():
@@ -205,3 +208,51 @@ def test_nan_gradient_does_not_crash_and_optimizer_skips():
         opt.step()
     assert torch.equal(layer.weight.detach(), W)
     assert torch.equal(layer.preconditioner_in.W_t, Wt)  # estimate not poisoned
+
+
+def _kaldi_small(fsf):
+    return TDNNFModel(329, feat_dim=40, tdnn_dim=256, tdnnf_dim=256, bottleneck_dim=64,
+                      time_strides=(1, 1, 1, 0, 3, 3), prefinal_dim=64, prefinal_big_dim=256,
+                      frame_subsampling_factor=fsf)
+
+
+def test_kaldi_nnet3_import_matches_nnet3_compute():
+    """Kaldi's trained TDNN-F (tests/fixtures/kaldi/nnet3) loaded into TDNNFModel gives
+    nnet3-compute's outputs (edge-replicated context, test-mode batchnorm) to 1e-4."""
+    import numpy as np
+    from conftest import fixture_path
+    from pkwrap.nn.kaldi_import import load_kaldi_nnet3
+    d = fixture_path("nnet3")
+    m3 = load_kaldi_nnet3(_kaldi_small(3), d / "model" / "final.txt.gz").eval()
+    assert (m3.left_context, m3.right_context) == (11, 11)
+    assert sum(p.numel() for p in m3.parameters()) == 518162  # nnet3-info num-parameters
+    m1 = _kaldi_small(1)
+    m1.load_state_dict(m3.state_dict())
+    m1.eval()
+    x = np.load(d / "compute" / "feats_utt0_97.npy")
+    xp = np.concatenate([np.repeat(x[:1], 11, 0), x, np.repeat(x[-1:], 11, 0)])
+    with torch.no_grad():
+        for fsf, m in ((3, m3), (1, m1)):
+            chain, xent = m(torch.from_numpy(xp)[None])
+            for out, tag in ((chain, "output"), (xent, "output_xent")):
+                ref = np.load(d / "compute" / f"{tag}_fsf{fsf}_utt0_97.npy")
+                assert out.shape[1:] == ref.shape
+                err = np.abs(out[0].numpy() - ref).max()
+                assert err < 1e-4, f"{tag} fsf={fsf}: max abs diff {err:.2e}"
+        # the merged chain eg: 8 sequences x 174 rows (t = -12..161, n-major), outputs t-major
+        eg = np.load(d / "egs" / "dump_cegs_merged8" / "eg0_input_input.npy").reshape(8, 174, 40)
+        chain, xent = m3(torch.from_numpy(eg[:, 1:-1]))  # model context is 11, egs carry 12
+        assert chain.shape == (8, 50, 329)
+        for out, name in ((chain, "eg_nnet_output.npy"), (xent, "eg_xent_output.npy")):
+            ref = np.load(d / "egs" / name)
+            got = out.transpose(0, 1).reshape(400, 329).numpy()  # row = t * 8 + n
+            assert np.abs(got - ref).max() < 1e-4
+
+
+def test_load_kaldi_nnet3_rejects_mismatch():
+    from conftest import fixture_path
+    from pkwrap.nn.kaldi_import import load_kaldi_nnet3
+    bad = TDNNFModel(329, feat_dim=40, tdnn_dim=256, tdnnf_dim=256, bottleneck_dim=64,
+                     time_strides=(1, 1, 1, 0, 3, 1), prefinal_dim=64, prefinal_big_dim=256)
+    with pytest.raises(ValueError, match="time offsets"):
+        load_kaldi_nnet3(bad, fixture_path("nnet3", "model", "final.txt.gz"))

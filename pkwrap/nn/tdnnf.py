@@ -290,11 +290,17 @@ class TDNN(NaturalAffine):
     def context(self) -> Tuple[int, int]:
         return -self.time_offsets[0], self.time_offsets[-1]
 
-    def forward(self, x: torch.Tensor, rate: int = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rate: int = 1,
+                pick: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """x ``[B][T][in_dim]`` at frame rate ``rate``; ``pick = (j0, f)`` computes only output
+        positions j0, j0 + f, ... (frame subsampling inside the layer, as nnet3 does)."""
         offs = self.time_offsets
         if any(o % rate for o in offs):
             raise ValueError(f"TDNN: offsets {offs} are not multiples of the frame rate {rate}")
-        return super().forward(splice(x, [o // rate for o in offs]))
+        spliced = splice(x, [o // rate for o in offs])
+        if pick is not None:
+            spliced = spliced[:, pick[0]::pick[1]]
+        return super().forward(spliced)
 
     def extra_repr(self) -> str:
         return f"time_offsets={self.time_offsets}, " + super().extra_repr()
@@ -340,13 +346,19 @@ class TDNNF(nn.Module):
     def context(self) -> Tuple[int, int]:
         return self.time_stride, self.time_stride
 
-    def forward(self, x: torch.Tensor, rate: int = 1) -> torch.Tensor:
-        y = self.batchnorm(torch.relu(self.affine(self.linear(x, rate), rate)))
-        c = self.time_stride // rate
+    def forward(self, x: torch.Tensor, rate: int = 1,
+                pick: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """x ``[B][T][dim]`` at frame rate ``rate`` -> ``[B][T - 2 s / rate][dim]``; with
+        ``pick = (j0, f)`` only output positions j0, j0 + f, ... are computed."""
         if self.time_stride % rate:
             raise ValueError(f"TDNNF: stride {self.time_stride} is not a multiple of rate {rate}")
+        y = self.batchnorm(torch.relu(self.affine(self.linear(x, rate), rate, pick)))
+        c = self.time_stride // rate
         if self.bypass_scale != 0.0:
-            y = y + self.bypass_scale * x[:, c:x.shape[1] - c]
+            bypass = x[:, c:x.shape[1] - c]
+            if pick is not None:
+                bypass = bypass[:, pick[0]::pick[1]]
+            y = y + self.bypass_scale * bypass
         return y
 
 
@@ -469,9 +481,12 @@ class TDNNFModel(nn.Module):
                 m.bias.zero_()
         f = self.frame_subsampling_factor
         strides = [int(s) for s in time_strides]
-        # Subsample after the last layer with a stride that is not a multiple of f.
-        last_fine = max([i for i, s in enumerate(strides) if s % f] or [-1])
-        self._subsample_before = last_fine + 1  # index of the first TDNN-F layer at rate f
+        # nnet3 evaluates each layer only at the frames the outputs need.  Everything after the
+        # last operation with offsets that are not multiples of f runs at 1/f of the frame rate;
+        # that operation itself (the affine half of the last such TDNN-F layer, else the delta
+        # layer, else the input) is computed only at the needed frames.
+        fine = [i for i, s in enumerate(strides) if s % f]
+        self._last_fine_layer = fine[-1] if (fine and f > 1) else -1
         self.left_context = (2 if use_delta else 0) + sum(strides)
         self.right_context = self.left_context
 
@@ -494,32 +509,34 @@ class TDNNFModel(nn.Module):
         if x.shape[1] <= self.left_context + self.right_context:
             raise ValueError(f"TDNNFModel: {x.shape[1]} input frames, need more than "
                              f"{self.left_context + self.right_context} (left + right context)")
+        f = self.frame_subsampling_factor
+        # 'first': the frame (relative to the first output frame) at position 0 of x
+        first = -self.left_context
+        rate = 1
+        coarse_from_start = f > 1 and self._last_fine_layer < 0
         if self.use_idct:
             x = x @ self.idct.t()
+        if coarse_from_start and not self.use_delta:
+            x, first, rate = x[:, (-first) % f::f], (first + (-first) % f) // f, f
         x = self.batchnorm0(x)
         if self.use_delta:
-            x = self.delta_batchnorm(delta_features(x))
+            x = delta_features(x)
+            first += 2
+            if coarse_from_start:
+                x, first, rate = x[:, (-first) % f::f], (first + (-first) % f) // f, f
+            x = self.delta_batchnorm(x)
         x = self.tdnn1_batchnorm(torch.relu(self.tdnn1(x)))
-        f = self.frame_subsampling_factor
-        # frame index (in input frames, relative to the first output frame) of position 0
-        first = -(self.left_context - (2 if self.use_delta else 0))
-        rate = 1
         for i, layer in enumerate(self.tdnnfs):
-            if i == self._subsample_before and f > 1:
-                x, first = self._subsample(x, first, f)
-                rate = f
-            x = layer(x, rate)
-            first += layer.time_stride // rate
-        if rate == 1 and f > 1:
-            x, first = self._subsample(x, first, f)
+            if i == self._last_fine_layer:
+                j0 = (-(first + layer.time_stride)) % f
+                x = layer(x, 1, (j0, f))
+                first, rate = (first + layer.time_stride + j0) // f, f
+            else:
+                x = layer(x, rate)
+                first += layer.time_stride // rate
         x = self.prefinal_l(x)
         chain = self.output(self.prefinal_chain(x))
         xent = None
         if self.xent_head:
             xent = F.log_softmax(self.output_xent(self.prefinal_xent(x)), dim=-1)
         return chain, xent
-
-    @staticmethod
-    def _subsample(x: torch.Tensor, first: int, f: int) -> Tuple[torch.Tensor, int]:
-        j0 = (-first) % f
-        return x[:, j0::f], (first + j0) // f
