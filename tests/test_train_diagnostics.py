@@ -154,3 +154,49 @@ def test_recompute_batchnorm_stats():
     assert torch.allclose(m.batchnorm0.stats_sum, rows.sum(0))
     assert bn2.momentum == 0.1 and int(bn2.num_batches_tracked) == 3
     assert w.training  # modes restored
+
+
+def test_trainer_on_the_fly_egs_single_process(tmp_path):
+    """Egs made on the fly (pkwrap.chain.egs.ChainEgsDataset, redrawn every epoch), no
+    torchrun: the Trainer follows the new chunk placement and trains."""
+    from pkwrap.chain.egs import ChainEgsDataset, ExampleGenerationConfig
+    from pkwrap.chain.supervision import read_supervisions
+    from pkwrap.kaldi.fst import read_fst
+    from pkwrap.nn import TDNNFModel
+    from pkwrap.optim import NGSGD, kaldi_param_groups
+    from pkwrap.train import TrainConfig, Trainer
+    d = fixture_path("mono")
+    sups = dict(read_supervisions("ark:%s" % (d / "data" / "supervision.ark")))
+    feats = dict(np.load(d / "data" / "feats.npz"))
+    cfg = ExampleGenerationConfig(left_context=10, right_context=10, num_frames="150,120",
+                                  frame_subsampling_factor=3)
+    ds = ChainEgsDataset(feats, sups, read_fst(str(d / "normalization.fst")), cfg, seed=1)
+    epochs_seen = []
+    orig = ds.set_epoch
+    ds.set_epoch = lambda e: (epochs_seen.append(e), orig(e))[1]
+    torch.manual_seed(0)
+    model = TDNNFModel(34, feat_dim=40, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=4,
+                       time_strides=(1, 3), prefinal_dim=8, prefinal_big_dim=16, use_idct=False)
+    loss = ChainLoss(DenominatorGraph.from_fst(str(d / "den.fst"), 34),
+                     ChainOptions(leaky_hmm_coefficient=0.1, xent_regularize=0.1))
+    tr = Trainer(model, loss, NGSGD(kaldi_param_groups(model), lr=0.002), ds,
+                 TrainConfig(str(tmp_path / "exp"), num_epochs=2, minibatch_size="4,1:3",
+                             checkpoint_every=0, log_every=2, progress_bar=False,
+                             tensorboard=False))
+    before = [p.detach().clone() for p in model.parameters()]
+    tr.train()
+    assert epochs_seen == [0, 1]
+    # every eg of both epochs was used: the rule "4,1:3" leaves no remainder
+    n_minibatches = 0
+    for e in (0, 1):
+        ds.set_epoch(e)
+        tr.sampler.set_structures([(c.left_context + c.num_frames + c.right_context,
+                                    c.num_frames // 3) for _, c in ds.items])
+        assert len({c.num_frames for _, c in ds.items}) == 2  # two chunk sizes
+        assert sum(len(mb) for mb in tr.sampler.plan(e)) == len(ds)
+        n_minibatches += len(tr.sampler.plan(e))
+    assert tr.step == n_minibatches
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    log = open(tmp_path / "exp" / "log" / "train.0.log").read()
+    assert "Overall log-probability" not in log  # no valid data given: no compute-prob
+    assert "wrote %s" % (tmp_path / "exp" / "final.pt") in log

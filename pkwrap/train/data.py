@@ -55,6 +55,8 @@ __all__ = [
     "example_layout",
     "load_egs",
     "collate_chain_egs",
+    "dataset_structures",
+    "make_loader",
 ]
 
 
@@ -281,6 +283,35 @@ class EgsDataset(torch.utils.data.Dataset):
         return cls(examples, input_name=input_name)
 
 
+def dataset_structures(dataset, input_name: str = "input",
+                       frame_subsampling_factor: int = 3) -> List[Tuple[int, int]]:
+    """``(input_rows_per_sequence, output_frames)`` of every item of a chain egs dataset.
+
+    Taken from ``dataset.structures`` when it has them (:class:`EgsDataset`), from the
+    chunk placement of an on-the-fly dataset whose ``items`` are ``(key, chunk)`` with
+    ``chunk.num_frames``/``left_context``/``right_context`` (``pkwrap.chain.egs``
+    ChainEgsDataset), else by fetching every item once (slow for big datasets).
+    Items that are None (chunks without usable supervision) get the structure of their
+    chunk, or (0, 0) when unknown; they are dropped when the minibatch is merged.
+    """
+    st = getattr(dataset, "structures", None)
+    if st is not None:
+        return list(st)
+    items = getattr(dataset, "items", None)
+    if isinstance(items, list) and items and isinstance(items[0], tuple) and \
+            all(hasattr(items[0][1], a) for a in ("num_frames", "left_context", "right_context")):
+        f = int(getattr(getattr(dataset, "config", None), "frame_subsampling_factor",
+                        frame_subsampling_factor))
+        return [(ch.left_context + ch.num_frames + ch.right_context, ch.num_frames // f)
+                for _, ch in items]
+    out = []
+    for i in range(len(dataset)):
+        it = dataset[i]
+        out.append((0, 0) if it is None else _structure(it[1] if isinstance(it, tuple)
+                                                        else it, input_name))
+    return out
+
+
 def read_egs_left_context(egs_dir: str) -> Optional[int]:
     """``info/left_context`` of a Kaldi egs dir (None if absent)."""
     p = os.path.join(egs_dir, "info", "left_context")
@@ -330,6 +361,11 @@ class ChainMinibatchSampler(torch.utils.data.Sampler):
         self.epoch = 0
         self.position = 0  # global minibatches consumed in this epoch
         self._plan_cache: Dict[int, List[List[int]]] = {}
+
+    def set_structures(self, structures: Sequence[Tuple[int, int]]) -> None:
+        """New eg structures (egs made on the fly and redrawn for a new epoch)."""
+        self.structures = [tuple(int(v) for v in s) for s in structures]
+        self._plan_cache = {}
 
     # --- plan -----------------------------------------------------------------------
     def plan(self, epoch: int) -> List[List[int]]:
@@ -413,9 +449,17 @@ def collate_chain_egs(items, input_name: str = "input", frame_subsampling_factor
     Examples are merged with ``pkwrap.kaldi.merge_chain_egs`` (nnet3-chain-merge-egs).
     """
     from pkwrap.kaldi import merge_chain_egs  # formats issue
-    keys = tuple(it[0] for it in items)
-    egs = [it[1] for it in items]
     index, shift = items[0][2], items[0][3]
+    good = [it for it in items if it[1] is not None]
+    if len(good) < len(items):
+        import logging
+        logging.getLogger("pkwrap.train").warning(
+            "minibatch %d: dropped %d of %d egs without usable supervision",
+            index, len(items) - len(good), len(items))
+    if not good:
+        raise ValueError("minibatch %d has no usable chain example" % index)
+    keys = tuple(it[0] for it in good)
+    egs = [it[1] for it in good]
     merged = egs[0] if len(egs) == 1 else merge_chain_egs(egs)
     per_seq, left = example_layout(merged, input_name, frame_subsampling_factor,
                                    egs_left_context)
@@ -443,7 +487,10 @@ class _IndexedEgs(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, g, shift = item
-        key, eg = self.dataset[i]
+        it = self.dataset[i]
+        if it is None:  # on-the-fly chunk whose numerator came out empty
+            return None, None, g, shift
+        key, eg = it if isinstance(it, tuple) else ("", it)
         return key, eg, g, shift
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .context import ModelContext, probe_model_context
-from .data import ChainMinibatchSampler, EgsDataset, make_loader
+from .data import ChainMinibatchSampler, EgsDataset, dataset_structures, make_loader
 from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
                           compute_prob_log_lines, is_batchnorm, recompute_batchnorm_stats)
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
@@ -141,7 +141,9 @@ class Trainer:
       optimizer: e.g. ``pkwrap.optim``'s NG-SGD optimizer or any torch optimizer,
         built on ``model``'s parameters.
       train_data: an :class:`~pkwrap.train.data.EgsDataset` (Kaldi egs) or a map-style
-        dataset of ``(key, chain_example)`` with a ``structures`` list.
+        dataset of ``(key, chain_example)`` made on the fly, e.g.
+        ``pkwrap.chain.egs.ChainEgsDataset`` (its ``set_epoch`` is called at every epoch;
+        see :func:`~pkwrap.train.data.dataset_structures`).
       config: :class:`TrainConfig`.
       scheduler: LR scheduler stepped once per step (e.g. Kaldi's schedule).
       valid_data, train_diag_data: egs for compute-prob (Kaldi's valid_diagnostic and
@@ -179,7 +181,8 @@ class Trainer:
         self.ckpt_dir = os.path.join(config.exp_dir, "checkpoints")
         self.log = setup_logger(os.path.join(config.exp_dir, "log"), self.dist.rank)
         if feat_dim is None:
-            _, eg0 = train_data[0]
+            _, eg0 = next(it for it in (train_data[i] for i in range(len(train_data)))
+                          if it is not None)
             feat_dim = int(eg0.inputs[config.input_name].shape[-1])
         self.ctx = model_context or probe_model_context(model, feat_dim, device=self.device)
         self.log.info("model context: left %d right %d, frame subsampling %d%s%s",
@@ -187,7 +190,7 @@ class Trainer:
                       self.ctx.frame_subsampling_factor, " (padded)" if self.ctx.padded else "",
                       ", xent output" if self.ctx.has_xent else "")
         self.sampler = ChainMinibatchSampler(
-            train_data.structures, config.minibatch_size, self.ctx.frame_subsampling_factor,
+            dataset_structures(train_data, config.input_name, self.ctx.frame_subsampling_factor), config.minibatch_size, self.ctx.frame_subsampling_factor,
             shuffle=config.shuffle, seed=config.seed, rank=self.dist.rank,
             world_size=self.dist.world_size, frame_shift=config.frame_shift)
         if self.sampler.steps_per_epoch(0) == 0:
@@ -336,7 +339,9 @@ class Trainer:
     # --- diagnostics --------------------------------------------------------------------
     def _batches_of(self, data, rank_share: bool = True) -> List:
         """All minibatches of ``data`` in order, this rank's share (i % W == rank)."""
-        s = ChainMinibatchSampler(data.structures, self.cfg.minibatch_size,
+        s = ChainMinibatchSampler(dataset_structures(data, self.cfg.input_name,
+                                                     self.ctx.frame_subsampling_factor),
+                                  self.cfg.minibatch_size,
                                   self.ctx.frame_subsampling_factor, shuffle=False,
                                   rank=0, world_size=1, frame_shift=False)
         loader = make_loader(data, s, self.cfg.input_name, self.cfg.egs_left_context)
@@ -424,6 +429,13 @@ class Trainer:
                 gn += p.grad.detach().double().pow(2).sum().cpu()
         return float(gn.sqrt())
 
+    def _prepare_epoch(self) -> None:
+        """Egs made on the fly may be redrawn per epoch (``set_epoch``): the plan follows."""
+        if self.epoch < self.cfg.num_epochs and hasattr(self.train_data, "set_epoch"):
+            self.train_data.set_epoch(self.epoch)
+            self.sampler.set_structures(dataset_structures(
+                self.train_data, self.cfg.input_name, self.ctx.frame_subsampling_factor))
+
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -443,6 +455,7 @@ class Trainer:
         if not resumed:
             self._seed_rngs(cfg.seed * 1000003 + self.dist.rank)
             self.sampler.set_epoch(0)
+        self._prepare_epoch()
         # steps still to do from the global data position (the number of workers may have
         # changed since the checkpoint)
         total_steps = self.step
@@ -461,7 +474,8 @@ class Trainer:
                 bar = None
         tracker = ObjfTracker()
         t0 = time.time()
-        while self.step < total_steps and self.epoch < cfg.num_epochs:
+        max_steps = cfg.max_steps if cfg.max_steps is not None else float("inf")
+        while self.step < max_steps and self.epoch < cfg.num_epochs:
             loader = make_loader(self.train_data, self.sampler, cfg.input_name,
                                  cfg.egs_left_context, cfg.num_workers)
             for batch in loader:
@@ -482,12 +496,13 @@ class Trainer:
                     self.diagnostics()
                 if cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0:
                     self.save()
-                if self.step >= total_steps:
+                if self.step >= max_steps:
                     break
             if len(self.sampler) == 0:  # the epoch is over
                 self.log.info("finished epoch %d at step %d", self.epoch, self.step)
                 self.epoch += 1
                 self.sampler.set_epoch(self.epoch)
+                self._prepare_epoch()
                 if cfg.valid_every == 0 and (self.valid_data is not None
                                              or self.train_diag_data is not None):
                     self.diagnostics()
