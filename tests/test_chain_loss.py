@@ -314,3 +314,20 @@ def test_numerator_host_path_equals_cpp(case):
     for b in ("host", "torch"):
         assert out[b][0] == pytest.approx(out["cpp"][0], rel=1e-7)
         np.testing.assert_allclose(out[b][1].numpy(), out["cpp"][1].numpy(), atol=1e-6)
+
+
+def test_backward_scaled_and_twice():
+    c, g, eg, X, _ = _setup("mono_merged4_leaky0.1_l20_xent0")
+    crit = ChainLoss(g, ChainOptions(**c["options"]), num_threads=THREADS)
+    X1 = X.clone().requires_grad_()
+    crit(X1, eg.supervision).loss.backward()
+    X2 = X.clone().requires_grad_()
+    res = crit(X2, eg.supervision)
+    (2.0 * res.loss).backward(retain_graph=True)
+    np.testing.assert_allclose(X2.grad.numpy(), 2.0 * X1.grad.numpy(), rtol=1e-6)
+    (3.0 * res.loss).backward()  # a scaled backward keeps the stored gradient
+    np.testing.assert_allclose(X2.grad.numpy(), 5.0 * X1.grad.numpy(), rtol=1e-6)
+    r = crit(X1, eg.supervision)
+    r.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        r.loss.backward()

@@ -100,17 +100,27 @@ class ChainResult:
 
 
 class _PrecomputedGradFunction(torch.autograd.Function):
-    """loss = value; d loss / d output = g_out; d loss / d xent = g_xent (computed in forward)."""
+    """loss = value; d loss / d output = g_out; d loss / d xent = g_xent (computed in forward).
+
+    On the usual ``loss.backward()`` (incoming gradient 1) the stored gradients are
+    handed over without a copy (autograd then uses them as ``.grad`` directly), so a
+    second backward through the same result is refused.
+    """
 
     @staticmethod
     def forward(ctx, value, output, xent_output, g_out, g_xent):
-        ctx.save_for_backward(g_out, g_xent)
+        ctx.g_out, ctx.g_xent = g_out, g_xent
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        g_out, g_xent = ctx.saved_tensors
-        one = grad.dim() == 0 and bool(grad == 1)  # the usual loss.backward(): no extra pass
+        g_out, g_xent = ctx.g_out, ctx.g_xent
+        if g_out is None:
+            raise RuntimeError("ChainLoss: backward through the same result twice; its "
+                               "gradient was handed over on the first call")
+        one = grad.dim() == 0 and bool(grad == 1)
+        if one:
+            ctx.g_out = ctx.g_xent = None
         go = gx = None
         if ctx.needs_input_grad[1]:
             go = g_out if one else grad * g_out
