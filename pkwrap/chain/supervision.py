@@ -920,40 +920,11 @@ def _write_pair_vector(w: KaldiWriter, v) -> None:
         w.write((" ; ".join("%d %d" % (a, b) for a, b in v) + "\n").encode())
 
 
-def _read_supervision_obj(r: KaldiReader) -> Supervision:
-    from ..kaldi.chain_egs import _read_supervision
-    return _read_supervision(r)
-
-
-def _write_supervision_obj(w: KaldiWriter, sup: Supervision) -> None:
-    from ..kaldi.chain_egs import _write_fst
-    w.write_token("<Supervision>")
-    w.write_token("<Weight>")
-    w.write_float(sup.weight)
-    w.write_token("<NumSequences>")
-    w.write_int32(sup.num_sequences)
-    w.write_token("<FramesPerSeq>")
-    w.write_int32(sup.frames_per_sequence)
-    w.write_token("<LabelDim>")
-    w.write_int32(sup.label_dim)
-    w.write_token("<End2End>")
-    w.write_bool(sup.e2e)
-    if not sup.e2e:
-        _write_fst(w, sup.fst)
-    else:
-        w.write_token("<Fsts>")
-        for f in sup.e2e_fsts:
-            _write_fst(w, f)
-        w.write_token("</Fsts>")
-    if sup.alignment_pdfs is not None and len(sup.alignment_pdfs):
-        w.write_token("<AlignmentPdfs>")
-        w.write_int_vector(sup.alignment_pdfs)
-    w.write_token("</Supervision>")
-
-
 from ..kaldi.table import Holder as _Holder  # noqa: E402
 
-SUPERVISION_HOLDER = _Holder(_read_supervision_obj, _write_supervision_obj)
+from ..kaldi.chain_egs import read_supervision as _read_sup, write_supervision as _write_sup  # noqa: E402
+
+SUPERVISION_HOLDER = _Holder(_read_sup, _write_sup)
 """Table holder for ``chain::Supervision`` archives (``chain-get-supervision`` output)."""
 PHONE_LENGTHS_HOLDER = _Holder(_read_pair_vector, _write_pair_vector)
 """Table holder for int32-pair vectors (``ali-to-phones --write-lengths`` output)."""

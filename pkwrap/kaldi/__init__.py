@@ -11,3 +11,6 @@ from .chain_egs import (Supervision, NnetChainExample, read_chain_egs,  # noqa: 
                         scale_supervision_weight, shift_chain_example_times, ChainEgsWriter,
                         merge_chain_egs_stream, merge_chain_egs_table, copy_chain_egs,
                         modify_chain_example_context, read_supervision, write_supervision)
+from .hmm import (ContextDependency, HmmTopology, TransitionModel, read_tree,  # noqa: F401
+                  write_tree, read_topology, write_topology, read_transition_model,
+                  write_transition_model)
