@@ -147,3 +147,13 @@ def test_compute_prob_and_combine_clis(two_rank_run, tmp_path):
     n_models = int(p.stderr.split("Combining ")[-1].split()[0])
     assert 1 <= n_models <= len(ck)
     assert -20 < last < 0
+
+
+def test_kaldi_model_averaging(two_rank_run, tmp_path):
+    """Kaldi's scheme: local NG-SGD steps, parameters averaged every 2 steps."""
+    exp = str(tmp_path / "exp")
+    _run(TORCHRUN + [str(WORKER), "--exp", exp, "--model-averaging-period", "2"])
+    a, b = _params(exp, 0), _params(exp, 1)
+    _assert_equal_bitwise(a, b, "averaged model, rank 0 vs rank 1")
+    ref = _params(two_rank_run, 0)  # gradient allreduce every step: another trajectory
+    assert any(not torch.equal(a[k], ref[k]) for k in a if "stats" not in k)

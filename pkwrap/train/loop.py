@@ -75,6 +75,11 @@ class TrainConfig:
       tensorboard: write TensorBoard on rank 0.
       batchnorm_stats_scale: after every step, scale the statistics of Kaldi batchnorm
         layers (pkwrap.nn.KaldiBatchNorm) by this, as nnet3-chain-train does (0.8).
+      model_averaging_period: 0: gradients are allreduced every step (DDP, with the
+        ``comm_hook`` given). N > 0: Kaldi's own scheme instead, local steps and the
+        parameters averaged every N steps (``comm_hooks.kaldi_model_averaging``);
+        ``checkpoint_every`` must then be a multiple of N, so that checkpoints hold
+        the averaged model that every rank has.
     """
 
     exp_dir: str
@@ -96,6 +101,7 @@ class TrainConfig:
     progress_bar: bool = True
     tensorboard: bool = True
     batchnorm_stats_scale: float = 0.8
+    model_averaging_period: int = 0
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -167,6 +173,7 @@ class Trainer:
                  after_step: Optional[Callable[[nn.Module, int], None]] = None,
                  model_spec: Optional[Dict[str, Any]] = None):
         self.cfg = config
+        self.averager = None
         self.after_step = after_step
         self.model_spec = model_spec
         self.dist = dist_info if dist_info is not None else setup_distributed()
@@ -203,7 +210,18 @@ class Trainer:
             # overwritten by rank 0's on every forward (see sync_buffers)
             self.model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
                                                              **kw)
-            if comm_hook is not None:
+            if config.model_averaging_period > 0:
+                if comm_hook is not None:
+                    raise ValueError("model_averaging_period and comm_hook exclude each other")
+                if config.checkpoint_every % config.model_averaging_period:
+                    raise ValueError("checkpoint_every=%d must be a multiple of "
+                                     "model_averaging_period=%d" % (
+                                         config.checkpoint_every,
+                                         config.model_averaging_period))
+                from .comm_hooks import kaldi_model_averaging
+                self.averager = kaldi_model_averaging(self.model,
+                                                      config.model_averaging_period)
+            elif comm_hook is not None:
                 state, hook = comm_hook
                 self.model.register_comm_hook(state, hook)
         else:
@@ -220,15 +238,12 @@ class Trainer:
     def _optimizer_state_dict(self) -> Dict[str, Any]:
         """The optimizer's state; NG-SGD preconditioners differ per rank (each rank
         preconditions its own gradients), so those of every rank are gathered (collective)."""
-        sd = self.optimizer.state_dict()
-        ng = sd.get("ngsgd") if isinstance(sd, dict) else None
-        if isinstance(ng, dict) and "preconditioners" in ng:
-            by_rank = all_gather_object(ng["preconditioners"])
-            sd = dict(sd)
-            sd["ngsgd"] = dict(ng)
-            sd["ngsgd"]["preconditioners_by_rank"] = by_rank
-            del sd["ngsgd"]["preconditioners"]
-        return sd
+        if hasattr(self.optimizer, "is_backstitch_step"):  # pkwrap.optim.NGSGD
+            from .comm_hooks import gather_ngsgd_state_dict
+            sd = gather_ngsgd_state_dict(self.optimizer)
+            del sd["ngsgd"]["preconditioners"]  # this rank's, also in the list
+            return sd
+        return self.optimizer.state_dict()
 
     def _load_optimizer_state_dict(self, sd: Dict[str, Any]) -> None:
         ng = sd.get("ngsgd") if isinstance(sd, dict) else None
@@ -408,6 +423,10 @@ class Trainer:
         res = box["res"]
         ok = bool(math.isfinite(float(res.loss.detach()))) and math.isfinite(grad_norm) and \
             bool(getattr(res, "ok", True)) and getattr(opt, "num_skipped", 0) == skipped_before
+        if self.averager is not None:
+            # average after steps N, 2N, ... (global step count, so restarts keep the phase)
+            self.averager.step = self.step + 1
+            self.averager.average_parameters(model.parameters())
         if self.scheduler is not None:
             self.scheduler.step()
         if self.cfg.batchnorm_stats_scale != 1.0:

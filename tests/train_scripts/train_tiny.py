@@ -31,6 +31,8 @@ def get_parser():
     p.add_argument("--minibatch-size", default="2")
     p.add_argument("--checkpoint-every", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--model-averaging-period", type=int, default=0,
+                   help="Kaldi's local steps + averaging instead of gradient allreduce")
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--kill-marker", default="")
@@ -45,6 +47,7 @@ def main():
     from pkwrap.optim import NGSGD, kaldi_param_groups
     from pkwrap.train import (EgsDataset, TrainConfig, Trainer, cleanup_distributed,
                               setup_distributed)
+    from pkwrap.train.comm_hooks import NGSGDState, ngsgd_hook
 
     info = setup_distributed(device="cpu")
     data = EgsDataset.from_kaldi(args.egs)
@@ -69,9 +72,12 @@ def main():
     cfg = TrainConfig(exp_dir=args.exp, num_epochs=args.num_epochs,
                       minibatch_size=args.minibatch_size, seed=3,
                       checkpoint_every=args.checkpoint_every, keep_last=2, log_every=1,
-                      progress_bar=False)
+                      progress_bar=False, model_averaging_period=args.model_averaging_period)
+    hook = None
+    if info.world_size > 1 and args.model_averaging_period == 0:
+        hook = (NGSGDState(average=True), ngsgd_hook)  # NG-SGD gradients, Kaldi's scaling
     trainer = Trainer(model, loss, opt, data, cfg, valid_data=data, dist_info=info,
-                      after_step=after_step, model_spec=spec)
+                      after_step=after_step, model_spec=spec, comm_hook=hook)
     model = trainer.train()
     torch.save({k: v.clone() for k, v in model.state_dict().items()},
                os.path.join(args.exp, "params.%d.pt" % info.rank))
