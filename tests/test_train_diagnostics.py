@@ -200,3 +200,43 @@ def test_trainer_on_the_fly_egs_single_process(tmp_path):
     log = open(tmp_path / "exp" / "log" / "train.0.log").read()
     assert "Overall log-probability" not in log  # no valid data given: no compute-prob
     assert "wrote %s" % (tmp_path / "exp" / "final.pt") in log
+
+
+def _kaldi_trained_model():
+    from pkwrap.nn import TDNNFModel
+    from pkwrap.nn.kaldi_import import load_kaldi_nnet3
+    m = TDNNFModel(329, feat_dim=40, tdnn_dim=256, tdnnf_dim=256, bottleneck_dim=64,
+                   time_strides=(1, 1, 1, 0, 3, 3), prefinal_dim=64, prefinal_big_dim=256)
+    return load_kaldi_nnet3(m, fixture_path("nnet3", "model", "final.txt.gz"))
+
+
+def test_kaldi_model_compute_prob_and_nnet3_compute(tmp_path):
+    """Kaldi's trained TDNN-F, imported: pkwrap.train's compute-prob prints Kaldi's
+    nnet3-chain-compute-prob numbers, and compute_nnet_outputs (frames_per_chunk=50, as
+    the fixture's nnet3-compute ran) writes nnet3-compute's outputs."""
+    import kaldiio
+    from pkwrap.train import compute_nnet_outputs
+    fx = fixture_path("nnet3")
+    prob = json.loads((fx / "compute_prob.json").read_text())
+    model = _kaldi_trained_model()
+    _, data, _, loss = _nnet3_setup()
+    ctx = probe_model_context(model, 40)
+    assert (ctx.left_context, ctx.right_context, ctx.frame_subsampling_factor) == (11, 11, 3)
+    tr = compute_prob(model, ctx, loss, _batches(data, ctx))
+    want = prob["result"]
+    assert tr.per_frame("objf") == pytest.approx(want["output"]["objf_per_frame"], rel=1e-4)
+    assert tr.per_frame("xent_objf") == pytest.approx(want["output-xent"]["objf_per_frame"],
+                                                      rel=1e-4)
+    assert model.training  # test mode only for the computation
+    utts = ["utt0_97", "utt1_150", "utt2_233"]
+    feats = {u: np.load(fx / "compute" / ("feats_%s.npy" % u)) for u in utts}
+    ark = str(tmp_path / "out.ark")
+    compute_nnet_outputs(model, feats, "ark:" + ark, ctx=ctx, frames_per_chunk=50)
+    got = dict(kaldiio.load_ark(ark))
+    xent = compute_nnet_outputs(model, feats, ctx=ctx, output="output-xent")
+    for u in utts:
+        ref = np.load(fx / "compute" / ("output_fsf3_%s.npy" % u))
+        assert got[u].shape == ref.shape
+        assert np.abs(got[u] - ref).max() < 1e-4, u
+        ref = np.load(fx / "compute" / ("output_xent_fsf3_%s.npy" % u))
+        assert np.abs(xent[u] - ref).max() < 1e-4, u
