@@ -7,6 +7,7 @@ own preconditioners; resuming from a checkpoint written at step K reproduces the
 trajectory bit for bit; Kaldi-style periodic model averaging leaves the ranks identical right
 after each averaging step.  Prints "NGSGD-DDP-OK" on rank 0 when every check passed.
 """
+import gc
 import os
 import sys
 
@@ -121,6 +122,10 @@ def main():
             raise AssertionError(f"model averaging: step {step} ranks same={same}, "
                                  f"expected {expect_same}")
 
+    # Clean gloo shutdown: release every DDP reducer (they hold the process group and its
+    # threads) before destroying the group, so that torchrun sees exit code 0 on all ranks.
+    del ddp, ddp2, ddp3, averager
+    gc.collect()
     dist.barrier()
     if rank == 0:
         print("NGSGD-DDP-OK", flush=True)
