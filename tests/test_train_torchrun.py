@@ -63,7 +63,8 @@ def test_two_ranks_identical_and_tensorboard(two_rank_run):
     want = {"train/objf", "train/xent_objf", "train/l2_term", "train/objf_plus_l2",
             "train/learning_rate", "train/param_change", "train/grad_norm",
             "train/frames_per_second", "train/skipped_minibatches", "valid/objf",
-            "valid/xent_objf"}
+            "valid/xent_objf", "train/ng_rho_mean", "train/ng_floored",
+            "train/ng_reorthogonalized"}
     assert want <= tags, "missing TensorBoard scalars: %s" % sorted(want - tags)
     steps = [e.step for e in acc.Scalars("train/objf")]
     assert steps == list(range(1, STEPS_2RANKS + 1))

@@ -115,27 +115,43 @@ def _scale_kaldi_batchnorm_stats(model: nn.Module, scale: float) -> None:
             m.scale_stats(scale)
 
 
-def _ng_scale_stats(model: nn.Module) -> Optional[Dict[str, float]]:
-    """Mean/min/max of the natural-gradient scales of the NG layers' last update."""
-    vals: List[float] = []
+def _ng_stats(model: nn.Module) -> Dict[str, float]:
+    """Statistics of the natural-gradient preconditioners (pkwrap.ngsgd) of the NG layers.
+
+    ``scale_{mean,min,max}``: the scales of the last preconditioning (Kaldi's "scale",
+    sqrt(|X|^2 / |X_hat|^2)), where the preconditioner records one (``last_scale``);
+    ``rho_mean``: mean of rho_t (the Fisher estimate's floor term); ``floored``: eigenvalues
+    floored and ``reorthogonalized``: re-orthogonalizations in the last update.
+    """
+    scales: List[float] = []
+    rhos: List[float] = []
+    floored = reorth = 0
+    n = 0
     for m in model.modules():
-        for attr in ("last_scale", "ng_scales", "last_scales", "last_ng_scales"):
-            v = getattr(m, attr, None)
-            if v is None:
+        for name in ("preconditioner_in", "preconditioner_out"):
+            pre = getattr(m, name, None)
+            if pre is None or not hasattr(pre, "rho_t"):
                 continue
-            if callable(v):
-                v = v()
-            if isinstance(v, torch.Tensor):
-                vals.extend(float(x) for x in v.detach().flatten().tolist())
-            elif isinstance(v, (list, tuple)):
-                vals.extend(float(x) for x in v if x is not None)
-            elif isinstance(v, (int, float)):
-                vals.append(float(v))
-            break
-    vals = [v for v in vals if math.isfinite(v)]
-    if not vals:
-        return None
-    return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+            n += 1
+            v = getattr(pre, "last_scale", None)
+            if v is not None and math.isfinite(float(v)):
+                scales.append(float(v))
+            r = float(pre.rho_t)
+            if r > -1e9:  # -1e10 = not initialized yet
+                rhos.append(r)
+            floored += int(getattr(pre, "last_num_floored", 0) or 0)
+            reorth += int(bool(getattr(pre, "last_reorthogonalized", False)))
+    out: Dict[str, float] = {}
+    if n == 0:
+        return out
+    if scales:
+        out.update(scale_mean=sum(scales) / len(scales), scale_min=min(scales),
+                   scale_max=max(scales))
+    if rhos:
+        out["rho_mean"] = sum(rhos) / len(rhos)
+    out["floored"] = float(floored)
+    out["reorthogonalized"] = float(reorth)
+    return out
 
 
 class Trainer:
@@ -569,7 +585,7 @@ class Trainer:
     def _log_train(self, tracker: ObjfTracker, grad_norm, change, secs) -> None:
         tr = tracker.reduce(self.device)
         fps = tr.get("frames", 0.0) / secs if secs > 0 else float("nan")
-        ng = _ng_scale_stats(_unwrap(self.model))
+        ng = _ng_stats(_unwrap(self.model))
         self.log.info("step %d epoch %d: %s, lr %.4g, grad-norm %s, param-change %s, "
                       "%.0f frames/s, %d skipped", self.step, self.epoch, tr, self._lr(),
                       "%.4g" % grad_norm if grad_norm is not None else "-",
@@ -584,6 +600,5 @@ class Trainer:
             self.tb.add_scalar("train/param_change", change, self.step)
         self.tb.add_scalar("train/frames_per_second", fps, self.step)
         self.tb.add_scalar("train/skipped_minibatches", self.skipped, self.step)
-        if ng is not None:
-            for k, v in ng.items():
-                self.tb.add_scalar("train/ng_scale_" + k, v, self.step)
+        for k, v in ng.items():
+            self.tb.add_scalar("train/ng_" + k, v, self.step)

@@ -15,7 +15,9 @@ TensorBoard tags written by the trainer (rank 0, ``<exp>/tensorboard``)::
     train/objf  train/xent_objf  train/l2_term  train/objf_plus_l2          per frame
     valid/objf  valid/xent_objf  (and train_diag/* for the train subset)   compute-prob
     train/learning_rate  train/param_change  train/grad_norm  train/frames_per_second
-    train/skipped_minibatches  train/ng_scale_{mean,min,max}
+    train/skipped_minibatches
+    train/ng_rho_mean  train/ng_floored  train/ng_reorthogonalized  natural-gradient state
+    train/ng_scale_{mean,min,max}    (when the preconditioners record last_scale)
 """
 from __future__ import annotations
 
