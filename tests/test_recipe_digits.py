@@ -116,6 +116,70 @@ def test_lexicon_covers_transcripts(prepared):
             assert set(line.split()[1:]) <= words
 
 
+TINY_TRAIN = ("--num-epochs 1 --max-steps 3 --minibatch-size 1:8 --tdnnf-dim 48 "
+              "--bottleneck-dim 16 --prefinal-dim 32 --time-strides 1,0,3 --no-progress-bar "
+              "--combine-last 0 --checkpoint-every 2 --valid-every 2 --train-diag-utts 8")
+
+
+@pytest.fixture(scope="module")
+def trained(prepared):
+    """Stages 3-5 (graphs, a few training steps under torchrun with 2 ranks, decoding)."""
+    wd, _ = prepared
+    r = run_recipe(wd, "--stage", "3", *TINY, "--train-opts", TINY_TRAIN)
+    return wd, r
+
+
+def test_chain_graphs(trained):
+    from pkwrap.chain import DenominatorGraph
+    from pkwrap.kaldi.hmm import read_transition_model, read_tree
+    wd, _ = trained
+    exp = wd / "exp" / "chain"
+    tm = read_transition_model(str(exp / "0.trans_mdl"))
+    tree = read_tree(str(exp / "tree"))
+    phones = read_table(wd / "data" / "lang" / "phones.txt")
+    n_phones = sum(1 for p in phones if p != "<eps>" and not p.startswith("#"))
+    # monophone tree over the 1-state chain topology: 2 pdf-classes per phone
+    assert tree.context_width == 1 and tm.num_pdfs == 2 * n_phones
+    den = DenominatorGraph.from_fst(str(exp / "den.fst"), tm.num_pdfs)
+    assert den.num_states > 10
+    # every phone sequence the phone LM was estimated from uses real phones only
+    for line in (exp / "phone_seqs.txt").read_text().splitlines()[:20]:
+        assert all(1 <= int(p) <= n_phones for p in line.split()[1:])
+
+
+def test_training_outputs(trained):
+    wd, r = trained
+    exp = wd / "exp" / "chain"
+    assert (exp / "final.pt").is_file() and (exp / "model.json").is_file()
+    assert list((exp / "checkpoints").glob("*.pt"))
+    assert list((exp / "tensorboard").glob("events.out.tfevents.*"))
+    for rank in (0, 1):  # one plain-text log per rank: the job really ran on 2 ranks
+        assert (exp / "log" / ("train.%d.log" % rank)).is_file()
+    log0 = (exp / "log" / "train.0.log").read_text()
+    assert "Overall log-probability for 'output'" in log0
+
+
+def test_decoding_and_wer(trained):
+    wd, r = trained
+    out = wd / "exp" / "chain" / "decode_test"
+    refs = read_table(wd / "data" / "test" / "text")
+    hyps = read_table(out / "hyp.txt")
+    assert sorted(hyps) == sorted(refs)
+    words = {"zero", "oh", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    assert all(set(h.split()) <= words for h in hyps.values())
+    wer = (out / "wer").read_text()
+    assert wer.startswith("%WER ") and "/ %d," % sum(len(v.split()) for v in refs.values()) in wer
+    assert "test WER (unseen voices): %WER" in r.stdout
+    # the outputs are a Kaldi archive (for latgen-faster-mapped)
+    from pkwrap.kaldi.hmm import read_transition_model
+    num_pdfs = read_transition_model(str(wd / "exp" / "chain" / "0.trans_mdl")).num_pdfs
+    ll = kaldiio.load_scp(str(out / "loglikes.scp"))
+    feats = kaldiio.load_scp(str(wd / "data" / "test" / "feats.scp"))
+    for utt in refs:
+        assert ll[utt].shape == ((feats[utt].shape[0] + 2) // 3, num_pdfs)
+        assert np.isfinite(ll[utt]).all()
+
+
 def test_stages_resume_and_bad_options(prepared):
     wd, _ = prepared
     r = run_recipe(wd, "--stop-stage", "2", *TINY)

@@ -95,7 +95,9 @@ def main():
     refs = read_transcripts(part_dir / "text")
     hyps = {}
     feats = kaldiio.load_scp(str(part_dir / "feats.scp"))
-    with kaldiio.WriteHelper("ark,scp:%s,%s" % (out / "loglikes.ark", out / "loglikes.scp")) as w:
+    # absolute ark path in the scp, so it is usable from any directory
+    ark = (out / "loglikes.ark").resolve()
+    with kaldiio.WriteHelper("ark,scp:%s,%s" % (ark, out / "loglikes.scp")) as w:
         for utt in sorted(feats):
             y = compute_nnet_output(model, feats[utt], ctx)
             w(utt, y.numpy())

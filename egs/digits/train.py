@@ -92,6 +92,8 @@ def get_parser():
     p.add_argument("--train-diag-utts", type=int, default=100,
                    help="training utterances for the train compute-prob diagnostic")
     p.add_argument("--checkpoint-every", type=int, default=40)
+    p.add_argument("--valid-every", type=int, default=0,
+                   help="steps between compute-prob diagnostics (0: at the end of each epoch)")
     p.add_argument("--combine-last", type=int, default=3,
                    help="combine the last N checkpoints as nnet3-chain-combine (<= 1: off)")
     p.add_argument("--max-steps", type=int, default=None, help="stop early (tests)")
@@ -251,7 +253,7 @@ def run(args) -> None:
     config = TrainConfig(exp_dir=str(exp), num_epochs=args.num_epochs,
                          minibatch_size=args.minibatch_size, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, keep_last=max(3, args.combine_last),
-                         log_every=10, max_steps=args.max_steps, combine_last=args.combine_last,
+                         valid_every=args.valid_every, log_every=10, max_steps=args.max_steps, combine_last=args.combine_last,
                          progress_bar=not args.no_progress_bar)
     trainer = Trainer(model, loss_fn, optimizer, train_data, config, scheduler=scheduler,
                       valid_data=valid_data, train_diag_data=train_diag_data, dist_info=info,

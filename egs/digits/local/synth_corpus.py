@@ -19,6 +19,11 @@ train and valid utterances are padded with extra silence to the next *allowed
 length*: frame counts L_k = 3 * ceil(L_0 * r^k / 3), r = ``--allowed-length-factor``,
 listed in ``data/<split>/allowed_lengths.txt``. Test utterances keep their length.
 
+Training utterances are also *warped* (speed perturbation by resampling, as Kaldi's
+``utils/data/perturb_data_dir_speed.sh``): resampling to 16000 / a Hz and playing at
+16 kHz makes the speech a times faster with formants a times higher, which varies
+the vocal tract beyond espeak-ng's voices (a uniform in ``--warp-range``).
+
 Speakers are split by voice: the variants (``espeak-ng --voices=variant``) are
 shuffled with the seed and dealt into train / valid / test, so no voice in test or
 valid was heard in training. Output, per split (Kaldi data dir):
@@ -27,7 +32,7 @@ valid was heard in training. Output, per split (Kaldi data dir):
   data/<split>/text      <utt> <word> <word> ...
   data/<split>/utt2spk   <utt> <spk>
   data/<split>/spk2utt   <spk> <utt> <utt> ...
-  data/<split>/utt2info  <utt> <accent> <speed> <pitch> <gap> <snr_db> (for analysis)
+  data/<split>/utt2info  <utt> <accent> <speed> <pitch> <gap> <snr_db|clean> <warp>
 
 Utterance ids are ``<spk>-<index>`` so that sorting by utterance also sorts by speaker.
 
@@ -87,6 +92,8 @@ def get_parser():
     p.add_argument("--pitch-range", default="25,75", help="espeak-ng -p, 0..99")
     p.add_argument("--gap-range", default="0,6", help="espeak-ng -g, word gap in 10 ms")
     p.add_argument("--snr-range", default="8,35", help="additive noise SNR in dB")
+    p.add_argument("--warp-range", default="0.85,1.15",
+                   help="speed/formant warp factor range of training utterances (1,1: off)")
     p.add_argument("--clean-prob", type=float, default=0.1,
                    help="probability that an utterance gets no added noise")
     p.add_argument("--allowed-length-factor", type=float, default=1.08,
@@ -168,7 +175,8 @@ def make_utterance(spec, wav_path, lengths=None):
     rng = np.random.default_rng(spec["seed"])
     x = synthesize(" ".join(spec["words"]), spec["accent"], spec["variant"],
                    spec["speed"], spec["pitch"], spec["gap"])
-    x = resample_poly(x, TARGET_RATE, ESPEAK_RATE).astype(np.float64)
+    # 22050 Hz -> 16000 / warp Hz (320/441 without warp), then read as 16 kHz
+    x = resample_poly(x, int(round(320 / spec.get("warp", 1.0))), 441).astype(np.float64)
     # trim espeak's own trailing pause, then pad with a random amount of silence
     active = np.flatnonzero(np.abs(x) > 1e-3)
     if active.size:
@@ -244,8 +252,9 @@ def write_data_dir(d, specs, wav_dir):
             f.write("%s %s\n" % (spk, " ".join(spk2utt[spk])))
     with open(d / "utt2info", "w") as f:
         for s in specs:
-            f.write("%s %s %d %d %d %s\n" % (s["utt"], s["accent"], s["speed"], s["pitch"],
-                                             s["gap"], "clean" if s["snr"] is None else s["snr"]))
+            f.write("%s %s %d %d %d %s %s\n" % (s["utt"], s["accent"], s["speed"], s["pitch"],
+                                                s["gap"], "clean" if s["snr"] is None else s["snr"],
+                                                s.get("warp", 1.0)))
 
 
 def main():
@@ -280,6 +289,9 @@ def main():
     for specs in (plans["train"], plans["valid"]):
         for s in specs:
             s["pad_to_allowed"] = True
+    warp = _range(args.warp_range)
+    for s in plans["train"]:
+        s["warp"] = round(rng.uniform(*warp), 3)
     jobs = [s for specs in plans.values() for s in specs]
 
     def make(s):
