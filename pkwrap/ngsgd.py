@@ -116,6 +116,15 @@ Schedule
 * If ``rank >= D`` the rank is reduced to D - 1 (with a warning); a one-column input is
   returned unchanged with scale 1.
 
+Factored output
+---------------
+:meth:`OnlineNaturalGradient.precondition_factors` returns :math:`\hat X_t` as
+:math:`(H_t, W_t)` without forming it (and can treat a column of ones as implicit), with the
+same state update and the scale from
+:math:`\mathrm{tr}(\hat X_t \hat X_t^T) = \mathrm{tr}(X_t X_t^T) - 2\,\mathrm{tr}(L_t)
++ \mathrm{tr}(L_t W_t W_t^T)`, :math:`L_t = H_t^T H_t`.  The :mod:`pkwrap.nn` layers use it
+to build the weight gradient :math:`\hat G^T \hat X` from skinny products only.
+
 Unlike Kaldi, the state (:math:`W_t, D_t, \rho_t, t`) is saved by :meth:`state_dict`, so that a
 resumed run continues exactly.  There is no randomness anywhere.
 """

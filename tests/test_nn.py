@@ -256,3 +256,14 @@ def test_load_kaldi_nnet3_rejects_mismatch():
                      time_strides=(1, 1, 1, 0, 3, 1), prefinal_dim=64, prefinal_big_dim=256)
     with pytest.raises(ValueError, match="time offsets"):
         load_kaldi_nnet3(bad, fixture_path("nnet3", "model", "final.txt.gz"))
+
+
+def test_autocast_bfloat16():
+    layer, conv = NaturalAffine(8, 4), NaturalConv1d(8, 4, 3)
+    x = torch.randn(16, 8, requires_grad=True)
+    xc = torch.randn(2, 8, 10, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yc = layer(x), conv(xc)
+    (y.float().sum() + yc.float().sum()).backward()
+    assert x.grad.dtype == xc.grad.dtype == layer.weight.grad.dtype == torch.float32
+    assert torch.isfinite(layer.weight.grad).all() and torch.isfinite(conv.weight.grad).all()

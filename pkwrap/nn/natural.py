@@ -108,6 +108,10 @@ class _NaturalGradientMixin:
         if not self.use_natural_gradient:
             gw = g.t() @ x
             return gw, (g.sum(0) if has_bias else None)
+        if x.dtype not in (torch.float32, torch.float64):  # e.g. autocast: precondition in float32
+            x = x.float()
+        if g.dtype not in (torch.float32, torch.float64):
+            g = g.float()
         Hi, Wi, s_in = self.preconditioner_in.precondition_factors(x, ones_column=has_bias)
         Ho, Wo, s_out = self.preconditioner_out.precondition_factors(g)
         x = x.to(Wi.dtype) if Wi.numel() else x
@@ -153,11 +157,15 @@ class _NaturalAffineFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         g = g.contiguous()
-        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # dtypes differ under autocast
+            grad_x = (g @ weight.to(g.dtype)).to(x.dtype)
         grad_w = grad_b = None
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             grad_w, grad_b = ctx.layer._preconditioned_grads(x, g, ctx.has_bias)
             grad_w = grad_w.to(weight.dtype)
+            if grad_b is not None:
+                grad_b = grad_b.to(ctx.layer.bias.dtype)
         return grad_x, grad_w, grad_b, None
 
 
@@ -242,8 +250,8 @@ class _NaturalConv1dFunction(torch.autograd.Function):
         layer = ctx.layer
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv1d_input(x.shape, weight, g, layer.stride, layer.padding,
-                                                layer.dilation, 1)
+            grad_x = torch.nn.grad.conv1d_input(x.shape, weight.to(g.dtype), g, layer.stride,
+                                                layer.padding, layer.dilation, 1).to(x.dtype)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             B, C, T = x.shape
             k = weight.shape[2]
@@ -254,6 +262,8 @@ class _NaturalConv1dFunction(torch.autograd.Function):
             rows_g = g.transpose(1, 2).reshape(-1, g.shape[1])
             gw, grad_b = layer._preconditioned_grads(rows_x, rows_g.contiguous(), ctx.has_bias)
             grad_w = gw.reshape(weight.shape).to(weight.dtype)
+            if grad_b is not None:
+                grad_b = grad_b.to(layer.bias.dtype)
         return grad_x, grad_w, grad_b, None
 
 
