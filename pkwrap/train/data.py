@@ -501,5 +501,9 @@ def make_loader(dataset, sampler: ChainMinibatchSampler, input_name: str = "inpu
     collate = functools.partial(collate_chain_egs, input_name=input_name,
                                 frame_subsampling_factor=sampler.fsf,
                                 egs_left_context=egs_left_context)
+    # a private generator: creating the iterator must not draw from the global torch RNG,
+    # or a job resumed mid-epoch would see another random stream (dropout, spec-augment)
+    gen = torch.Generator().manual_seed(sampler.seed * 7919 + sampler.epoch)
     return torch.utils.data.DataLoader(_IndexedEgs(dataset), batch_sampler=sampler,
-                                       collate_fn=collate, num_workers=num_workers)
+                                       collate_fn=collate, num_workers=num_workers,
+                                       generator=gen)

@@ -213,7 +213,8 @@ class Trainer:
                       self.ctx.frame_subsampling_factor, " (padded)" if self.ctx.padded else "",
                       ", xent output" if self.ctx.has_xent else "")
         self.sampler = ChainMinibatchSampler(
-            dataset_structures(train_data, config.input_name, self.ctx.frame_subsampling_factor), config.minibatch_size, self.ctx.frame_subsampling_factor,
+            dataset_structures(train_data, config.input_name, self.ctx.frame_subsampling_factor),
+            config.minibatch_size, self.ctx.frame_subsampling_factor,
             shuffle=config.shuffle, seed=config.seed, rank=self.dist.rank,
             world_size=self.dist.world_size, frame_shift=config.frame_shift)
         if self.sampler.steps_per_epoch(0) == 0:
@@ -479,14 +480,9 @@ class Trainer:
         cfg = self.cfg
         resumed = self.resume()
         if self.dist.is_main and cfg.tensorboard:
-            kw = {}
-            self.tb = make_summary_writer(os.path.join(cfg.exp_dir, "tensorboard"))
-            if resumed and self.tb is not None:
-                # drop points logged after the checkpoint by the run that died
-                self.tb.close()
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(cfg.exp_dir, "tensorboard"),
-                                        purge_step=self.step + 1)
+            # after a restart, drop the points the dead run logged after its checkpoint
+            self.tb = make_summary_writer(os.path.join(cfg.exp_dir, "tensorboard"),
+                                          purge_step=self.step + 1 if resumed else None)
         if not resumed:
             self._seed_rngs(cfg.seed * 1000003 + self.dist.rank)
             self.sampler.set_epoch(0)

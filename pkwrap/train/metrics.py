@@ -115,12 +115,14 @@ def setup_logger(log_dir: Optional[str], rank: int = 0, name: str = "train",
     return logger
 
 
-def make_summary_writer(log_dir: str):
-    """A ``torch.utils.tensorboard.SummaryWriter`` (None if tensorboard is missing)."""
+def make_summary_writer(log_dir: str, purge_step: Optional[int] = None):
+    """A ``torch.utils.tensorboard.SummaryWriter`` (None if tensorboard is missing).
+
+    ``purge_step``: events of earlier runs at steps >= it are dropped (restarts)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # pragma: no cover - tensorboard is in the "full" extra
         logging.getLogger("pkwrap.train").warning(
             "tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
         return None
-    return SummaryWriter(log_dir=log_dir)
+    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)

@@ -60,6 +60,10 @@ def main():
                            bottleneck_dim=8, time_strides=[1, 0, 3], prefinal_dim=16,
                            prefinal_big_dim=32, use_idct=False)}
     model = TDNNFModel(**spec["kwargs"])
+    # input dropout in training: the job draws random numbers every step, so an exact
+    # resume needs every rank's RNG state back (the state dict is unchanged)
+    model.register_forward_pre_hook(
+        lambda m, inp: (torch.nn.functional.dropout(inp[0], 0.1, m.training),))
     opt = NGSGD(kaldi_param_groups(model), lr=args.lr)
 
     def after_step(m, step):
