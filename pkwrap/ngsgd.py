@@ -216,6 +216,7 @@ class OnlineNaturalGradient:
         self.last_updated = False
         self.last_reorthogonalized = False
         self.last_num_floored = 0
+        self._warned_gram_schmidt = False
 
     # ------------------------------------------------------------------ options
     def eta(self, N: int) -> float:
@@ -466,8 +467,12 @@ class OnlineNaturalGradient:
             Cinv = torch.linalg.solve_triangular(C, torch.eye(R, dtype=torch.float64), upper=False)
             ok = bool(torch.isfinite(Cinv).all()) and bool(Cinv.max() < 100.0)
         if not ok:
-            logger.warning("Cholesky failed or out of range while re-orthogonalizing R_t; "
-                           "using Gram-Schmidt")
+            # Kaldi warns every time; this happens on (nearly) rank-deficient data, e.g. the
+            # output derivative of a zero-initialized output layer, so warn once per object.
+            (logger.debug if self._warned_gram_schmidt else logger.warning)(
+                "Cholesky failed or out of range while re-orthogonalizing R_t (rank %d, dim %d); "
+                "using Gram-Schmidt", self.rank, W_t1.shape[1])
+            self._warned_gram_schmidt = True
             Q, Rq = torch.linalg.qr(W_t1.t().double().cpu())  # columns of Q: Gram-Schmidt of rows
             Q = Q * torch.sign(torch.diagonal(Rq))[None, :]
             return (Q.t() * sqrt_e_t1[:, None]).to(W_t1)
