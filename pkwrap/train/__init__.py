@@ -1,4 +1,30 @@
-"""pkwrap.train: chain training under torchrun.
+"""pkwrap.train: chain (LF-MMI) training under torchrun.
+
+A recipe's train.py (icefall shape) builds the pieces and hands them to :class:`Trainer`::
+
+    from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
+    from pkwrap.nn import natural_gradient
+    from pkwrap.optim import NGSGD, kaldi_param_groups
+    from pkwrap.train import (EgsDataset, TrainConfig, Trainer, cleanup_distributed,
+                              setup_distributed)
+
+    info = setup_distributed()                      # RANK/WORLD_SIZE from torchrun, or 1 process
+    model = natural_gradient(MyModel()).to(info.device)  # any [B][T][F] -> [B][T'][P] (, xent)
+    loss = ChainLoss(DenominatorGraph.from_fst("exp/chain/den.fst", num_pdfs),
+                     ChainOptions(leaky_hmm_coefficient=0.1, l2_regularize=5e-5,
+                                  xent_regularize=0.1))
+    opt = NGSGD(kaldi_param_groups(model), lr=0.002)
+    Trainer(model, loss, opt, EgsDataset.from_kaldi("exp/chain/egs"),
+            TrainConfig(exp_dir="exp/pk", num_epochs=4, minibatch_size="128"),
+            valid_data=EgsDataset.from_kaldi("ark:exp/chain/egs/valid_diagnostic.cegs"),
+            dist_info=info).train()
+    cleanup_distributed()
+
+Run it with ``python train.py`` (one process), ``torchrun --nproc_per_node=4 train.py``
+(one node), or ``torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8
+--max-restarts=3 train.py`` (elastic: a dead worker restarts the job from the last
+checkpoint). ``tensorboard --logdir exp/pk/tensorboard`` shows the objectives; each rank
+logs to ``exp/pk/log/train.<rank>.log``.
 
   dist.py         process group from torchrun's environment (gloo on CPU, nccl on CUDA)
   context.py      model left/right context and frame subsampling, found by probing

@@ -452,18 +452,14 @@ class Trainer:
             self.after_step(_unwrap(model), self.step + 1)
         change = None
         if before is not None:
-            c = torch.zeros((), dtype=torch.float64)
-            for b, p in zip(before, model.parameters()):
-                c += (p.detach() - b).double().pow(2).sum().cpu()
-            change = float(c.sqrt())
+            change = float(torch.stack([(p.detach() - b).double().pow(2).sum() for b, p in
+                                        zip(before, model.parameters())]).sum().sqrt())
         return res, ok, grad_norm, change
 
     def _grad_norm(self) -> float:
-        gn = torch.zeros((), dtype=torch.float64)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                gn += p.grad.detach().double().pow(2).sum().cpu()
-        return float(gn.sqrt())
+        sq = [p.grad.detach().double().pow(2).sum() for p in self.model.parameters()
+              if p.grad is not None]
+        return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
 
     def _prepare_epoch(self) -> None:
         """Egs made on the fly may be redrawn per epoch (``set_epoch``): the plan follows."""
