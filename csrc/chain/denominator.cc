@@ -295,7 +295,7 @@ DenResult DenominatorForwardBackward(const DenGraph &g, const float *x, int S, i
   DenResult r;
   r.logprob.assign(S, 0.0);
   std::vector<BlockOut> outs(nb);
-#pragma omp parallel for num_threads(num_threads) schedule(static, 1)
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
   for (int b = 0; b < nb; ++b) {
     const int s0 = static_cast<int>(static_cast<int64_t>(S) * b / nb);
     const int s1 = static_cast<int>(static_cast<int64_t>(S) * (b + 1) / nb);
