@@ -262,3 +262,36 @@ def test_objf_tracker_and_log_line():
     assert t.per_frame("objf") == -0.4 and t.per_frame("xent_objf") == -3.0
     assert kaldi_objf_line("output", -0.666522, 400.0) == \
         "Overall log-probability for 'output' is -0.666522 per frame, over 400 frames."
+
+
+def test_frame_shift_falls_back_without_spare_context():
+    import io
+    import logging
+    from types import SimpleNamespace
+    from pkwrap.train.data import ChainBatch
+    from pkwrap.train.diagnostics import compute_chain_loss
+    ctx = ModelContext(2, 2, 3, False)
+    seen = []
+
+    def model(x):
+        seen.append(x[0, :, 0].clone())
+        return torch.zeros(1, (x.shape[1] - 5) // 3 + 1, 4)
+
+    feats = torch.arange(17.0).reshape(1, 17, 1)  # t = -2 .. 14: exactly the model context
+    sup = SimpleNamespace(num_sequences=1, frames_per_sequence=5)
+    loss = lambda out, s, xent_output=None, deriv_weights=None: out.shape  # noqa: E731
+    assert compute_chain_loss(model, ctx, loss, ChainBatch(feats, sup, None, 2, 0)) == (1, 5, 4)
+    import pkwrap.train.diagnostics as diag
+    diag._warned_no_shift = False  # warned once per process
+    buf = io.StringIO()
+    h = logging.StreamHandler(buf)
+    logging.getLogger("pkwrap.train").addHandler(h)
+    try:
+        assert compute_chain_loss(model, ctx, loss, ChainBatch(feats, sup, None, 2, 1)) == \
+            (1, 5, 4)
+    finally:
+        logging.getLogger("pkwrap.train").removeHandler(h)
+    assert torch.equal(seen[0], seen[1]) and "frame shifts are not applied" in buf.getvalue()
+    wide = torch.arange(19.0).reshape(1, 19, 1)  # one spare frame each side: shifted window
+    compute_chain_loss(model, ctx, loss, ChainBatch(wide, sup, None, 3, 1))
+    assert seen[-1][0] == 2 and seen[-1].shape[0] == 17

@@ -49,6 +49,7 @@ __all__ = [
 
 log = logging.getLogger("pkwrap.train")
 
+_warned_no_shift = False
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                   nn.FeatureAlphaDropout)
 
@@ -107,8 +108,22 @@ def compute_chain_loss(model: nn.Module, ctx: ModelContext, loss_fn: nn.Module, 
       The loss result (``.loss``, ``.objf``, ``.l2_term``, ``.weight``, ``.xent_objf``...).
     """
     t = batch.frames_per_sequence
-    x, off = select_model_input(batch.feats, ctx, batch.egs_left_context, t,
-                                batch.frame_shift)
+    try:
+        x, off = select_model_input(batch.feats, ctx, batch.egs_left_context, t,
+                                    batch.frame_shift)
+    except ValueError:
+        if batch.frame_shift == 0:
+            raise
+        # egs with exactly the model's context leave no room for the shift: train unshifted
+        global _warned_no_shift
+        if not _warned_no_shift:
+            _warned_no_shift = True
+            log.warning("egs have no spare context for frame shift %d (model context %d/%d, "
+                        "egs left context %d): frame shifts are not applied; make egs with "
+                        "one more frame of context on each side, as Kaldi's train.py does",
+                        batch.frame_shift, ctx.left_context, ctx.right_context,
+                        batch.egs_left_context)
+        x, off = select_model_input(batch.feats, ctx, batch.egs_left_context, t, 0)
     chain, xent = split_model_output(model(x))
     if chain.shape[1] - off < t:
         raise ValueError("model gave %d output frames for %d input frames; %d expected"

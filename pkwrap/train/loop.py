@@ -335,7 +335,13 @@ class Trainer:
         path = broadcast_object(path)
         if path is None:
             return False
-        st = ckpt.load_checkpoint(path)
+        # every rank reads the file where it can see it (shared exp dir); a node without
+        # it (no shared filesystem) gets rank 0's copy over the process group
+        visible = all_gather_object(os.path.isfile(path))
+        if all(visible):
+            st = ckpt.load_checkpoint(path)
+        else:
+            st = broadcast_object(ckpt.load_checkpoint(path) if self.dist.is_main else None)
         _unwrap(self.model).load_state_dict(st["model"])
         self._load_optimizer_state_dict(st["optimizer"])
         if self.scheduler is not None and st.get("scheduler") is not None:
