@@ -17,6 +17,7 @@ shared: absolute times are noisy, ratios less so):
 Usage:
   python3 bench/bench_ngsgd.py [--threads 1] [--steps 400] [--targets 2.6 2.4 2.3]
                                [--overhead-reps 8] [--skip-convergence] [--skip-overhead]
+                               [--tdnn-1j [--tdnn-1j-sequences 8]]
 """
 import argparse
 import statistics
@@ -185,6 +186,36 @@ def overhead(args):
     print(f"  NG overhead: {100 * (mn / mp - 1):+.1f}% over plain backward (goal < 25%)")
 
 
+def overhead_tdnn_1j(args):
+    """Whole tdnn_1j (5.0M parameters, 2051 pdfs) forward + backward, NG on vs off."""
+    torch.manual_seed(0)
+    model = TDNNFModel.tdnn_1j(2051)
+    S = args.tdnn_1j_sequences
+    x = torch.randn(S, 150 + 2 * model.left_context, 40)
+    ng_layers = [m for _, m in natural_gradient_modules(model)]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        chain, xent = model(x)
+        (chain.square().mean() - xent.mean()).backward()
+
+    for _ in range(12):  # past the 11 initial updates of every preconditioner
+        step()
+    times = {True: [], False: []}
+    for _ in range(args.overhead_reps // 4 * 4 or 4):
+        for use in (False, True):
+            for m in ng_layers:
+                m.use_natural_gradient = use
+            t0 = time.perf_counter()
+            step()
+            times[use].append(time.perf_counter() - t0)
+    mp, mn = statistics.mean(times[False]), statistics.mean(times[True])
+    print(f"== tdnn_1j ({sum(p.numel() for p in model.parameters())} params), {S} x 150 frames "
+          f"(+ context), forward+backward")
+    print(f"  natural gradient off: {mp * 1e3:.0f} ms   on: {mn * 1e3:.0f} ms   "
+          f"NG overhead {100 * (mn / mp - 1):+.1f}%  (Kaldi nnet3-chain-train: +14% on a whole step)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -193,11 +224,16 @@ def main():
     p.add_argument("--overhead-reps", type=int, default=8)
     p.add_argument("--skip-convergence", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--tdnn-1j", action="store_true",
+                   help="also time the whole tdnn_1j network with and without NG (slow)")
+    p.add_argument("--tdnn-1j-sequences", type=int, default=8)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     if not args.skip_overhead:
         overhead(args)
+    if args.tdnn_1j:
+        overhead_tdnn_1j(args)
     if not args.skip_convergence:
         convergence(args)
 

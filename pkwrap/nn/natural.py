@@ -100,10 +100,10 @@ class _NaturalGradientMixin:
         """Weight (as ``[out][in]``) and bias gradients from inputs x ``[N][in]`` and
         output derivatives g ``[N][out]``.
 
-        With X = [x, 1], X_hat = X - H_i W_i and G_hat = g - H_o W_o (factored outputs of the
-        two preconditioners), the gradient gamma_i gamma_o G_hat^T X_hat is expanded as
-        ``g^T X - W_o^T (H_o^T X) - (G_hat^T H_i) W_i`` so that no ``[N][D]`` matrix besides
-        the plain ``g^T x`` product is needed.
+        With X = [x, 1], X_hat = X - H_i W_i and G_hat = g - H_o W_o (outputs of the two
+        preconditioners), the gradient gamma_i gamma_o G_hat^T X_hat is formed without the
+        ``[N][in + 1]`` matrix X_hat, and without G_hat too unless out < in (whichever
+        needs fewer multiply-adds: N out (R_o + R_i) versus N (out R_i + R_o in)).
         """
         if not self.use_natural_gradient:
             gw = g.t() @ x
@@ -113,18 +113,28 @@ class _NaturalGradientMixin:
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
         Hi, Wi, s_in = self.preconditioner_in.precondition_factors(x, ones_column=has_bias)
-        Ho, Wo, s_out = self.preconditioner_out.precondition_factors(g)
         x = x.to(Wi.dtype) if Wi.numel() else x
         n_in = x.shape[1]
-        # C = G_hat^T H_i = g^T H_i - W_o^T (H_o^T H_i)   [out][R_i]
-        C = torch.addmm(g.t() @ Hi, Wo.t(), Ho.t() @ Hi, alpha=-1.0)
-        gw = torch.addmm(g.t() @ x, Wo.t(), Ho.t() @ x, alpha=-1.0)
+        if g.shape[1] < n_in:
+            # Narrow output (e.g. a bottleneck): form G_hat explicitly (N x out is small), then
+            # G_hat^T X_hat = G_hat^T X - (G_hat^T H_i) W_i.
+            gh, s_out = self.preconditioner_out.precondition_directions(g)
+            C = gh.t() @ Hi  # [out][R_i]
+            gw = gh.t() @ x
+            gsum = gh.sum(0)
+        else:
+            # Otherwise keep both factored: G_hat^T X_hat = g^T X - W_o^T (H_o^T X) - C W_i with
+            # C = G_hat^T H_i = g^T H_i - W_o^T (H_o^T H_i).
+            Ho, Wo, s_out = self.preconditioner_out.precondition_factors(g)
+            C = torch.addmm(g.t() @ Hi, Wo.t(), Ho.t() @ Hi, alpha=-1.0)
+            gw = torch.addmm(g.t() @ x, Wo.t(), Ho.t() @ x, alpha=-1.0)
+            gsum = g.sum(0) - Wo.t() @ Ho.sum(0) if has_bias else None
         gw.addmm_(C, Wi[:, :n_in], alpha=-1.0)
         scale = (s_in * s_out).to(gw.dtype)
         gw.mul_(scale)
         if not has_bias:
             return gw, None
-        gb = g.sum(0) - Wo.t() @ Ho.sum(0) - C @ Wi[:, n_in]
+        gb = gsum - C @ Wi[:, n_in]
         return gw, gb.mul_(scale)
 
     def freeze_natural_gradient(self, frozen: bool = True) -> None:
