@@ -49,11 +49,13 @@ from __future__ import annotations
 import bisect
 import io
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .matrix import read_vector, write_vector
 
 __all__ = [
     "KaldiFormatError", "EventMap", "ConstantEventMap", "TableEventMap", "SplitEventMap",
@@ -67,244 +69,41 @@ PDF_CLASS_KEY = -1  # Kaldi's kPdfClass: the event key holding the pdf-class
 _NO_PDF = -1  # Kaldi's kNoPdf
 
 
-class KaldiFormatError(ValueError):
-    """Raised when a file is not a readable Kaldi tree/topology/model. Names the source."""
-
-
 # ---------------------------------------------------------------------------------------
-# Kaldi basic I/O (io-funcs): tokens, integers, floats, vectors; binary and text.
+# Whole objects: a file, bytes or stream in, bytes out (tokens and numbers: .io)
 
 
-class _Reader:
-    """Reads Kaldi's basic types from an in-memory buffer.
-
-    Args:
-      data: the bytes (after the ``\\0B`` header in binary mode).
-      binary: binary or text mode.
-      name: name of the source for error messages.
-      pos: start offset in ``data``.
-    """
-
-    def __init__(self, data: bytes, binary: bool, name: str, pos: int = 0):
-        self.data = data
-        self.binary = binary
-        self.name = name
-        self.pos = pos
-
-    def error(self, what: str):
-        raise KaldiFormatError("%s: %s (at byte %d)" % (self.name, what, self.pos))
-
-    def _skip_ws(self):
-        d, n = self.data, len(self.data)
-        while self.pos < n and d[self.pos] in b" \t\n\r\v\f":
-            self.pos += 1
-
-    def _text_word(self, what: str) -> str:
-        self._skip_ws()
-        d, n, start = self.data, len(self.data), self.pos
-        while self.pos < n and d[self.pos] not in b" \t\n\r\v\f":
-            self.pos += 1
-        if self.pos == start:
-            self.error("unexpected end of file while reading %s" % what)
-        return d[start:self.pos].decode("latin-1")
-
-    def peek_char(self) -> str:
-        if not self.binary:
-            self._skip_ws()
-        if self.pos >= len(self.data):
-            self.error("unexpected end of file")
-        return chr(self.data[self.pos])
-
-    def at_eof(self) -> bool:
-        if not self.binary:
-            self._skip_ws()
-        return self.pos >= len(self.data)
-
-    def token(self) -> str:
-        if not self.binary:
-            return self._text_word("a token")
-        end = self.data.find(b" ", self.pos)
-        if end < 0:
-            self.error("unexpected end of file while reading a token")
-        tok = self.data[self.pos:end].decode("latin-1")
-        self.pos = end + 1
-        return tok
-
-    def expect(self, token: str):
-        got = self.token()
-        if got != token:
-            self.error("expected token %r, got %r" % (token, got))
-
-    def int32(self, what: str = "an integer") -> int:
-        if not self.binary:
-            w = self._text_word(what)
-            try:
-                return int(w)
-            except ValueError:
-                self.error("expected %s, got %r" % (what, w))
-        if self.pos + 5 > len(self.data):
-            self.error("unexpected end of file while reading %s" % what)
-        size = struct.unpack_from("<b", self.data, self.pos)[0]
-        if size == 4:
-            v = struct.unpack_from("<i", self.data, self.pos + 1)[0]
-        elif size == -4:
-            v = struct.unpack_from("<I", self.data, self.pos + 1)[0]
-        else:
-            self.error("expected a 4-byte integer while reading %s, got size byte %d"
-                       % (what, size))
-        self.pos += 5
-        return v
-
-    def float(self, what: str = "a float") -> float:
-        if not self.binary:
-            w = self._text_word(what)
-            try:
-                return float(np.float32(w))
-            except ValueError:
-                self.error("expected %s, got %r" % (what, w))
-        if self.pos + 1 > len(self.data):
-            self.error("unexpected end of file while reading %s" % what)
-        size = self.data[self.pos]
-        fmt = {4: "<f", 8: "<d"}.get(size)
-        if fmt is None or self.pos + 1 + size > len(self.data):
-            self.error("bad or truncated float while reading %s" % what)
-        v = struct.unpack_from(fmt, self.data, self.pos + 1)[0]
-        self.pos += 1 + size
-        return float(np.float32(v))
-
-    def int_vector(self, what: str = "an integer vector") -> List[int]:
-        if not self.binary:
-            if self._text_word(what) != "[":
-                self.error("expected '[' opening %s" % what)
-            out = []
-            while True:
-                w = self._text_word(what)
-                if w == "]":
-                    return out
-                try:
-                    out.append(int(w))
-                except ValueError:
-                    self.error("expected an integer in %s, got %r" % (what, w))
-        if self.pos + 5 > len(self.data):
-            self.error("unexpected end of file while reading %s" % what)
-        if self.data[self.pos] != 4:
-            self.error("expected int32 elements in %s" % what)
-        n = struct.unpack_from("<i", self.data, self.pos + 1)[0]
-        self.pos += 5
-        if n < 0 or self.pos + 4 * n > len(self.data):
-            self.error("bad or truncated %s (size %d)" % (what, n))
-        out = list(struct.unpack_from("<%di" % n, self.data, self.pos))
-        self.pos += 4 * n
-        return out
-
-    def float_vector(self, what: str = "a vector") -> np.ndarray:
-        """Kaldi ``Vector<float>``: binary ``FV``/``DV`` + size + data; text ``[ ... ]``."""
-        if not self.binary:
-            if self._text_word(what) != "[":
-                self.error("expected '[' opening %s" % what)
-            out = []
-            while True:
-                w = self._text_word(what)
-                if w == "]":
-                    return np.array(out, dtype=np.float32)
-                try:
-                    out.append(float(w))
-                except ValueError:
-                    self.error("expected a number in %s, got %r" % (what, w))
-        tok = self.token()
-        if tok not in ("FV", "DV"):
-            self.error("expected FV or DV opening %s, got %r" % (what, tok))
-        n = self.int32(what)
-        size = 4 if tok == "FV" else 8
-        if n < 0 or self.pos + size * n > len(self.data):
-            self.error("bad or truncated %s (size %d)" % (what, n))
-        arr = np.frombuffer(self.data, dtype="<f4" if size == 4 else "<f8", count=n,
-                            offset=self.pos)
-        self.pos += size * n
-        return arr.astype(np.float32)
-
-
-class _Writer:
-    """Writes Kaldi's basic types (the mirror of :class:`_Reader`)."""
-
-    def __init__(self, binary: bool):
-        self.binary = binary
-        self.buf = io.BytesIO()
-
-    def raw(self, s: str):
-        self.buf.write(s.encode("latin-1"))
-
-    def token(self, tok: str):
-        self.raw(tok + " ")
-
-    def int32(self, v: int, unsigned: bool = False):
-        if self.binary:
-            self.buf.write(struct.pack("<bI" if unsigned else "<bi", -4 if unsigned else 4, v))
-        else:
-            self.raw("%d " % v)
-
-    def float(self, v: float):
-        if self.binary:
-            self.buf.write(struct.pack("<bf", 4, v))
-        else:
-            self.raw(_fmt_float(v, 7) + " ")
-
-    def int_vector(self, v: Sequence[int]):
-        if self.binary:
-            self.buf.write(struct.pack("<bi", 4, len(v)))
-            self.buf.write(np.asarray(v, dtype="<i4").tobytes())
-        else:
-            self.raw("[ " + "".join("%d " % x for x in v) + "]\n")
-
-    def float_vector(self, v: np.ndarray):
-        v = np.asarray(v, dtype=np.float32)
-        if self.binary:
-            self.token("FV")
-            self.int32(len(v))
-            self.buf.write(v.astype("<f4").tobytes())
-        else:
-            self.raw(" [ " + "".join(_fmt_float(x, 7) + " " for x in v) + "]\n")
-
-    def getvalue(self) -> bytes:
-        return self.buf.getvalue()
-
-
-def _fmt_float(v: float, precision: int) -> str:
-    """C++ ``ostream << float`` with the given precision (``%g``)."""
-    s = "%.*g" % (precision, float(v))
-    if s in ("inf", "-inf", "nan"):
-        return s
-    return s
-
-
-def _load(path_or_file, what: str) -> Tuple[bytes, str]:
+def _open_reader(path_or_file, what: str) -> KaldiReader:
+    """A reader over a whole file, bytes or stream, its mode set by the binary header."""
     if isinstance(path_or_file, (str, os.PathLike)):
         name = os.fspath(path_or_file)
         try:
             with open(name, "rb") as f:
-                return f.read(), name
+                data = f.read()
         except OSError as e:
             raise KaldiFormatError("%s: cannot read %s: %s" % (name, what, e)) from None
-    if isinstance(path_or_file, (bytes, bytearray)):
-        return bytes(path_or_file), "<bytes>"
-    data = path_or_file.read()
-    if isinstance(data, str):
-        data = data.encode("latin-1")
-    return data, getattr(path_or_file, "name", "<stream>")
-
-
-def _open_reader(path_or_file, what: str) -> _Reader:
-    data, name = _load(path_or_file, what)
+    elif isinstance(path_or_file, (bytes, bytearray)):
+        data, name = bytes(path_or_file), "<bytes>"
+    else:
+        data = path_or_file.read()
+        if isinstance(data, str):
+            data = data.encode("latin-1")
+        name = getattr(path_or_file, "name", "<stream>")
     if not data:
         raise KaldiFormatError("%s: empty file, expected %s" % (name, what))
-    if data[:2] == b"\0B":
-        return _Reader(data, True, name, 2)
-    return _Reader(data, False, name, 0)
+    r = KaldiReader(data, name=name)
+    r.read_header()
+    return r
 
 
-def _save(data: bytes, binary: bool, path_or_file) -> Optional[bytes]:
-    if binary:
-        data = b"\0B" + data
+def _save(obj, binary: bool, path_or_file) -> Optional[bytes]:
+    """Write ``obj`` (with a ``_write(KaldiWriter)`` method) after the binary header to
+    ``path_or_file``, or return the bytes if it is None."""
+    buf = io.BytesIO()
+    w = KaldiWriter(buf, binary)
+    w.write_header()
+    obj._write(w)
+    data = buf.getvalue()
     if path_or_file is None:
         return data
     if isinstance(path_or_file, (str, os.PathLike)):
@@ -313,6 +112,11 @@ def _save(data: bytes, binary: bool, path_or_file) -> Optional[bytes]:
     else:
         path_or_file.write(data)
     return None
+
+
+def _read_prob(r: KaldiReader) -> float:
+    """A transition probability, rounded to float32 as Kaldi stores it."""
+    return float(np.float32(r.read_float("a transition probability")))
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,32 +225,35 @@ class SplitEventMap(EventMap):
         return [self.yes, self.no]
 
 
-def _read_event_map(r: _Reader) -> Optional[EventMap]:
+def _read_event_map(r: KaldiReader) -> Optional[EventMap]:
     # Iterative parser: trees can be deep (long chains of SE nodes).
     # Each frame is [kind, data, children-so-far, expected-children].
     def read_node():
-        c = r.peek_char()
+        b = r.peek_char()
+        if b < 0:
+            raise r.error("unexpected end of data, expected an EventMap")
+        c = chr(b)
         if c == "N":
-            r.expect("NULL")
+            r.expect_token("NULL")
             return ("leaf", None)
         if c == "C":
-            r.expect("CE")
-            return ("leaf", ConstantEventMap(r.int32("a CE answer")))
+            r.expect_token("CE")
+            return ("leaf", ConstantEventMap(r.read_int32("a CE answer")))
         if c == "T":
-            r.expect("TE")
-            key = r.int32("a TE key")
-            size = r.int32("a TE size")
-            if size < 0 or size > 10_000_000:
-                r.error("implausible TE table size %d" % size)
-            r.expect("(")
+            r.expect_token("TE")
+            key = r.read_int32("a TE key")
+            size = r.read_uint32("a TE size")
+            if size > 10_000_000:
+                raise r.error("implausible TE table size %d" % size)
+            r.expect_token("(")
             return ("open", ["TE", key, size, []])
         if c == "S":
-            r.expect("SE")
-            key = r.int32("an SE key")
-            yes_set = r.int_vector("an SE yes-set")
-            r.expect("{")
+            r.expect_token("SE")
+            key = r.read_int32("an SE key")
+            yes_set = r.read_int_vector(what="an SE yes-set").tolist()
+            r.expect_token("{")
             return ("open", ["SE", key, yes_set, []])
-        r.error("expected an EventMap (CE, TE, SE or NULL), got character %r" % c)
+        raise r.error("expected an EventMap (CE, TE, SE or NULL), got character %r" % c)
 
     stack: List[list] = []
     kind, val = read_node()
@@ -454,7 +261,7 @@ def _read_event_map(r: _Reader) -> Optional[EventMap]:
         if kind == "open":
             frame = val
             if frame[0] == "TE" and frame[2] == 0:
-                r.expect(")")
+                r.expect_token(")")
                 kind, val = "leaf", TableEventMap(frame[1], [])
                 continue
             stack.append(frame)
@@ -469,49 +276,49 @@ def _read_event_map(r: _Reader) -> Optional[EventMap]:
             if parent[0] == "TE":
                 if len(parent[3]) < parent[2]:
                     break
-                r.expect(")")
+                r.expect_token(")")
                 stack.pop()
                 val = TableEventMap(parent[1], parent[3])
             else:
                 if len(parent[3]) < 2:
                     break
-                r.expect("}")
+                r.expect_token("}")
                 stack.pop()
                 yes, no = parent[3]
                 if yes is None or no is None:
-                    r.error("SE node with a NULL branch")
+                    raise r.error("SE node with a NULL branch")
                 val = SplitEventMap(parent[1], tuple(parent[2]), yes, no)
         kind, val = read_node()
 
 
-def _write_event_map(w: _Writer, m: Optional[EventMap]) -> None:
+def _write_event_map(w: KaldiWriter, m: Optional[EventMap]) -> None:
     # Kaldi's layout: after ")" of a TE and "}" of an SE, text mode adds a newline.
     stack: List[Tuple[str, object]] = [("node", m)]
     while stack:
         op, x = stack.pop()
         if op == "tok":
-            w.token(x)
+            w.write_token(x)
             if not w.binary and x in (")", "}"):
-                w.raw("\n")
+                w.newline()
             continue
         if x is None:
-            w.token("NULL")
+            w.write_token("NULL")
         elif isinstance(x, ConstantEventMap):
-            w.token("CE")
-            w.int32(x.answer)
+            w.write_token("CE")
+            w.write_int32(x.answer)
         elif isinstance(x, TableEventMap):
-            w.token("TE")
-            w.int32(x.key)
-            w.int32(len(x.table), unsigned=True)
-            w.token("(")
+            w.write_token("TE")
+            w.write_int32(x.key)
+            w.write_uint32(len(x.table))
+            w.write_token("(")
             stack.append(("tok", ")"))
             for child in reversed(x.table):
                 stack.append(("node", child))
         elif isinstance(x, SplitEventMap):
-            w.token("SE")
-            w.int32(x.key)
-            w.int_vector(x.yes_set)
-            w.token("{")
+            w.write_token("SE")
+            w.write_int32(x.key)
+            w.write_int_vector(x.yes_set)
+            w.write_token("{")
             stack.append(("tok", "}"))
             stack.append(("node", x.no))
             stack.append(("node", x.yes))
@@ -627,32 +434,32 @@ class ContextDependency:
 
     # -- I/O --
     @classmethod
-    def _read(cls, r: _Reader) -> "ContextDependency":
-        r.expect("ContextDependency")
-        N = r.int32("the context width")
-        P = r.int32("the central position")
-        tok = r.token()
+    def _read(cls, r: KaldiReader) -> "ContextDependency":
+        r.expect_token("ContextDependency")
+        N = r.read_int32("the context width")
+        P = r.read_int32("the central position")
+        tok = r.read_token()
         if tok == "ToLength":  # old format: skip the length map
             _read_event_map(r)
-            tok = r.token()
+            tok = r.read_token()
         if tok != "ToPdf":
-            r.error("expected ToPdf, got %r" % tok)
+            raise r.error("expected ToPdf, got %r" % tok)
         to_pdf = _read_event_map(r)
-        r.expect("EndContextDependency")
+        r.expect_token("EndContextDependency")
         if to_pdf is None:
-            r.error("the tree's ToPdf map is NULL")
+            raise r.error("the tree's ToPdf map is NULL")
         try:
             return cls(N, P, to_pdf)
         except ValueError as e:
-            r.error(str(e))
+            raise r.error(str(e)) from None
 
-    def _write(self, w: _Writer) -> None:
-        w.token("ContextDependency")
-        w.int32(self.context_width)
-        w.int32(self.central_position)
-        w.token("ToPdf")
+    def _write(self, w: KaldiWriter) -> None:
+        w.write_token("ContextDependency")
+        w.write_int32(self.context_width)
+        w.write_int32(self.central_position)
+        w.write_token("ToPdf")
         _write_event_map(w, self.to_pdf)
-        w.token("EndContextDependency")
+        w.write_token("EndContextDependency")
 
 
 def read_tree(path_or_file) -> ContextDependency:
@@ -675,9 +482,7 @@ def write_tree(tree: ContextDependency, path_or_file=None, binary: bool = True):
       path_or_file: destination; None returns the bytes.
       binary: Kaldi binary (default) or text form.
     """
-    w = _Writer(binary)
-    tree._write(w)
-    return _save(w.getvalue(), binary, path_or_file)
+    return _save(tree, binary, path_or_file)
 
 
 # ---------------------------------------------------------------------------------------
@@ -803,147 +608,145 @@ class HmmTopology:
 
     # -- I/O --
     @classmethod
-    def _read(cls, r: _Reader) -> "HmmTopology":
-        r.expect("<Topology>")
+    def _read(cls, r: KaldiReader) -> "HmmTopology":
+        r.expect_token("<Topology>")
         entries: List[List[HmmState]] = []
         phone_to_entry: Dict[int, int] = {}
         if not r.binary:
             while True:
-                tok = r.token()
+                tok = r.read_token()
                 if tok == "</Topology>":
                     break
                 if tok != "<TopologyEntry>":
-                    r.error("expected <TopologyEntry> or </Topology>, got %r" % tok)
-                r.expect("<ForPhones>")
+                    raise r.error("expected <TopologyEntry> or </Topology>, got %r" % tok)
+                r.expect_token("<ForPhones>")
                 phones = []
                 while True:
-                    w = r.token()
+                    w = r.read_token()
                     if w == "</ForPhones>":
                         break
                     try:
                         phones.append(int(w))
                     except ValueError:
-                        r.error("expected a phone id in <ForPhones>, got %r" % w)
+                        raise r.error("expected a phone id in <ForPhones>, got %r" % w)
                 entry: List[HmmState] = []
-                tok = r.token()
+                tok = r.read_token()
                 while tok != "</TopologyEntry>":
                     if tok != "<State>":
-                        r.error("expected <State> or </TopologyEntry>, got %r" % tok)
-                    s = r.int32("a state id")
+                        raise r.error("expected <State> or </TopologyEntry>, got %r" % tok)
+                    s = r.read_int32("a state id")
                     if s != len(entry):
-                        r.error("states must be numbered in order from 0: expected %d, got %d"
-                                % (len(entry), s))
-                    tok = r.token()
+                        raise r.error("states must be numbered in order from 0: "
+                                      "expected %d, got %d" % (len(entry), s))
+                    tok = r.read_token()
                     st = HmmState()
                     if tok == "<PdfClass>":
-                        st.forward_pdf_class = st.self_loop_pdf_class = r.int32("a pdf-class")
-                        tok = r.token()
+                        st.forward_pdf_class = r.read_int32("a pdf-class")
+                        st.self_loop_pdf_class = st.forward_pdf_class
+                        tok = r.read_token()
                     elif tok == "<ForwardPdfClass>":
-                        st.forward_pdf_class = r.int32("a pdf-class")
-                        r.expect("<SelfLoopPdfClass>")
-                        st.self_loop_pdf_class = r.int32("a pdf-class")
-                        tok = r.token()
+                        st.forward_pdf_class = r.read_int32("a pdf-class")
+                        r.expect_token("<SelfLoopPdfClass>")
+                        st.self_loop_pdf_class = r.read_int32("a pdf-class")
+                        tok = r.read_token()
                     while tok == "<Transition>":
-                        dst = r.int32("a destination state")
-                        st.transitions.append((dst, r.float("a transition probability")))
-                        tok = r.token()
+                        dst = r.read_int32("a destination state")
+                        st.transitions.append((dst, _read_prob(r)))
+                        tok = r.read_token()
                     if tok != "</State>":
-                        r.error("expected </State>, got %r" % tok)
+                        raise r.error("expected </State>, got %r" % tok)
                     entry.append(st)
-                    tok = r.token()
+                    tok = r.read_token()
                 for p in phones:
                     if p in phone_to_entry:
-                        r.error("phone %d appears in more than one topology entry" % p)
+                        raise r.error("phone %d appears in more than one topology entry" % p)
                     phone_to_entry[p] = len(entries)
                 entries.append(entry)
         else:
-            phones = r.int_vector("the topology's phones")
-            phone2idx = r.int_vector("the topology's phone-to-entry map")
-            n = r.int32("the number of topology entries")
+            phones = r.read_int_vector(what="the topology's phones").tolist()
+            phone2idx = r.read_int_vector(what="the topology's phone-to-entry map").tolist()
+            n = r.read_int32("the number of topology entries")
             is_hmm = True
             if n == -1:
                 is_hmm = False
-                n = r.int32("the number of topology entries")
+                n = r.read_int32("the number of topology entries")
             for _ in range(n):
-                m = r.int32("the number of HMM states")
+                m = r.read_int32("the number of HMM states")
                 entry = []
                 for _ in range(m):
                     st = HmmState()
-                    st.forward_pdf_class = r.int32("a pdf-class")
+                    st.forward_pdf_class = r.read_int32("a pdf-class")
                     st.self_loop_pdf_class = (st.forward_pdf_class if is_hmm
-                                              else r.int32("a pdf-class"))
-                    k = r.int32("the number of transitions")
+                                              else r.read_int32("a pdf-class"))
+                    k = r.read_int32("the number of transitions")
                     for _ in range(k):
-                        dst = r.int32("a destination state")
-                        st.transitions.append((dst, r.float("a transition probability")))
+                        dst = r.read_int32("a destination state")
+                        st.transitions.append((dst, _read_prob(r)))
                     entry.append(st)
                 entries.append(entry)
-            r.expect("</Topology>")
+            r.expect_token("</Topology>")
             for p in phones:
                 if p >= len(phone2idx) or not 0 <= phone2idx[p] < n:
-                    r.error("phone %d has no valid topology entry" % p)
+                    raise r.error("phone %d has no valid topology entry" % p)
                 phone_to_entry[p] = phone2idx[p]
-        try:
-            return cls(entries, phone_to_entry, r.name)
-        except KaldiFormatError:
-            raise
+        return cls(entries, phone_to_entry, r.name)
 
-    def _write(self, w: _Writer) -> None:
+    def _write(self, w: KaldiWriter) -> None:
         is_hmm = self.is_hmm()
-        w.token("<Topology>")
+        w.write_token("<Topology>")
         if not w.binary:
-            w.raw("\n")
+            w.newline()
             for i, entry in enumerate(self.entries):
-                w.token("<TopologyEntry>")
-                w.raw("\n")
-                w.token("<ForPhones>")
-                w.raw("\n")
-                w.raw("".join("%d " % p for p in self.phones if self.phone_to_entry[p] == i))
-                w.raw("\n")
-                w.token("</ForPhones>")
-                w.raw("\n")
+                w.write_token("<TopologyEntry>")
+                w.newline()
+                w.write_token("<ForPhones>")
+                w.newline()
+                w.write("".join("%d " % p for p in self.phones
+                                if self.phone_to_entry[p] == i).encode())
+                w.newline()
+                w.write_token("</ForPhones>")
+                w.newline()
                 for j, st in enumerate(entry):
-                    w.token("<State>")
-                    w.int32(j)
+                    w.write_token("<State>")
+                    w.write_int32(j)
                     if st.forward_pdf_class != _NO_PDF:
                         if is_hmm:
-                            w.token("<PdfClass>")
-                            w.int32(st.forward_pdf_class)
+                            w.write_token("<PdfClass>")
+                            w.write_int32(st.forward_pdf_class)
                         else:
-                            w.token("<ForwardPdfClass>")
-                            w.int32(st.forward_pdf_class)
-                            w.token("<SelfLoopPdfClass>")
-                            w.int32(st.self_loop_pdf_class)
+                            w.write_token("<ForwardPdfClass>")
+                            w.write_int32(st.forward_pdf_class)
+                            w.write_token("<SelfLoopPdfClass>")
+                            w.write_int32(st.self_loop_pdf_class)
                     for dst, p in st.transitions:
-                        w.token("<Transition>")
-                        w.int32(dst)
-                        w.float(p)
-                    w.token("</State>")
-                    w.raw("\n")
-                w.token("</TopologyEntry>")
-                w.raw("\n")
+                        w.write_token("<Transition>")
+                        w.write_int32(dst)
+                        w.write_float(p)
+                    w.write_token("</State>")
+                    w.newline()
+                w.write_token("</TopologyEntry>")
+                w.newline()
         else:
-            w.int_vector(self.phones)
+            w.write_int_vector(self.phones)
             phone2idx = [-1] * (self.phones[-1] + 1)
             for p, i in self.phone_to_entry.items():
                 phone2idx[p] = i
-            w.int_vector(phone2idx)
+            w.write_int_vector(phone2idx)
             if not is_hmm:
-                w.int32(-1)
-            w.int32(len(self.entries))
+                w.write_int32(-1)
+            w.write_int32(len(self.entries))
             for entry in self.entries:
-                w.int32(len(entry))
+                w.write_int32(len(entry))
                 for st in entry:
-                    w.int32(st.forward_pdf_class)
+                    w.write_int32(st.forward_pdf_class)
                     if not is_hmm:
-                        w.int32(st.self_loop_pdf_class)
-                    w.int32(len(st.transitions))
+                        w.write_int32(st.self_loop_pdf_class)
+                    w.write_int32(len(st.transitions))
                     for dst, p in st.transitions:
-                        w.int32(dst)
-                        w.float(p)
-        w.token("</Topology>")
-        if not w.binary:
-            w.raw("\n")
+                        w.write_int32(dst)
+                        w.write_float(p)
+        w.write_token("</Topology>")
+        w.newline()
 
 
 def read_topology(path_or_file) -> HmmTopology:
@@ -965,9 +768,7 @@ def write_topology(topo: HmmTopology, path_or_file=None, binary: bool = False):
       path_or_file: destination; None returns the bytes.
       binary: Kaldi binary or text form.
     """
-    w = _Writer(binary)
-    topo._write(w)
-    return _save(w.getvalue(), binary, path_or_file)
+    return _save(topo, binary, path_or_file)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1234,64 +1035,57 @@ class TransitionModel:
 
     # -- I/O --
     @classmethod
-    def _read(cls, r: _Reader) -> "TransitionModel":
-        r.expect("<TransitionModel>")
+    def _read(cls, r: KaldiReader) -> "TransitionModel":
+        r.expect_token("<TransitionModel>")
         topo = HmmTopology._read(r)
-        tok = r.token()
+        tok = r.read_token()
         if tok not in ("<Tuples>", "<Triples>"):
-            r.error("expected <Tuples> or <Triples>, got %r" % tok)
-        n = r.int32("the number of tuples")
+            raise r.error("expected <Tuples> or <Triples>, got %r" % tok)
+        n = r.read_int32("the number of tuples")
         if n < 0:
-            r.error("negative number of tuples")
+            raise r.error("negative number of tuples")
         tuples = []
         for _ in range(n):
-            phone = r.int32("a tuple's phone")
-            hmm_state = r.int32("a tuple's HMM state")
-            fpdf = r.int32("a tuple's pdf")
-            spdf = r.int32("a tuple's self-loop pdf") if tok == "<Tuples>" else fpdf
+            phone = r.read_int32("a tuple's phone")
+            hmm_state = r.read_int32("a tuple's HMM state")
+            fpdf = r.read_int32("a tuple's pdf")
+            spdf = r.read_int32("a tuple's self-loop pdf") if tok == "<Tuples>" else fpdf
             tuples.append((phone, hmm_state, fpdf, spdf))
-        end = r.token()
+        end = r.read_token()
         if end not in ("</Tuples>", "</Triples>"):
-            r.error("expected </Tuples> or </Triples>, got %r" % end)
-        r.expect("<LogProbs>")
-        log_probs = r.float_vector("the transition log-probs")
-        r.expect("</LogProbs>")
-        r.expect("</TransitionModel>")
+            raise r.error("expected </Tuples> or </Triples>, got %r" % end)
+        r.expect_token("<LogProbs>")
+        log_probs = read_vector(r)
+        r.expect_token("</LogProbs>")
+        r.expect_token("</TransitionModel>")
         if tuples != sorted(tuples):
-            r.error("tuples are not sorted")
+            raise r.error("tuples are not sorted")
         return cls(topo, tuples, log_probs, name=r.name)
 
-    def _write(self, w: _Writer) -> None:
+    def _write(self, w: KaldiWriter) -> None:
         is_hmm = self.topology.is_hmm()
-        w.token("<TransitionModel>")
-        if not w.binary:
-            w.raw("\n")
+        w.write_token("<TransitionModel>")
+        w.newline()
         self.topology._write(w)
-        w.token("<Triples>" if is_hmm else "<Tuples>")
-        w.int32(len(self.tuples))
-        if not w.binary:
-            w.raw("\n")
+        w.write_token("<Triples>" if is_hmm else "<Tuples>")
+        w.write_int32(len(self.tuples))
+        w.newline()
         for phone, hmm_state, fpdf, spdf in self.tuples:
-            w.int32(phone)
-            w.int32(hmm_state)
-            w.int32(fpdf)
+            w.write_int32(phone)
+            w.write_int32(hmm_state)
+            w.write_int32(fpdf)
             if not is_hmm:
-                w.int32(spdf)
-            if not w.binary:
-                w.raw("\n")
-        w.token("</Triples>" if is_hmm else "</Tuples>")
-        if not w.binary:
-            w.raw("\n")
-        w.token("<LogProbs>")
-        if not w.binary:
-            w.raw("\n")
-        w.float_vector(self.log_probs)
-        w.token("</LogProbs>")
-        if not w.binary:
-            w.raw("\n")
-        w.token("</TransitionModel>")
-        if not w.binary:
-            w.raw("\n")
+                w.write_int32(spdf)
+            w.newline()
+        w.write_token("</Triples>" if is_hmm else "</Tuples>")
+        w.newline()
+        w.write_token("<LogProbs>")
+        w.newline()
+        write_vector(w, np.asarray(self.log_probs, dtype=np.float32))
+        w.write_token("</LogProbs>")
+        w.newline()
+        w.write_token("</TransitionModel>")
+        w.newline()
 
 
 def read_transition_model(path_or_file) -> TransitionModel:
@@ -1315,9 +1109,7 @@ def write_transition_model(trans_model: TransitionModel, path_or_file=None,
       path_or_file: destination; None returns the bytes.
       binary: Kaldi binary (default) or text form.
     """
-    w = _Writer(binary)
-    trans_model._write(w)
-    return _save(w.getvalue(), binary, path_or_file)
+    return _save(trans_model, binary, path_or_file)
 
 
 def read_phone_symbols(path) -> Dict[int, str]:
@@ -1365,10 +1157,10 @@ def show_transitions(trans_model: TransitionModel, phone_names: Dict[int, str],
         for k in range(trans_model.num_transition_indices(s)):
             tid = trans_model.pair_to_transition_id(s, k)
             p = np.float32(np.exp(np.float32(trans_model.log_probs[tid])))
-            line = " Transition-id = %d p = %s" % (tid, _fmt_float(p, 6))
+            line = " Transition-id = %d p = %s" % (tid, format_float(p, 6))
             if occs is not None:
                 pdf = spdf if trans_model.is_self_loop(tid) else fpdf
-                line += " count of pdf = %s" % _fmt_float(occs[pdf], 6)
+                line += " count of pdf = %s" % format_float(occs[pdf], 6)
             if trans_model.is_self_loop(tid):
                 line += " [self-loop]"
             else:

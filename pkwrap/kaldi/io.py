@@ -6,6 +6,7 @@ The pieces, as ``src/base/io-funcs.{h,cc}`` writes them (all little-endian)::
 
     token          "<Tok> "              both modes: the characters, then one space
     int32   (bin)  0x04 + 4 bytes        a size byte (sizeof, negated for unsigned types)
+    uint32  (bin)  0xFC + 4 bytes        (e.g. the size of an EventMap table)
     float   (bin)  0x04 + 4 bytes        (0x08 + 8 bytes for double; either is accepted)
     bool    (bin)  "T" | "F"             (text: "T " | "F ")
     int32 vector   0x04 + int32 n + n*4 bytes     (text: "[ 1 2 3 ]\\n")
@@ -31,6 +32,7 @@ BINARY_HEADER = b"\0B"
 _WS = frozenset(b" \t\n\r\v\f")
 
 _I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
 _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
 
@@ -40,14 +42,19 @@ class KaldiFormatError(ValueError):
     archive key (when known), the byte offset and what was wrong."""
 
 
-def format_float(x: float) -> str:
-    """A number as Kaldi prints it in text mode (C++ ostream, precision 7)."""
+def format_float(x: float, precision: int = 7) -> str:
+    """A number as Kaldi prints it in text mode (C++ ostream ``<<`` with the given
+    precision: 7 for Kaldi's writers, 6 for the stream default)."""
     x = float(x)
     if x != x:
         return "nan"
     if x in (float("inf"), float("-inf")):
         return "inf" if x > 0 else "-inf"
-    return "%.7g" % x
+    return "%.*g" % (precision, x)
+
+
+def _reading(what: Optional[str]) -> str:
+    return "" if what is None else " while reading %s" % what
 
 
 class KaldiReader:
@@ -114,7 +121,7 @@ class KaldiReader:
             p += 1
         self.pos = p
 
-    def _word(self) -> str:
+    def _word(self, what: Optional[str] = None) -> str:
         """Skip whitespace, then read up to the next whitespace (not consumed)."""
         self.skip_ws()
         buf, p, e = self.buf, self.pos, self.end
@@ -122,7 +129,8 @@ class KaldiReader:
         while p < e and buf[p] not in _WS:
             p += 1
         if p == start:
-            raise self.error("unexpected end of data" if p >= e else "expected a word")
+            raise self.error(("unexpected end of data" if p >= e else "expected a word")
+                             + _reading(what))
         self.pos = p
         return bytes(buf[start:p]).decode("utf-8", errors="replace")
 
@@ -173,38 +181,52 @@ class KaldiReader:
         return self.buf[p] if p < self.end else -1
 
     # ------------------------------------------------------------------ basic types
-    def read_int32(self) -> int:
+    # ``what`` (optional) names the field being read in error messages.
+    def read_int32(self, what: Optional[str] = None) -> int:
+        return self._read_int(True, what)
+
+    def read_uint32(self, what: Optional[str] = None) -> int:
+        """ReadBasicType<uint32>: binary size byte -4 (0xFC)."""
+        return self._read_int(False, what)
+
+    def _read_int(self, signed: bool, what: Optional[str]) -> int:
+        kind = "int32" if signed else "uint32"
         if self.binary:
             start = self.pos
-            b = self.take(5, "int32")
-            if b[0] != 4:
-                raise self.error("expected int32 (size byte 4), got size byte %d" % b[0], start)
-            return _I32.unpack_from(b, 1)[0]
-        w = self._word()
+            b = self.take(5, what or kind)
+            size = 4 if signed else 0xFC
+            if b[0] != size:
+                raise self.error("expected %s (size byte %d), got size byte %d%s"
+                                 % (kind, size if signed else -4, b[0], _reading(what)),
+                                 start)
+            return (_I32 if signed else _U32).unpack_from(b, 1)[0]
+        w = self._word(what)
         try:
             v = int(w)
         except ValueError:
-            raise self.error("expected an integer, got %r" % w[:40])
-        if not -2 ** 31 <= v < 2 ** 31:
-            raise self.error("integer %d out of int32 range" % v)
+            raise self.error("expected an integer, got %r%s" % (w[:40], _reading(what)))
+        lo, hi = (-2 ** 31, 2 ** 31) if signed else (0, 2 ** 32)
+        if not lo <= v < hi:
+            raise self.error("integer %d out of %s range%s" % (v, kind, _reading(what)))
         return v
 
-    def read_float(self) -> float:
+    def read_float(self, what: Optional[str] = None) -> float:
         """ReadBasicType<float>/<double>: binary accepts a 4- or 8-byte float."""
         if self.binary:
             start = self.pos
             c = self.peek()
             if c == 4:
-                return _F32.unpack(self.take(5, "float")[1:])[0]
+                return _F32.unpack(self.take(5, what or "float")[1:])[0]
             if c == 8:
-                return _F64.unpack(self.take(9, "double")[1:])[0]
-            raise self.error("expected a float (size byte 4 or 8), got %s"
-                             % ("end of data" if c < 0 else "byte %d" % c), start)
-        w = self._word()
+                return _F64.unpack(self.take(9, what or "double")[1:])[0]
+            raise self.error("expected a float (size byte 4 or 8), got %s%s"
+                             % ("end of data" if c < 0 else "byte %d" % c, _reading(what)),
+                             start)
+        w = self._word(what)
         try:
             return float(w)
         except ValueError:
-            raise self.error("expected a number, got %r" % w[:40])
+            raise self.error("expected a number, got %r%s" % (w[:40], _reading(what)))
 
     def read_bool(self) -> bool:
         if not self.binary:
@@ -219,22 +241,24 @@ class KaldiReader:
         raise self.error("expected a bool ('T' or 'F'), got %s"
                          % ("end of data" if c < 0 else repr(chr(c))))
 
-    def read_int_vector(self, dtype=np.int32) -> np.ndarray:
+    def read_int_vector(self, dtype=np.int32, what: Optional[str] = None) -> np.ndarray:
         """ReadIntegerVector (int32 by default)."""
         dt = np.dtype(dtype)
+        what_ = what or "integer vector"
         if self.binary:
             start = self.pos
-            sz = self.take(1, "integer vector")[0]
+            sz = self.take(1, what_)[0]
             if sz != dt.itemsize:
-                raise self.error("expected integer vector of %d-byte elements, got %d"
-                                 % (dt.itemsize, sz), start)
-            n = _I32.unpack(self.take(4, "integer vector size"))[0]
+                raise self.error("expected integer vector of %d-byte elements, got %d%s"
+                                 % (dt.itemsize, sz, _reading(what)), start)
+            n = _I32.unpack(self.take(4, what_ + " size"))[0]
             if n < 0:
-                raise self.error("negative integer vector size %d" % n, start)
-            return self.take_array(dt.newbyteorder("<"), n, "integer vector").astype(dt)
+                raise self.error("negative integer vector size %d%s" % (n, _reading(what)),
+                                 start)
+            return self.take_array(dt.newbyteorder("<"), n, what_).astype(dt)
         self.skip_ws()
         if self.peek() != 91:  # '['
-            raise self.error("expected '[' to start an integer vector")
+            raise self.error("expected '[' to start an integer vector" + _reading(what))
         self.pos += 1
         vals = []
         while True:
@@ -242,11 +266,12 @@ class KaldiReader:
             if self.peek() == 93:  # ']'
                 self.pos += 1
                 break
-            w = self._word()
+            w = self._word(what)
             try:
                 vals.append(int(w))
             except ValueError:
-                raise self.error("expected an integer in vector, got %r" % w[:40])
+                raise self.error("expected an integer in vector, got %r%s"
+                                 % (w[:40], _reading(what)))
         return np.array(vals, dtype=dt)
 
 
@@ -285,6 +310,21 @@ class KaldiWriter:
             self.f.write(b"\x04" + _I32.pack(v))
         else:
             self.f.write(b"%d " % v)
+
+    def write_uint32(self, v: int) -> None:
+        v = int(v)
+        if not 0 <= v < 2 ** 32:
+            raise ValueError("integer %d does not fit in uint32" % v)
+        if self.binary:
+            self.f.write(b"\xfc" + _U32.pack(v))
+        else:
+            self.f.write(b"%d " % v)
+
+    def newline(self) -> None:
+        """A line break in text mode (Kaldi's writers add them for readability); nothing
+        in binary mode."""
+        if not self.binary:
+            self.f.write(b"\n")
 
     def write_float(self, v: float) -> None:
         if self.binary:
