@@ -1,6 +1,7 @@
 """Kaldi-free decoding: lexicon and grammar FSTs, HCLG, decoding of nnet outputs, WER.
 
-  lexicon.py   SymbolTable, read_lexicon(p), add_disambig_symbols, make_lexicon_fst (L)
+  lexicon.py   read_lexicon(p), add_disambig_symbols, make_lexicon_fst (L); SymbolTable
+               (from pkwrap.kaldi.symbol_table, re-exported)
   graph.py     make_word_loop_grammar / make_arpa_grammar (G), HCLG, build_decoding_graph
   decoder.py   decode(loglikes, graph) over HCLG (FasterDecoder / LatticeSimpleDecoder),
                Kaldi loglike and lattice archives
@@ -22,9 +23,9 @@ from .graph import (DecodingGraph, GraphError, add_hmm_self_loops, build_decodin
                     from_kaldifst, make_arpa_grammar, make_h_transducer, make_hclg,
                     make_word_loop_grammar, push_special, remove_disambig_symbols, to_kaldifst,
                     write_lang_dir)
-from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,
-                      make_lexicon_fst, make_phone_table, make_word_table, read_lexicon,
-                      read_lexiconp, write_lexiconp)
+from .lexicon import (LexiconEntry, LexiconError, SymbolTable, SymbolTableError,
+                      add_disambig_symbols, make_lexicon_fst, make_phone_table, make_word_table,
+                      read_lexicon, read_lexiconp, write_lexiconp)
 from .scoring import ScoringError, WerStats, compute_wer, read_transcripts
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "LexiconError",
     "ScoringError",
     "SymbolTable",
+    "SymbolTableError",
     "WerStats",
     "add_disambig_symbols",
     "add_hmm_self_loops",

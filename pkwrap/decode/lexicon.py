@@ -1,4 +1,4 @@
-"""Symbol tables, pronunciation lexicons and the lexicon FST L.
+"""Pronunciation lexicons and the lexicon FST L.
 
 A lexicon maps each word w to pronunciations (p, q) with phone string
 q = q_1 ... q_n and pronunciation probability p (Kaldi's ``lexiconp.txt``:
@@ -22,142 +22,28 @@ proper prefix of another one, or that several words share, gets a suffix
 ``#k`` so that L∘G can be determinized; #0 is left for G's back-off arcs.
 All weights are -log probabilities (tropical semiring); the FSTs are
 ``kaldifst.StdVectorFst`` objects, the type kaldifst's graph algorithms take.
+Symbol tables (``SymbolTable``, re-exported here) live in :mod:`pkwrap.kaldi.symbol_table`.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["SymbolTable", "LexiconEntry", "read_lexicon", "read_lexiconp", "write_lexiconp",
-           "add_disambig_symbols", "make_phone_table", "make_word_table", "make_lexicon_fst",
-           "LexiconError"]
+from ..kaldi.symbol_table import SymbolTable, SymbolTableError
+
+__all__ = ["SymbolTable", "SymbolTableError", "LexiconEntry", "read_lexicon", "read_lexiconp",
+           "write_lexiconp", "add_disambig_symbols", "make_phone_table", "make_word_table",
+           "make_lexicon_fst", "LexiconError"]
 
 LexiconEntry = Tuple[str, float, List[str]]
 """One pronunciation: (word, pron_prob, [phone, ...])."""
 
-_WS = re.compile(r"[ \t]+")
-
 
 class LexiconError(ValueError):
-    """Bad lexicon, symbol table or transcript; the message names the file/word at fault."""
-
-
-class SymbolTable:
-    """A bijection symbol <-> integer id, in Kaldi's text form (``phones.txt``, ``words.txt``).
-
-    Each line of the file is ``symbol id``; id 0 is conventionally ``<eps>``.
-
-    Args:
-      name: used in error messages (normally the file it came from).
-    """
-
-    def __init__(self, name: str = "<symbols>"):
-        self.name = name
-        self._sym2id: Dict[str, int] = {}
-        self._id2sym: Dict[int, str] = {}
-
-    # -- construction -------------------------------------------------------------------
-    @classmethod
-    def from_symbols(cls, symbols: Iterable[str], name: str = "<symbols>",
-                     first_id: int = 0) -> "SymbolTable":
-        """Table numbering ``symbols`` consecutively from ``first_id``."""
-        t = cls(name)
-        for i, s in enumerate(symbols):
-            t.add(s, first_id + i)
-        return t
-
-    @classmethod
-    def read(cls, path: Union[str, os.PathLike]) -> "SymbolTable":
-        """Read a Kaldi/OpenFst text symbol table (``symbol id`` per line)."""
-        path = os.fspath(path)
-        t = cls(path)
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                a = line.split()
-                if not a:
-                    continue
-                if len(a) != 2:
-                    raise LexiconError("%s:%d: expected 'symbol id', got %r"
-                                       % (path, n, line.rstrip()))
-                try:
-                    i = int(a[1])
-                except ValueError:
-                    raise LexiconError("%s:%d: id %r is not an integer" % (path, n, a[1])) from None
-                t.add(a[0], i)
-        if not t._sym2id:
-            raise LexiconError("%s: empty symbol table" % path)
-        return t
-
-    def write(self, path: Union[str, os.PathLike]) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            for i in sorted(self._id2sym):
-                f.write("%s %d\n" % (self._id2sym[i], i))
-
-    def add(self, symbol: str, id: Optional[int] = None) -> int:
-        """Add ``symbol`` (with id ``id``, default max id + 1); returns its id."""
-        if not symbol or _WS.search(symbol) or "\n" in symbol:
-            raise LexiconError("%s: invalid symbol %r (empty or contains whitespace)"
-                               % (self.name, symbol))
-        if symbol in self._sym2id:
-            if id is not None and self._sym2id[symbol] != id:
-                raise LexiconError("%s: symbol %r appears twice (ids %d and %d)"
-                                   % (self.name, symbol, self._sym2id[symbol], id))
-            return self._sym2id[symbol]
-        if id is None:
-            id = (max(self._id2sym) + 1) if self._id2sym else 0
-        if id < 0:
-            raise LexiconError("%s: negative id %d for %r" % (self.name, id, symbol))
-        if id in self._id2sym:
-            raise LexiconError("%s: id %d used by both %r and %r"
-                               % (self.name, id, self._id2sym[id], symbol))
-        self._sym2id[symbol] = id
-        self._id2sym[id] = symbol
-        return id
-
-    # -- lookup -------------------------------------------------------------------------
-    def __getitem__(self, symbol: str) -> int:
-        try:
-            return self._sym2id[symbol]
-        except KeyError:
-            raise LexiconError("symbol %r is not in %s" % (symbol, self.name)) from None
-
-    def symbol(self, id: int) -> str:
-        try:
-            return self._id2sym[int(id)]
-        except KeyError:
-            raise LexiconError("id %d is not in %s" % (id, self.name)) from None
-
-    def get(self, symbol: str, default: Optional[int] = None) -> Optional[int]:
-        return self._sym2id.get(symbol, default)
-
-    def __contains__(self, symbol: str) -> bool:
-        return symbol in self._sym2id
-
-    def __len__(self) -> int:
-        return len(self._sym2id)
-
-    def __iter__(self) -> Iterator[Tuple[str, int]]:
-        for i in sorted(self._id2sym):
-            yield self._id2sym[i], i
-
-    @property
-    def symbols(self) -> List[str]:
-        return [self._id2sym[i] for i in sorted(self._id2sym)]
-
-    def max_id(self) -> int:
-        return max(self._id2sym) if self._id2sym else -1
-
-    def disambig_ids(self) -> List[int]:
-        """Ids of the disambiguation symbols (``#0``, ``#1``, ...), sorted."""
-        return sorted(i for s, i in self._sym2id.items() if re.fullmatch(r"#\d+", s))
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, SymbolTable) and self._sym2id == other._sym2id
-
-    def __repr__(self) -> str:
-        return "SymbolTable(%r, %d symbols)" % (self.name, len(self))
+    """Bad lexicon, or a word or phone missing from a symbol table or transcript; the
+    message names the file/word at fault. (A malformed symbol table itself raises
+    :class:`~pkwrap.kaldi.symbol_table.SymbolTableError`.)"""
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,7 +152,7 @@ def make_phone_table(phones: Union[SymbolTable, Sequence[str]], num_disambig: in
     if isinstance(phones, SymbolTable):
         t = SymbolTable(phones.name)
         for s, i in phones:
-            if not re.fullmatch(r"#\d+", s):
+            if not SymbolTable.is_disambig(s):
                 t.add(s, i)
     else:
         t = SymbolTable.from_symbols(["<eps>"] + list(phones), name="phones.txt")

@@ -13,4 +13,5 @@ from .chain_egs import (Supervision, NnetChainExample, read_chain_egs,  # noqa: 
                         modify_chain_example_context, read_supervision, write_supervision)
 from .hmm import (ContextDependency, HmmTopology, TransitionModel, read_tree,  # noqa: F401
                   write_tree, read_topology, write_topology, read_transition_model,
-                  write_transition_model)
+                  write_transition_model, read_phone_symbols)
+from .symbol_table import SymbolTable, SymbolTableError  # noqa: F401

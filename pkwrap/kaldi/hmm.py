@@ -56,6 +56,7 @@ import numpy as np
 
 from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
 from .matrix import read_vector, write_vector
+from .symbol_table import SymbolTable
 
 __all__ = [
     "KaldiFormatError", "EventMap", "ConstantEventMap", "TableEventMap", "SplitEventMap",
@@ -1113,21 +1114,16 @@ def write_transition_model(trans_model: TransitionModel, path_or_file=None,
 
 
 def read_phone_symbols(path) -> Dict[int, str]:
-    """Read ``phones.txt`` (``name id`` per line) into a dict id -> name."""
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2:
-                raise KaldiFormatError("%s:%d: expected 'symbol id', got %r"
-                                       % (path, lineno, line.rstrip("\n")))
-            try:
-                out[int(parts[1])] = parts[0]
-            except ValueError:
-                raise KaldiFormatError("%s:%d: bad id %r" % (path, lineno, parts[1])) from None
-    return out
+    """Read ``phones.txt`` (``name id`` per line) into a dict id -> name.
+
+    Args:
+      path: the symbol table file (read with :meth:`SymbolTable.read`).
+    Returns:
+      dict phone id -> phone name, in id order.
+    Raises:
+      SymbolTableError (a :class:`KaldiFormatError`) naming the file and line at fault.
+    """
+    return SymbolTable.read(path).id_to_symbol()
 
 
 def show_transitions(trans_model: TransitionModel, phone_names: Dict[int, str],
