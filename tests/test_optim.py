@@ -196,12 +196,12 @@ def test_backstitch_and_orthonormal_constraint():
     with pytest.raises(ValueError):
         opt.step()
     W = m.prefinal_l.weight.detach().clone()
-    l0 = float(closure())
+    l0 = float(closure().detach())
     t0 = m.tdnn1.preconditioner_in.t
     opt.step(closure)
     # two passes, the first with frozen preconditioners (t still counts both calls)
     assert m.tdnn1.preconditioner_in.t == t0 + 2
-    assert float(closure()) < l0
+    assert float(closure().detach()) < l0
     # step 0 applied the orthonormal constraint to prefinal_l: rows closer to orthogonal
     def off(M):
         P = M @ M.t()
