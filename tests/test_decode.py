@@ -414,3 +414,20 @@ def test_scripts_mkgraph_latgen_compute_wer(mono, lexicon, tmp_path):
     assert p.stdout.splitlines()[0] == "%WER 20.00 [ 1 / 5, 0 ins, 0 del, 1 sub ]"
     p = _run("compute-wer", "ark:%s" % (tmp_path / "ref.txt"), "ark:/nonexistent")
     assert p.returncode != 0 and "/nonexistent" in p.stderr
+
+
+def test_symbol_table_is_kaldis():
+    """pkwrap.decode re-exports pkwrap.kaldi's SymbolTable; its errors are format errors."""
+    import pkwrap.decode
+    from pkwrap.kaldi import KaldiFormatError
+    from pkwrap.kaldi.symbol_table import SymbolTable as KaldiSymbolTable, SymbolTableError
+
+    assert SymbolTable is KaldiSymbolTable and pkwrap.decode.SymbolTableError is SymbolTableError
+    t = make_phone_table(["SIL", "A"], num_disambig=2)
+    assert t.symbols == ["<eps>", "SIL", "A", "#0", "#1", "#2"] and t.disambig_ids() == [3, 4, 5]
+    assert make_phone_table(t).symbols == ["<eps>", "SIL", "A", "#0"]
+    assert SymbolTable.is_disambig("#12") and not SymbolTable.is_disambig("#x")
+    with pytest.raises(SymbolTableError, match="symbol 'B' is not in phones.txt"):
+        t["B"]
+    with pytest.raises(KaldiFormatError, match="invalid symbol 'a b'"):
+        t.add("a b")

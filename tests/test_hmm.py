@@ -312,3 +312,31 @@ def test_plain_hmm_topology_triples():
     assert (tm.transition_id_to_pdf(tid), tm.is_self_loop(tid), tm.is_final(tid)) == \
         (4, False, False)
     assert tm.transition_prob(tid) == pytest.approx(0.25)
+
+
+def test_one_format_error_and_phone_symbols(tmp_path):
+    """hmm's errors are kaldi.io's KaldiFormatError; phones.txt goes through SymbolTable and
+    its errors name the file and line."""
+    import pkwrap.kaldi.io
+    from pkwrap.kaldi.symbol_table import SymbolTable, SymbolTableError
+
+    assert KaldiFormatError is pkwrap.kaldi.io.KaldiFormatError
+    path = fixture_path("mono", "phones.txt")
+    names = read_phone_symbols(path)
+    assert names == {i: s for s, i in SymbolTable.read(path)}
+    assert names[0] == "<eps>" and list(names) == sorted(names)
+    p = tmp_path / "phones.txt"
+    for text, msg in [("<eps> 0\nSIL\n", r"phones.txt:2: expected 'symbol id'"),
+                      ("<eps> 0\nSIL one\n", r"phones.txt:2: id 'one' is not an integer"),
+                      ("<eps> 0\nSIL 0\n", r"id 0 used by both '<eps>' and 'SIL'"),
+                      ("\n", "empty symbol table")]:
+        p.write_text(text)
+        with pytest.raises(SymbolTableError, match=msg):
+            read_phone_symbols(p)
+    assert issubclass(SymbolTableError, KaldiFormatError)
+    # the table size of a TE node is a uint32 (size byte -4), as Kaldi writes it
+    tree = _bytes("biphone", "tree")
+    i = tree.index(b"TE ") + 8
+    assert tree[i:i + 1] == b"\xfc"
+    with pytest.raises(KaldiFormatError, match="expected uint32.*while reading a TE size"):
+        read_tree(tree[:i] + b"\x04" + tree[i + 1:])

@@ -288,3 +288,35 @@ def test_pipes(tmp_path):
     assert list(got) == ["k"] and got["k"].tolist() == [1.5, 2.0]
     with pytest.raises(OSError, match="failed"):
         read_table("ark:false |", "vector")
+
+
+def test_uint32_newline_and_field_names_in_errors():
+    """uint32 (size byte -4, as Kaldi writes an EventMap table size), KaldiWriter.newline,
+    format_float precision, and the optional field name in read errors."""
+    from pkwrap.kaldi.io import format_float
+
+    def w(k):
+        k.write_uint32(2 ** 32 - 1)
+        k.newline()
+        k.write_int32(5)
+    b = _bytes(w)
+    assert b == b"\xfc" + struct.pack("<I", 2 ** 32 - 1) + b"\x04" + struct.pack("<i", 5)
+    assert _bytes(w, binary=False) == b"4294967295 \n5 "
+    r = KaldiReader(b)
+    assert r.read_uint32() == 2 ** 32 - 1 and r.read_int32() == 5 and r.at_eof()
+    with pytest.raises(KaldiFormatError, match=r"expected uint32 \(size byte -4\), got size "
+                                               r"byte 4 while reading the size"):
+        KaldiReader(b[5:], name="t").read_uint32("the size")
+    with pytest.raises(KaldiFormatError, match="out of uint32 range"):
+        KaldiReader(b"-1 ", binary=False).read_uint32()
+    with pytest.raises(ValueError, match="does not fit in uint32"):
+        KaldiWriter(io.BytesIO()).write_uint32(-1)
+    with pytest.raises(KaldiFormatError, match=r"^f: expected an integer, got 'x' while "
+                                               r"reading a state id \(at byte 2\)"):
+        KaldiReader(b" x ", binary=False, name="f").read_int32("a state id")
+    with pytest.raises(KaldiFormatError, match="unexpected end of data while reading a prob"):
+        KaldiReader(b"  ", binary=False).read_float("a prob")
+    with pytest.raises(KaldiFormatError, match="wanted 4 bytes for phones size"):
+        KaldiReader(b"\x04\x01").read_int_vector(what="phones")
+    assert format_float(1 / 3) == "0.3333333" and format_float(1 / 3, 6) == "0.333333"
+    assert format_float(float("-inf"), 6) == "-inf"
