@@ -155,6 +155,8 @@ def constrain_orthonormal(model: nn.Module, every: int = 4, step: Optional[int] 
     """Apply :func:`constrain_orthonormal_` to every layer of ``model`` whose
     ``orthonormal_constraint`` is non-zero, on one call in ``every`` (Kaldi draws 1 in 4 at
     random per layer; this is deterministic so that DDP ranks stay identical).
+    :class:`pkwrap.optim.NGSGD` already does this in its ``step``; call this function only
+    with other optimizers.
 
     Args:
       model: the model.
@@ -423,6 +425,9 @@ class TDNNFModel(nn.Module):
         Per-layer l2 of the hidden layers (0.03 in 1j); output layers get half of it.
       xent_head:
         Build the xent head (``prefinal_xent``, ``output_xent``, learning-rate factor 5).
+
+    Not included: Kaldi's training-only spec-augment layer and the ReLU self-repair term
+    (both change only training, not the network function).
 
     Attributes ``left_context``, ``right_context`` (input frames needed on each side) and
     ``frame_subsampling_factor``.  ``forward(x)`` with x ``[B][T_in][F]`` returns
