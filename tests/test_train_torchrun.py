@@ -151,9 +151,10 @@ def test_compute_prob_and_combine_clis(two_rank_run, tmp_path):
 
 
 def test_kaldi_model_averaging(two_rank_run, tmp_path):
-    """Kaldi's scheme: local NG-SGD steps, parameters averaged every 2 steps."""
+    """Kaldi's scheme: local NG-SGD steps, parameters averaged every 3 steps (and before
+    each checkpoint, every 2 steps here)."""
     exp = str(tmp_path / "exp")
-    _run(TORCHRUN + [str(WORKER), "--exp", exp, "--model-averaging-period", "2"])
+    _run(TORCHRUN + [str(WORKER), "--exp", exp, "--model-averaging-period", "3"])
     a, b = _params(exp, 0), _params(exp, 1)
     _assert_equal_bitwise(a, b, "averaged model, rank 0 vs rank 1")
     ref = _params(two_rank_run, 0)  # gradient allreduce every step: another trajectory

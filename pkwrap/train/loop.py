@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -77,9 +78,9 @@ class TrainConfig:
         layers (pkwrap.nn.KaldiBatchNorm) by this, as nnet3-chain-train does (0.8).
       model_averaging_period: 0: gradients are allreduced every step (DDP, with the
         ``comm_hook`` given). N > 0: Kaldi's own scheme instead, local steps and the
-        parameters averaged every N steps (``comm_hooks.kaldi_model_averaging``);
-        ``checkpoint_every`` must then be a multiple of N, so that checkpoints hold
-        the averaged model that every rank has.
+        parameters averaged every N steps (``comm_hooks.kaldi_model_averaging``), and
+        also before every checkpoint, so that a checkpoint holds the model every rank
+        has.
     """
 
     exp_dir: str
@@ -230,11 +231,6 @@ class Trainer:
             if config.model_averaging_period > 0:
                 if comm_hook is not None:
                     raise ValueError("model_averaging_period and comm_hook exclude each other")
-                if config.checkpoint_every % config.model_averaging_period:
-                    raise ValueError("checkpoint_every=%d must be a multiple of "
-                                     "model_averaging_period=%d" % (
-                                         config.checkpoint_every,
-                                         config.model_averaging_period))
                 from .comm_hooks import kaldi_model_averaging
                 self.averager = kaldi_model_averaging(self.model,
                                                       config.model_averaging_period)
@@ -312,6 +308,9 @@ class Trainer:
 
     def save(self) -> Optional[str]:
         """Checkpoint now (collective: every rank must call it)."""
+        if self.averager is not None:  # local steps since the last average: average now
+            from torch.distributed.algorithms.model_averaging.utils import average_parameters
+            average_parameters(iter(_unwrap(self.model).parameters()), dist.group.WORLD)
         self.sync_buffers()
         rngs = all_gather_object(ckpt.get_rng_state())
         opt_sd = self._optimizer_state_dict()
