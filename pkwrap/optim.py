@@ -231,9 +231,12 @@ class NGSGD(Optimizer):
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 rank = torch.distributed.get_rank()
             if rank >= len(by_rank):
-                raise ValueError(f"NGSGD.load_state_dict: checkpoint has preconditioner state for "
-                                 f"{len(by_rank)} ranks, this is rank {rank}")
-            precs = by_rank[rank]
+                # resumed on more ranks than were saved: start this rank from another rank's
+                # estimate (the trajectory then differs from an uninterrupted run)
+                warnings.warn(f"NGSGD.load_state_dict: checkpoint has preconditioner state for "
+                              f"{len(by_rank)} ranks; rank {rank} uses rank "
+                              f"{rank % len(by_rank)}'s")
+            precs = by_rank[rank % len(by_rank)]
         else:
             precs = ng["preconditioners"]
         layers = dict(self._ng_layers())
