@@ -51,3 +51,17 @@ from .loop import TrainConfig, Trainer  # noqa: F401
 from .metrics import ObjfTracker, kaldi_objf_line  # noqa: F401
 from .model_io import (combine_model_files, compute_prob_on_egs, load_model,  # noqa: F401
                        save_model)
+
+__all__ = [
+    "CheckpointError", "find_latest_checkpoint", "load_checkpoint", "save_checkpoint",
+    "ModelContext", "probe_model_context", "split_model_output",
+    "ChainBatch", "ChainMinibatchSampler", "EgsDataset", "MinibatchSizeRule",
+    "collate_chain_egs", "make_loader",
+    "combine_models", "compute_chain_loss", "compute_prob", "compute_prob_log_lines",
+    "recompute_batchnorm_stats",
+    "DistInfo", "cleanup_distributed", "get_rank", "get_world_size", "setup_distributed",
+    "compute_nnet_output", "compute_nnet_outputs",
+    "TrainConfig", "Trainer",
+    "ObjfTracker", "kaldi_objf_line",
+    "combine_model_files", "compute_prob_on_egs", "load_model", "save_model",
+]

@@ -27,7 +27,6 @@ frame shift used for augmentation.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 

@@ -28,7 +28,7 @@ import contextlib
 import copy
 import logging
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn

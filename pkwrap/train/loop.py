@@ -24,12 +24,11 @@ each rank takes its own saved RNG state if there was one, else one seeded from
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,9 +36,9 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .context import ModelContext, probe_model_context
-from .data import ChainMinibatchSampler, EgsDataset, dataset_structures, make_loader
+from .data import ChainMinibatchSampler, dataset_structures, make_loader
 from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
-                          compute_prob_log_lines, is_batchnorm, recompute_batchnorm_stats)
+                          compute_prob_log_lines, is_batchnorm)
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                    setup_distributed)
 from .metrics import ObjfTracker, make_summary_writer, setup_logger

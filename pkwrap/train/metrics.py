@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import torch
 

@@ -15,11 +15,9 @@ by :class:`pkwrap.train.Trainer` are model files in this sense.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import nn
 
 from . import checkpoint as ckpt
