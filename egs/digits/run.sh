@@ -9,7 +9,7 @@
 #
 # Each stage leaves a marker <exp>/.done.<stage>; a later call skips finished stages,
 # so a killed run just continues (training resumes from its last checkpoint).
-# Passing --stage N re-runs stages N.. even if they finished.
+# Passing --stage N re-runs stages N.. even if they finished (training from scratch).
 set -euo pipefail
 
 stage=0
@@ -20,7 +20,7 @@ data=data
 exp=exp/chain
 corpus=corpus
 # corpus size (local/synth_corpus.py)
-train_utts_per_voice=60
+train_utts_per_voice=50
 valid_utts_per_voice=25
 test_utts_per_voice=30
 num_valid_voices=4
@@ -70,7 +70,10 @@ log() {
 }
 
 mkdir -p "$exp"
+fresh_train=false
 if $stage_given; then
+  # re-running training explicitly starts it afresh (a plain re-run resumes instead)
+  if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then fresh_train=true; fi
   for m in "$exp"/.done.*; do
     [ -e "$m" ] || continue
     n=${m##*.}
@@ -119,7 +122,7 @@ if run_stage 3; then
   sil=$(ids "$lang/silence_phones.txt")
   chain-gen-topo "$(ids "$lang/nonsilence_phones.txt")" "$sil" > "$exp/topo"
   chain-init-tree --type="$tree_type" --ci-phones="$sil" "$exp/topo" "$exp/0.trans_mdl" "$exp/tree"
-  python3 "$recipe/local/text_to_phones.py" --int --copies "$lm_copies" --edge-silprob "$edge_silprob" \
+  python3 "$recipe/local/text_to_phones.py" --int --copies "$lm_copies" --all-word-pairs --edge-silprob "$edge_silprob" \
     --between-silprob "$between_silprob" "$lang" "$data/train/text" > "$exp/phone_seqs.txt"
   chain-est-phone-lm --ngram-order="$ngram_order" --no-prune-ngram-order="$no_prune_ngram_order" \
     --num-extra-lm-states="$num_extra_lm_states" "ark:$exp/phone_seqs.txt" "$exp/phone_lm.fst"
@@ -130,6 +133,9 @@ fi
 
 if run_stage 4; then
   log "stage 4: train the TDNN-F with LF-MMI and NG-SGD (torchrun --nproc_per_node=$nproc)"
+  if $fresh_train; then
+    rm -rf "$exp/checkpoints" "$exp/tensorboard" "$exp/log" "$exp/final.pt" "$exp/model.json"
+  fi
   torchrun --standalone --nproc_per_node="$nproc" "$recipe/train.py" \
     --data "$data" --exp "$exp" $train_opts
   done_stage 4

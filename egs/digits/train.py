@@ -72,7 +72,7 @@ def get_parser():
     p.add_argument("--exp", type=Path, default=Path("exp/chain"))
     p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per process)")
     p.add_argument("--num-epochs", type=int, default=6)
-    p.add_argument("--minibatch-size", default="8:32",
+    p.add_argument("--minibatch-size", default="1:32",
                    help="Kaldi rule string (nnet3-chain-merge-egs --minibatch-size)")
     p.add_argument("--initial-effective-lrate", type=float, default=0.002)
     p.add_argument("--final-effective-lrate", type=float, default=0.0002)

@@ -63,6 +63,9 @@ DEFAULT_VARIANTS = [
     "david", "ed", "edward", "Gene", "Hugo", "iven", "iven2", "Jacky", "john", "Lee",
     "linda", "max", "Michael", "Mike", "norbert", "paul", "quincy", "rob", "robert",
     "sandro", "shelby", "steph", "travis", "victor", "zac", "grandma", "grandpa",
+    "Alicia", "Andrea", "antonio", "Denis", "Diogo", "Gene2", "Henrique", "Marco", "Mario",
+    "marcelo", "miguel", "pablo", "pedro", "michel", "gustave", "iven3", "iven4", "edward2",
+    "kaukovalta",
 ]
 
 ESPEAK_RATE = 22050
@@ -92,7 +95,7 @@ def get_parser():
     p.add_argument("--pitch-range", default="25,75", help="espeak-ng -p, 0..99")
     p.add_argument("--gap-range", default="0,6", help="espeak-ng -g, word gap in 10 ms")
     p.add_argument("--snr-range", default="8,35", help="additive noise SNR in dB")
-    p.add_argument("--warp-range", default="0.85,1.15",
+    p.add_argument("--warp-range", default="0.8,1.2",
                    help="speed/formant warp factor range of training utterances (1,1: off)")
     p.add_argument("--clean-prob", type=float, default=0.1,
                    help="probability that an utterance gets no added noise")

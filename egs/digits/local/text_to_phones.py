@@ -10,7 +10,10 @@ Kaldi's ``steps/nnet3/chain/e2e/text_to_phones.py`` does before
 reads). With ``--copies N`` every utterance is written N times (keys ``<utt>-<i>``)
 with independent draws, so that the phone LM sees the pronunciation variants of
 word pairs it would otherwise miss (an n-gram the LM never saw makes an utterance's
-normalized numerator empty).
+normalized numerator empty). ``--all-word-pairs`` also writes, for every ordered
+pair of words and every pair of their pronunciations, the two pronunciations back
+to back (keys ``pair-<n>``): the digit loop allows any word after any other, so
+every cross-word phone bigram should be possible in the denominator graph too.
 
 Usage:
   local/text_to_phones.py --int data/lang data/train/text > exp/chain/phone_seqs.txt
@@ -27,6 +30,8 @@ def main():
     p.add_argument("--between-silprob", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--copies", type=int, default=1, help="draws per utterance")
+    p.add_argument("--all-word-pairs", action="store_true",
+                   help="add every word pair, in every pronunciation pair")
     p.add_argument("--int", action="store_true", help="write phone ids instead of names")
     p.add_argument("lang_dir", type=Path)
     p.add_argument("text", type=Path)
@@ -58,6 +63,17 @@ def main():
             if args.int:
                 phones = [phone_id[ph] for ph in phones]
             print(utt if args.copies == 1 else "%s-%d" % (utt, copy), " ".join(phones))
+    if args.all_word_pairs:
+        n = 0
+        for w1 in sorted(lexicon):
+            for w2 in sorted(lexicon):
+                for p1 in lexicon[w1]:
+                    for p2 in lexicon[w2]:
+                        phones = p1 + p2
+                        if args.int:
+                            phones = [phone_id[ph] for ph in phones]
+                        print("pair-%d" % n, " ".join(phones))
+                        n += 1
     if n_bad:
         print("text_to_phones.py: %d utterance(s) skipped" % n_bad, file=sys.stderr)
 
