@@ -16,6 +16,7 @@ stage=0
 stop_stage=100
 nj=2                    # parallel jobs for synthesis
 nproc=2                 # torchrun --nproc_per_node (training processes)
+seed=0                  # corpus (voices split, utterances) and training seed
 data=data
 exp=exp/chain
 corpus=corpus
@@ -31,7 +32,7 @@ decode_opts=""
 
 usage() {
   sed -n '2,13p' "$0"
-  echo "options (default): --stage ($stage) --stop-stage ($stop_stage) --nj ($nj) --nproc ($nproc)"
+  echo "options (default): --stage ($stage) --stop-stage ($stop_stage) --nj ($nj) --nproc ($nproc) --seed ($seed)"
   echo "  --data ($data) --exp ($exp) --corpus ($corpus) --train-utts-per-voice ($train_utts_per_voice)"
   echo "  --valid-utts-per-voice ($valid_utts_per_voice) --test-utts-per-voice ($test_utts_per_voice)"
   echo "  --num-valid-voices ($num_valid_voices) --num-test-voices ($num_test_voices)"
@@ -49,7 +50,7 @@ while [ $# -gt 0 ]; do
   esac
   var="${name#--}"; var="${var//-/_}"
   case "$var" in
-    stage|stop_stage|nj|nproc|data|exp|corpus|train_utts_per_voice|valid_utts_per_voice|\
+    stage|stop_stage|nj|nproc|seed|data|exp|corpus|train_utts_per_voice|valid_utts_per_voice|\
 test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts)
       printf -v "$var" '%s' "$value" ;;
     *) echo "run.sh: unknown option $name (see --help)" >&2; exit 1 ;;
@@ -97,7 +98,7 @@ if run_stage 0; then
     --out-dir "$data" --wav-dir "$corpus/wav" --nj "$nj" \
     --train-utts-per-voice "$train_utts_per_voice" --valid-utts-per-voice "$valid_utts_per_voice" \
     --test-utts-per-voice "$test_utts_per_voice" --num-valid-voices "$num_valid_voices" \
-    --num-test-voices "$num_test_voices"
+    --num-test-voices "$num_test_voices" --seed "$seed"
   done_stage 0
 fi
 
@@ -137,7 +138,7 @@ if run_stage 4; then
     rm -rf "$exp/checkpoints" "$exp/tensorboard" "$exp/log" "$exp/final.pt" "$exp/model.json"
   fi
   torchrun --standalone --nproc_per_node="$nproc" "$recipe/train.py" \
-    --data "$data" --exp "$exp" $train_opts
+    --data "$data" --exp "$exp" --seed "$seed" $train_opts
   done_stage 4
 fi
 

@@ -45,6 +45,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import kaldifst
 import kaldiio
 import numpy as np
 import torch
@@ -52,7 +53,6 @@ import torch
 from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
 from pkwrap.chain.egs import E2EChainEgsDataset, ExampleGenerationConfig
 from pkwrap.decode import SymbolTable, compile_train_graph, from_kaldifst
-from pkwrap.decode.graph import _read_any_fst
 from pkwrap.kaldi.fst import read_fst
 from pkwrap.kaldi.hmm import read_transition_model, read_tree
 from pkwrap.nn import TDNNFModel
@@ -146,7 +146,9 @@ def make_e2e_egs(part_dir: Path, keys: List[str], lang: Path, tree, trans_model,
     """
     text = read_text(part_dir / "text")
     words = SymbolTable.read(lang / "words.txt")
-    L = _read_any_fst(lang / "L.fst")
+    L = kaldifst.StdVectorFst.read(str(lang / "L.fst"))
+    if L is None:
+        raise RuntimeError("%s is not a readable OpenFst vector FST" % (lang / "L.fst"))
     feats = kaldiio.load_scp(str(part_dir / "feats.scp"))
     mine = keys[rank::world_size]
     graphs, errors = {}, {}
