@@ -17,8 +17,12 @@ on this machine kind, same network and minibatch (tests/fixtures/kaldi/README.md
 3.21 s per minibatch on one thread (1000 output frames/s), 2.44 s with two; natural
 gradient adds 14%.
 
+Timing: after --warmup steps (default 11: Kaldi's preconditioners update on each of the
+first 10 minibatches, then on every 4th), the mean of --steps steps (default 4, so one
+Fisher-estimate update per 4 steps, as in steady-state training).
+
 Usage:
-  python3 bench/bench_train_step.py [--steps 3] [--threads 1,2]
+  python3 bench/bench_train_step.py [--steps 4] [--warmup 11] [--threads 1,2]
 """
 import argparse
 import json
@@ -58,7 +62,7 @@ def numerator(S, T, P, seed=0, k=3):
     return Supervision(weight=1.0, num_sequences=S, frames_per_sequence=T, label_dim=P, fst=fst)
 
 
-def worker(threads: int, natural: bool, steps: int) -> dict:
+def worker(threads: int, natural: bool, steps: int, warmup: int) -> dict:
     import torch
     torch.set_num_threads(threads)
     from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
@@ -84,7 +88,7 @@ def worker(threads: int, natural: bool, steps: int) -> dict:
     batch = ChainBatch(feats, numerator(S, T, P), None, ctx.left_context)
     model.train()
     times, objf = [], []
-    for i in range(steps + 1):  # the first step warms up (allocations, NG init)
+    for i in range(warmup + steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         res = compute_chain_loss(model, ctx, loss_fn, batch)
@@ -92,24 +96,25 @@ def worker(threads: int, natural: bool, steps: int) -> dict:
         opt.step(num_sequences=S)
         scale_batchnorm_stats(model, 0.8)
         dt = time.perf_counter() - t0
-        if i:
+        if i >= warmup:
             times.append(dt)
         objf.append(res.objf / res.weight)
     return {"threads": threads, "natural_gradient": natural, "params": n_params,
-            "input_frames": t_in, "times": times, "median_s": statistics.median(times),
+            "input_frames": t_in, "times": times, "mean_s": statistics.mean(times),
             "objf_per_frame": objf}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per setting")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per setting")
+    ap.add_argument("--warmup", type=int, default=11, help="untimed steps first")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         threads, natural = args.worker.split(",")
-        print(json.dumps(worker(int(threads), natural == "1", args.steps)))
+        print(json.dumps(worker(int(threads), natural == "1", args.steps, args.warmup)))
         return
     settings = [(int(t), True) for t in args.threads.split(",")] + [(1, False)]
     results = []
@@ -117,6 +122,7 @@ def main():
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
+                              "--warmup", str(args.warmup),
                               "--worker", "%d,%d" % (threads, natural)], env=env,
                              capture_output=True, text=True)
         if out.returncode != 0:
@@ -132,16 +138,16 @@ def main():
     for r in results:
         name = "%s, %d thread%s" % ("NG-SGD" if r["natural_gradient"] else "no NG",
                                     r["threads"], "s" if r["threads"] > 1 else "")
-        fps = frames / r["median_s"]
+        fps = frames / r["mean_s"]
         k = KALDI_S_PER_MB.get(r["threads"])
         kaldi_fps = frames / k if k and r["natural_gradient"] else float("nan")
-        print("%-26s %10.3f %12.0f %16.0f %13.2fx" % (name, r["median_s"], fps, kaldi_fps,
+        print("%-26s %10.3f %12.0f %16.0f %13.2fx" % (name, r["mean_s"], fps, kaldi_fps,
                                                       fps / kaldi_fps))
     ng1 = [r for r in results if r["threads"] == 1 and r["natural_gradient"]]
     plain = [r for r in results if not r["natural_gradient"]]
     if ng1 and plain:
         print("natural gradient overhead (1 thread, same run): %+.0f%% (Kaldi: +14%%)"
-              % (100 * (ng1[0]["median_s"] / plain[0]["median_s"] - 1)))
+              % (100 * (ng1[0]["mean_s"] / plain[0]["mean_s"] - 1)))
     print("per-step times: " + "; ".join("%s/%dt: %s" % ("ng" if r["natural_gradient"] else
                                                         "plain", r["threads"],
                                                         ", ".join("%.3f" % t for t in r["times"]))
