@@ -30,6 +30,9 @@ num_test_voices=10
 train_opts=""
 decode_opts=""
 
+# graph options (tree_type, ngram_order, ...): conf/chain.conf, overridable below
+. "$(dirname "$0")/conf/chain.conf"
+
 usage() {
   sed -n '2,13p' "$0"
   echo "options (default): --stage ($stage) --stop-stage ($stop_stage) --nj ($nj) --nproc ($nproc) --seed ($seed)"
@@ -37,6 +40,9 @@ usage() {
   echo "  --valid-utts-per-voice ($valid_utts_per_voice) --test-utts-per-voice ($test_utts_per_voice)"
   echo "  --num-valid-voices ($num_valid_voices) --num-test-voices ($num_test_voices)"
   echo "  --train-opts '<extra train.py options>' --decode-opts '<extra decode.py options>'"
+  echo "  graphs (conf/chain.conf): --tree-type ($tree_type) --ngram-order ($ngram_order)"
+  echo "  --no-prune-ngram-order ($no_prune_ngram_order) --num-extra-lm-states ($num_extra_lm_states)"
+  echo "  --edge-silprob ($edge_silprob) --between-silprob ($between_silprob) --lm-copies ($lm_copies)"
 }
 
 stage_given=false
@@ -51,7 +57,8 @@ while [ $# -gt 0 ]; do
   var="${name#--}"; var="${var//-/_}"
   case "$var" in
     stage|stop_stage|nj|nproc|seed|data|exp|corpus|train_utts_per_voice|valid_utts_per_voice|\
-test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts)
+test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts|tree_type|\
+ngram_order|no_prune_ngram_order|num_extra_lm_states|edge_silprob|between_silprob|lm_copies)
       printf -v "$var" '%s' "$value" ;;
     *) echo "run.sh: unknown option $name (see --help)" >&2; exit 1 ;;
   esac
@@ -60,7 +67,6 @@ done
 
 recipe=$(cd "$(dirname "$0")" && pwd)
 . "$recipe/path.sh"
-. "$recipe/conf/chain.conf"
 # two cores: keep each process at one OpenMP/MKL thread (torchrun runs $nproc of them)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
