@@ -21,6 +21,8 @@ Timing: after --warmup steps (default 11: Kaldi's preconditioners update on each
 first 10 minibatches, then on every 4th), the mean of --steps steps (default 4, so one
 Fisher-estimate update per 4 steps, as in steady-state training).
 
+Workers run with OMP_WAIT_POLICY=PASSIVE unless it is set.
+
 Usage:
   python3 bench/bench_train_step.py [--steps 4] [--warmup 11] [--threads 1,2]
 """
@@ -120,6 +122,10 @@ def main():
     results = []
     for threads, natural in settings:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        # threads that wait sleep instead of spinning: on a shared (or 2-core) machine a
+        # spinning OpenMP thread steals the core its partner needs (2 threads: 9 s/step
+        # spinning vs 1.6 s passive, measured here under load)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
                               "--warmup", str(args.warmup),
