@@ -80,6 +80,8 @@ class TrainConfig:
         parameters averaged every N steps (``comm_hooks.kaldi_model_averaging``), and
         also before every checkpoint, so that a checkpoint holds the model every rank
         has.
+      find_unused_parameters: DDP's option, for models with parameters that some
+        steps do not use.
     """
 
     exp_dir: str
@@ -102,6 +104,7 @@ class TrainConfig:
     tensorboard: bool = True
     batchnorm_stats_scale: float = 0.8
     model_averaging_period: int = 0
+    find_unused_parameters: bool = False
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -225,8 +228,9 @@ class Trainer:
             kw = {} if self.device.type == "cpu" else {"device_ids": [self.device]}
             # buffers (batchnorm statistics) are averaged over ranks at checkpoints, not
             # overwritten by rank 0's on every forward (see sync_buffers)
-            self.model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
-                                                             **kw)
+            self.model = nn.parallel.DistributedDataParallel(
+                model, broadcast_buffers=False,
+                find_unused_parameters=config.find_unused_parameters, **kw)
             if config.model_averaging_period > 0:
                 if comm_hook is not None:
                     raise ValueError("model_averaging_period and comm_hook exclude each other")
