@@ -295,3 +295,36 @@ def test_frame_shift_falls_back_without_spare_context():
     wide = torch.arange(19.0).reshape(1, 19, 1)  # one spare frame each side: shifted window
     compute_chain_loss(model, ctx, loss, ChainBatch(wide, sup, None, 3, 1))
     assert seen[-1][0] == 2 and seen[-1].shape[0] == 17
+
+
+def test_checkpoint_writer_killed_leaves_no_torn_file(tmp_path):
+    """SIGKILL a process that keeps writing checkpoints: every file under a final name
+    verifies; a leftover temporary file is ignored and removed by the retention pass."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    code = ("import torch, sys\n"
+            "from pkwrap.train.checkpoint import save_checkpoint, checkpoint_path\n"
+            "x = torch.randn(2_000_000)\n"
+            "for i in range(1, 10000):\n"
+            "    save_checkpoint(checkpoint_path(sys.argv[1], i), {'step': i, 'x': x + i})\n"
+            "    print(i, flush=True)\n")
+    d = str(tmp_path / "ck")
+    p = subprocess.Popen([sys.executable, "-c", code, d], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):  # let a few complete, then kill in the middle of the next
+            assert p.stdout.readline().strip()
+        time.sleep(0.05)
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    found = ckpt.list_checkpoints(d)
+    assert len(found) >= 3
+    for step, path in found:
+        st = ckpt.load_checkpoint(path)
+        assert st["step"] == step and float(st["x"][0] - st["x"][1]) != 0.0
+    path, st = ckpt.find_latest_checkpoint(d)
+    assert path == found[-1][1]
+    ckpt.apply_retention(d, keep_last=1)
+    assert os.listdir(d) == [os.path.basename(found[-1][1])]
