@@ -64,6 +64,7 @@ setup(
             "kaldi-native-fbank==1.23.0",
             "tensorboard>=2.14",
             "tqdm",
+            "scipy",  # egs/digits: wav I/O and resampling
         ],
         "test": ["pytest>=7"],
     },
