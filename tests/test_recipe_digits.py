@@ -138,8 +138,12 @@ def test_chain_graphs(trained):
     tree = read_tree(str(exp / "tree"))
     phones = read_table(wd / "data" / "lang" / "phones.txt")
     n_phones = sum(1 for p in phones if p != "<eps>" and not p.startswith("#"))
-    # monophone tree over the 1-state chain topology: 2 pdf-classes per phone
-    assert tree.context_width == 1 and tm.num_pdfs == 2 * n_phones
+    # full left-biphone tree (conf/chain.conf) over the 1-state chain topology, 2
+    # pdf-classes: SIL context-independent, every other phone one pdf pair per left
+    # context (any of the n - 1 non-silence phones, or none/SIL)
+    n = n_phones - 1
+    assert (tree.context_width, tree.central_position) == (2, 1)
+    assert tm.num_pdfs == 2 + 2 * n * (n + 1)
     den = DenominatorGraph.from_fst(str(exp / "den.fst"), tm.num_pdfs)
     assert den.num_states > 10
     # every phone sequence the phone LM was estimated from uses real phones only
