@@ -184,6 +184,21 @@ def test_decoding_and_wer(trained):
         assert np.isfinite(ll[utt]).all()
 
 
+def test_interrupted_training_resumes(trained):
+    """A run that died in training (no .done.4) continues from its last checkpoint."""
+    wd, _ = trained
+    exp = wd / "exp" / "chain"
+    for f in (exp / ".done.4", exp / ".done.5", exp / "final.pt"):
+        f.unlink()
+    more_steps = TINY_TRAIN.replace("--max-steps 3", "--max-steps 5")
+    r = run_recipe(wd, *TINY, "--train-opts", more_steps)
+    assert r.stdout.count("already done") == 4  # stages 0-3
+    log0 = (exp / "log" / "train.0.log").read_text()
+    assert "resumed from" in log0 and "ckpt-00000003.pt" in log0
+    assert "wrote exp/chain/final.pt after 5 steps" in log0
+    assert (exp / "decode_test" / "wer").is_file()
+
+
 def test_stages_resume_and_bad_options(prepared):
     wd, _ = prepared
     r = run_recipe(wd, "--stop-stage", "2", *TINY)

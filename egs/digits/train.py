@@ -236,7 +236,7 @@ def run(args) -> None:
     den_graph = DenominatorGraph.from_fst(str(exp / "den.fst"), num_pdfs)
     loss_fn = ChainLoss(den_graph, ChainOptions(
         leaky_hmm_coefficient=args.leaky_hmm_coefficient, l2_regularize=args.l2_regularize,
-        xent_regularize=args.xent_regularize))
+        xent_regularize=args.xent_regularize)).to(info.device)
     optimizer = NGSGD(kaldi_param_groups(model), lr=args.initial_effective_lrate,
                       momentum=args.momentum)
     # Kaldi's schedule over all steps: lr = W * effective lr (gradients are averaged over
