@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pkwrap.ngsgd import OnlineNaturalGradient
+from pkwrap.ngsgd import OnlineNaturalGradient, linear, mm
 
 __all__ = ["NaturalAffine", "NaturalConv1d", "natural_gradient", "natural_gradient_modules",
            "natural_gradient_owner",
@@ -100,41 +100,46 @@ class _NaturalGradientMixin:
         """Weight (as ``[out][in]``) and bias gradients from inputs x ``[N][in]`` and
         output derivatives g ``[N][out]``.
 
-        With X = [x, 1], X_hat = X - H_i W_i and G_hat = g - H_o W_o (outputs of the two
-        preconditioners), the gradient gamma_i gamma_o G_hat^T X_hat is formed without the
-        ``[N][in + 1]`` matrix X_hat, and without G_hat too unless out < in (whichever
-        needs fewer multiply-adds: N out (R_o + R_i) versus N (out R_i + R_o in)).
+        Preconditioning multiplies the rows on the right by a fixed matrix:
+        X_hat = X P_i and G_hat = G P_o with P = I - W^T W (W of the preconditioner, the
+        estimate before this call's update), X = [x, 1].  So the gradient
+        gamma_i gamma_o G_hat^T X_hat = gamma_i gamma_o P_o (G^T X) P_i is the plain gradient
+        G^T X (``[out][in + 1]``) multiplied by P_i on the right and P_o on the left: two
+        products with skinny matrices whose cost does not depend on N.  The preconditioners
+        still see every row (for their statistics and scales: N (in R_i + out R_o)
+        multiply-adds, plus the Fisher update on updating calls).
         """
         if not self.use_natural_gradient:
-            gw = g.t() @ x
+            gw = mm(g.t(), x)
             return gw, (g.sum(0) if has_bias else None)
         if x.dtype not in (torch.float32, torch.float64):  # e.g. autocast: precondition in float32
             x = x.float()
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
-        Hi, Wi, s_in = self.preconditioner_in.precondition_factors(x, ones_column=has_bias)
-        x = x.to(Wi.dtype) if Wi.numel() else x
+        _, Wi, s_in = self.preconditioner_in.precondition_factors(x, ones_column=has_bias)
+        _, Wo, s_out = self.preconditioner_out.precondition_factors(g)
+        dt = Wo.dtype if Wo.numel() else g.dtype
+        if Wi.numel() and Wi.dtype != dt:
+            Wi = Wi.to(dt)
+        x = x.to(dt)
+        g = g.to(dt)
         n_in = x.shape[1]
-        if g.shape[1] < n_in:
-            # Narrow output (e.g. a bottleneck): form G_hat explicitly (N x out is small), then
-            # G_hat^T X_hat = G_hat^T X - (G_hat^T H_i) W_i.
-            gh, s_out = self.preconditioner_out.precondition_directions(g)
-            C = gh.t() @ Hi  # [out][R_i]
-            gw = gh.t() @ x
-            gsum = gh.sum(0)
-        else:
-            # Otherwise keep both factored: G_hat^T X_hat = g^T X - W_o^T (H_o^T X) - C W_i with
-            # C = G_hat^T H_i = g^T H_i - W_o^T (H_o^T H_i).
-            Ho, Wo, s_out = self.preconditioner_out.precondition_factors(g)
-            C = torch.addmm(g.t() @ Hi, Wo.t(), Ho.t() @ Hi, alpha=-1.0)
-            gw = torch.addmm(g.t() @ x, Wo.t(), Ho.t() @ x, alpha=-1.0)
-            gsum = g.sum(0) - Wo.t() @ Ho.sum(0) if has_bias else None
-        gw.addmm_(C, Wi[:, :n_in], alpha=-1.0)
+        gw = mm(g.t(), x)  # [out][in]
+        gb = g.sum(0) if has_bias else None  # [out]: the ones column
+        if Wi.numel():  # right: M <- M - (M W_i^T) W_i
+            T1 = mm(gw, Wi[:, :n_in].t())  # [out][R_i]
+            if has_bias:
+                T1.addmm_(gb[:, None], Wi[None, :, n_in])
+                gb = gb - T1 @ Wi[:, n_in]
+            gw.sub_(mm(T1, Wi[:, :n_in]))
+        if Wo.numel():  # left: M <- M - W_o^T (W_o M)
+            gw.sub_(mm(Wo.t(), mm(Wo, gw)))
+            if has_bias:
+                gb = gb - Wo.t() @ (Wo @ gb)
         scale = (s_in * s_out).to(gw.dtype)
         gw.mul_(scale)
         if not has_bias:
             return gw, None
-        gb = gsum - C @ Wi[:, n_in]
         return gw, gb.mul_(scale)
 
     def freeze_natural_gradient(self, frozen: bool = True) -> None:
@@ -161,7 +166,7 @@ class _NaturalAffineFunction(torch.autograd.Function):
         ctx.layer = layer
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g):
@@ -169,7 +174,7 @@ class _NaturalAffineFunction(torch.autograd.Function):
         g = g.contiguous()
         grad_x = None
         if ctx.needs_input_grad[0]:  # dtypes differ under autocast
-            grad_x = (g @ weight.to(g.dtype)).to(x.dtype)
+            grad_x = mm(g, weight.to(g.dtype)).to(x.dtype)
         grad_w = grad_b = None
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             grad_w, grad_b = ctx.layer._preconditioned_grads(x, g, ctx.has_bias)
@@ -234,7 +239,12 @@ class NaturalAffine(_NaturalGradientMixin, nn.Linear):
                 self.bias.normal_(0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.use_natural_gradient and torch.is_grad_enabled() and self.weight.requires_grad):
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            if x.dim() == 2:
+                return linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias)
+        if not self.use_natural_gradient and (x.dtype != torch.float32 or
+                                              torch.is_autocast_enabled(x.device.type)):
             return F.linear(x, self.weight, self.bias)
         self._register_owner()
         lead = x.shape[:-1]

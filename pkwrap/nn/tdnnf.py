@@ -217,12 +217,21 @@ class KaldiBatchNorm(nn.Module):
             raise ValueError(f"KaldiBatchNorm: expected last dim {self.dim}, got {tuple(x.shape)}")
         rows = x.reshape(-1, self.dim)
         if self.training:
+            n = rows.shape[0]
+            if n < 2:
+                raise ValueError(f"KaldiBatchNorm: training needs at least 2 rows, got {n}")
+            # The minibatch mean and (unbiased) variance come out of the normalization pass
+            # itself, through running-stat buffers with momentum 1 (no extra pass over x).
+            # Kaldi computes them in float too and accumulates in double.
+            mean = torch.zeros(self.dim, dtype=torch.float32, device=x.device)
+            uvar = torch.zeros(self.dim, dtype=torch.float32, device=x.device)
+            y = F.batch_norm(rows, mean, uvar, training=True, momentum=1.0, eps=self.epsilon)
             with torch.no_grad():
-                r = rows.detach().double()
-                self.stats_count += r.shape[0]
-                self.stats_sum += r.sum(0)
-                self.stats_sumsq += (r * r).sum(0)
-            y = F.batch_norm(rows, None, None, training=True, eps=self.epsilon)
+                m = mean.to(torch.float64)
+                v = uvar.to(torch.float64) * ((n - 1) / n)  # biased variance
+                self.stats_count += n
+                self.stats_sum.add_(m, alpha=n)
+                self.stats_sumsq.add_(v + m * m, alpha=n)
             if self.target_rms != 1.0:
                 y = y * self.target_rms
             return y.reshape(x.shape)
