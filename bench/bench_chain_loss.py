@@ -21,6 +21,7 @@ Printed, all timed in this one process (the machine is shared: compare ratios):
 
 Usage:
   python3 bench/bench_chain_loss.py [--repeats 5] [--baseline-repeats 1] [--skip-baseline]
+                                    [--wait-idle 60]
 """
 import argparse
 import json
@@ -62,6 +63,29 @@ def _reset_peak():
         return False
 
 
+def _idle_fraction(dt=0.3):
+    """Fraction of all CPUs' time spent idle over dt seconds (Linux /proc/stat)."""
+    def read():
+        v = [int(a) for a in open("/proc/stat").readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+    try:
+        i0, t0 = read()
+        time.sleep(dt)
+        i1, t1 = read()
+    except OSError:
+        return 1.0
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+WAIT_IDLE = 0.0  # seconds to wait for idle CPUs before each timed call (--wait-idle)
+
+
+def _wait_idle():
+    deadline = time.time() + WAIT_IDLE
+    while time.time() < deadline and _idle_fraction() < 0.85:
+        pass
+
+
 def timed(fn, repeats):
     """Median and min wall seconds over `repeats` calls, min process CPU seconds (all
     threads; the fairer figure on a loaded machine for 1 thread), peak RSS added (MiB)."""
@@ -71,6 +95,7 @@ def timed(fn, repeats):
     fn()  # warm-up (first-call allocations); its peak memory is the one reported
     peak = (_rss_kib("VmHWM") - base) / 1024.0
     for _ in range(repeats):
+        _wait_idle()
         c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
@@ -128,7 +153,12 @@ def main():
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--num-sequences", type=int, default=64)
     ap.add_argument("--frames", type=int, default=50)
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before each timed call wait up to this long for the CPUs to be "
+                         ">= 85%% idle (the machine is shared)")
     args = ap.parse_args()
+    global WAIT_IDLE
+    WAIT_IDLE = args.wait_idle
 
     S, T, P, leaky = args.num_sequences, args.frames, 2051, 0.1
     g = DenominatorGraph.from_fst(BENCH / "den.fst", P)
