@@ -2,8 +2,11 @@
 
 Data preparation (stages 0-2) is checked file by file: Kaldi data-dir invariants,
 the split by voice, 16 kHz audio, 40-dim features, a lexicon that covers the
-transcripts. Later stages (graphs, training, decoding) run when the library pieces
-they call are importable, on a corpus of a few utterances per voice.
+transcripts. Then the graphs (biphone tree, den.fst), three training steps under
+``torchrun --nproc_per_node=2`` (checkpoints, TensorBoard, per-rank logs), decoding
+to a WER line and loglikes archive, and resuming an interrupted training run.
+About 20-30 s on two cores; the WER of such a tiny run is not checked (RESULTS.md
+has the real run's).
 """
 import os
 import subprocess
