@@ -198,10 +198,20 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             and b.device.type == "cpu" and a.dim() == 2 and b.dim() == 2
             and a.shape[0] * a.shape[1] * b.shape[1] >= _ONEDNN_MIN_MACS and a.shape[1] > 0
             and _onednn_ok()):
+        # oneDNN copies its first operand to row-major if it is not (a transposing copy,
+        # slow); the second may be row- or column-major.  a @ b = (b^T a^T)^T: pick the
+        # order with the smaller copy (a product summed over rows, G^T X, has both operands
+        # column-major).
         if not _plain2d(a):
             a = a.contiguous()
         if not _plain2d(b):
             b = b.contiguous()
+        M, K = a.shape
+        N = b.shape[1]
+        copy_a = 0 if a.stride(1) == 1 else M * K
+        copy_b = (0 if b.stride(0) == 1 else K * N) + M * N
+        if copy_b < copy_a:
+            return torch.ops.mkldnn._linear_pointwise(b.t(), a, None, "none", [], "").t().contiguous()
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
     return a @ b
 

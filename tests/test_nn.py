@@ -271,3 +271,40 @@ def test_autocast_bfloat16():
     (y.float().sum() + yc.float().sum()).backward()
     assert x.grad.dtype == xc.grad.dtype == layer.weight.grad.dtype == torch.float32
     assert torch.isfinite(layer.weight.grad).all() and torch.isfinite(conv.weight.grad).all()
+
+
+@pytest.mark.parametrize("natural", [False, True])
+@pytest.mark.parametrize("dims,offsets,bias", [((40, 12), (-1, 0, 2), True),
+                                               ((768, 96), (-3, 0), False)])
+def test_spliced_tdnn_equals_splice_then_affine(natural, dims, offsets, bias):
+    # the wide-input TDNN path (row-shifted products, no spliced copy) against splice() +
+    # NaturalAffine: outputs, input and parameter gradients, through preconditioner updates
+    from pkwrap.nn import TDNN
+    from pkwrap.nn.tdnnf import splice
+    torch.manual_seed(3)
+    a = TDNN(dims[0], dims[1], offsets, bias=bias)
+    a.use_natural_gradient = natural
+    b = copy.deepcopy(a)
+    for step in range(12):
+        x = torch.randn(6, 40, dims[0], generator=_gen(step), requires_grad=True)
+        x2 = x.detach().clone().requires_grad_(True)
+        y = a(x)
+        want = NaturalAffine.forward(b, splice(x2, list(offsets)))
+        assert y.shape == (6, 40 - (offsets[-1] - offsets[0]), dims[1])
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+        g = torch.randn(y.shape, generator=_gen(50 + step))
+        a.zero_grad()
+        b.zero_grad()
+        y.backward(g)
+        want.backward(g)
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-4, atol=1e-4)
+        if bias:
+            torch.testing.assert_close(a.bias.grad, b.bias.grad, rtol=1e-4, atol=1e-4)
+    assert a.preconditioner_in.t == (12 if natural else 0)
+    assert b.preconditioner_in.t == a.preconditioner_in.t
+    if natural:
+        torch.testing.assert_close(a.preconditioner_in.W_t, b.preconditioner_in.W_t,
+                                   rtol=1e-4, atol=1e-5)
+        for p in (a.preconditioner_in, a.preconditioner_out):
+            assert isinstance(p.last_scale, float) and p.last_scale >= 1.0

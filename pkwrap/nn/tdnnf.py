@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pkwrap.ngsgd import linear, mm
 from pkwrap.nn.natural import NaturalAffine, natural_gradient_modules
 
 __all__ = ["KaldiBatchNorm", "TDNN", "TDNNF", "PrefinalLayer", "TDNNFModel",
@@ -261,6 +262,76 @@ class KaldiBatchNorm(nn.Module):
         return f"{self.dim}, target_rms={self.target_rms}, epsilon={self.epsilon}"
 
 
+class _SplicedLinearFunction(torch.autograd.Function):
+    r"""TDNN layer on frames spliced at offsets :math:`0 = o_1 < \dots < o_K` (in frames of x)
+    without forming the spliced matrix in the forward pass:
+
+    .. math::  y(j) = \sum_k W_k\, x(j + o_k) + b,
+
+    computed on the flat ``[B T][C]`` rows of x as K products with row-shifted views (the
+    rows that would straddle two sequences are computed and dropped).  Used where the input
+    is wider than the output (the TDNN-F ``linear`` halves), so the dropped rows cost little
+    and the K C-wide copies of splicing are saved.  Backward: the input gradient the same way
+    (one combining pass), the weight gradient from the spliced rows (natural gradient as
+    in :class:`pkwrap.nn.NaturalAffine`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, offs):
+        B, T, C = x.shape
+        span = offs[-1]
+        T_out = T - span
+        R = B * T - span
+        xf = x.reshape(B * T, C)
+        out = weight.shape[0]
+        yf = None
+        for k, o in enumerate(offs):
+            Wk = weight[:, k * C:(k + 1) * C].contiguous()
+            p = linear(xf[o:o + R], Wk, bias if k == 0 else None)
+            yf = p if yf is None else yf.add_(p)
+        y = yf.as_strided((B, T_out, out), (T * out, out, 1)).contiguous()
+        ctx.layer = layer
+        ctx.offs = offs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        layer, offs = ctx.layer, ctx.offs
+        B, T, C = x.shape
+        span = offs[-1]
+        T_out = T - span
+        R = B * T - span
+        out = weight.shape[0]
+        g = g.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gf = g.new_zeros(B * T, out)
+            gf.view(B, T, out)[:, :T_out] = g
+            gs = mm(gf[:R], weight)  # [R][K C]
+            gx = x.new_empty(B * T, C)
+            if len(offs) == 2:  # one pass: gx[r] = gs[r, :C] + gs[r - d, C:]
+                d = offs[1]
+                gx[:d] = gs[:d, :C]
+                torch.add(gs[d:, :C], gs[:R - d, C:], out=gx[d:R])
+                gx[R:] = gs[R - d:, C:]
+            else:
+                gx.zero_()
+                for k, o in enumerate(offs):
+                    gx[o:o + R] += gs[:, k * C:(k + 1) * C]
+            grad_x = gx.view(B, T, C)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            X = torch.cat([x[:, o:o + T_out] for o in offs], dim=-1).reshape(B * T_out, -1)
+            grad_w, grad_b = layer._preconditioned_grads(X, g.reshape(B * T_out, out),
+                                                         ctx.has_bias)
+            grad_w = grad_w.to(weight.dtype)
+            if grad_b is not None:
+                grad_b = grad_b.to(layer.bias.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
 class TDNN(NaturalAffine):
     """Kaldi's TdnnComponent: an affine map of frames spliced at fixed time offsets.
 
@@ -308,6 +379,14 @@ class TDNN(NaturalAffine):
         offs = self.time_offsets
         if any(o % rate for o in offs):
             raise ValueError(f"TDNN: offsets {offs} are not multiples of the frame rate {rate}")
+        rel = tuple((o - offs[0]) // rate for o in offs)
+        if (pick is None and len(offs) > 1 and self.in_dim >= self.out_features
+                and x.dim() == 3 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and x.shape[1] > rel[-1]):
+            if torch.is_grad_enabled() and self.weight.requires_grad:
+                self._register_owner()
+            return _SplicedLinearFunction.apply(x.contiguous(), self.weight, self.bias, self, rel)
         spliced = splice(x, [o // rate for o in offs])
         if pick is not None:
             spliced = spliced[:, pick[0]::pick[1]]
