@@ -3,8 +3,9 @@
 # graphs -> TDNN-F trained with LF-MMI + NG-SGD under torchrun -> digit-loop decoding
 # -> test WER on voices never heard in training.
 #
-#   ./run.sh                               # everything (about 10 minutes on 2 CPU cores)
-#   ./run.sh --stage 5                     # redo from training on
+#   ./run.sh                               # everything (about 4 minutes on 2 CPU cores)
+#   ./run.sh --stage 4                     # retrain from scratch, then decode
+#   ./run.sh --stage 5                     # decode again
 #   ./run.sh --stage 3 --stop-stage 3      # only the graphs
 #
 # Each stage leaves a marker <exp>/.done.<stage>; a later call skips finished stages,
@@ -34,7 +35,7 @@ decode_opts=""
 . "$(dirname "$0")/conf/chain.conf"
 
 usage() {
-  sed -n '2,13p' "$0"
+  sed -n '2,14p' "$0"
   echo "options (default): --stage ($stage) --stop-stage ($stop_stage) --nj ($nj) --nproc ($nproc) --seed ($seed)"
   echo "  --data ($data) --exp ($exp) --corpus ($corpus) --train-utts-per-voice ($train_utts_per_voice)"
   echo "  --valid-utts-per-voice ($valid_utts_per_voice) --test-utts-per-voice ($test_utts_per_voice)"
