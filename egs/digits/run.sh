@@ -35,7 +35,7 @@ decode_opts=""
 . "$(dirname "$0")/conf/chain.conf"
 
 usage() {
-  sed -n '2,14p' "$0"
+  sed -n '2,13p' "$0"
   echo "options (default): --stage ($stage) --stop-stage ($stop_stage) --nj ($nj) --nproc ($nproc) --seed ($seed)"
   echo "  --data ($data) --exp ($exp) --corpus ($corpus) --train-utts-per-voice ($train_utts_per_voice)"
   echo "  --valid-utts-per-voice ($valid_utts_per_voice) --test-utts-per-voice ($test_utts_per_voice)"
