@@ -332,6 +332,37 @@ class _SplicedLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+class _BypassAddFunction(torch.autograd.Function):
+    """``y + scale * x[:, c:T-c][:, j0::f]`` (the TDNN-F bypass) in one pass; the backward
+    writes ``scale * g`` into a fresh gradient of x and zeroes only the frames the bypass
+    does not read."""
+
+    @staticmethod
+    def forward(ctx, y, x, c, scale, pick):
+        T = x.shape[1]
+        xs = x[:, c:T - c]
+        if pick is not None:
+            xs = xs[:, pick[0]::pick[1]]
+        ctx.c, ctx.scale, ctx.pick, ctx.x_shape = c, scale, pick, x.shape
+        return torch.add(y, xs, alpha=scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        c, scale, pick = ctx.c, ctx.scale, ctx.pick
+        gx = None
+        if ctx.needs_input_grad[1]:
+            T = ctx.x_shape[1]
+            if pick is None:
+                gx = g.new_empty(ctx.x_shape)
+                gx[:, :c].zero_()
+                gx[:, T - c:].zero_()
+                torch.mul(g, scale, out=gx[:, c:T - c])
+            else:
+                gx = g.new_zeros(ctx.x_shape)
+                gx[:, c:T - c][:, pick[0]::pick[1]] = g * scale
+        return g, gx, None, None, None
+
+
 class TDNN(NaturalAffine):
     """Kaldi's TdnnComponent: an affine map of frames spliced at fixed time offsets.
 
@@ -445,10 +476,7 @@ class TDNNF(nn.Module):
         y = self.batchnorm(torch.relu(self.affine(self.linear(x, rate), rate, pick)))
         c = self.time_stride // rate
         if self.bypass_scale != 0.0:
-            bypass = x[:, c:x.shape[1] - c]
-            if pick is not None:
-                bypass = bypass[:, pick[0]::pick[1]]
-            y = y + self.bypass_scale * bypass
+            y = _BypassAddFunction.apply(y, x, c, self.bypass_scale, pick)
         return y
 
 
