@@ -23,8 +23,14 @@ Fisher-estimate update per 4 steps, as in steady-state training).
 
 Workers run with OMP_WAIT_POLICY=PASSIVE unless it is set.
 
+``--baseline DIR`` also runs every setting with the pkwrap of another checkout (e.g. a
+``git worktree`` of an older commit; copy the built ``pkwrap/_pkwrap*.so`` into it) first on
+its PYTHONPATH, interleaved with this checkout's, and prints the ratios, so that
+before/after comparisons come from one run on the same (shared, noisy) machine.
+
 Usage:
   python3 bench/bench_train_step.py [--steps 4] [--warmup 11] [--threads 1,2]
+                                    [--baseline DIR]
 """
 import argparse
 import json
@@ -101,7 +107,9 @@ def worker(threads: int, natural: bool, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(dt)
         objf.append(res.objf / res.weight)
+    import pkwrap
     return {"threads": threads, "natural_gradient": natural, "params": n_params,
+            "pkwrap": str(Path(pkwrap.__file__).resolve().parents[1]),
             "input_frames": t_in, "times": times, "mean_s": statistics.mean(times),
             "objf_per_frame": objf}
 
@@ -112,28 +120,35 @@ def main():
     ap.add_argument("--steps", type=int, default=4, help="timed steps per setting")
     ap.add_argument("--warmup", type=int, default=11, help="untimed steps first")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time the pkwrap of this checkout (before/after ratios)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         threads, natural = args.worker.split(",")
         print(json.dumps(worker(int(threads), natural == "1", args.steps, args.warmup)))
         return
-    settings = [(int(t), True) for t in args.threads.split(",")] + [(1, False)]
-    results = []
-    for threads, natural in settings:
+    settings = [(int(t), True) for t in args.threads.split(",")]
+    settings += [(int(t), False) for t in args.threads.split(",")]
+    roots = [ROOT] + ([Path(args.baseline).resolve()] if args.baseline else [])
+    results, base_results = [], []
+    for (threads, natural), root in [(st, r) for st in settings for r in roots]:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         # threads that wait sleep instead of spinning: on a shared (or 2-core) machine a
         # spinning OpenMP thread steals the core its partner needs (2 threads: 9 s/step
         # spinning vs 1.6 s passive, measured here under load)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
         out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
                               "--warmup", str(args.warmup),
                               "--worker", "%d,%d" % (threads, natural)], env=env,
                              capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit("worker failed:\n" + out.stderr[-3000:])
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if Path(r["pkwrap"]) != root:
+            sys.exit("worker imported pkwrap from %s, not %s" % (r["pkwrap"], root))
+        (results if root == ROOT else base_results).append(r)
     frames = S * T
     r0 = results[0]
     print("model: TDNNFModel.tdnn_1j(%d): %d parameters; minibatch %d x %d frames (%d x %d "
@@ -149,15 +164,26 @@ def main():
         kaldi_fps = frames / k if k and r["natural_gradient"] else float("nan")
         print("%-26s %10.3f %12.0f %16.0f %13.2fx" % (name, r["mean_s"], fps, kaldi_fps,
                                                       fps / kaldi_fps))
-    ng1 = [r for r in results if r["threads"] == 1 and r["natural_gradient"]]
-    plain = [r for r in results if not r["natural_gradient"]]
-    if ng1 and plain:
-        print("natural gradient overhead (1 thread, same run): %+.0f%% (Kaldi: +14%%)"
-              % (100 * (ng1[0]["mean_s"] / plain[0]["mean_s"] - 1)))
+    for r in results:
+        if r["natural_gradient"]:
+            plain = [q for q in results if not q["natural_gradient"] and
+                     q["threads"] == r["threads"]]
+            if plain:
+                print("natural gradient overhead (%d thread%s, same run): %+.0f%% (Kaldi: +14%%)"
+                      % (r["threads"], "s" if r["threads"] > 1 else "",
+                         100 * (r["mean_s"] / plain[0]["mean_s"] - 1)))
+    if base_results:
+        print("baseline %s:" % roots[1])
+        print("%-26s %10s %12s %18s" % ("setting", "s/step", "frames/s", "speed-up vs base"))
+        for r, b in zip(results, base_results):
+            name = "%s, %d thread%s" % ("NG-SGD" if r["natural_gradient"] else "no NG",
+                                        r["threads"], "s" if r["threads"] > 1 else "")
+            print("%-26s %10.3f %12.0f %17.2fx" % (name, b["mean_s"], frames / b["mean_s"],
+                                                   b["mean_s"] / r["mean_s"]))
     print("per-step times: " + "; ".join("%s/%dt: %s" % ("ng" if r["natural_gradient"] else
                                                         "plain", r["threads"],
                                                         ", ".join("%.3f" % t for t in r["times"]))
-                                         for r in results))
+                                         for r in results + base_results))
 
 
 if __name__ == "__main__":
