@@ -9,11 +9,36 @@
 Graph preparation (phone LM, den.fst, supervision, egs, trees) lives in the other
 modules of this package and is imported from them directly.
 """
-from .den_graph import DenominatorGraph
-from .denominator import denominator_forward_backward, denominator_logprob
-from .loss import ChainLoss, ChainResult, chain_loss
-from .numerator import numerator_forward_backward
-from .options import ChainOptions
+import importlib
 
-__all__ = ["ChainLoss", "ChainOptions", "ChainResult", "DenominatorGraph", "chain_loss",
-           "denominator_forward_backward", "denominator_logprob", "numerator_forward_backward"]
+# Names are resolved lazily: graph-preparation tools (phone_lm, den_fst, tree,
+# supervision) import this package without paying for torch.
+_LAZY = {
+    "DenominatorGraph": ".den_graph",
+    "denominator_forward_backward": ".denominator",
+    "denominator_logprob": ".denominator",
+    "ChainLoss": ".loss",
+    "ChainResult": ".loss",
+    "chain_loss": ".loss",
+    "numerator_forward_backward": ".numerator",
+    "ChainOptions": ".options",
+    "estimate_phone_lm": ".phone_lm",
+    "make_den_fst": ".den_fst",
+    "chain_topology": ".tree",
+    "monophone_tree": ".tree",
+    "full_biphone_tree": ".tree",
+    "make_transition_model": ".tree",
+    "get_supervisions": ".supervision",
+    "ChainEgsDataset": ".egs",
+    "E2EChainEgsDataset": ".egs",
+    "collate_chain_egs": ".egs",
+    "ExampleGenerationConfig": ".egs",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError("module 'pkwrap.chain' has no attribute %r" % name)
