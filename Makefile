@@ -33,8 +33,11 @@ test-fast:
 demo: install
 	cd egs/digits && ./run.sh
 
+# Speed figures (ratios against baselines timed in the same run; see each script's --help).
 bench:
 	$(PYTHON) bench/bench_chain_loss.py
+	$(PYTHON) bench/bench_ngsgd.py
+	$(PYTHON) bench/bench_train_step.py
 
 clean:
 	rm -rf build *.egg-info pkwrap/*.so
