@@ -473,13 +473,90 @@ class OnlineNaturalGradient:
                 J = torch.cat([J, H.sum(0)[:, None]], 1)
             L_upd = W_t @ J.t() if N > D else L
             self._update(N, D, float(tr), J, L_upd)
+        return H, W_t, self._factored_scale(tr, L, W_t)
+
+    def _factored_scale(self, tr: torch.Tensor, L: torch.Tensor, W_t: torch.Tensor
+                        ) -> torch.Tensor:
+        """Scale from |X|^2 = tr and L = H^T H (|X_hat|^2 = tr - 2 tr(L) + tr(L W W^T));
+        ends the call (t += 1)."""
+        one = torch.ones((), dtype=torch.float64, device=tr.device)
         L64 = L.double()
         WWt = (W_t @ W_t.t()).double()
         final = tr.double() - 2.0 * torch.trace(L64) + (L64 * WWt).sum()
         scale = torch.where((tr > 0) & (final > 0), torch.sqrt(tr.double() / final), one)
         self.last_scale = float(scale)
         self.t += 1
-        return H, W_t, scale
+        return scale
+
+    @torch.no_grad()
+    def precondition_factors_spliced(self, x: torch.Tensor, offsets, ones_column: bool = False
+                                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`precondition_factors` for the rows of spliced frames, without forming them.
+
+        The rows are ``X[(b, j)] = [x[b, j + o_1], ..., x[b, j + o_K] (, 1)]`` for
+        ``j < T - o_K`` (``0 = o_1 < ... < o_K``), in order b-major, as a TDNN layer splices
+        its input.  Same state update, same scale; products with X are sums of products
+        with row-shifted views of the flat ``[B T][C]`` frames (the rows straddling two
+        sequences are computed and discarded, or multiplied by zero).
+
+        Args:
+          x:
+            ``[B][T][C]`` contiguous frames.
+          offsets:
+            The relative offsets ``o_1 = 0 < ... < o_K``.
+          ones_column:
+            Whether X has a column of ones appended.
+        Returns:
+          ``(W, scale)`` as in :meth:`precondition_factors` (H is not returned).
+        """
+        B, T, C = x.shape
+        offs = [int(o) for o in offsets]
+        if offs[0] != 0 or sorted(set(offs)) != offs or T <= offs[-1] or not x.is_contiguous():
+            raise ValueError(f"precondition_factors_spliced: bad offsets {offs} or input "
+                             f"{tuple(x.shape)} (needs contiguous [B][T][C], T > max offset)")
+        K = len(offs)
+        span = offs[-1]
+        T_out = T - span
+        R = B * T - span  # flat rows computed
+        N = B * T_out
+        D = K * C + (1 if ones_column else 0)
+        if self.W_t is not None and self.W_t.shape[1] != D:
+            raise ValueError(f"precondition_factors_spliced: this preconditioner was set up for "
+                             f"dimension {self.W_t.shape[1]}, got {D} columns")
+        if self.t == 0:
+            X = torch.cat([x[:, o:o + T_out] for o in offs], -1).reshape(N, K * C)
+            self._init(torch.cat([X, X.new_ones(N, 1)], 1) if ones_column else X)
+        W_t = self.W_t
+        x = x.to(W_t.dtype)
+        xf = x.reshape(B * T, C)
+        Rk = W_t.shape[0]
+        Hf = None
+        for k, o in enumerate(offs):
+            p = mm(xf[o:o + R], W_t[:, k * C:(k + 1) * C].t())
+            Hf = p if Hf is None else Hf.add_(p)
+        if ones_column:
+            Hf += W_t[:, K * C]
+        Hv = Hf.as_strided((B, T_out, Rk), (T * Rk, Rk, 1))  # the valid rows
+        H = Hv.reshape(N, Rk)
+        tr = sum(torch.linalg.vector_norm(x[:, o:o + T_out]).square() for o in offs)
+        if ones_column:
+            tr = tr + N
+        self.last_reorthogonalized = False
+        self.last_num_floored = 0
+        updating = self.updating()
+        self.last_updated = updating
+        L = mm(H.t(), H)
+        if updating:
+            Hz = Hf.new_zeros(B * T, Rk)  # H on the flat rows, zero where not valid
+            Hz.view(B, T, Rk)[:, :T_out] = Hv
+            Hz = Hz[:R]
+            J = [mm(Hz.t(), xf[o:o + R]) for o in offs]
+            if ones_column:
+                J.append(H.sum(0)[:, None])
+            J = torch.cat(J, 1)
+            L_upd = W_t @ J.t() if N > D else L
+            self._update(N, D, float(tr), J, L_upd)
+        return W_t, self._factored_scale(tr, L, W_t)
 
     def _update(self, N: int, D: int, tr_X_Xt: float, J_t: torch.Tensor, L_t: torch.Tensor) -> None:
         """Update W_t, d_t, rho_t from J_t = H_t^T X_t and L_t = H_t^T H_t (eqns Z to W_{t+1})."""

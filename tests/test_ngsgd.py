@@ -143,3 +143,24 @@ def test_nonfinite_input_keeps_estimate(caplog):
     assert torch.equal(ng.W_t, W) and ng.rho_t == rho
     Y, _ = ng.precondition_directions(X)
     assert torch.isfinite(Y).all() and ng.last_updated
+
+
+@pytest.mark.parametrize("ones", [False, True])
+def test_spliced_factors_equal_explicit_rows(ones):
+    # rows of frames spliced at offsets (0, 2, 3) of 4 sequences: same state, scale and W as
+    # the factored path on the explicitly spliced matrix, through updating and other calls
+    g = torch.Generator().manual_seed(11)
+    a, b = OnlineNaturalGradient(rank=5), OnlineNaturalGradient(rank=5)
+    offs = (0, 2, 3)
+    for step in range(14):
+        x = torch.randn(4, 9 + step % 3, 6, generator=g) * torch.linspace(0.2, 2.0, 6)
+        T_out = x.shape[1] - 3
+        X = torch.cat([x[:, o:o + T_out] for o in offs], -1).reshape(-1, 18)
+        _, W1, s1 = a.precondition_factors(X, ones_column=ones)
+        W2, s2 = b.precondition_factors_spliced(x, offs, ones_column=ones)
+        torch.testing.assert_close(W2, W1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(float(s2), float(s1), rtol=1e-5)
+        assert b.last_scale == float(s2) and a.last_updated == b.last_updated and a.t == b.t
+    np.testing.assert_allclose(b.rho_t, a.rho_t, rtol=1e-5)
+    with pytest.raises(ValueError):
+        b.precondition_factors_spliced(torch.randn(2, 3, 6), (0, 3), ones_column=ones)

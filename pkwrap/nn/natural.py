@@ -119,13 +119,24 @@ class _NaturalGradientMixin:
         _, Wi, s_in = self.preconditioner_in.precondition_factors(x, ones_column=has_bias)
         _, Wo, s_out = self.preconditioner_out.precondition_factors(g)
         dt = Wo.dtype if Wo.numel() else g.dtype
-        if Wi.numel() and Wi.dtype != dt:
-            Wi = Wi.to(dt)
         x = x.to(dt)
         g = g.to(dt)
-        n_in = x.shape[1]
         gw = mm(g.t(), x)  # [out][in]
         gb = g.sum(0) if has_bias else None  # [out]: the ones column
+        return self._precondition_gradient(gw, gb, Wi, Wo, s_in, s_out)
+
+    @staticmethod
+    def _precondition_gradient(gw: torch.Tensor, gb: Optional[torch.Tensor], Wi: torch.Tensor,
+                               Wo: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor
+                               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """gamma_i gamma_o P_o [gw, gb] P_i (see :meth:`_preconditioned_grads`); gw is
+        modified in place."""
+        has_bias = gb is not None
+        n_in = gw.shape[1]
+        if Wi.numel() and Wi.dtype != gw.dtype:
+            Wi = Wi.to(gw.dtype)
+        if Wo.numel() and Wo.dtype != gw.dtype:
+            Wo = Wo.to(gw.dtype)
         if Wi.numel():  # right: M <- M - (M W_i^T) W_i
             T1 = mm(gw, Wi[:, :n_in].t())  # [out][R_i]
             if has_bias:

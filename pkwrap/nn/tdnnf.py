@@ -307,10 +307,11 @@ class _SplicedLinearFunction(torch.autograd.Function):
         out = weight.shape[0]
         g = g.contiguous()
         grad_x = grad_w = grad_b = None
+        gf = g.new_zeros(B * T, out)  # g on the flat rows, zero where not valid
+        gf.view(B, T, out)[:, :T_out] = g
+        gR = gf[:R]
         if ctx.needs_input_grad[0]:
-            gf = g.new_zeros(B * T, out)
-            gf.view(B, T, out)[:, :T_out] = g
-            gs = mm(gf[:R], weight)  # [R][K C]
+            gs = mm(gR, weight)  # [R][K C]
             gx = x.new_empty(B * T, C)
             if len(offs) == 2:  # one pass: gx[r] = gs[r, :C] + gs[r - d, C:]
                 d = offs[1]
@@ -323,9 +324,17 @@ class _SplicedLinearFunction(torch.autograd.Function):
                     gx[o:o + R] += gs[:, k * C:(k + 1) * C]
             grad_x = gx.view(B, T, C)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            X = torch.cat([x[:, o:o + T_out] for o in offs], dim=-1).reshape(B * T_out, -1)
-            grad_w, grad_b = layer._preconditioned_grads(X, g.reshape(B * T_out, out),
-                                                         ctx.has_bias)
+            # G^T X from the flat rows (the zero rows of gR drop the straddling ones)
+            xf = x.reshape(B * T, C)
+            grad_w = torch.cat([mm(gR.t(), xf[o:o + R]) for o in offs], 1)
+            grad_b = g.reshape(B * T_out, out).sum(0) if ctx.has_bias else None
+            if layer.use_natural_gradient:
+                Wi, s_in = layer.preconditioner_in.precondition_factors_spliced(
+                    x, offs, ones_column=ctx.has_bias)
+                _, Wo, s_out = layer.preconditioner_out.precondition_factors(
+                    g.reshape(B * T_out, out))
+                grad_w, grad_b = layer._precondition_gradient(grad_w, grad_b, Wi, Wo, s_in,
+                                                              s_out)
             grad_w = grad_w.to(weight.dtype)
             if grad_b is not None:
                 grad_b = grad_b.to(layer.bias.dtype)
