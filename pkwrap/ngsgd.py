@@ -538,7 +538,9 @@ class OnlineNaturalGradient:
             Hf += W_t[:, K * C]
         Hv = Hf.as_strided((B, T_out, Rk), (T * Rk, Rk, 1))  # the valid rows
         H = Hv.reshape(N, Rk)
-        tr = sum(torch.linalg.vector_norm(x[:, o:o + T_out]).square() for o in offs)
+        # |X|^2 from one pass: squared frame norms, summed over each offset's window
+        fn = torch.linalg.vector_norm(x, dim=2).square()  # [B][T]
+        tr = sum(fn[:, o:o + T_out].sum() for o in offs)
         if ones_column:
             tr = tr + N
         self.last_reorthogonalized = False

@@ -482,7 +482,8 @@ class TDNNF(nn.Module):
         ``pick = (j0, f)`` only output positions j0, j0 + f, ... are computed."""
         if self.time_stride % rate:
             raise ValueError(f"TDNNF: stride {self.time_stride} is not a multiple of rate {rate}")
-        y = self.batchnorm(torch.relu(self.affine(self.linear(x, rate), rate, pick)))
+        # ReLU in place: the affine layer keeps its input, not its output
+        y = self.batchnorm(torch.relu_(self.affine(self.linear(x, rate), rate, pick)))
         c = self.time_stride // rate
         if self.bypass_scale != 0.0:
             y = _BypassAddFunction.apply(y, x, c, self.bypass_scale, pick)
@@ -510,7 +511,7 @@ class PrefinalLayer(nn.Module):
         self.batchnorm2 = KaldiBatchNorm(small_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.batchnorm2(self.linear(self.batchnorm1(torch.relu(self.affine(x)))))
+        return self.batchnorm2(self.linear(self.batchnorm1(torch.relu_(self.affine(x)))))
 
 
 class TDNNFModel(nn.Module):
@@ -655,7 +656,7 @@ class TDNNFModel(nn.Module):
             if coarse_from_start:
                 x, first, rate = x[:, (-first) % f::f], (first + (-first) % f) // f, f
             x = self.delta_batchnorm(x)
-        x = self.tdnn1_batchnorm(torch.relu(self.tdnn1(x)))
+        x = self.tdnn1_batchnorm(torch.relu_(self.tdnn1(x)))
         for i, layer in enumerate(self.tdnnfs):
             if i == self._last_fine_layer:
                 j0 = (-(first + layer.time_stride)) % f
