@@ -240,3 +240,24 @@ def test_kaldi_model_compute_prob_and_nnet3_compute(tmp_path):
         assert np.abs(got[u] - ref).max() < 1e-4, u
         ref = np.load(fx / "compute" / ("output_xent_fsf3_%s.npy" % u))
         assert np.abs(xent[u] - ref).max() < 1e-4, u
+
+
+def test_diagnostics_use_every_eg_whatever_the_training_rule(tmp_path):
+    """compute-prob merges with Kaldi's ``1:64`` rule: a training rule such as "16"
+    (which drops a final group of fewer than 16 equal-sized egs) must not shrink the
+    valid set."""
+    from pkwrap.nn import TDNNFModel
+    from pkwrap.optim import NGSGD, kaldi_param_groups
+    from pkwrap.train import TrainConfig, Trainer
+    from pkwrap.train.data import load_egs
+    d = fixture_path("mono")
+    egs = load_egs("ark:%s" % (d / "data" / "cegs_compress_true.ark"))
+    torch.manual_seed(0)
+    model = TDNNFModel(34, feat_dim=40, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=4,
+                       time_strides=(1, 3), prefinal_dim=8, prefinal_big_dim=16, use_idct=False)
+    loss = ChainLoss(DenominatorGraph.from_fst(str(d / "den.fst"), 34), ChainOptions())
+    tr = Trainer(model, loss, NGSGD(kaldi_param_groups(model), lr=0.002), egs,
+                 TrainConfig(str(tmp_path / "exp"), minibatch_size="16", progress_bar=False,
+                             tensorboard=False), valid_data=egs)
+    batches = tr._batches_of(egs, rank_share=False)
+    assert sum(b.num_sequences for b in batches) == len(egs) == 19

@@ -57,6 +57,9 @@ class TrainConfig:
       num_epochs: passes over the egs (``--trainer.num-epochs``).
       minibatch_size: Kaldi rule string (``--trainer.num-chunk-per-minibatch``), e.g.
         ``"128"`` or ``"256=64/512=32"``.
+      diagnostic_minibatch_size: rule for compute-prob and combination minibatches;
+        Kaldi's train.py merges those egs with ``--minibatch-size=1:64`` so that no eg
+        is left out (a training rule such as ``"8:32"`` would drop small groups).
       seed: seed of the egs permutations and of the RNGs (``--srand``).
       shuffle: draw a new egs permutation each epoch.
       frame_shift: rotate frame shifts over minibatches as train.py does.
@@ -87,6 +90,7 @@ class TrainConfig:
     exp_dir: str
     num_epochs: int = 1
     minibatch_size: str = "128"
+    diagnostic_minibatch_size: str = "1:64"
     seed: int = 0
     shuffle: bool = True
     frame_shift: bool = True
@@ -381,7 +385,7 @@ class Trainer:
         """All minibatches of ``data`` in order, this rank's share (i % W == rank)."""
         s = ChainMinibatchSampler(dataset_structures(data, self.cfg.input_name,
                                                      self.ctx.frame_subsampling_factor),
-                                  self.cfg.minibatch_size,
+                                  self.cfg.diagnostic_minibatch_size,
                                   self.ctx.frame_subsampling_factor, shuffle=False,
                                   rank=0, world_size=1, frame_shift=False)
         loader = make_loader(data, s, self.cfg.input_name, self.cfg.egs_left_context)
