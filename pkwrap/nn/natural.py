@@ -15,6 +15,10 @@ versions before forming the product (see :mod:`pkwrap.ngsgd`):
    \nabla_W \leftarrow \gamma_{in}\gamma_{out}\, \tilde G^T \tilde X_{:, :in}, \qquad
    \nabla_b \leftarrow \gamma_{in}\gamma_{out}\, \tilde G^T \tilde X_{:, in}.
 
+Both preconditioners multiply the rows by a fixed matrix, :math:`P = I - W^T W`, so the
+product is formed as :math:`\gamma_{in}\gamma_{out} P_{out} (G^T X) P_{in}`: the plain
+gradient times two skinny corrections, at a cost that does not grow with N (the
+preconditioners still read every row for their statistics).
 The bias goes through the appended column of ones, as in Kaldi, so the input
 preconditioner works in dimension in + 1.  The derivative passed back to the layer
 below is the plain :math:`G W`.  Kaldi's ranks: ``rank_in = min(20, (in + 1) // 2)`` and
