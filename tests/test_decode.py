@@ -431,3 +431,53 @@ def test_symbol_table_is_kaldis():
         t["B"]
     with pytest.raises(KaldiFormatError, match="invalid symbol 'a b'"):
         t.add("a b")
+
+
+# ------------------------------------------------------------------------------- lattices
+
+def _nbest_by_determinization(lat, word_table, acoustic_scale, n):
+    """Reference n-best: word acceptor -> rmepsilon -> determinize -> n shortest paths."""
+    from pkwrap.decode.decoder import _parse_lattice_text
+    start, arcs, finals = _parse_lattice_text(str(lat))
+    states = sorted({start} | {a[0] for a in arcs} | {a[1] for a in arcs} | set(finals))
+    remap = {s: k for k, s in enumerate(states)}
+    f = kaldifst.StdVectorFst()
+    for _ in states:
+        f.add_state()
+    f.start = remap[start]
+    for s, d, _, o, g, a in arcs:
+        f.add_arc(remap[s], kaldifst.StdArc(o, o, g + acoustic_scale * a, remap[d]))
+    for s, (g, a) in finals.items():
+        f.set_final(remap[s], g + acoustic_scale * a)
+    kaldifst.rmepsilon(f)
+    out = []
+    for p in kaldifst.convert_nbest_to_vector(kaldifst.shortest_path(kaldifst.determinize(f),
+                                                                     n=n)):
+        _, _, osyms, w = kaldifst.get_linear_symbol_sequence(p)
+        out.append(([word_table.symbol(i) for i in osyms], float(w.value)))
+    return sorted(out, key=lambda t: t[1])
+
+
+def test_lattice_decoding_at_acoustic_scale_0_1_is_bounded(biphone, lexicon):
+    """Random log-likelihoods at acoustic scale 0.1 on a biphone digit loop: nearly every
+    word sequence lies within the lattice beam. Determinizing the word lattice for the
+    n-best list never finished here (minutes); the A* n-best must, and its best path must
+    be FasterDecoder's. A short utterance checks the n-best against determinization."""
+    tree, tm, phones = biphone
+    g = build_decoding_graph(lexicon, phones, tree, tm, grammar=DIGITS, sil_phone="SIL",
+                             sil_prob=0.5)
+    x = np.random.default_rng(7).normal(size=(100, tree.num_pdfs)).astype(np.float32) * 3.0
+    best = decode(x, g, acoustic_scale=0.1, beam=16.0)
+    r = decode(x, g, acoustic_scale=0.1, beam=16.0, lattice_beam=10.0, lattice=True, nbest=5)
+    assert r.lattice is not None and r.words == best.words and r.alignment == best.alignment
+    assert abs(r.cost - best.cost) < 1e-3 * max(1.0, abs(best.cost))
+    assert len(r.nbest) == 5 and r.nbest[0][0] == best.words
+    assert abs(r.nbest[0][1] - best.cost) < 1e-2
+    costs = [c for _, c in r.nbest]
+    assert costs == sorted(costs) and len({tuple(w) for w, _ in r.nbest}) == 5
+    # n-best against determinization, where that is affordable
+    r = decode(x[:30], g, acoustic_scale=1.0, lattice_beam=6.0, lattice=True, nbest=8)
+    ref = _nbest_by_determinization(r.lattice, g.word_table, 1.0, 8)
+    assert len(r.nbest) == len(ref) == 8
+    assert np.allclose([c for _, c in r.nbest], [c for _, c in ref], atol=1e-2)
+    assert r.nbest[0][0] == ref[0][0] == r.words

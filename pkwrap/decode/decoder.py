@@ -15,9 +15,17 @@ state-level lattice (``--determinize-lattice=false`` in Kaldi terms): arcs with
 transition-id inputs, word outputs and weights (graph cost, acoustic cost). Like
 Kaldi's decoders, the acoustic costs stored in the lattices we return are unscaled
 (divided by ``acoustic_scale``). N-best word sequences come from the lattice: the
-lattice is projected to words with total cost graph + acoustic_scale * acoustic,
-determinized (one path per word sequence, keeping its best score) and the n
-shortest paths are taken.
+lattice is read as a word acceptor with total cost graph + acoustic_scale * acoustic and
+the n best distinct word sequences are found by A* search with the exact cost-to-go
+(no determinization of the word lattice, which can blow up exponentially: a digit loop
+decoded at ``acoustic_scale=0.1`` has millions of word sequences within the lattice beam).
+
+Difference from Kaldi's ``latgen-faster-mapped`` (``LatticeFasterDecoder``): kaldi-decoder
+0.3.2 has no lattice decoder with ``max_active``/``min_active``; ``LatticeSimpleDecoder``
+prunes by ``beam`` only. Both limits only apply to the best path (``FasterDecoder``).
+When HCLG has at most ``max_active`` states (small task graphs) max-active can never
+bind (a frame has at most one token per state), so the lattice search equals Kaldi's;
+on larger graphs the lattice search may keep more tokens than Kaldi would.
 
 Chain models decode with ``acoustic_scale=1.0`` (their graphs use
 ``self_loop_scale=1.0``); Kaldi's chain recipes pass ``--acwt 1.0 --post-decode-acwt 10.0``.
@@ -153,40 +161,91 @@ def _scale_lattice_acoustic(lat, scale: float):
     kaldifst.scale_lattice(kaldifst.lattice_scale(lmwt=1.0, acwt=scale), lat)
 
 
-def _nbest_from_lattice(lat, word_table, acoustic_scale: float, n: int):
-    """n best distinct word sequences of a (unscaled) raw lattice, best first."""
-    import kaldifst
+def _nbest_from_lattice(lat, word_table, acoustic_scale: float, n: int,
+                        max_expansions: int = 2000000):
+    """n best distinct word sequences of a (unscaled) raw lattice, best first.
+
+    A* search over (lattice state, word prefix) pairs with the exact heuristic h(s) =
+    the cheapest completion from s (backward shortest distance; the raw lattice is
+    acyclic). With an exact heuristic the complete paths come out in increasing cost, and
+    the first complete path with a given word sequence is that sequence's best path, so
+    the first n distinct sequences are the n best. Unlike determinizing the word lattice
+    (exponential in the worst case: a digit loop at ``acoustic_scale=0.1`` has millions
+    of word sequences within the lattice beam), the work is bounded by the pairs whose
+    best completion costs at most the n-th cost. ``max_expansions`` caps it anyway: when
+    reached, the sequences found so far (the best ones, in order) are returned.
+
+    Args:
+      lat: ``kaldifst.Lattice`` with unscaled acoustic costs.
+      word_table: maps word ids to strings (``.symbol(i)``).
+      acoustic_scale: total cost of an arc = graph + acoustic_scale * acoustic.
+      n: number of distinct word sequences wanted.
+      max_expansions: bound on the (state, prefix) pairs expanded.
+    Returns:
+      list of ``(words, cost)``, at most n, cost ascending.
+    """
+    import heapq
     start, arcs, finals = _parse_lattice_text(str(lat))
-    if start is None:
+    if start is None or n < 1:
         return []
-    states = {start}
-    for a in arcs:
-        states.update((a[0], a[1]))
-    states.update(finals)
-    remap = {s: k for k, s in enumerate(sorted(states))}
-    f = kaldifst.StdVectorFst()
-    for _ in range(len(remap)):
-        f.add_state()
-    f.start = remap[start]
-    for s, d, i, o, g, a in arcs:
-        f.add_arc(remap[s], kaldifst.StdArc(o, o, g + acoustic_scale * a, remap[d]))
-    for s, (g, a) in finals.items():
-        f.set_final(remap[s], g + acoustic_scale * a)
-    kaldifst.rmepsilon(f)
-    f = kaldifst.determinize(f)
-    out = []
-    for path in kaldifst.convert_nbest_to_vector(kaldifst.shortest_path(f, n=n)):
-        ok, _, osyms, w = kaldifst.get_linear_symbol_sequence(path)
-        if not ok:
+    out_arcs: Dict[int, List[Tuple[int, int, float]]] = {}
+    indeg: Dict[int, int] = {start: 0}
+    for s, d, _, o, g, a in arcs:
+        out_arcs.setdefault(s, []).append((d, o, g + acoustic_scale * a))
+        indeg.setdefault(s, 0)
+        indeg[d] = indeg.get(d, 0) + 1
+    final = {s: g + acoustic_scale * a for s, (g, a) in finals.items()}
+    # topological order (Kahn), then backward shortest distances
+    order, stack = [], [s for s, k in indeg.items() if k == 0]
+    while stack:
+        s = stack.pop()
+        order.append(s)
+        for d, _, _ in out_arcs.get(s, ()):
+            indeg[d] -= 1
+            if indeg[d] == 0:
+                stack.append(d)
+    if len(order) != len(indeg):
+        raise DecodeError("internal error: the raw lattice has a cycle")
+    h: Dict[int, float] = {}
+    for s in reversed(order):
+        best = final.get(s, math.inf)
+        for d, _, w in out_arcs.get(s, ()):
+            c = w + h[d]
+            if c < best:
+                best = c
+        h[s] = best
+    if not math.isfinite(h[start]):
+        return []
+    # heap entries: (f = g + h, tie-break, g, state or -1 for "ended", prefix)
+    heap = [(h[start], 0, 0.0, start, ())]
+    seen = set()
+    result, tick = [], 1
+    while heap and len(result) < n and len(seen) < max_expansions:
+        f, _, g, s, prefix = heapq.heappop(heap)
+        if (s, prefix) in seen:
             continue
-        out.append(([word_table.symbol(i) for i in osyms], float(w.value)))
-    out.sort(key=lambda t: t[1])
-    return out
+        seen.add((s, prefix))
+        if s == -1:
+            result.append(([word_table.symbol(i) for i in prefix], float(f)))
+            continue
+        if s in final and math.isfinite(final[s]):
+            heapq.heappush(heap, (g + final[s], tick, g + final[s], -1, prefix))
+            tick += 1
+        for d, o, w in out_arcs.get(s, ()):
+            if not math.isfinite(h[d]):
+                continue
+            p2 = prefix + (o,) if o else prefix
+            if (d, p2) in seen:
+                continue
+            heapq.heappush(heap, (g + w + h[d], tick, g + w, d, p2))
+            tick += 1
+    return result
 
 
 def decode(loglikes, graph: DecodingGraph, acoustic_scale: float = 1.0, beam: float = 15.0,
            lattice_beam: float = 8.0, max_active: int = 7000, min_active: int = 200,
-           lattice: bool = False, nbest: int = 1, allow_partial: bool = True) -> DecodeResult:
+           lattice: bool = False, nbest: int = 1, allow_partial: bool = True,
+           prune_interval: int = 25) -> DecodeResult:
     """Decode one utterance's nnet output with the graph.
 
     Args:
@@ -197,11 +256,13 @@ def decode(loglikes, graph: DecodingGraph, acoustic_scale: float = 1.0, beam: fl
       acoustic_scale: scale on ``loglikes`` (1.0 for chain models, 0.1 for xent/GMM).
       beam: decoding beam (cost units).
       lattice_beam: lattice pruning beam (only with ``lattice`` or ``nbest > 1``).
-      max_active, min_active: bounds on the active states per frame (``FasterDecoder``).
+      max_active, min_active: bounds on the active states per frame; only the
+        ``FasterDecoder`` search (no lattice) applies them, see the module docstring.
       lattice: also return the raw lattice (``LatticeSimpleDecoder``).
       nbest: number of distinct word sequences to return in ``result.nbest``.
       allow_partial: if no final state is reached, return the best partial path
         (``reached_final=False``) instead of raising.
+      prune_interval: frames between lattice token prunings (``LatticeSimpleDecoder``).
     Returns:
       a :class:`DecodeResult`.
     """
@@ -213,6 +274,7 @@ def decode(loglikes, graph: DecodingGraph, acoustic_scale: float = 1.0, beam: fl
     lat = None
     if lattice or nbest > 1:
         cfg = kaldi_decoder.LatticeSimpleDecoderConfig(beam=beam, lattice_beam=lattice_beam,
+                                                       prune_interval=prune_interval,
                                                        determinize_lattice=False)
         dec = kaldi_decoder.LatticeSimpleDecoder(graph.hclg, cfg)
         dec.decode(dec_in)
