@@ -328,3 +328,26 @@ def test_checkpoint_writer_killed_leaves_no_torn_file(tmp_path):
     assert path == found[-1][1]
     ckpt.apply_retention(d, keep_last=1)
     assert os.listdir(d) == [os.path.basename(found[-1][1])]
+
+
+def test_objf_tracker_reduce_with_a_rank_that_saw_no_minibatch(tmp_path):
+    """Two gloo ranks, one with no minibatch: the reduction must not hang and must sum."""
+    import subprocess
+    import sys
+    import textwrap
+    script = tmp_path / "w.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch, torch.distributed as dist
+        from pkwrap.train.metrics import ObjfTracker
+        dist.init_process_group("gloo")
+        t = ObjfTracker()
+        if dist.get_rank() == 0:
+            t.update(objf=-2.0, weight=4.0, frames=4.0, minibatches=1.0)
+        r = t.reduce()
+        assert r == {"objf": -2.0, "weight": 4.0, "frames": 4.0, "minibatches": 1.0}, r
+        dist.destroy_process_group()
+    """))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr

@@ -55,13 +55,24 @@ class ObjfTracker(dict):
         w = self.get("weight", 0.0)
         return self.get(key, 0.0) / w if w > 0 else float("nan")
 
+    # Parts every rank reduces, in this order, whether or not it saw a minibatch:
+    # a rank with no batch of its own (fewer minibatches than ranks) must still send a
+    # vector of the same length, or the collective would hang.
+    _PARTS = ("objf", "l2_term", "weight", "xent_objf", "frames", "minibatches")
+
     def reduce(self, device="cpu") -> "ObjfTracker":
-        """Sum over ranks (identity with one process); returns a new tracker."""
+        """Sum over ranks (identity with one process); returns a new tracker.
+
+        A part absent on every rank stays absent (e.g. ``xent_objf`` for a model without
+        an xent head). Parts outside ``_PARTS`` must be the same on all ranks."""
         from .dist import all_reduce_sum
-        keys = sorted(self)
-        t = torch.tensor([float(self[k]) for k in keys], dtype=torch.float64, device=device)
+        keys = list(self._PARTS) + sorted(k for k in self if k not in self._PARTS)
+        vals = [float(self.get(k, 0.0)) for k in keys] + [float(k in self) for k in keys]
+        t = torch.tensor(vals, dtype=torch.float64, device=device)
         all_reduce_sum(t)
-        return ObjfTracker({k: float(v) for k, v in zip(keys, t.tolist())})
+        t = t.tolist()
+        n = len(keys)
+        return ObjfTracker({k: t[i] for i, k in enumerate(keys) if t[n + i] > 0})
 
     def write_summary(self, tb_writer, prefix: str, step: int) -> None:
         """Per-frame scalars ``<prefix>objf``, ``xent_objf``, ``l2_term``, ``objf_plus_l2``."""
