@@ -128,9 +128,10 @@ def compute_chain_loss(model: nn.Module, ctx: ModelContext, loss_fn: nn.Module, 
     if chain.shape[1] - off < t:
         raise ValueError("model gave %d output frames for %d input frames; %d expected"
                          % (chain.shape[1], x.shape[1], t + off))
-    chain = chain[:, off:off + t]
-    if xent is not None:
-        xent = xent[:, off:off + t]
+    if off != 0 or chain.shape[1] != t:  # a full-range slice would still cost a
+        chain = chain[:, off:off + t]    # zero-fill + copy of the gradient in backward
+        if xent is not None:
+            xent = xent[:, off:off + t]
     dw = batch.deriv_weights if apply_deriv_weights else None
     return loss_fn(chain, batch.supervision, xent_output=xent, deriv_weights=dw)
 
