@@ -854,6 +854,17 @@ def min_path_length(fst: Fst) -> int:
 
 
 # ======================================================================= tables
+def _read_text_line(r: KaldiReader) -> str:
+    """The rest of the current line of a text table entry; moves past its newline."""
+    buf = r.buf
+    e = r.pos
+    while e < r.end and buf[e] != 10:
+        e += 1
+    line = bytes(buf[r.pos:e]).decode("utf-8", errors="replace")
+    r.pos = min(e + 1, r.end)
+    return line
+
+
 def _read_pair_vector(r: KaldiReader) -> List[Tuple[int, int]]:
     """Kaldi's ``Int32PairVectorHolder`` (``ali-to-phones --write-lengths`` output)."""
     if r.binary:
@@ -861,12 +872,7 @@ def _read_pair_vector(r: KaldiReader) -> List[Tuple[int, int]]:
         if n < 0:
             raise r.error("negative pair-vector size %d" % n)
         return [(r.read_int32(), r.read_int32()) for _ in range(n)]
-    buf = r.buf
-    e = r.pos
-    while e < r.end and buf[e] != 10:
-        e += 1
-    line = bytes(buf[r.pos:e]).decode("utf-8", errors="replace")
-    r.pos = min(e + 1, r.end)
+    line = _read_text_line(r)
     out = []
     if line.strip():
         for part in line.split(";"):
@@ -889,12 +895,7 @@ def _read_basic_int_vector(r: KaldiReader) -> List[int]:
         if n < 0:
             raise r.error("negative vector size %d" % n)
         return [r.read_int32() for _ in range(n)]
-    buf = r.buf
-    e = r.pos
-    while e < r.end and buf[e] != 10:
-        e += 1
-    line = bytes(buf[r.pos:e]).decode("utf-8", errors="replace")
-    r.pos = min(e + 1, r.end)
+    line = _read_text_line(r)
     try:
         return [int(x) for x in line.split()]
     except ValueError:
