@@ -38,6 +38,22 @@ float *MutableFloat(py::array &a, py::ssize_t n, const char *what) {
   return static_cast<float *>(a.mutable_data());
 }
 
+// The optional output buffer `post` (None, or a writable float32 array of n elements),
+// kept alive in `holder` while the kernel writes to it.
+float *OptionalPost(const py::object &post, py::array &holder, py::ssize_t n, const char *what) {
+  if (post.is_none()) return nullptr;
+  holder = post.cast<py::array>();
+  return MutableFloat(holder, n, what);
+}
+
+// Checks that x is a C-contiguous float32 array with `ndim` dimensions.
+const float *FloatInput(const py::array &x, int ndim, const char *msg) {
+  if (!py::isinstance<py::array_t<float>>(x) || !(x.flags() & py::array::c_style) ||
+      x.ndim() != ndim)
+    throw std::invalid_argument(msg);
+  return static_cast<const float *>(x.data());
+}
+
 // Keeps the numpy arrays of an Fst alive while the view is used.
 struct FstArrays {
   CArray<float> final;
@@ -111,18 +127,11 @@ void PybindChain(py::module &m) {
       "den_forward_backward",
       [](const chain::DenGraph &g, py::array x, float leaky, py::object post,
          float post_scale, int num_threads) {
-        if (!py::isinstance<py::array_t<float>>(x) || !(x.flags() & py::array::c_style) ||
-            x.ndim() != 3)
-          throw std::invalid_argument("den_forward_backward: x must be a C-contiguous float32 "
-                                      "array of shape (S, T, P)");
+        const float *xp = FloatInput(x, 3, "den_forward_backward: x must be a C-contiguous "
+                                     "float32 array of shape (S, T, P)");
         const int S = x.shape(0), T = x.shape(1), P = x.shape(2);
-        float *post_ptr = nullptr;
         py::array post_arr;
-        if (!post.is_none()) {
-          post_arr = post.cast<py::array>();
-          post_ptr = MutableFloat(post_arr, x.size(), "den_forward_backward: post");
-        }
-        const float *xp = static_cast<const float *>(x.data());
+        float *post_ptr = OptionalPost(post, post_arr, x.size(), "den_forward_backward: post");
         chain::DenResult r;
         {
           py::gil_scoped_release release;
@@ -145,19 +154,12 @@ void PybindChain(py::module &m) {
          CArray<int32_t> ilabel, CArray<float> weight, CArray<int32_t> nextstate, py::array x,
          bool e2e, py::object post, float post_scale) {
         FstArrays f(num_states, start, final, offsets, ilabel, weight, nextstate);
-        if (!py::isinstance<py::array_t<float>>(x) || !(x.flags() & py::array::c_style) ||
-            x.ndim() != 2)
-          throw std::invalid_argument("num_forward_backward: x must be a C-contiguous float32 "
-                                      "array of shape (frames, P)");
+        const float *xp = FloatInput(x, 2, "num_forward_backward: x must be a C-contiguous "
+                                     "float32 array of shape (frames, P)");
         const int64_t F = x.shape(0);
         const int P = x.shape(1);
-        float *post_ptr = nullptr;
         py::array post_arr;
-        if (!post.is_none()) {
-          post_arr = post.cast<py::array>();
-          post_ptr = MutableFloat(post_arr, x.size(), "num_forward_backward: post");
-        }
-        const float *xp = static_cast<const float *>(x.data());
+        float *post_ptr = OptionalPost(post, post_arr, x.size(), "num_forward_backward: post");
         bool ok = false;
         double logprob;
         {
