@@ -123,6 +123,105 @@ def test_kaldi_batchnorm():
         KaldiBatchNorm(4).eval()(x)
 
 
+
+def _relu_bn_bypass_reference(y, bn, x, c, scale, pick):
+    """The elementwise tail of a TDNN-F layer as separate torch operations."""
+    from pkwrap.nn.tdnnf import _BypassAddFunction
+    out = bn._forward(torch.relu(y))
+    return out if x is None else _BypassAddFunction.apply(out, x, c, scale, pick)
+
+
+@pytest.mark.parametrize("pick,target_rms,bypass", [(None, 1.0, True), ((1, 3), 1.0, True),
+                                                     ((2, 3), 0.5, True), (None, 2.0, False)])
+def test_fused_relu_batchnorm_equals_separate_ops(pick, target_rms, bypass):
+    from pkwrap.nn.tdnnf import _fused_ok, relu_batchnorm
+    assert _fused_ok(torch.zeros(2, 2)), "the C++ kernels are not built"
+    torch.manual_seed(0)
+    B, Tx, D, c = 3, 23, 9, 2
+    J = Tx - 2 * c if pick is None else len(range(pick[0], Tx - 2 * c, pick[1]))
+    x0 = torch.randn(B, Tx, D)
+    y0 = torch.randn(B, J, D) * 2 + 0.3
+    w = torch.randn(B, J, D)
+    res = []
+    for fused in (True, False):
+        bn = KaldiBatchNorm(D, target_rms=target_rms)
+        bn.stats_count += 5.0  # existing statistics are added to
+        y = y0.clone().requires_grad_(True)
+        x = x0.clone().requires_grad_(True)
+        args = (y * 1.0, bn, x if bypass else None, c, 0.66, pick)
+        out = relu_batchnorm(*args) if fused else _relu_bn_bypass_reference(*args)
+        (out * w).sum().backward()
+        res.append((out.detach(), y.grad, x.grad, bn.stats_count.clone(), bn.stats_sum.clone(),
+                    bn.stats_sumsq.clone()))
+    (o1, gy1, gx1, n1, s1, q1), (o2, gy2, gx2, n2, s2, q2) = res
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gy1, gy2, rtol=1e-4, atol=1e-5)
+    if bypass:
+        torch.testing.assert_close(gx1, gx2, rtol=0, atol=0)
+        assert bool((gx1[:, :c] == 0).all()) and bool((gx1[:, Tx - c:] == 0).all())
+    else:
+        assert gx1 is None and gx2 is None
+    assert float(n1) == float(n2) == 5.0 + B * J
+    torch.testing.assert_close(s1, s2, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(q1, q2, rtol=1e-6, atol=1e-5)
+    # a ReLU'd-away unit gets no gradient
+    assert bool((gy1[y0 <= 0] == 0).all())
+
+
+def test_fused_batchnorm_is_the_same_with_any_thread_count():
+    from pkwrap.nn.tdnnf import relu_batchnorm
+    torch.manual_seed(1)
+    x = torch.randn(2, 700, 16)  # rows over several of the kernel's 256-row blocks
+    y0 = torch.randn(2, 698, 16)
+    w = torch.randn(2, 698, 16)
+    outs = []
+    nt = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            bn = KaldiBatchNorm(16)
+            y = y0.clone().requires_grad_(True)
+            out = relu_batchnorm(y * 1.0, bn, x, 1, 0.5)
+            (out * w).sum().backward()
+            outs.append((out.detach(), y.grad, bn.stats_sum.clone()))
+    finally:
+        torch.set_num_threads(nt)
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], o))
+
+
+def test_fused_batchnorm_checks_shapes_and_falls_back():
+    from pkwrap.nn.tdnnf import relu_batchnorm
+    bn = KaldiBatchNorm(4)
+    with pytest.raises(ValueError, match="bypass input"):
+        relu_batchnorm(torch.randn(2, 5, 4), bn, torch.randn(2, 6, 4), 1, 0.5)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        bn(torch.randn(1, 4))
+    # float64 (no C++ kernel) takes the torch path and gives the same numbers
+    y = torch.randn(2, 5, 4, dtype=torch.float64)
+    x = torch.randn(2, 7, 4, dtype=torch.float64)
+    bn64 = KaldiBatchNorm(4)
+    got = relu_batchnorm(y.clone(), bn64, x, 1, 0.5)
+    want = relu_batchnorm(y.float(), KaldiBatchNorm(4), x.float(), 1, 0.5)
+    torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_freed_memory(monkeypatch):
+    import ctypes.util
+    from pkwrap.train import host_memory
+    monkeypatch.setattr(host_memory, "_state", {"done": None})
+    monkeypatch.setenv("PKWRAP_KEEP_FREED_MEMORY", "0")
+    assert host_memory.keep_freed_memory() is False
+    assert host_memory._state["done"] is None  # nothing was done
+    monkeypatch.setenv("PKWRAP_KEEP_FREED_MEMORY", "1")
+    assert host_memory.keep_freed_memory(enable=False) is False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    ok = host_memory.keep_freed_memory()
+    assert ok is hasattr(libc, "gnu_get_libc_version")
+    assert host_memory.keep_freed_memory() is ok  # once per process
+    t = torch.ones(20_000_000)  # 80 MB: from the heap now, and usable
+    assert float(t.sum()) == 2e7
+
 def test_constrain_orthonormal_floating_scale():
     torch.manual_seed(3)
     M = torch.randn(16, 40) * 0.3

@@ -51,7 +51,7 @@ from pkwrap.nn.natural import NaturalAffine, natural_gradient_modules
 
 __all__ = ["KaldiBatchNorm", "TDNN", "TDNNF", "PrefinalLayer", "TDNNFModel",
            "constrain_orthonormal_", "constrain_orthonormal", "scale_batchnorm_stats",
-           "compute_idct_matrix", "delta_features", "splice"]
+           "compute_idct_matrix", "delta_features", "relu_batchnorm", "splice"]
 
 
 def compute_idct_matrix(dim: int, cepstral_lifter: float = 22.0) -> torch.Tensor:
@@ -216,6 +216,12 @@ class KaldiBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise ValueError(f"KaldiBatchNorm: expected last dim {self.dim}, got {tuple(x.shape)}")
+        if self.training and _fused_ok(x):
+            return _ReluBatchNormFunction.apply(x.contiguous(), None, self, False, 0.0, None)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain-torch path (any device and dtype; evaluation mode)."""
         rows = x.reshape(-1, self.dim)
         if self.training:
             n = rows.shape[0]
@@ -224,8 +230,9 @@ class KaldiBatchNorm(nn.Module):
             # The minibatch mean and (unbiased) variance come out of the normalization pass
             # itself, through running-stat buffers with momentum 1 (no extra pass over x).
             # Kaldi computes them in float too and accumulates in double.
-            mean = torch.zeros(self.dim, dtype=torch.float32, device=x.device)
-            uvar = torch.zeros(self.dim, dtype=torch.float32, device=x.device)
+            dt = x.dtype if x.dtype == torch.float64 else torch.float32
+            mean = torch.zeros(self.dim, dtype=dt, device=x.device)
+            uvar = torch.zeros(self.dim, dtype=dt, device=x.device)
             y = F.batch_norm(rows, mean, uvar, training=True, momentum=1.0, eps=self.epsilon)
             with torch.no_grad():
                 m = mean.to(torch.float64)
@@ -260,6 +267,104 @@ class KaldiBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, target_rms={self.target_rms}, epsilon={self.epsilon}"
+
+
+def _fused_ok(*ts: Optional[torch.Tensor]) -> bool:
+    """Whether the C++ kernels of :func:`relu_batchnorm` apply to these tensors (CPU float32,
+    no autocast, the native module present)."""
+    if _native() is None or torch.is_autocast_enabled("cpu"):
+        return False
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and
+                             t.dim() >= 2) for t in ts)
+
+
+_NATIVE = []
+
+
+def _native():
+    if not _NATIVE:
+        try:
+            from pkwrap import _pkwrap
+            _NATIVE.append(_pkwrap if hasattr(_pkwrap, "relu_batchnorm_forward") else None)
+        except ImportError:  # source tree without the built extension
+            _NATIVE.append(None)
+    return _NATIVE[0]
+
+
+class _ReluBatchNormFunction(torch.autograd.Function):
+    """Training-mode ``bn(relu(y)) + scale * x[:, offset::step]`` in the C++ kernels of
+    ``csrc/nn/batchnorm.h`` (two passes over the rows forward, two backward, instead of
+    one or more per operation).  y ``[..][D]`` is overwritten by the ReLU (callers pass a
+    fresh layer output that nothing else keeps); x ``[B][Tx][D]`` or None; ``bypass`` is
+    ``(offset, step)`` of the rows of x read for y's frames, or None."""
+
+    @staticmethod
+    def forward(ctx, y, x, bn, relu, scale, bypass):
+        D = y.shape[-1]
+        y2 = y.reshape(-1, D)
+        N = y2.shape[0]
+        if N < 2:
+            raise ValueError(f"KaldiBatchNorm: training needs at least 2 rows, got {N}")
+        out = torch.empty_like(y)
+        bmap = (1, 1, 1, 0, 1)
+        if x is not None:
+            B, J = y.shape[0], y.shape[1]
+            bmap = (B, J, x.shape[1], bypass[0], bypass[1])
+        ssum, ssq, mean, sc = _native().relu_batchnorm_forward(
+            y2.numpy(), out.numpy(), x.numpy() if x is not None else None, bmap,
+            float(scale), bool(relu), bn.epsilon, bn.target_rms, torch.get_num_threads())
+        with torch.no_grad():
+            bn.stats_count += N
+            bn.stats_sum.add_(torch.from_numpy(ssum))
+            bn.stats_sumsq.add_(torch.from_numpy(ssq))
+        ctx.save_for_backward(y, torch.from_numpy(mean), torch.from_numpy(sc))
+        ctx.relu, ctx.scale, ctx.bmap, ctx.bn = relu, scale, bmap, bn
+        ctx.x_shape = x.shape if x is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        r, mean, sc = ctx.saved_tensors
+        D = r.shape[-1]
+        g = g.contiguous()
+        gy = torch.empty_like(r)
+        gx = None
+        if ctx.x_shape is not None and ctx.needs_input_grad[1]:
+            gx = g.new_empty(ctx.x_shape)
+        _native().relu_batchnorm_backward(
+            g.reshape(-1, D).numpy(), r.reshape(-1, D).numpy(), mean.numpy(), sc.numpy(),
+            gy.reshape(-1, D).numpy(), gx.numpy() if gx is not None else None, ctx.bmap,
+            float(ctx.scale), bool(ctx.relu), ctx.bn.epsilon, ctx.bn.target_rms,
+            torch.get_num_threads())
+        return gy, gx, None, None, None, None
+
+
+def relu_batchnorm(y: torch.Tensor, bn: "KaldiBatchNorm", x: Optional[torch.Tensor] = None,
+                   c: int = 0, bypass_scale: float = 0.0,
+                   pick: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """``bn(relu(y))``, plus ``bypass_scale * x[:, c:T-c]`` (its frames ``pick = (j0, f)``:
+    j0, j0 + f, ... when given) if x is given: the elementwise tail of a TDNN-F layer.
+
+    In training mode on CPU float32 this runs as one fused C++ operation that overwrites y
+    with relu(y) (pass only a fresh layer output); elsewhere as separate torch operations.
+    """
+    if x is not None and bypass_scale == 0.0:
+        x = None
+    if bn.training and _fused_ok(y, x) and y.dim() == 3 and y.shape[-1] == bn.dim:
+        bypass = None
+        if x is not None:
+            bypass = (c + (pick[0] if pick is not None else 0),
+                      pick[1] if pick is not None else 1)
+            if (x.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[-1] != y.shape[-1] or
+                    len(range(bypass[0], x.shape[1] - c, bypass[1])) != y.shape[1]):
+                raise ValueError(f"relu_batchnorm: bypass input {tuple(x.shape)} does not match "
+                                 f"{tuple(y.shape)} (c={c}, pick={pick})")
+            x = x.contiguous()
+        return _ReluBatchNormFunction.apply(y.contiguous(), x, bn, True, bypass_scale, bypass)
+    out = bn(torch.relu(y))
+    if x is not None:
+        out = _BypassAddFunction.apply(out, x, c, bypass_scale, pick)
+    return out
 
 
 class _SplicedLinearFunction(torch.autograd.Function):
@@ -482,12 +587,9 @@ class TDNNF(nn.Module):
         ``pick = (j0, f)`` only output positions j0, j0 + f, ... are computed."""
         if self.time_stride % rate:
             raise ValueError(f"TDNNF: stride {self.time_stride} is not a multiple of rate {rate}")
-        # ReLU in place: the affine layer keeps its input, not its output
-        y = self.batchnorm(torch.relu_(self.affine(self.linear(x, rate), rate, pick)))
-        c = self.time_stride // rate
-        if self.bypass_scale != 0.0:
-            y = _BypassAddFunction.apply(y, x, c, self.bypass_scale, pick)
-        return y
+        y = self.affine(self.linear(x, rate), rate, pick)
+        return relu_batchnorm(y, self.batchnorm, x, self.time_stride // rate,
+                              self.bypass_scale, pick)
 
 
 class PrefinalLayer(nn.Module):
@@ -511,7 +613,7 @@ class PrefinalLayer(nn.Module):
         self.batchnorm2 = KaldiBatchNorm(small_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.batchnorm2(self.linear(self.batchnorm1(torch.relu_(self.affine(x)))))
+        return self.batchnorm2(self.linear(relu_batchnorm(self.affine(x), self.batchnorm1)))
 
 
 class TDNNFModel(nn.Module):
@@ -656,7 +758,7 @@ class TDNNFModel(nn.Module):
             if coarse_from_start:
                 x, first, rate = x[:, (-first) % f::f], (first + (-first) % f) // f, f
             x = self.delta_batchnorm(x)
-        x = self.tdnn1_batchnorm(torch.relu_(self.tdnn1(x)))
+        x = relu_batchnorm(self.tdnn1(x), self.tdnn1_batchnorm)
         for i, layer in enumerate(self.tdnnfs):
             if i == self._last_fine_layer:
                 j0 = (-(first + layer.time_stride)) % f

@@ -1,0 +1,184 @@
+#include "nn/batchnorm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+namespace pkwrap {
+namespace nn {
+
+namespace {
+
+constexpr int64_t kBlockRows = 256;
+
+int Threads(int num_threads, int64_t work_items) {
+  if (num_threads <= 0) num_threads = omp_get_max_threads();
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, work_items)));
+}
+
+// Sums over the blocks' partial sums [nb][D] in block order -> out [D].
+void ReduceBlocks(const std::vector<double> &part, int64_t nb, int64_t D, double *out) {
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const double *p = part.data() + b * D;
+    for (int64_t d = 0; d < D; ++d) out[d] += p[d];
+  }
+}
+
+inline const float *BypassRow(const float *x, const BypassMap &m, int64_t i, int64_t D) {
+  const int64_t b = i / m.J, j = i - b * m.J;
+  return x + (b * m.Tx + m.offset + j * m.step) * D;
+}
+
+void CheckMap(const BypassMap &m, int64_t N) {
+  if (m.B <= 0 || m.J <= 0 || m.B * m.J != N || m.step <= 0 || m.offset < 0 ||
+      m.offset + (m.J - 1) * m.step >= m.Tx)
+    throw std::invalid_argument("relu_batchnorm: the bypass map does not fit the inputs");
+}
+
+
+// Row kernels on restrict-qualified pointers, so that the compiler vectorizes them.
+inline void ReluSums(float *__restrict row, int64_t D, bool relu, double *__restrict s,
+                     double *__restrict q) {
+  if (relu)
+    for (int64_t d = 0; d < D; ++d) row[d] = row[d] > 0.0f ? row[d] : 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = row[d];
+    s[d] += v;
+    q[d] += v * v;
+  }
+}
+
+inline void Normalize(const float *__restrict r, const float *__restrict x, float xs,
+                      const float *__restrict mean, const float *__restrict scale,
+                      float *__restrict o, int64_t D) {
+  if (x)
+    for (int64_t d = 0; d < D; ++d) o[d] = (r[d] - mean[d]) * scale[d] + xs * x[d];
+  else
+    for (int64_t d = 0; d < D; ++d) o[d] = (r[d] - mean[d]) * scale[d];
+}
+
+inline void GradSums(const float *__restrict g, const float *__restrict r,
+                     const float *__restrict mean, double *__restrict sg,
+                     double *__restrict sgr, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    sg[d] += g[d];
+    sgr[d] += static_cast<double>(g[d]) * static_cast<double>(r[d] - mean[d]);
+  }
+}
+
+inline void GradRow(const float *__restrict g, const float *__restrict r,
+                    const float *__restrict scale, const float *__restrict c1,
+                    const float *__restrict c2, float *__restrict gy, int64_t D, bool relu) {
+  if (relu) {
+    for (int64_t d = 0; d < D; ++d) {
+      // times the 0/1 mask (a select does not vectorize here); NaN propagates as in Kaldi
+      const float mask = r[d] > 0.0f ? 1.0f : 0.0f;
+      gy[d] = mask * (scale[d] * g[d] + c2[d] * r[d] + c1[d]);
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) gy[d] = scale[d] * g[d] + c2[d] * r[d] + c1[d];
+  }
+}
+
+inline void ScaleRow(const float *__restrict g, float a, float *__restrict o, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) o[d] = a * g[d];
+}
+
+}  // namespace
+
+void ReluBatchNormForward(float *y, int64_t N, int64_t D, bool relu, double epsilon,
+                          double target_rms, const float *bypass, const BypassMap &map,
+                          float bypass_scale, float *out, double *sum, double *sumsq,
+                          float *mean, float *scale, int num_threads) {
+  if (N < 1 || D < 1) throw std::invalid_argument("relu_batchnorm: empty input");
+  if (bypass) CheckMap(map, N);
+  const int64_t nb = (N + kBlockRows - 1) / kBlockRows;
+  const int nt = Threads(num_threads, nb);
+  std::vector<double> ps(nb * D), pq(nb * D);
+  // pass 1: ReLU in place, row sums of r and r^2 per block
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    double *s = ps.data() + blk * D, *q = pq.data() + blk * D;
+    const int64_t i1 = std::min(N, (blk + 1) * kBlockRows);
+    for (int64_t i = blk * kBlockRows; i < i1; ++i) ReluSums(y + i * D, D, relu, s, q);
+  }
+  ReduceBlocks(ps, nb, D, sum);
+  ReduceBlocks(pq, nb, D, sumsq);
+  for (int64_t d = 0; d < D; ++d) {
+    const double m = sum[d] / N;
+    const double v = std::max(0.0, sumsq[d] / N - m * m);
+    mean[d] = static_cast<float>(m);
+    scale[d] = static_cast<float>(target_rms / std::sqrt(v + epsilon));
+  }
+  // pass 2: normalize and add the bypass
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t i1 = std::min(N, (blk + 1) * kBlockRows);
+    for (int64_t i = blk * kBlockRows; i < i1; ++i)
+      Normalize(y + i * D, bypass ? BypassRow(bypass, map, i, D) : nullptr, bypass_scale, mean,
+                scale, out + i * D, D);
+  }
+}
+
+void ReluBatchNormBackward(const float *g, const float *r, int64_t N, int64_t D, bool relu,
+                           const float *mean, const float *scale, double epsilon,
+                           double target_rms, float *grad_y, float *grad_bypass,
+                           const BypassMap &map, float bypass_scale, int num_threads) {
+  (void)epsilon;  // 1 / (var + epsilon) = scale^2 / target_rms^2
+  if (N < 1 || D < 1) throw std::invalid_argument("relu_batchnorm: empty input");
+  if (grad_bypass) CheckMap(map, N);
+  const int64_t nb = (N + kBlockRows - 1) / kBlockRows;
+  const int nt = Threads(num_threads, nb);
+  std::vector<double> pg(nb * D), pgr(nb * D);
+  // pass 1: per block, sum of g and of g * (r - mean)
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    double *sg = pg.data() + blk * D, *sgr = pgr.data() + blk * D;
+    const int64_t i1 = std::min(N, (blk + 1) * kBlockRows);
+    for (int64_t i = blk * kBlockRows; i < i1; ++i)
+      GradSums(g + i * D, r + i * D, mean, sg, sgr, D);
+  }
+  std::vector<double> A(D), Bs(D);
+  ReduceBlocks(pg, nb, D, A.data());
+  ReduceBlocks(pgr, nb, D, Bs.data());
+  // dL/dr = s g + c2 r + c1, with c2 = -s^3 / rms^2 * B / N and c1 = -s A / N - mean c2
+  std::vector<float> c1(D), c2(D);
+  const double inv_rms2 = 1.0 / (target_rms * target_rms);
+  for (int64_t d = 0; d < D; ++d) {
+    const double s = scale[d];
+    const double k2 = -s * s * s * inv_rms2 * Bs[d] / N;
+    c2[d] = static_cast<float>(k2);
+    c1[d] = static_cast<float>(-s * A[d] / N - mean[d] * k2);
+  }
+  // pass 2: input gradient (masked by the ReLU) and the bypass gradient
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t i1 = std::min(N, (blk + 1) * kBlockRows);
+      for (int64_t i = blk * kBlockRows; i < i1; ++i) {
+        if (grad_bypass)
+          ScaleRow(g + i * D, bypass_scale,
+                   const_cast<float *>(BypassRow(grad_bypass, map, i, D)), D);
+        GradRow(g + i * D, r + i * D, scale, c1.data(), c2.data(), grad_y + i * D, D, relu);
+      }
+    }
+    if (grad_bypass) {  // zero the rows of x the bypass does not read
+      const int64_t rows = map.B * map.Tx;
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < rows; ++t) {
+        const int64_t k = t % map.Tx - map.offset;
+        if (k >= 0 && k % map.step == 0 && k / map.step < map.J) continue;
+        std::memset(grad_bypass + t * D, 0, sizeof(float) * D);
+      }
+    }
+  }
+}
+
+}  // namespace nn
+}  // namespace pkwrap
