@@ -36,6 +36,7 @@ logs to ``exp/pk/log/train.<rank>.log``.
   forward.py      nnet3-compute style forward pass writing a Kaldi ark
   model_io.py     model files (state dict + how to rebuild), compute-prob/combine programs
   comm_hooks.py   DDP communication hook for NG-SGD (pkwrap.optim)
+  host_memory.py  keep freed CPU memory for reuse (no page faults on every step)
 """
 from .checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,  # noqa: F401
                          save_checkpoint)
@@ -47,6 +48,7 @@ from .diagnostics import (combine_models, compute_chain_loss, compute_prob,  # n
 from .dist import (DistInfo, cleanup_distributed, get_rank, get_world_size,  # noqa: F401
                    setup_distributed)
 from .forward import compute_nnet_output, compute_nnet_outputs  # noqa: F401
+from .host_memory import keep_freed_memory  # noqa: F401
 from .loop import TrainConfig, Trainer  # noqa: F401
 from .metrics import ObjfTracker, kaldi_objf_line  # noqa: F401
 from .model_io import (combine_model_files, compute_prob_on_egs, load_model,  # noqa: F401
@@ -60,7 +62,7 @@ __all__ = [
     "combine_models", "compute_chain_loss", "compute_prob", "compute_prob_log_lines",
     "recompute_batchnorm_stats",
     "DistInfo", "cleanup_distributed", "get_rank", "get_world_size", "setup_distributed",
-    "compute_nnet_output", "compute_nnet_outputs",
+    "compute_nnet_output", "compute_nnet_outputs", "keep_freed_memory",
     "TrainConfig", "Trainer",
     "ObjfTracker", "kaldi_objf_line",
     "combine_model_files", "compute_prob_on_egs", "load_model", "save_model",

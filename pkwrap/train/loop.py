@@ -41,6 +41,7 @@ from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
                           compute_prob_log_lines, is_batchnorm)
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                    setup_distributed)
+from .host_memory import keep_freed_memory
 from .metrics import ObjfTracker, make_summary_writer, setup_logger
 from .model_io import save_model
 
@@ -85,6 +86,9 @@ class TrainConfig:
         has.
       find_unused_parameters: DDP's option, for models with parameters that some
         steps do not use.
+      keep_freed_memory: on the CPU, have malloc keep freed memory for reuse
+        (:func:`pkwrap.train.keep_freed_memory`: no page faults on every step's
+        buffers; the process keeps its peak heap).
     """
 
     exp_dir: str
@@ -109,6 +113,7 @@ class TrainConfig:
     batchnorm_stats_scale: float = 0.8
     model_averaging_period: int = 0
     find_unused_parameters: bool = False
+    keep_freed_memory: bool = True
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -201,6 +206,8 @@ class Trainer:
         self.model_spec = model_spec
         self.dist = dist_info if dist_info is not None else setup_distributed()
         self.device = self.dist.device
+        if self.device.type == "cpu" and config.keep_freed_memory:
+            keep_freed_memory()
         self.raw_model = model
         self.loss_fn = loss_fn
         self.optimizer = optimizer
