@@ -28,16 +28,46 @@ Workers run with OMP_WAIT_POLICY=PASSIVE unless it is set.
 its PYTHONPATH, interleaved with this checkout's, and prints the ratios, so that
 before/after comparisons come from one run on the same (shared, noisy) machine.
 
+``--kaldi DIR`` also runs real Kaldi ``nnet3-chain-train`` (CPU) on the same work, in the
+same invocation, right after each of our settings (same threads, NG on/off), and prints
+Kaldi's s/minibatch next to ours with the same-run ratio. DIR is a Kaldi ``src`` dir
+(binaries in its ``nnet3bin/`` and ``chainbin/``) or a dir holding the binaries; it needs
+``nnet3-init`` and ``nnet3-chain-train`` (``nnet3-info`` too, for the parameter check), of
+any CPU or CUDA build (run with ``--use-gpu=no``). In a temp dir the bench
+  * makes the model with ``nnet3-init`` from ``tests/fixtures/kaldi/bench/tdnn_1j.final.config``
+    (idct.mat path fixed, learning-rate 0.002 on the updatable components); for "no NG" the
+    same config with ``NaturalGradientAffineComponent`` -> ``AffineComponent`` and
+    ``use-natural-gradient=false`` on the ``TdnnComponent``/``LinearComponent`` lines (same
+    parameters, plain SGD updates);
+  * writes, with pkwrap's own chain-egs writer, one merged minibatch: the same 64 x 206
+    N(0,1) input frames as ours (t = -29..176, n-major) and the same synthetic numerator
+    (labels pdf+1, as Kaldi's supervision has), output indexes t = 0,3,..,147 (t-major);
+  * feeds warmup+steps copies of it to ``nnet3-chain-train --use-gpu=no
+    --leaky-hmm-coefficient=0.1 --xent-regularize=0.1 --max-param-change=2.0
+    --print-interval=1 <model> den.fst ark:- <out>`` on its stdin, with OMP_NUM_THREADS and
+    OPENBLAS_NUM_THREADS set to the thread count. Kaldi reads minibatch k+1 only after it has
+    trained on minibatch k, and each minibatch (2.6 MB) is far larger than the pipe, so the
+    moment our write of minibatch k returns is the moment Kaldi starts on it; the last one
+    ends when Kaldi prints its totals. Start-up and model I/O fall outside, and Kaldi's
+    s/minibatch is the mean of the same steps as ours (after --warmup, the next --steps).
+Checks printed: Kaldi's parameter count (nnet3-info) next to ours, and the chain objective
+of the first minibatch, which must equal ours (both output layers start at zero, so it
+depends only on the numerator, the den.fst and the frames).
+
 Usage:
   python3 bench/bench_train_step.py [--steps 4] [--warmup 11] [--threads 1,2]
-                                    [--baseline DIR]
+                                    [--baseline DIR] [--kaldi DIR]
 """
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -114,6 +144,160 @@ def worker(threads: int, natural: bool, steps: int, warmup: int) -> dict:
             "objf_per_frame": objf}
 
 
+# ---------------------------------------------------------------- real Kaldi (--kaldi DIR)
+KALDI_UPDATABLE = ("NaturalGradientAffineComponent", "TdnnComponent", "LinearComponent")
+
+
+def kaldi_binary(kaldi_dir: Path, name: str, required: bool = True):
+    """``name`` in DIR, DIR/chainbin or DIR/nnet3bin (DIR a Kaldi src dir or a bin dir)."""
+    for sub in ("", "chainbin", "nnet3bin"):
+        p = kaldi_dir / sub / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return p
+    if not required:
+        return None
+    sys.exit("--kaldi %s: no executable %s there or in its chainbin/ or nnet3bin/"
+             % (kaldi_dir, name))
+
+
+def kaldi_config(natural: bool, idct: Path, lr: float = 0.002) -> str:
+    """tdnn_1j.final.config with the idct matrix's path fixed and learning-rate ``lr`` on the
+    updatable components; ``natural=False`` turns natural gradient off everywhere
+    (NaturalGradientAffineComponent -> AffineComponent, which has the same parameters and
+    does plain SGD; use-natural-gradient=false on TdnnComponent and LinearComponent)."""
+    out = []
+    for line in (BENCH / "tdnn_1j.final.config").read_text().splitlines():
+        line = re.sub(r"matrix=\S*idct\.mat", "matrix=%s" % idct, line)
+        m = re.search(r"\btype=(\w+)", line)
+        if line.startswith("component ") and m and m.group(1) in KALDI_UPDATABLE:
+            line = line.rstrip() + " learning-rate=%g" % lr
+            if not natural:
+                if m.group(1) == "NaturalGradientAffineComponent":
+                    line = line.replace("type=NaturalGradientAffineComponent",
+                                        "type=AffineComponent")
+                else:
+                    line += " use-natural-gradient=false"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def kaldi_minibatch(left_context: int, right_context: int, fss: int = 3) -> bytes:
+    """One merged chain minibatch in Kaldi's binary egs format (the bytes after the key),
+    written by pkwrap.kaldi.chain_egs: our worker's N(0,1) features (S x t_in x F) as
+    input rows n-major with t = -left_context .. 3(T-1)+right_context, output indexes
+    t-major at t = 0, 3, .., 3(T-1), and our bench's numerator (labels pdf+1)."""
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
+    from pkwrap.kaldi.chain_egs import ChainEgsWriter, NnetChainExample
+    t_in = left_context + fss * (T - 1) + right_context + 1
+    feats = torch.randn(S, t_in, F, generator=torch.Generator().manual_seed(1))
+    n, t = np.meshgrid(np.arange(S), np.arange(-left_context, t_in - left_context),
+                       indexing="ij")
+    in_idx = np.stack([n.ravel(), t.ravel(), np.zeros(n.size, np.int64)], 1).astype(np.int32)
+    t, n = np.meshgrid(np.arange(T) * fss, np.arange(S), indexing="ij")
+    out_idx = np.stack([n.ravel(), t.ravel(), np.zeros(n.size, np.int64)], 1).astype(np.int32)
+    eg = NnetChainExample(inputs={"input": feats.reshape(S * t_in, F)},
+                          input_indexes={"input": in_idx}, output_name="output",
+                          output_indexes=out_idx, supervision=numerator(S, T, P))
+    with tempfile.TemporaryDirectory() as d:
+        with ChainEgsWriter("ark:%s/eg.ark" % d) as w:
+            w.write("mb", eg)
+        data = (Path(d) / "eg.ark").read_bytes()
+    assert data.startswith(b"mb ")
+    return data[3:]
+
+
+def kaldi_prepare(kaldi_dir: Path, tmp: Path) -> dict:
+    """Models (NG on and off) with nnet3-init, nnet3-info's parameter count and context,
+    and the minibatch bytes."""
+    shutil.copy(BENCH / "tdnn_1j.idct.mat", tmp / "idct.mat")
+    prep = {"train": kaldi_binary(kaldi_dir, "nnet3-chain-train"), "tmp": tmp}
+    init = kaldi_binary(kaldi_dir, "nnet3-init")
+    for natural in (True, False):
+        cfg = tmp / ("ng%d.config" % natural)
+        cfg.write_text(kaldi_config(natural, tmp / "idct.mat"))
+        raw = tmp / ("ng%d.raw" % natural)
+        out = subprocess.run([str(init), "--srand=0", str(cfg), str(raw)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit("nnet3-init failed:\n" + out.stderr[-3000:])
+        prep["raw%d" % natural] = raw
+    info = kaldi_binary(kaldi_dir, "nnet3-info", required=False)
+    prep["params"], lc, rc = None, 29, 29
+    if info:
+        for natural in (True, False):
+            out = subprocess.run([str(info), str(prep["raw%d" % natural])],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit("nnet3-info failed:\n" + out.stderr[-3000:])
+            txt = out.stdout
+            params = int(re.search(r"^num-parameters: (\d+)", txt, re.M).group(1))
+            lc = int(re.search(r"^left-context: (\d+)", txt, re.M).group(1))
+            rc = int(re.search(r"^right-context: (\d+)", txt, re.M).group(1))
+            prep["params%d" % natural] = params
+            if natural:
+                prep["params"], prep["context"] = params, (lc, rc)
+                prep["ng_components"] = len(re.findall(r"type=NaturalGradientAffine", txt))
+            else:
+                prep["plain_affine"] = len(re.findall(r"type=AffineComponent", txt))
+                prep["ng_off"] = len(re.findall(r"use-natural-gradient=false", txt))
+    prep["eg"] = kaldi_minibatch(lc, rc)
+    prep["input_frames"] = lc + 3 * (T - 1) + rc + 1
+    return prep
+
+
+KALDI_OBJF = re.compile(r"Average objective function for 'output' for minibatches "
+                        r"(\d+)-\d+ is (\S+)")
+
+
+def kaldi_worker(prep: dict, threads: int, natural: bool, steps: int, warmup: int) -> dict:
+    """Kaldi's nnet3-chain-train on warmup+steps copies of the minibatch, fed on its stdin;
+    per-minibatch seconds from when each write returns (Kaldi reads minibatch k+1 only after
+    training on k) to the next, the last to Kaldi's final totals."""
+    n = warmup + steps
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    out_raw = prep["tmp"] / "out.raw"
+    cmd = [str(prep["train"]), "--use-gpu=no", "--srand=0", "--print-interval=1",
+           "--leaky-hmm-coefficient=0.1", "--xent-regularize=0.1", "--max-param-change=2.0",
+           "--momentum=0.0", str(prep["raw%d" % natural]), str(BENCH / "den.fst"), "ark:-",
+           str(out_raw)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    lines = []
+
+    def read_stderr():
+        for line in proc.stderr:
+            lines.append((time.perf_counter(), line.decode(errors="replace")))
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    starts = []
+    try:
+        for k in range(n):
+            proc.stdin.write(b"mb%d " % k + prep["eg"])
+            proc.stdin.flush()
+            starts.append(time.perf_counter())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    rc = proc.wait()
+    reader.join()
+    log = "".join(line for _, line in lines)
+    ends = [t for t, line in lines if "Overall average objective function" in line]
+    if rc != 0 or len(starts) != n or not ends:
+        sys.exit("nnet3-chain-train failed (rc %d):\n%s\n%s" % (rc, " ".join(cmd), log[-3000:]))
+    bounds = starts + [ends[0]]
+    times = [bounds[k + 1] - bounds[k] for k in range(n)]
+    objf = {int(m.group(1)): float(m.group(2)) for m in KALDI_OBJF.finditer(log)}
+    overall = re.search(r"Overall average objective function for 'output' is (\S+)", log)
+    return {"threads": threads, "natural_gradient": natural, "times": times[warmup:],
+            "all_times": times, "mean_s": statistics.mean(times[warmup:]),
+            # Kaldi prints minibatch k's objf while on k+1: none for the last one
+            "objf_per_frame": [objf.get(k, float("nan")) for k in range(n - 1)],
+            "objf_mean": float(overall.group(1)) if overall else float("nan")}
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +306,9 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="also time the pkwrap of this checkout (before/after ratios)")
+    ap.add_argument("--kaldi", default=None, metavar="DIR",
+                    help="also time real Kaldi nnet3-chain-train from this Kaldi src (or "
+                         "bin) dir on the same work, interleaved with ours")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -131,7 +318,9 @@ def main():
     settings = [(int(t), True) for t in args.threads.split(",")]
     settings += [(int(t), False) for t in args.threads.split(",")]
     roots = [ROOT] + ([Path(args.baseline).resolve()] if args.baseline else [])
-    results, base_results = [], []
+    results, base_results, kaldi_results = [], [], []
+    kaldi_tmp = tempfile.TemporaryDirectory(prefix="bench_kaldi_") if args.kaldi else None
+    kaldi = kaldi_prepare(Path(args.kaldi).resolve(), Path(kaldi_tmp.name)) if args.kaldi else None
     for (threads, natural), root in [(st, r) for st in settings for r in roots]:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         # threads that wait sleep instead of spinning: on a shared (or 2-core) machine a
@@ -149,6 +338,11 @@ def main():
         if Path(r["pkwrap"]) != root:
             sys.exit("worker imported pkwrap from %s, not %s" % (r["pkwrap"], root))
         (results if root == ROOT else base_results).append(r)
+        if kaldi and root == roots[-1]:  # Kaldi right after our run(s) of this setting
+            kaldi_results.append(kaldi_worker(kaldi, threads, natural, args.steps,
+                                              args.warmup))
+    if kaldi_tmp:
+        kaldi_tmp.cleanup()
     frames = S * T
     r0 = results[0]
     print("model: TDNNFModel.tdnn_1j(%d): %d parameters; minibatch %d x %d frames (%d x %d "
@@ -180,11 +374,55 @@ def main():
                                         r["threads"], "s" if r["threads"] > 1 else "")
             print("%-26s %10.3f %12.0f %17.2fx" % (name, b["mean_s"], frames / b["mean_s"],
                                                    b["mean_s"] / r["mean_s"]))
+    if kaldi:
+        print_kaldi(args.kaldi, kaldi, results, kaldi_results)
     print("per-step times: " + "; ".join("%s/%dt: %s" % ("ng" if r["natural_gradient"] else
                                                         "plain", r["threads"],
                                                         ", ".join("%.3f" % t for t in r["times"]))
                                          for r in results + base_results))
+    if kaldi_results:
+        print("Kaldi per-minibatch times: " + "; ".join(
+            "%s/%dt: %s" % ("ng" if r["natural_gradient"] else "plain", r["threads"],
+                            ", ".join("%.3f" % t for t in r["times"])) for r in kaldi_results))
 
+
+def print_kaldi(kaldi_dir: str, kaldi: dict, results: list, kaldi_results: list) -> None:
+    """Kaldi's same-run figures next to ours."""
+    frames = S * T
+    print("Kaldi nnet3-chain-train, same run (%s): model from tdnn_1j.final.config: %s "
+          "parameters (ours %d), context %s, %d input frames per sequence"
+          % (kaldi_dir, kaldi["params"] if kaldi["params"] is not None else "?",
+             results[0]["params"],
+             "%d/%d" % kaldi["context"] if "context" in kaldi else "?",
+             kaldi["input_frames"]))
+    if kaldi.get("params0") is not None:
+        print("Kaldi no-NG model: %d parameters; %d AffineComponent, %d components with "
+              "use-natural-gradient=false (NG model: %d NaturalGradientAffineComponent)"
+              % (kaldi["params0"], kaldi["plain_affine"], kaldi["ng_off"],
+                 kaldi["ng_components"]))
+    print("%-26s %10s %14s %12s %14s %26s" % ("setting", "s/step", "Kaldi s/mb", "frames/s",
+                                              "Kaldi frames/s", "pkwrap vs Kaldi (same run)"))
+    for r, k in zip(results, kaldi_results):
+        name = "%s, %d thread%s" % ("NG-SGD" if r["natural_gradient"] else "no NG",
+                                    r["threads"], "s" if r["threads"] > 1 else "")
+        print("%-26s %10.3f %14.3f %12.0f %14.0f %25.2fx"
+              % (name, r["mean_s"], k["mean_s"], frames / r["mean_s"], frames / k["mean_s"],
+                 k["mean_s"] / r["mean_s"]))
+    for k in kaldi_results:
+        if k["natural_gradient"]:
+            plain = [q for q in kaldi_results if not q["natural_gradient"] and
+                     q["threads"] == k["threads"]]
+            if plain:
+                print("Kaldi natural gradient overhead (%d thread%s, same run): %+.0f%%"
+                      % (k["threads"], "s" if k["threads"] > 1 else "",
+                         100 * (k["mean_s"] / plain[0]["mean_s"] - 1)))
+    for r, k in zip(results, kaldi_results):
+        print("chain objf per frame, %s/%dt: ours first %.4f, mean of all %d steps %.4f; "
+              "Kaldi first %.4f, mean %.4f"
+              % ("ng" if r["natural_gradient"] else "plain", r["threads"],
+                 r["objf_per_frame"][0], len(r["objf_per_frame"]),
+                 statistics.mean(r["objf_per_frame"]), k["objf_per_frame"][0],
+                 k["objf_mean"]))
 
 if __name__ == "__main__":
     main()
