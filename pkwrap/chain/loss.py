@@ -208,8 +208,8 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
         n_oor = int((xf.abs() > 30.0).sum())
         if n_oor and opts.out_of_range_regularize > 0:
             over = xf - xf.clamp(-30.0, 30.0)
-            oor_term = -0.5 * opts.out_of_range_regularize * float(
-                torch.sum(over * over, dtype=torch.float64))
+            ov = over.reshape(-1)
+            oor_term = -0.5 * opts.out_of_range_regularize * float(torch.dot(ov, ov))
             if G is not None:
                 G.add_(over, alpha=opts.out_of_range_regularize / norm)
 
@@ -239,8 +239,10 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
 
     xent_objf = 0.0
     if xent_output is not None:
-        xent_objf = float(torch.sum(xent_output.detach().to(torch.float32) * xent_d,
-                                    dtype=torch.float64))
+        # one read of both (a float64 sum of the product would first write a float64
+        # copy of it); Kaldi's TraceMatMat is a float dot product too
+        xent_objf = float(torch.dot(xent_output.detach().to(torch.float32).reshape(-1),
+                                    xent_d.reshape(-1)))
         if not np.isfinite(xent_objf) and not ok:
             xent_objf = 0.0
 
