@@ -406,32 +406,26 @@ class _SplicedLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer, offs = ctx.layer, ctx.offs
         B, T, C = x.shape
-        span = offs[-1]
-        T_out = T - span
-        R = B * T - span
+        K = len(offs)
+        T_out = T - offs[-1]
+        N = B * T
         out = weight.shape[0]
         g = g.contiguous()
         grad_x = grad_w = grad_b = None
-        gf = g.new_zeros(B * T, out)  # g on the flat rows, zero where not valid
-        gf.view(B, T, out)[:, :T_out] = g
-        gR = gf[:R]
+        # On the flat rows r of x: G[r] = [g(r - o_1), ..., g(r - o_K)] (zero where that
+        # output frame does not exist).  Then the input gradient is G [W_1; ..; W_K] and
+        # the weight gradient's blocks are G^T X: two products with inner dimension
+        # K * out, and no K * C-wide intermediate to combine.
+        G = g.new_zeros(B, T, K, out)
+        for k, o in enumerate(offs):
+            G[:, o:o + T_out, k] = g
+        G = G.view(N, K * out)
         if ctx.needs_input_grad[0]:
-            gs = mm(gR, weight)  # [R][K C]
-            gx = x.new_empty(B * T, C)
-            if len(offs) == 2:  # one pass: gx[r] = gs[r, :C] + gs[r - d, C:]
-                d = offs[1]
-                gx[:d] = gs[:d, :C]
-                torch.add(gs[d:, :C], gs[:R - d, C:], out=gx[d:R])
-                gx[R:] = gs[R - d:, C:]
-            else:
-                gx.zero_()
-                for k, o in enumerate(offs):
-                    gx[o:o + R] += gs[:, k * C:(k + 1) * C]
-            grad_x = gx.view(B, T, C)
+            Wk = weight.view(out, K, C).transpose(0, 1).reshape(K * out, C)
+            grad_x = mm(G, Wk).view(B, T, C)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            # G^T X from the flat rows (the zero rows of gR drop the straddling ones)
-            xf = x.reshape(B * T, C)
-            grad_w = torch.cat([mm(gR.t(), xf[o:o + R]) for o in offs], 1)
+            gw = mm(G.t(), x.reshape(N, C))  # [K out][C]
+            grad_w = gw.view(K, out, C).transpose(0, 1).reshape(out, K * C)
             grad_b = g.reshape(B * T_out, out).sum(0) if ctx.has_bias else None
             if layer.use_natural_gradient:
                 Wi, s_in = layer.preconditioner_in.precondition_factors_spliced(
