@@ -158,9 +158,16 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- fast GEMM
 # torch's float32 CPU matmul goes to MKL, which on AMD processors runs its AVX2 kernels;
 # oneDNN (bundled with torch, used by its inductor for linear layers) dispatches on the
-# instruction set and runs AVX-512 kernels, 1.5-2.5x faster for this project's shapes
-# (measured on the 2-core AMD EPYC machine, 1 thread).  oneDNN takes strided operands, so
-# transposed views cost no copy.  Same float32 arithmetic, different summation order.
+# instruction set.  With AVX-512 its kernels are 1.5-2.5x faster than torch.mm (MKL) for
+# every large product of this project (measured on a 2-core AMD EPYC with AVX-512, 1
+# thread).  With AVX2 only (a 2-core AMD EPYC without AVX-512) it is faster only for tall
+# row-major products with a wide inner dimension (forward layers, preconditioner
+# projections; up to 2x), and MKL is faster, by about 1.5x, for the products summed over
+# the rows (weight gradients G^T X) and for narrow inner dimensions; the rules below
+# follow those measurements (``python3 bench/bench_train_step.py`` shows the effect).
+# oneDNN takes strided operands, so transposed views cost no copy.  Same float32
+# arithmetic, different summation order; the choice depends only on the shapes and the
+# CPU, so runs on one machine stay reproducible.
 _ONEDNN: Optional[bool] = None
 _ONEDNN_MIN_MACS = 1 << 18  # below this the call overhead dominates: use torch.mm
 
@@ -186,6 +193,21 @@ def _onednn_ok() -> bool:
     return _ONEDNN
 
 
+_WIDE_SIMD: Optional[bool] = None
+
+
+def _wide_simd() -> bool:
+    """Whether torch runs AVX-512 (or wider) kernels on this CPU."""
+    global _WIDE_SIMD
+    if _WIDE_SIMD is None:
+        try:
+            cap = torch.backends.cpu.get_cpu_capability()
+        except Exception:
+            cap = ""
+        _WIDE_SIMD = cap.startswith("AVX512")
+    return _WIDE_SIMD
+
+
 def _plain2d(t: torch.Tensor) -> bool:
     # oneDNN is fast on row-major or column-major operands without padding (a padded
     # leading dimension, e.g. a column slice, makes it fall back to a slow kernel)
@@ -206,7 +228,9 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if (a.dtype == torch.float32 and b.dtype == torch.float32 and a.device.type == "cpu"
             and b.device.type == "cpu" and a.dim() == 2 and b.dim() == 2
             and a.shape[0] * a.shape[1] * b.shape[1] >= _ONEDNN_MIN_MACS and a.shape[1] > 0
-            and _onednn_ok()):
+            and _onednn_ok() and (_wide_simd() or (
+                # AVX2: tall row-major products with a wide inner dimension only
+                a.stride(1) == 1 and a.shape[1] >= 256 and a.shape[0] >= 2 * a.shape[1]))):
         # oneDNN copies its first operand to row-major if it is not (a transposing copy,
         # slow); the second may be row- or column-major.  a @ b = (b^T a^T)^T: pick the
         # order with the smaller copy (a product summed over rows, G^T X, has both operands
@@ -232,7 +256,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             and weight.device.type == "cpu" and x.dim() == 2
             and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))
             and x.shape[0] * x.shape[1] * weight.shape[0] >= _ONEDNN_MIN_MACS
-            and x.shape[1] > 0 and not torch.is_autocast_enabled("cpu") and _onednn_ok()):
+            and x.shape[1] > 0 and not torch.is_autocast_enabled("cpu") and _onednn_ok()
+            # AVX2: oneDNN is slower for inner dimensions that are not a multiple of 32
+            and (_wide_simd() or x.shape[1] % 32 == 0)):
         if not _plain2d(x):
             x = x.contiguous()
         if not _plain2d(weight):
