@@ -497,10 +497,7 @@ class OnlineNaturalGradient:
         if ones_column:
             H += W_t[:, Dx]
             tr = tr + N
-        self.last_reorthogonalized = False
-        self.last_num_floored = 0
-        updating = self.updating()
-        self.last_updated = updating
+        updating = self._start_call()
         L = mm(H.t(), H)
         if updating:
             J = mm(H.t(), x)
@@ -509,6 +506,14 @@ class OnlineNaturalGradient:
             L_upd = W_t @ J.t() if N > D else L
             self._update(N, D, float(tr), J, L_upd)
         return H, W_t, self._factored_scale(tr, L, W_t)
+
+    def _start_call(self) -> bool:
+        """Resets the per-call diagnostics of a factored call; returns whether this call
+        updates the estimate."""
+        self.last_reorthogonalized = False
+        self.last_num_floored = 0
+        self.last_updated = self.updating()
+        return self.last_updated
 
     def _factored_scale(self, tr: torch.Tensor, L: torch.Tensor, W_t: torch.Tensor
                         ) -> torch.Tensor:
@@ -578,10 +583,7 @@ class OnlineNaturalGradient:
         tr = sum(fn[:, o:o + T_out].sum() for o in offs)
         if ones_column:
             tr = tr + N
-        self.last_reorthogonalized = False
-        self.last_num_floored = 0
-        updating = self.updating()
-        self.last_updated = updating
+        updating = self._start_call()
         L = mm(H.t(), H)
         if updating:
             Hz = Hf.new_zeros(B * T, Rk)  # H on the flat rows, zero where not valid
