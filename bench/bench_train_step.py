@@ -21,7 +21,9 @@ Timing: after --warmup steps (default 11: Kaldi's preconditioners update on each
 first 10 minibatches, then on every 4th), the mean of --steps steps (default 4, so one
 Fisher-estimate update per 4 steps, as in steady-state training).
 
-Workers run with OMP_WAIT_POLICY=PASSIVE unless it is set.
+Workers run with OMP_WAIT_POLICY=PASSIVE unless it is set, and keep freed memory for reuse
+as pkwrap.train's Trainer does (``pkwrap.train.keep_freed_memory``; PKWRAP_KEEP_FREED_MEMORY=0
+turns it off).
 
 ``--baseline DIR`` also runs every setting with the pkwrap of another checkout (e.g. a
 ``git worktree`` of an older commit; copy the built ``pkwrap/_pkwrap*.so`` into it) first on
@@ -103,6 +105,11 @@ def numerator(S, T, P, seed=0, k=3):
 def worker(threads: int, natural: bool, steps: int, warmup: int) -> dict:
     import torch
     torch.set_num_threads(threads)
+    try:  # as pkwrap.train.Trainer does on the CPU (absent in older checkouts)
+        from pkwrap.train import keep_freed_memory
+        keep_freed_memory()
+    except ImportError:
+        pass
     from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
     from pkwrap.nn import TDNNFModel, scale_batchnorm_stats
     from pkwrap.optim import NGSGD, kaldi_param_groups
