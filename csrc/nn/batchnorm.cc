@@ -29,6 +29,23 @@ void ReduceBlocks(const std::vector<double> &part, int64_t nb, int64_t D, double
   }
 }
 
+// Two column sums over the rows, formed per fixed block of rows and added in block order
+// (so independent of the thread count): row_fn(i, acc1, acc2) adds row i into the block's
+// two [D] accumulators; the totals go to out1, out2 [D].
+template <typename RowFn>
+void TwoBlockSums(int64_t N, int64_t D, int nt, RowFn row_fn, double *out1, double *out2) {
+  const int64_t nb = (N + kBlockRows - 1) / kBlockRows;
+  std::vector<double> p1(nb * D), p2(nb * D);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t i1 = std::min(N, (blk + 1) * kBlockRows);
+    for (int64_t i = blk * kBlockRows; i < i1; ++i)
+      row_fn(i, p1.data() + blk * D, p2.data() + blk * D);
+  }
+  ReduceBlocks(p1, nb, D, out1);
+  ReduceBlocks(p2, nb, D, out2);
+}
+
 inline const float *BypassRow(const float *x, const BypassMap &m, int64_t i, int64_t D) {
   const int64_t b = i / m.J, j = i - b * m.J;
   return x + (b * m.Tx + m.offset + j * m.step) * D;
@@ -99,16 +116,10 @@ void ReluBatchNormForward(float *y, int64_t N, int64_t D, bool relu, double epsi
   if (bypass) CheckMap(map, N);
   const int64_t nb = (N + kBlockRows - 1) / kBlockRows;
   const int nt = Threads(num_threads, nb);
-  std::vector<double> ps(nb * D), pq(nb * D);
-  // pass 1: ReLU in place, row sums of r and r^2 per block
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    double *s = ps.data() + blk * D, *q = pq.data() + blk * D;
-    const int64_t i1 = std::min(N, (blk + 1) * kBlockRows);
-    for (int64_t i = blk * kBlockRows; i < i1; ++i) ReluSums(y + i * D, D, relu, s, q);
-  }
-  ReduceBlocks(ps, nb, D, sum);
-  ReduceBlocks(pq, nb, D, sumsq);
+  // pass 1: ReLU in place, row sums of r and r^2
+  TwoBlockSums(
+      N, D, nt, [&](int64_t i, double *s, double *q) { ReluSums(y + i * D, D, relu, s, q); },
+      sum, sumsq);
   for (int64_t d = 0; d < D; ++d) {
     const double m = sum[d] / N;
     const double v = std::max(0.0, sumsq[d] / N - m * m);
@@ -134,18 +145,12 @@ void ReluBatchNormBackward(const float *g, const float *r, int64_t N, int64_t D,
   if (grad_bypass) CheckMap(map, N);
   const int64_t nb = (N + kBlockRows - 1) / kBlockRows;
   const int nt = Threads(num_threads, nb);
-  std::vector<double> pg(nb * D), pgr(nb * D);
-  // pass 1: per block, sum of g and of g * (r - mean)
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    double *sg = pg.data() + blk * D, *sgr = pgr.data() + blk * D;
-    const int64_t i1 = std::min(N, (blk + 1) * kBlockRows);
-    for (int64_t i = blk * kBlockRows; i < i1; ++i)
-      GradSums(g + i * D, r + i * D, mean, sg, sgr, D);
-  }
+  // pass 1: row sums of g and of g * (r - mean)
   std::vector<double> A(D), Bs(D);
-  ReduceBlocks(pg, nb, D, A.data());
-  ReduceBlocks(pgr, nb, D, Bs.data());
+  TwoBlockSums(
+      N, D, nt,
+      [&](int64_t i, double *sg, double *sgr) { GradSums(g + i * D, r + i * D, mean, sg, sgr, D); },
+      A.data(), Bs.data());
   // dL/dr = s g + c2 r + c1, with c2 = -s^3 / rms^2 * B / N and c1 = -s A / N - mean c2
   std::vector<float> c1(D), c2(D);
   const double inv_rms2 = 1.0 / (target_rms * target_rms);
