@@ -38,6 +38,16 @@ nn::BypassMap MakeMap(const py::tuple &t) {
   return m;
 }
 
+// The optional bypass buffer: None (nullptr), or a [B][Tx][D] float32 array with B and Tx
+// from `map`, kept alive in `holder`; `m` receives the map.
+float *OptionalBypass(const py::object &obj, const py::tuple &map, int64_t D, bool writable,
+                      const char *what, py::array &holder, nn::BypassMap &m) {
+  if (obj.is_none()) return nullptr;
+  holder = obj.cast<py::array>();
+  m = MakeMap(map);
+  return FloatBuffer(holder, m.B * m.Tx * D, writable, what);
+}
+
 // relu_batchnorm_forward(y [N][D], out [N][D], bypass or None, map, bypass_scale, relu,
 //                        epsilon, target_rms, num_threads) -> (sum, sumsq, mean, scale)
 py::tuple ForwardPy(py::array y, py::array out, py::object bypass, py::tuple map,
@@ -47,14 +57,9 @@ py::tuple ForwardPy(py::array y, py::array out, py::object bypass, py::tuple map
   const int64_t N = y.shape(0), D = y.shape(1);
   float *yp = FloatBuffer(y, N * D, true, "y");
   float *op = FloatBuffer(out, N * D, true, "out");
-  const float *xp = nullptr;
   nn::BypassMap m;
   py::array x;
-  if (!bypass.is_none()) {
-    x = bypass.cast<py::array>();
-    m = MakeMap(map);
-    xp = FloatBuffer(x, m.B * m.Tx * D, false, "bypass");
-  }
+  const float *xp = OptionalBypass(bypass, map, D, false, "bypass", x, m);
   py::array_t<double> sum(D), sumsq(D);
   py::array_t<float> mean(D), scale(D);
   {
@@ -78,14 +83,9 @@ void BackwardPy(py::array g, py::array r, py::array mean, py::array scale, py::a
   const float *mp = FloatBuffer(mean, D, false, "mean");
   const float *sp = FloatBuffer(scale, D, false, "scale");
   float *gyp = FloatBuffer(grad_y, N * D, true, "grad_y");
-  float *gxp = nullptr;
   nn::BypassMap m;
   py::array gx;
-  if (!grad_bypass.is_none()) {
-    gx = grad_bypass.cast<py::array>();
-    m = MakeMap(map);
-    gxp = FloatBuffer(gx, m.B * m.Tx * D, true, "grad_bypass");
-  }
+  float *gxp = OptionalBypass(grad_bypass, map, D, true, "grad_bypass", gx, m);
   py::gil_scoped_release release;
   nn::ReluBatchNormBackward(gp, rp, N, D, relu, mp, sp, epsilon, target_rms, gyp, gxp, m,
                             bypass_scale, num_threads);

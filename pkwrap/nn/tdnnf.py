@@ -39,6 +39,7 @@ offsets by f.  This evaluates exactly the frames Kaldi evaluates.  Input ``[B][T
 gives output ``[B][T_out][P]`` with ``T_out = (T_in - l - r - 1) // f + 1`` and output frame
 j depends on input frames ``j f .. j f + l + r``.
 """
+import functools
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -278,17 +279,14 @@ def _fused_ok(*ts: Optional[torch.Tensor]) -> bool:
                              t.dim() >= 2) for t in ts)
 
 
-_NATIVE = []
-
-
+@functools.lru_cache(maxsize=None)
 def _native():
-    if not _NATIVE:
-        try:
-            from pkwrap import _pkwrap
-            _NATIVE.append(_pkwrap if hasattr(_pkwrap, "relu_batchnorm_forward") else None)
-        except ImportError:  # source tree without the built extension
-            _NATIVE.append(None)
-    return _NATIVE[0]
+    """The C++ module with the fused kernels, or None (source tree without a build)."""
+    try:
+        from pkwrap import _pkwrap
+    except ImportError:
+        return None
+    return _pkwrap if hasattr(_pkwrap, "relu_batchnorm_forward") else None
 
 
 class _ReluBatchNormFunction(torch.autograd.Function):
