@@ -305,6 +305,35 @@ def kaldi_worker(prep: dict, threads: int, natural: bool, steps: int, warmup: in
             "objf_per_frame": [objf.get(k, float("nan")) for k in range(n - 1)],
             "objf_mean": float(overall.group(1)) if overall else float("nan")}
 
+def _name(r: dict) -> str:
+    """A setting's row label, e.g. 'NG-SGD, 2 threads'."""
+    return "%s, %d thread%s" % ("NG-SGD" if r["natural_gradient"] else "no NG", r["threads"],
+                                "s" if r["threads"] > 1 else "")
+
+
+def _tag(r: dict) -> str:
+    """A setting's short tag, e.g. 'ng/2t'."""
+    return "%s/%dt" % ("ng" if r["natural_gradient"] else "plain", r["threads"])
+
+
+def _print_ng_overheads(results: list, label: str, suffix: str = "") -> None:
+    """Natural gradient's cost per thread count: NG time over no-NG time, same run."""
+    for r in results:
+        if r["natural_gradient"]:
+            plain = [q for q in results if not q["natural_gradient"] and
+                     q["threads"] == r["threads"]]
+            if plain:
+                print("%s (%d thread%s, same run): %+.0f%%%s"
+                      % (label, r["threads"], "s" if r["threads"] > 1 else "",
+                         100 * (r["mean_s"] / plain[0]["mean_s"] - 1), suffix))
+
+
+def _times_line(label: str, results: list) -> str:
+    """One line of every step's time per setting."""
+    return label + ": " + "; ".join(
+        "%s: %s" % (_tag(r), ", ".join("%.3f" % t for t in r["times"])) for r in results)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -358,40 +387,24 @@ def main():
     print("%-26s %10s %12s %16s %14s" % ("setting", "s/step", "frames/s", "Kaldi frames/s",
                                          "vs Kaldi"))
     for r in results:
-        name = "%s, %d thread%s" % ("NG-SGD" if r["natural_gradient"] else "no NG",
-                                    r["threads"], "s" if r["threads"] > 1 else "")
+        name = _name(r)
         fps = frames / r["mean_s"]
         k = KALDI_S_PER_MB.get(r["threads"])
         kaldi_fps = frames / k if k and r["natural_gradient"] else float("nan")
         print("%-26s %10.3f %12.0f %16.0f %13.2fx" % (name, r["mean_s"], fps, kaldi_fps,
                                                       fps / kaldi_fps))
-    for r in results:
-        if r["natural_gradient"]:
-            plain = [q for q in results if not q["natural_gradient"] and
-                     q["threads"] == r["threads"]]
-            if plain:
-                print("natural gradient overhead (%d thread%s, same run): %+.0f%% (Kaldi: +14%%)"
-                      % (r["threads"], "s" if r["threads"] > 1 else "",
-                         100 * (r["mean_s"] / plain[0]["mean_s"] - 1)))
+    _print_ng_overheads(results, "natural gradient overhead", " (Kaldi: +14%)")
     if base_results:
         print("baseline %s:" % roots[1])
         print("%-26s %10s %12s %18s" % ("setting", "s/step", "frames/s", "speed-up vs base"))
         for r, b in zip(results, base_results):
-            name = "%s, %d thread%s" % ("NG-SGD" if r["natural_gradient"] else "no NG",
-                                        r["threads"], "s" if r["threads"] > 1 else "")
-            print("%-26s %10.3f %12.0f %17.2fx" % (name, b["mean_s"], frames / b["mean_s"],
+            print("%-26s %10.3f %12.0f %17.2fx" % (_name(r), b["mean_s"], frames / b["mean_s"],
                                                    b["mean_s"] / r["mean_s"]))
     if kaldi:
         print_kaldi(args.kaldi, kaldi, results, kaldi_results)
-    print("per-step times: " + "; ".join("%s/%dt: %s" % ("ng" if r["natural_gradient"] else
-                                                        "plain", r["threads"],
-                                                        ", ".join("%.3f" % t for t in r["times"]))
-                                         for r in results + base_results))
+    print(_times_line("per-step times", results + base_results))
     if kaldi_results:
-        print("Kaldi per-minibatch times: " + "; ".join(
-            "%s/%dt: %s" % ("ng" if r["natural_gradient"] else "plain", r["threads"],
-                            ", ".join("%.3f" % t for t in r["times"])) for r in kaldi_results))
-
+        print(_times_line("Kaldi per-minibatch times", kaldi_results))
 
 def print_kaldi(kaldi_dir: str, kaldi: dict, results: list, kaldi_results: list) -> None:
     """Kaldi's same-run figures next to ours."""
@@ -410,24 +423,14 @@ def print_kaldi(kaldi_dir: str, kaldi: dict, results: list, kaldi_results: list)
     print("%-26s %10s %14s %12s %14s %26s" % ("setting", "s/step", "Kaldi s/mb", "frames/s",
                                               "Kaldi frames/s", "pkwrap vs Kaldi (same run)"))
     for r, k in zip(results, kaldi_results):
-        name = "%s, %d thread%s" % ("NG-SGD" if r["natural_gradient"] else "no NG",
-                                    r["threads"], "s" if r["threads"] > 1 else "")
         print("%-26s %10.3f %14.3f %12.0f %14.0f %25.2fx"
-              % (name, r["mean_s"], k["mean_s"], frames / r["mean_s"], frames / k["mean_s"],
+              % (_name(r), r["mean_s"], k["mean_s"], frames / r["mean_s"], frames / k["mean_s"],
                  k["mean_s"] / r["mean_s"]))
-    for k in kaldi_results:
-        if k["natural_gradient"]:
-            plain = [q for q in kaldi_results if not q["natural_gradient"] and
-                     q["threads"] == k["threads"]]
-            if plain:
-                print("Kaldi natural gradient overhead (%d thread%s, same run): %+.0f%%"
-                      % (k["threads"], "s" if k["threads"] > 1 else "",
-                         100 * (k["mean_s"] / plain[0]["mean_s"] - 1)))
+    _print_ng_overheads(kaldi_results, "Kaldi natural gradient overhead")
     for r, k in zip(results, kaldi_results):
-        print("chain objf per frame, %s/%dt: ours first %.4f, mean of all %d steps %.4f; "
+        print("chain objf per frame, %s: ours first %.4f, mean of all %d steps %.4f; "
               "Kaldi first %.4f, mean %.4f"
-              % ("ng" if r["natural_gradient"] else "plain", r["threads"],
-                 r["objf_per_frame"][0], len(r["objf_per_frame"]),
+              % (_tag(r), r["objf_per_frame"][0], len(r["objf_per_frame"]),
                  statistics.mean(r["objf_per_frame"]), k["objf_per_frame"][0],
                  k["objf_mean"]))
 
