@@ -455,7 +455,8 @@ class OnlineNaturalGradient:
         return X.addmm_(H_t, W_t, alpha=-1.0) if in_place else torch.addmm(X, H_t, W_t, alpha=-1.0)
 
     @torch.no_grad()
-    def precondition_factors(self, x: torch.Tensor, ones_column: bool = False
+    def precondition_factors(self, x: torch.Tensor, ones_column: bool = False,
+                             sqnorm: Optional[float] = None
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Like :meth:`precondition_directions`, but returns X_hat in factored form.
 
@@ -471,6 +472,9 @@ class OnlineNaturalGradient:
             ``[N][D']`` with D = D' + 1 if ``ones_column`` else D'.
           ones_column:
             Whether X has a column of ones appended to x.
+          sqnorm:
+            ``|x|^2`` if the caller has it already (e.g. from a fused kernel that wrote x);
+            computed here otherwise.
         Returns:
           ``(H, W, scale)``: H ``[N][R]``, W ``[R][D]`` (the estimate the call used; later calls
           do not modify it in place), scale a 0-dim float64 tensor as in
@@ -493,7 +497,10 @@ class OnlineNaturalGradient:
         W_t = self.W_t
         x = x.to(W_t.dtype)
         H = mm(x, W_t[:, :Dx].t())
-        tr = torch.linalg.vector_norm(x).square()
+        if sqnorm is None:
+            tr = torch.linalg.vector_norm(x).square()
+        else:
+            tr = torch.tensor(float(sqnorm), dtype=torch.float64, device=x.device)
         if ones_column:
             H += W_t[:, Dx]
             tr = tr + N
@@ -529,7 +536,8 @@ class OnlineNaturalGradient:
         return scale
 
     @torch.no_grad()
-    def precondition_factors_spliced(self, x: torch.Tensor, offsets, ones_column: bool = False
+    def precondition_factors_spliced(self, x: torch.Tensor, offsets, ones_column: bool = False,
+                                     frame_sqnorm: Optional[torch.Tensor] = None
                                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`precondition_factors` for the rows of spliced frames, without forming them.
 
@@ -546,6 +554,9 @@ class OnlineNaturalGradient:
             The relative offsets ``o_1 = 0 < ... < o_K``.
           ones_column:
             Whether X has a column of ones appended.
+          frame_sqnorm:
+            ``[B][T]`` squared norms of the frames of x if the caller has them already
+            (computed here otherwise).
         Returns:
           ``(W, scale)`` as in :meth:`precondition_factors` (H is not returned).
         """
@@ -579,7 +590,13 @@ class OnlineNaturalGradient:
         Hv = Hf.as_strided((B, T_out, Rk), (T * Rk, Rk, 1))  # the valid rows
         H = Hv.reshape(N, Rk)
         # |X|^2 from one pass: squared frame norms, summed over each offset's window
-        fn = torch.linalg.vector_norm(x, dim=2).square()  # [B][T]
+        if frame_sqnorm is None:
+            fn = torch.linalg.vector_norm(x, dim=2).square()  # [B][T]
+        else:
+            if tuple(frame_sqnorm.shape) != (B, T):
+                raise ValueError(f"precondition_factors_spliced: frame_sqnorm has shape "
+                                 f"{tuple(frame_sqnorm.shape)}, expected {(B, T)}")
+            fn = frame_sqnorm
         tr = sum(fn[:, o:o + T_out].sum() for o in offs)
         if ones_column:
             tr = tr + N

@@ -206,6 +206,101 @@ def test_fused_batchnorm_checks_shapes_and_falls_back():
     torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_batchnorm_kernel_statistics():
+    """The row norms of the forward and the column sums / squared norm of the backward that
+    the kernels return for the natural-gradient layers equal torch's."""
+    from pkwrap.nn.tdnnf import _bn_backward, _bn_forward, _bypass_map
+    torch.manual_seed(3)
+    B, Tx, J, D = 2, 530, 526, 7  # several 256-row blocks
+    x = torch.randn(B, Tx, D)
+    y = torch.randn(B, J, D)
+    bn = KaldiBatchNorm(D)
+    bmap = _bypass_map((B, J), x, (2, 1))
+    out, osq, mean, sc = _bn_forward(y, x, bn, True, 0.66, bmap, True)
+    assert osq.dtype == torch.float64 and tuple(osq.shape) == (B * J,)
+    torch.testing.assert_close(osq, out.double().square().sum(-1).reshape(-1), rtol=1e-6, atol=0)
+    g = torch.randn(B, J, D)
+    gy, gx, (gsum, gsq) = _bn_backward(g, y, mean, sc, bn, True, 0.66, bmap, x.shape, True)
+    torch.testing.assert_close(gsum, gy.double().sum((0, 1)), rtol=1e-6, atol=1e-9)
+    assert abs(gsq - float(gy.double().square().sum())) <= 1e-6 * gsq
+    assert _bn_backward(g, y, mean, sc, bn, True, 0.66, bmap, None, False)[2] is None
+
+
+def test_row_sqnorm_is_dropped_when_stale():
+    from pkwrap.nn.natural import row_sqnorm, set_row_sqnorm
+    x = torch.randn(3, 4, 5)
+    sq = x.square().sum(-1)
+    assert row_sqnorm(set_row_sqnorm(x, sq)) is sq
+    assert row_sqnorm(x.view(12, 5)) is None  # another tensor
+    x.add_(1.0)  # modified in place: the norms no longer hold
+    assert row_sqnorm(x) is None
+    assert row_sqnorm(set_row_sqnorm(torch.randn(3, 4), sq)) is None  # wrong shape
+
+
+def _assert_close_to_max(a, b, rel, what):
+    err = float((a - b).abs().max())
+    assert err <= rel * float(b.abs().max()) + 1e-7, (what, err, float(b.abs().max()))
+
+
+def _separate_affine_relu_batchnorm(x, affine, bn, bypass=None, c=0, bypass_scale=0.0,
+                                    pick=None, rate=1, row_norms=False):
+    from pkwrap.nn.tdnnf import TDNN, relu_batchnorm
+    y = affine(x, rate, pick) if isinstance(affine, TDNN) else affine(x)
+    return relu_batchnorm(y, bn, bypass, c, bypass_scale, pick)
+
+
+@pytest.mark.parametrize("use_ng", [True, False])
+def test_fused_affine_batchnorm_equals_separate_layers(monkeypatch, use_ng):
+    """A TDNN-F model trained a few steps with the fused affine + ReLU + batchnorm (+ bypass)
+    nodes and the row norms they pass on gives the outputs, gradients, batchnorm statistics
+    and natural-gradient state of the same model built from separate layers."""
+    from pkwrap.nn import natural_gradient_modules, tdnnf
+    torch.manual_seed(0)
+    model = TDNNFModel(13, feat_dim=10, tdnn_dim=24, tdnnf_dim=24, bottleneck_dim=8,
+                       time_strides=(1, 0, 3, 3), prefinal_dim=12, prefinal_big_dim=20)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.1)  # the zero output layers would hide gradients
+    for _, m in natural_gradient_modules(model):
+        m.use_natural_gradient = use_ng
+    ref = copy.deepcopy(model)
+    calls = []
+    fused_fn = tdnnf._AffineReluBatchNormFunction.apply
+    monkeypatch.setattr(tdnnf._AffineReluBatchNormFunction, "apply",
+                        lambda *a: calls.append(1) or fused_fn(*a))
+    for step in range(14):  # past the preconditioners' updating calls
+        x = torch.randn(4, 45, 10, generator=_gen(step))
+        res = []
+        for m in (model, ref):
+            with monkeypatch.context() as mp:
+                if m is ref:
+                    mp.setattr(tdnnf, "affine_relu_batchnorm", _separate_affine_relu_batchnorm)
+                m.zero_grad()
+                chain, xent = m(x)
+                (chain.square().sum() - xent.sum()).backward()
+            res.append((chain.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+        with torch.no_grad():  # both take the fused model's step (rounding would compound)
+            for p, q in zip(model.parameters(), ref.parameters()):
+                q.copy_(p.sub_(0.01 * p.grad))
+        (c1, g1), (c2, g2) = res
+        # float rounding differs: errors relative to each tensor's largest entry
+        _assert_close_to_max(c1, c2, 1e-4, f"output step {step}")
+        for n in g1:
+            _assert_close_to_max(g1[n], g2[n], 1e-4, f"{n} step {step}")
+    monkeypatch.undo()
+    assert len(calls) == 14 * 7  # tdnn1, 4 TDNN-F layers, 2 prefinal layers per step
+    for (n, b1), b2 in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6, msg=n)
+    if use_ng:
+        for (_, m1), (_, m2) in zip(natural_gradient_modules(model),
+                                    natural_gradient_modules(ref)):
+            for p1, p2 in ((m1.preconditioner_in, m2.preconditioner_in),
+                           (m1.preconditioner_out, m2.preconditioner_out)):
+                assert p1.t == p2.t > 10
+                torch.testing.assert_close(p1.W_t, p2.W_t, rtol=1e-3, atol=1e-5)
+
+
 def test_keep_freed_memory(monkeypatch):
     import ctypes.util
     from pkwrap.train import host_memory

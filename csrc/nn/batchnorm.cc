@@ -79,6 +79,18 @@ inline void Normalize(const float *__restrict r, const float *__restrict x, floa
     for (int64_t d = 0; d < D; ++d) o[d] = (r[d] - mean[d]) * scale[d];
 }
 
+// Squared norm of a row, summed in double (a fixed vectorized order: deterministic).
+inline double SquaredNorm(const float *__restrict v, int64_t D) {
+  double q = 0.0;
+#pragma omp simd reduction(+ : q)
+  for (int64_t d = 0; d < D; ++d) q += static_cast<double>(v[d]) * v[d];
+  return q;
+}
+
+inline void AddRow(const float *__restrict v, double *__restrict s, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) s[d] += v[d];
+}
+
 inline void GradSums(const float *__restrict g, const float *__restrict r,
                      const float *__restrict mean, double *__restrict sg,
                      double *__restrict sgr, int64_t D) {
@@ -111,7 +123,7 @@ inline void ScaleRow(const float *__restrict g, float a, float *__restrict o, in
 void ReluBatchNormForward(float *y, int64_t N, int64_t D, bool relu, double epsilon,
                           double target_rms, const float *bypass, const BypassMap &map,
                           float bypass_scale, float *out, double *sum, double *sumsq,
-                          float *mean, float *scale, int num_threads) {
+                          float *mean, float *scale, double *out_sq, int num_threads) {
   if (N < 1 || D < 1) throw std::invalid_argument("relu_batchnorm: empty input");
   if (bypass) CheckMap(map, N);
   const int64_t nb = (N + kBlockRows - 1) / kBlockRows;
@@ -130,16 +142,19 @@ void ReluBatchNormForward(float *y, int64_t N, int64_t D, bool relu, double epsi
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t blk = 0; blk < nb; ++blk) {
     const int64_t i1 = std::min(N, (blk + 1) * kBlockRows);
-    for (int64_t i = blk * kBlockRows; i < i1; ++i)
+    for (int64_t i = blk * kBlockRows; i < i1; ++i) {
       Normalize(y + i * D, bypass ? BypassRow(bypass, map, i, D) : nullptr, bypass_scale, mean,
                 scale, out + i * D, D);
+      if (out_sq) out_sq[i] = SquaredNorm(out + i * D, D);
+    }
   }
 }
 
 void ReluBatchNormBackward(const float *g, const float *r, int64_t N, int64_t D, bool relu,
                            const float *mean, const float *scale, double epsilon,
                            double target_rms, float *grad_y, float *grad_bypass,
-                           const BypassMap &map, float bypass_scale, int num_threads) {
+                           const BypassMap &map, float bypass_scale, double *grad_y_sum,
+                           double *grad_y_sq, int num_threads) {
   (void)epsilon;  // 1 / (var + epsilon) = scale^2 / target_rms^2
   if (N < 1 || D < 1) throw std::invalid_argument("relu_batchnorm: empty input");
   if (grad_bypass) CheckMap(map, N);
@@ -160,18 +175,28 @@ void ReluBatchNormBackward(const float *g, const float *r, int64_t N, int64_t D,
     c2[d] = static_cast<float>(k2);
     c1[d] = static_cast<float>(-s * A[d] / N - mean[d] * k2);
   }
-  // pass 2: input gradient (masked by the ReLU) and the bypass gradient
+  // pass 2: input gradient (masked by the ReLU), the bypass gradient, and (if wanted)
+  // per-block column sums and squared norms of the input gradient
+  const bool stats = grad_y_sum != nullptr;
+  std::vector<double> ps(stats ? nb * D : 0), pq(stats ? nb : 0);
 #pragma omp parallel num_threads(nt)
   {
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nb; ++blk) {
       const int64_t i1 = std::min(N, (blk + 1) * kBlockRows);
+      double q = 0.0;
       for (int64_t i = blk * kBlockRows; i < i1; ++i) {
         if (grad_bypass)
           ScaleRow(g + i * D, bypass_scale,
                    const_cast<float *>(BypassRow(grad_bypass, map, i, D)), D);
-        GradRow(g + i * D, r + i * D, scale, c1.data(), c2.data(), grad_y + i * D, D, relu);
+        float *gy = grad_y + i * D;
+        GradRow(g + i * D, r + i * D, scale, c1.data(), c2.data(), gy, D, relu);
+        if (stats) {
+          AddRow(gy, ps.data() + blk * D, D);
+          q += SquaredNorm(gy, D);
+        }
       }
+      if (stats) pq[blk] = q;
     }
     if (grad_bypass) {  // zero the rows of x the bypass does not read
       const int64_t rows = map.B * map.Tx;
@@ -182,6 +207,12 @@ void ReluBatchNormBackward(const float *g, const float *r, int64_t N, int64_t D,
         std::memset(grad_bypass + t * D, 0, sizeof(float) * D);
       }
     }
+  }
+  if (stats) {
+    ReduceBlocks(ps, nb, D, grad_y_sum);
+    double q = 0.0;
+    for (int64_t b = 0; b < nb; ++b) q += pq[b];
+    *grad_y_sq = q;
   }
 }
 

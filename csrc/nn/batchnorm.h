@@ -29,19 +29,24 @@ struct BypassMap {
 
 // y [N][D] (ReLU applied in place when relu), out [N][D]; bypass (nullptr: none) as above.
 // Writes the row sums of r into sum/sumsq [D] (double) and the per-column mean and scale s
-// into mean/scale [D] (float; what the backward needs).
+// into mean/scale [D] (float; what the backward needs).  out_sq (nullptr: not wanted)
+// receives the squared norm of every output row [N] (double), which the next layer's
+// natural-gradient preconditioner needs.
 void ReluBatchNormForward(float *y, int64_t N, int64_t D, bool relu, double epsilon,
                           double target_rms, const float *bypass, const BypassMap &map,
                           float bypass_scale, float *out, double *sum, double *sumsq,
-                          float *mean, float *scale, int num_threads);
+                          float *mean, float *scale, double *out_sq, int num_threads);
 
 // g [N][D] (dL/dout), r [N][D] (the forward's r), mean/scale [D] from the forward.
 // Writes grad_y [N][D] (not aliasing g or r) and, when grad_bypass is not null, the full
-// [B][Tx][D] gradient of the bypass input.
+// [B][Tx][D] gradient of the bypass input.  When grad_y_sum is not null, it receives the
+// column sums of grad_y [D] and *grad_y_sq its squared Frobenius norm (double; the bias
+// gradient and the trace the layer's natural-gradient preconditioner needs).
 void ReluBatchNormBackward(const float *g, const float *r, int64_t N, int64_t D, bool relu,
                            const float *mean, const float *scale, double epsilon,
                            double target_rms, float *grad_y, float *grad_bypass,
-                           const BypassMap &map, float bypass_scale, int num_threads);
+                           const BypassMap &map, float bypass_scale, double *grad_y_sum,
+                           double *grad_y_sq, int num_threads);
 
 }  // namespace nn
 }  // namespace pkwrap

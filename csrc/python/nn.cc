@@ -49,10 +49,11 @@ float *OptionalBypass(const py::object &obj, const py::tuple &map, int64_t D, bo
 }
 
 // relu_batchnorm_forward(y [N][D], out [N][D], bypass or None, map, bypass_scale, relu,
-//                        epsilon, target_rms, num_threads) -> (sum, sumsq, mean, scale)
+//                        epsilon, target_rms, num_threads, row_norms)
+//   -> (sum, sumsq, mean, scale, out_sq [N] float64 or None)
 py::tuple ForwardPy(py::array y, py::array out, py::object bypass, py::tuple map,
                     float bypass_scale, bool relu, double epsilon, double target_rms,
-                    int num_threads) {
+                    int num_threads, bool row_norms) {
   if (y.ndim() != 2) throw std::invalid_argument("relu_batchnorm: y must be [N][D]");
   const int64_t N = y.shape(0), D = y.shape(1);
   float *yp = FloatBuffer(y, N * D, true, "y");
@@ -62,20 +63,25 @@ py::tuple ForwardPy(py::array y, py::array out, py::object bypass, py::tuple map
   const float *xp = OptionalBypass(bypass, map, D, false, "bypass", x, m);
   py::array_t<double> sum(D), sumsq(D);
   py::array_t<float> mean(D), scale(D);
+  py::array_t<double> out_sq(row_norms ? N : 0);
   {
     py::gil_scoped_release release;
     nn::ReluBatchNormForward(yp, N, D, relu, epsilon, target_rms, xp, m, bypass_scale, op,
                              sum.mutable_data(), sumsq.mutable_data(), mean.mutable_data(),
-                             scale.mutable_data(), num_threads);
+                             scale.mutable_data(), row_norms ? out_sq.mutable_data() : nullptr,
+                             num_threads);
   }
-  return py::make_tuple(sum, sumsq, mean, scale);
+  return py::make_tuple(sum, sumsq, mean, scale,
+                        row_norms ? py::object(out_sq) : py::object(py::none()));
 }
 
 // relu_batchnorm_backward(g, r, mean, scale, grad_y, grad_bypass or None, map,
-//                         bypass_scale, relu, epsilon, target_rms, num_threads)
-void BackwardPy(py::array g, py::array r, py::array mean, py::array scale, py::array grad_y,
-                py::object grad_bypass, py::tuple map, float bypass_scale, bool relu,
-                double epsilon, double target_rms, int num_threads) {
+//                         bypass_scale, relu, epsilon, target_rms, num_threads, stats)
+//   -> (column sums of grad_y [D] float64, its squared norm) when stats, else None
+py::object BackwardPy(py::array g, py::array r, py::array mean, py::array scale,
+                      py::array grad_y, py::object grad_bypass, py::tuple map,
+                      float bypass_scale, bool relu, double epsilon, double target_rms,
+                      int num_threads, bool stats) {
   if (g.ndim() != 2) throw std::invalid_argument("relu_batchnorm: g must be [N][D]");
   const int64_t N = g.shape(0), D = g.shape(1);
   const float *gp = FloatBuffer(g, N * D, false, "g");
@@ -86,9 +92,16 @@ void BackwardPy(py::array g, py::array r, py::array mean, py::array scale, py::a
   nn::BypassMap m;
   py::array gx;
   float *gxp = OptionalBypass(grad_bypass, map, D, true, "grad_bypass", gx, m);
-  py::gil_scoped_release release;
-  nn::ReluBatchNormBackward(gp, rp, N, D, relu, mp, sp, epsilon, target_rms, gyp, gxp, m,
-                            bypass_scale, num_threads);
+  py::array_t<double> gsum(stats ? D : 0);
+  double gsq = 0.0;
+  {
+    py::gil_scoped_release release;
+    nn::ReluBatchNormBackward(gp, rp, N, D, relu, mp, sp, epsilon, target_rms, gyp, gxp, m,
+                              bypass_scale, stats ? gsum.mutable_data() : nullptr,
+                              stats ? &gsq : nullptr, num_threads);
+  }
+  if (!stats) return py::none();
+  return py::make_tuple(gsum, gsq);
 }
 
 }  // namespace
@@ -96,14 +109,16 @@ void BackwardPy(py::array g, py::array r, py::array mean, py::array scale, py::a
 void PybindNn(py::module &m) {
   m.def("relu_batchnorm_forward", &ForwardPy, py::arg("y"), py::arg("out"), py::arg("bypass"),
         py::arg("map"), py::arg("bypass_scale"), py::arg("relu"), py::arg("epsilon"),
-        py::arg("target_rms"), py::arg("num_threads") = 0,
+        py::arg("target_rms"), py::arg("num_threads") = 0, py::arg("row_norms") = false,
         "Training-mode ReLU + batchnorm + bypass add (csrc/nn/batchnorm.h); y is "
-        "overwritten by the ReLU. Returns (sum, sumsq, mean, scale).");
+        "overwritten by the ReLU. Returns (sum, sumsq, mean, scale, out_sq), out_sq the "
+        "squared norms of the output rows (float64) if row_norms, else None.");
   m.def("relu_batchnorm_backward", &BackwardPy, py::arg("g"), py::arg("r"), py::arg("mean"),
         py::arg("scale"), py::arg("grad_y"), py::arg("grad_bypass"), py::arg("map"),
         py::arg("bypass_scale"), py::arg("relu"), py::arg("epsilon"), py::arg("target_rms"),
-        py::arg("num_threads") = 0,
-        "Backward of relu_batchnorm_forward: writes grad_y and the bypass gradient.");
+        py::arg("num_threads") = 0, py::arg("stats") = false,
+        "Backward of relu_batchnorm_forward: writes grad_y and the bypass gradient; with "
+        "stats, returns (column sums of grad_y, its squared norm) in float64, else None.");
 }
 
 }  // namespace pkwrap

@@ -48,7 +48,7 @@ from pkwrap.ngsgd import OnlineNaturalGradient, linear, mm
 __all__ = ["NaturalAffine", "NaturalConv1d", "natural_gradient", "natural_gradient_modules",
            "natural_gradient_owner",
            "natural_gradient_state_dict", "load_natural_gradient_state_dict",
-           "freeze_natural_gradient"]
+           "freeze_natural_gradient", "row_sqnorm", "set_row_sqnorm"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,23 @@ logger = logging.getLogger(__name__)
 # preconditioners of the parameters it was given.
 # Keyed by id(); entries are checked against the live objects on lookup.
 _OWNERS: Dict[int, nn.Module] = {}
+
+
+def set_row_sqnorm(x: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """Attach the squared norms of the rows of x (``sq``: x's shape without the last
+    dimension) for the natural-gradient layer that reads x next; returns x.  Fused kernels
+    that write x get them for free, which saves that layer a pass over x."""
+    x._pkwrap_row_sqnorm = (x._version, sq)
+    return x
+
+
+def row_sqnorm(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """What :func:`set_row_sqnorm` attached to x, or None (also when x was modified in
+    place since, or is another tensor, e.g. a view)."""
+    got = getattr(x, "_pkwrap_row_sqnorm", None)
+    if got is None or got[0] != x._version or tuple(got[1].shape) != tuple(x.shape[:-1]):
+        return None
+    return got[1]
 
 
 def natural_gradient_owner(p: torch.Tensor) -> Optional[nn.Module]:
@@ -99,10 +116,15 @@ class _NaturalGradientMixin:
                     del _OWNERS[k]
             _OWNERS[id(self.weight)] = weakref.ref(self)
 
-    def _preconditioned_grads(self, x: torch.Tensor, g: torch.Tensor,
-                              has_bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _preconditioned_grads(self, x: torch.Tensor, g: torch.Tensor, has_bias: bool,
+                              g_sum: Optional[torch.Tensor] = None,
+                              g_sqnorm: Optional[float] = None,
+                              x_sqnorm: Optional[float] = None
+                              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Weight (as ``[out][in]``) and bias gradients from inputs x ``[N][in]`` and
-        output derivatives g ``[N][out]``.
+        output derivatives g ``[N][out]``; ``g_sum`` (the column sums of g, i.e. the plain
+        bias gradient), ``g_sqnorm`` (``|g|^2``) and ``x_sqnorm`` (``|x|^2``) when the
+        caller has them already (from the fused kernels of :mod:`pkwrap.nn.tdnnf`).
 
         Preconditioning multiplies the rows on the right by a fixed matrix:
         X_hat = X P_i and G_hat = G P_o with P = I - W^T W (W of the preconditioner, the
@@ -113,20 +135,25 @@ class _NaturalGradientMixin:
         still see every row (for their statistics and scales: N (in R_i + out R_o)
         multiply-adds, plus the Fisher update on updating calls).
         """
+        def bias_grad(g):
+            if not has_bias:
+                return None
+            return g.sum(0) if g_sum is None else g_sum.to(dtype=g.dtype, device=g.device)
+
         if not self.use_natural_gradient:
-            gw = mm(g.t(), x)
-            return gw, (g.sum(0) if has_bias else None)
+            return mm(g.t(), x), bias_grad(g)
         if x.dtype not in (torch.float32, torch.float64):  # e.g. autocast: precondition in float32
             x = x.float()
         if g.dtype not in (torch.float32, torch.float64):
             g = g.float()
-        _, Wi, s_in = self.preconditioner_in.precondition_factors(x, ones_column=has_bias)
-        _, Wo, s_out = self.preconditioner_out.precondition_factors(g)
+        _, Wi, s_in = self.preconditioner_in.precondition_factors(x, ones_column=has_bias,
+                                                                  sqnorm=x_sqnorm)
+        _, Wo, s_out = self.preconditioner_out.precondition_factors(g, sqnorm=g_sqnorm)
         dt = Wo.dtype if Wo.numel() else g.dtype
         x = x.to(dt)
         g = g.to(dt)
         gw = mm(g.t(), x)  # [out][in]
-        gb = g.sum(0) if has_bias else None  # [out]: the ones column
+        gb = bias_grad(g)  # [out]: the ones column
         return self._precondition_gradient(gw, gb, Wi, Wo, s_in, s_out)
 
     @staticmethod
@@ -177,9 +204,10 @@ class _NaturalAffineFunction(torch.autograd.Function):
     """y = x W^T + b with natural-gradient weight/bias gradients (x: ``[N][in]``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    def forward(ctx, x, weight, bias, layer, x_sqnorm=None):
         ctx.layer = layer
         ctx.has_bias = bias is not None
+        ctx.x_sqnorm = x_sqnorm
         ctx.save_for_backward(x, weight)
         return linear(x, weight, bias)
 
@@ -192,11 +220,12 @@ class _NaturalAffineFunction(torch.autograd.Function):
             grad_x = mm(g, weight.to(g.dtype)).to(x.dtype)
         grad_w = grad_b = None
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            grad_w, grad_b = ctx.layer._preconditioned_grads(x, g, ctx.has_bias)
+            grad_w, grad_b = ctx.layer._preconditioned_grads(x, g, ctx.has_bias,
+                                                             x_sqnorm=ctx.x_sqnorm)
             grad_w = grad_w.to(weight.dtype)
             if grad_b is not None:
                 grad_b = grad_b.to(ctx.layer.bias.dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class NaturalAffine(_NaturalGradientMixin, nn.Linear):
@@ -263,7 +292,9 @@ class NaturalAffine(_NaturalGradientMixin, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         self._register_owner()
         lead = x.shape[:-1]
-        y = _NaturalAffineFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self)
+        sq = row_sqnorm(x)
+        y = _NaturalAffineFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self,
+                                         None if sq is None else float(sq.sum()))
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

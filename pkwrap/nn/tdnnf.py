@@ -48,11 +48,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pkwrap.ngsgd import linear, mm
-from pkwrap.nn.natural import NaturalAffine, natural_gradient_modules
+from pkwrap.nn.natural import (NaturalAffine, natural_gradient_modules, row_sqnorm,
+                                set_row_sqnorm)
 
 __all__ = ["KaldiBatchNorm", "TDNN", "TDNNF", "PrefinalLayer", "TDNNFModel",
            "constrain_orthonormal_", "constrain_orthonormal", "scale_batchnorm_stats",
-           "compute_idct_matrix", "delta_features", "relu_batchnorm", "splice"]
+           "compute_idct_matrix", "delta_features", "relu_batchnorm", "affine_relu_batchnorm",
+           "splice"]
 
 
 def compute_idct_matrix(dim: int, cepstral_lifter: float = 22.0) -> torch.Tensor:
@@ -275,8 +277,8 @@ def _fused_ok(*ts: Optional[torch.Tensor]) -> bool:
     no autocast, the native module present)."""
     if _native() is None or torch.is_autocast_enabled("cpu"):
         return False
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and
-                             t.dim() >= 2) for t in ts)
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32)
+               for t in ts)
 
 
 @functools.lru_cache(maxsize=None)
@@ -289,6 +291,58 @@ def _native():
     return _pkwrap if hasattr(_pkwrap, "relu_batchnorm_forward") else None
 
 
+def _bn_forward(y: torch.Tensor, x: Optional[torch.Tensor], bn: "KaldiBatchNorm", relu: bool,
+                scale: float, bmap: Tuple[int, int, int, int, int], row_norms: bool):
+    """The fused forward kernel on y ``[..][D]`` (overwritten by the ReLU, so pass a fresh
+    layer output) with bypass rows of x per ``bmap`` (B, J, Tx, offset, step); updates bn's
+    statistics.  Returns (out, squared norms of out's rows (float64 [N]) or None, mean,
+    scale), the last two what :func:`_bn_backward` needs."""
+    D = y.shape[-1]
+    y2 = y.reshape(-1, D)
+    N = y2.shape[0]
+    if N < 2:
+        raise ValueError(f"KaldiBatchNorm: training needs at least 2 rows, got {N}")
+    out = torch.empty_like(y)
+    ssum, ssq, mean, sc, osq = _native().relu_batchnorm_forward(
+        y2.numpy(), out.numpy().reshape(N, D), x.numpy() if x is not None else None, bmap,
+        float(scale), bool(relu), bn.epsilon, bn.target_rms, torch.get_num_threads(),
+        bool(row_norms))
+    with torch.no_grad():
+        bn.stats_count += N
+        bn.stats_sum.add_(torch.from_numpy(ssum))
+        bn.stats_sumsq.add_(torch.from_numpy(ssq))
+    return (out, torch.from_numpy(osq) if row_norms else None, torch.from_numpy(mean),
+            torch.from_numpy(sc))
+
+
+def _bn_backward(g: torch.Tensor, r: torch.Tensor, mean: torch.Tensor, sc: torch.Tensor,
+                 bn: "KaldiBatchNorm", relu: bool, scale: float,
+                 bmap: Tuple[int, int, int, int, int], x_shape, stats: bool):
+    """The fused backward kernel: returns (grad of y, grad of the bypass input (None if
+    ``x_shape`` is None), and with ``stats`` (column sums of the grad of y as a float64
+    tensor, its squared norm as a float), else None)."""
+    D = r.shape[-1]
+    g = g.contiguous()
+    gy = torch.empty_like(r)
+    gx = g.new_empty(x_shape) if x_shape is not None else None
+    st = _native().relu_batchnorm_backward(
+        g.reshape(-1, D).numpy(), r.reshape(-1, D).numpy(), mean.numpy(), sc.numpy(),
+        gy.reshape(-1, D).numpy(), gx.numpy() if gx is not None else None, bmap,
+        float(scale), bool(relu), bn.epsilon, bn.target_rms, torch.get_num_threads(),
+        bool(stats))
+    if st is not None:
+        st = (torch.from_numpy(st[0]), float(st[1]))
+    return gy, gx, st
+
+
+def _bypass_map(y_shape, x: Optional[torch.Tensor], bypass) -> Tuple[int, int, int, int, int]:
+    """The kernels' (B, J, Tx, offset, step) for output rows ``[B][J]`` reading x's rows
+    ``offset + j * step`` (``bypass = (offset, step)``); a dummy without x."""
+    if x is None:
+        return (1, 1, 1, 0, 1)
+    return (y_shape[0], y_shape[1], x.shape[1], bypass[0], bypass[1])
+
+
 class _ReluBatchNormFunction(torch.autograd.Function):
     """Training-mode ``bn(relu(y)) + scale * x[:, offset::step]`` in the C++ kernels of
     ``csrc/nn/batchnorm.h`` (two passes over the rows forward, two backward, instead of
@@ -298,24 +352,9 @@ class _ReluBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, x, bn, relu, scale, bypass):
-        D = y.shape[-1]
-        y2 = y.reshape(-1, D)
-        N = y2.shape[0]
-        if N < 2:
-            raise ValueError(f"KaldiBatchNorm: training needs at least 2 rows, got {N}")
-        out = torch.empty_like(y)
-        bmap = (1, 1, 1, 0, 1)
-        if x is not None:
-            B, J = y.shape[0], y.shape[1]
-            bmap = (B, J, x.shape[1], bypass[0], bypass[1])
-        ssum, ssq, mean, sc = _native().relu_batchnorm_forward(
-            y2.numpy(), out.numpy(), x.numpy() if x is not None else None, bmap,
-            float(scale), bool(relu), bn.epsilon, bn.target_rms, torch.get_num_threads())
-        with torch.no_grad():
-            bn.stats_count += N
-            bn.stats_sum.add_(torch.from_numpy(ssum))
-            bn.stats_sumsq.add_(torch.from_numpy(ssq))
-        ctx.save_for_backward(y, torch.from_numpy(mean), torch.from_numpy(sc))
+        bmap = _bypass_map(y.shape, x, bypass)
+        out, _, mean, sc = _bn_forward(y, x, bn, relu, scale, bmap, False)
+        ctx.save_for_backward(y, mean, sc)
         ctx.relu, ctx.scale, ctx.bmap, ctx.bn = relu, scale, bmap, bn
         ctx.x_shape = x.shape if x is not None else None
         return out
@@ -323,18 +362,100 @@ class _ReluBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         r, mean, sc = ctx.saved_tensors
-        D = r.shape[-1]
-        g = g.contiguous()
-        gy = torch.empty_like(r)
-        gx = None
-        if ctx.x_shape is not None and ctx.needs_input_grad[1]:
-            gx = g.new_empty(ctx.x_shape)
-        _native().relu_batchnorm_backward(
-            g.reshape(-1, D).numpy(), r.reshape(-1, D).numpy(), mean.numpy(), sc.numpy(),
-            gy.reshape(-1, D).numpy(), gx.numpy() if gx is not None else None, ctx.bmap,
-            float(ctx.scale), bool(ctx.relu), ctx.bn.epsilon, ctx.bn.target_rms,
-            torch.get_num_threads())
+        x_shape = ctx.x_shape if ctx.needs_input_grad[1] else None
+        gy, gx, _ = _bn_backward(g, r, mean, sc, ctx.bn, ctx.relu, ctx.scale, ctx.bmap,
+                                 x_shape, False)
         return gy, gx, None, None, None, None
+
+
+class _AffineReluBatchNormFunction(torch.autograd.Function):
+    """``bn(relu(x W^T + b)) + scale * bypass rows`` (see :class:`_ReluBatchNormFunction`)
+    with a natural-gradient layer's weight and bias, as one autograd node: the batchnorm
+    kernel's backward also returns the column sums of the layer's output gradient (its
+    plain bias gradient) and that gradient's squared norm (the trace its output
+    preconditioner needs), saving two passes over an ``[N][D]`` matrix per layer.  Its
+    forward can return the squared norms of the output rows, for the layer reading the
+    output next.  x ``[N][in]`` (the spliced input of a TDNN layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bypass_x, layer, bn, scale, bmap, row_norms):
+        y = linear(x, weight, bias)
+        out, osq, mean, sc = _bn_forward(y, bypass_x, bn, True, scale, bmap, row_norms)
+        ctx.save_for_backward(x, weight, y, mean, sc)
+        ctx.layer, ctx.bn, ctx.scale, ctx.bmap = layer, bn, scale, bmap
+        ctx.has_bias = bias is not None
+        ctx.x_shape = bypass_x.shape if bypass_x is not None else None
+        if osq is None:
+            osq = out.new_empty(0, dtype=torch.float64)
+        ctx.mark_non_differentiable(osq)
+        return out, osq
+
+    @staticmethod
+    def backward(ctx, g, _):
+        x, weight, r, mean, sc = ctx.saved_tensors
+        layer = ctx.layer
+        need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
+        x_shape = ctx.x_shape if ctx.needs_input_grad[3] else None
+        gy, gx, st = _bn_backward(g, r, mean, sc, ctx.bn, True, ctx.scale, ctx.bmap, x_shape,
+                                  need_w)
+        grad_x = mm(gy, weight) if ctx.needs_input_grad[0] else None
+        grad_w = grad_b = None
+        if need_w:
+            grad_w, grad_b = layer._preconditioned_grads(x, gy, ctx.has_bias, g_sum=st[0],
+                                                         g_sqnorm=st[1])
+            grad_w = grad_w.to(weight.dtype)
+            if grad_b is not None:
+                grad_b = grad_b.to(layer.bias.dtype)
+        return grad_x, grad_w, grad_b, gx, None, None, None, None, None
+
+
+def _check_bypass(y_shape, x: torch.Tensor, c: int, pick) -> Tuple[int, int]:
+    """(offset, step) of the rows of x ``[B][T][D]`` that the bypass adds to the output
+    frames ``[B][J]`` (``x[:, c:T-c][:, j0::f]`` with ``pick = (j0, f)``), or ValueError."""
+    bypass = (c + (pick[0] if pick is not None else 0), pick[1] if pick is not None else 1)
+    if (x.dim() != 3 or x.shape[0] != y_shape[0] or x.shape[-1] != y_shape[-1] or
+            len(range(bypass[0], x.shape[1] - c, bypass[1])) != y_shape[1]):
+        raise ValueError(f"relu_batchnorm: bypass input {tuple(x.shape)} does not match "
+                         f"{tuple(y_shape)} (c={c}, pick={pick})")
+    return bypass
+
+
+def affine_relu_batchnorm(x: torch.Tensor, affine: NaturalAffine, bn: "KaldiBatchNorm",
+                          bypass: Optional[torch.Tensor] = None, c: int = 0,
+                          bypass_scale: float = 0.0, pick: Optional[Tuple[int, int]] = None,
+                          rate: int = 1, row_norms: bool = False) -> torch.Tensor:
+    """``relu_batchnorm(affine(x), bn, bypass, c, bypass_scale, pick)`` (``affine(x, rate,
+    pick)`` for a :class:`TDNN`), in training on CPU float32 as one fused autograd node
+    (:class:`_AffineReluBatchNormFunction`), elsewhere as the separate modules.
+
+    With ``row_norms`` the fused path attaches the squared norms of the output frames to
+    the output (:func:`pkwrap.nn.natural.set_row_sqnorm`) for the next layer's input
+    preconditioner.
+    """
+    if bypass is not None and bypass_scale == 0.0:
+        bypass = None
+    tdnn = isinstance(affine, TDNN)
+    w, b = affine.weight, affine.bias
+    fused = (bn.training and torch.is_grad_enabled() and w.requires_grad and
+             _fused_ok(x, bypass, w, b) and w.shape[0] == bn.dim and x.dim() == 3 and
+             not (tdnn and affine._spliced_product(x, rate, pick)))
+    if not fused:
+        y = affine(x, rate, pick) if tdnn else affine(x)
+        return relu_batchnorm(y, bn, bypass, c, bypass_scale, pick)
+    affine._register_owner()
+    xs = affine.spliced_input(x, rate, pick) if tdnn else x
+    B, J = xs.shape[0], xs.shape[1]
+    bmap = _bypass_map((B, J), None, None)
+    if bypass is not None:
+        bmap = _bypass_map((B, J), bypass, _check_bypass((B, J, bn.dim), bypass, c, pick))
+        bypass = bypass.contiguous()
+    out, osq = _AffineReluBatchNormFunction.apply(
+        xs.reshape(B * J, xs.shape[-1]).contiguous(), w, b, bypass, affine, bn,
+        float(bypass_scale), bmap, bool(row_norms))
+    out = out.view(B, J, bn.dim)
+    if row_norms:
+        set_row_sqnorm(out, osq.view(B, J))
+    return out
 
 
 def relu_batchnorm(y: torch.Tensor, bn: "KaldiBatchNorm", x: Optional[torch.Tensor] = None,
@@ -351,12 +472,7 @@ def relu_batchnorm(y: torch.Tensor, bn: "KaldiBatchNorm", x: Optional[torch.Tens
     if bn.training and _fused_ok(y, x) and y.dim() == 3 and y.shape[-1] == bn.dim:
         bypass = None
         if x is not None:
-            bypass = (c + (pick[0] if pick is not None else 0),
-                      pick[1] if pick is not None else 1)
-            if (x.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[-1] != y.shape[-1] or
-                    len(range(bypass[0], x.shape[1] - c, bypass[1])) != y.shape[1]):
-                raise ValueError(f"relu_batchnorm: bypass input {tuple(x.shape)} does not match "
-                                 f"{tuple(y.shape)} (c={c}, pick={pick})")
+            bypass = _check_bypass(y.shape, x, c, pick)
             x = x.contiguous()
         return _ReluBatchNormFunction.apply(y.contiguous(), x, bn, True, bypass_scale, bypass)
     out = bn(torch.relu(y))
@@ -380,7 +496,7 @@ class _SplicedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, offs):
+    def forward(ctx, x, weight, bias, layer, offs, frame_sq=None):
         B, T, C = x.shape
         span = offs[-1]
         T_out = T - span
@@ -395,6 +511,7 @@ class _SplicedLinearFunction(torch.autograd.Function):
         y = yf.as_strided((B, T_out, out), (T * out, out, 1)).contiguous()
         ctx.layer = layer
         ctx.offs = offs
+        ctx.frame_sq = frame_sq
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
         return y
@@ -427,7 +544,7 @@ class _SplicedLinearFunction(torch.autograd.Function):
             grad_b = g.reshape(B * T_out, out).sum(0) if ctx.has_bias else None
             if layer.use_natural_gradient:
                 Wi, s_in = layer.preconditioner_in.precondition_factors_spliced(
-                    x, offs, ones_column=ctx.has_bias)
+                    x, offs, ones_column=ctx.has_bias, frame_sqnorm=ctx.frame_sq)
                 _, Wo, s_out = layer.preconditioner_out.precondition_factors(
                     g.reshape(B * T_out, out))
                 grad_w, grad_b = layer._precondition_gradient(grad_w, grad_b, Wi, Wo, s_in,
@@ -435,7 +552,7 @@ class _SplicedLinearFunction(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
             if grad_b is not None:
                 grad_b = grad_b.to(layer.bias.dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _BypassAddFunction(torch.autograd.Function):
@@ -509,25 +626,41 @@ class TDNN(NaturalAffine):
     def context(self) -> Tuple[int, int]:
         return -self.time_offsets[0], self.time_offsets[-1]
 
+    def _relative_offsets(self, rate: int) -> Tuple[int, ...]:
+        """The offsets in frames of an input at frame rate ``rate``, the first made 0."""
+        offs = self.time_offsets
+        if any(o % rate for o in offs):
+            raise ValueError(f"TDNN: offsets {offs} are not multiples of the frame rate {rate}")
+        return tuple((o - offs[0]) // rate for o in offs)
+
+    def _spliced_product(self, x: torch.Tensor, rate: int,
+                         pick: Optional[Tuple[int, int]]) -> bool:
+        """Whether :meth:`forward` uses :class:`_SplicedLinearFunction` (no spliced copy)."""
+        rel = self._relative_offsets(rate)
+        return (pick is None and len(rel) > 1 and self.in_dim >= self.out_features
+                and x.dim() == 3 and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu") and x.shape[1] > rel[-1])
+
+    def spliced_input(self, x: torch.Tensor, rate: int = 1,
+                      pick: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """The rows the affine map reads: x's frames spliced at the offsets
+        ``[B][J][K in_dim]`` (only output positions j0, j0 + f, ... with ``pick``)."""
+        spliced = splice(x, self._relative_offsets(rate))
+        if pick is not None:
+            spliced = spliced[:, pick[0]::pick[1]]
+        return spliced
+
     def forward(self, x: torch.Tensor, rate: int = 1,
                 pick: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """x ``[B][T][in_dim]`` at frame rate ``rate``; ``pick = (j0, f)`` computes only output
         positions j0, j0 + f, ... (frame subsampling inside the layer, as nnet3 does)."""
-        offs = self.time_offsets
-        if any(o % rate for o in offs):
-            raise ValueError(f"TDNN: offsets {offs} are not multiples of the frame rate {rate}")
-        rel = tuple((o - offs[0]) // rate for o in offs)
-        if (pick is None and len(offs) > 1 and self.in_dim >= self.out_features
-                and x.dim() == 3 and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and x.shape[1] > rel[-1]):
+        if self._spliced_product(x, rate, pick):
             if torch.is_grad_enabled() and self.weight.requires_grad:
                 self._register_owner()
-            return _SplicedLinearFunction.apply(x.contiguous(), self.weight, self.bias, self, rel)
-        spliced = splice(x, [o // rate for o in offs])
-        if pick is not None:
-            spliced = spliced[:, pick[0]::pick[1]]
-        return super().forward(spliced)
+            return _SplicedLinearFunction.apply(x.contiguous(), self.weight, self.bias, self,
+                                                self._relative_offsets(rate), row_sqnorm(x))
+        return super().forward(self.spliced_input(x, rate, pick))
 
     def extra_repr(self) -> str:
         return f"time_offsets={self.time_offsets}, " + super().extra_repr()
@@ -579,9 +712,9 @@ class TDNNF(nn.Module):
         ``pick = (j0, f)`` only output positions j0, j0 + f, ... are computed."""
         if self.time_stride % rate:
             raise ValueError(f"TDNNF: stride {self.time_stride} is not a multiple of rate {rate}")
-        y = self.affine(self.linear(x, rate), rate, pick)
-        return relu_batchnorm(y, self.batchnorm, x, self.time_stride // rate,
-                              self.bypass_scale, pick)
+        return affine_relu_batchnorm(self.linear(x, rate), self.affine, self.batchnorm, x,
+                                     self.time_stride // rate, self.bypass_scale, pick, rate,
+                                     row_norms=True)
 
 
 class PrefinalLayer(nn.Module):
@@ -605,7 +738,8 @@ class PrefinalLayer(nn.Module):
         self.batchnorm2 = KaldiBatchNorm(small_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.batchnorm2(self.linear(relu_batchnorm(self.affine(x), self.batchnorm1)))
+        h = affine_relu_batchnorm(x, self.affine, self.batchnorm1, row_norms=True)
+        return self.batchnorm2(self.linear(h))
 
 
 class TDNNFModel(nn.Module):
@@ -750,7 +884,7 @@ class TDNNFModel(nn.Module):
             if coarse_from_start:
                 x, first, rate = x[:, (-first) % f::f], (first + (-first) % f) // f, f
             x = self.delta_batchnorm(x)
-        x = relu_batchnorm(self.tdnn1(x), self.tdnn1_batchnorm)
+        x = affine_relu_batchnorm(x, self.tdnn1, self.tdnn1_batchnorm, row_norms=True)
         for i, layer in enumerate(self.tdnnfs):
             if i == self._last_fine_layer:
                 j0 = (-(first + layer.time_stride)) % f
