@@ -243,10 +243,47 @@ def _assert_close_to_max(a, b, rel, what):
 
 
 def _separate_affine_relu_batchnorm(x, affine, bn, bypass=None, c=0, bypass_scale=0.0,
-                                    pick=None, rate=1, row_norms=False):
-    from pkwrap.nn.tdnnf import TDNN, relu_batchnorm
-    y = affine(x, rate, pick) if isinstance(affine, TDNN) else affine(x)
-    return relu_batchnorm(y, bn, bypass, c, bypass_scale, pick)
+                                    pick=None, row_norms=False):
+    from pkwrap.nn.tdnnf import relu_batchnorm
+    return relu_batchnorm(NaturalAffine.forward(affine, x), bn, bypass, c, bypass_scale, pick)
+
+
+@pytest.mark.parametrize("stride,pick", [(1, (0, 3)), (1, (2, 3)), (2, (1, 3))])
+def test_tdnnf_picked_layer_evaluates_linear_at_needed_frames_only(stride, pick):
+    """With pick (j0, f) and stride s < f, a TDNN-F layer evaluates its linear half only at
+    the 2 of f frames the picked outputs read, as nnet3 does: outputs, gradients and
+    natural-gradient statistics equal those of the linear half applied to exactly those
+    spliced rows."""
+    from pkwrap.nn.tdnnf import relu_batchnorm, splice
+    torch.manual_seed(0)
+    layer = TDNNF(12, 5, stride, bypass_scale=0.66)
+    ref = copy.deepcopy(layer)
+    B, T = 3, 31
+    j0, f = pick
+    picked = list(range(j0, T - 2 * stride, f))
+    need = sorted({j + d for j in picked for d in (0, stride)})
+    assert len(need) == 2 * len(picked) < (T - stride) * 0.7
+    for step in range(13):
+        x0 = torch.randn(B, T, 12, generator=_gen(step))
+        xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+        out = layer(xa, 1, pick)
+        rows = splice(xb, (0, stride))[:, need]  # [x(i), x(i + s)] at the needed i only
+        h = NaturalAffine.forward(ref.linear, rows).reshape(B, len(picked), 10)
+        want = relu_batchnorm(NaturalAffine.forward(ref.affine, h), ref.batchnorm, xb, stride,
+                              0.66, pick)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        w = torch.randn(out.shape, generator=_gen(50 + step))
+        (out * w).sum().backward()
+        (want * w).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        for (n, p), q in zip(layer.named_parameters(), ref.parameters()):
+            _assert_close_to_max(p.grad, q.grad, 1e-4, f"{n} step {step}")
+            with torch.no_grad():
+                q.copy_(p.sub_(0.01 * p.grad))
+            p.grad = q.grad = None
+    assert layer.linear.preconditioner_in.t == ref.linear.preconditioner_in.t == 13
+    torch.testing.assert_close(layer.linear.preconditioner_in.W_t,
+                               ref.linear.preconditioner_in.W_t, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("use_ng", [True, False])

@@ -423,9 +423,10 @@ def _check_bypass(y_shape, x: torch.Tensor, c: int, pick) -> Tuple[int, int]:
 def affine_relu_batchnorm(x: torch.Tensor, affine: NaturalAffine, bn: "KaldiBatchNorm",
                           bypass: Optional[torch.Tensor] = None, c: int = 0,
                           bypass_scale: float = 0.0, pick: Optional[Tuple[int, int]] = None,
-                          rate: int = 1, row_norms: bool = False) -> torch.Tensor:
-    """``relu_batchnorm(affine(x), bn, bypass, c, bypass_scale, pick)`` (``affine(x, rate,
-    pick)`` for a :class:`TDNN`), in training on CPU float32 as one fused autograd node
+                          row_norms: bool = False) -> torch.Tensor:
+    """``relu_batchnorm(x W^T + b, bn, bypass, c, bypass_scale, pick)`` with the weight and
+    bias of ``affine`` (a :class:`TDNN`'s on its spliced rows: x ``[B][J][in_features]`` are
+    the rows the map reads), in training on CPU float32 as one fused autograd node
     (:class:`_AffineReluBatchNormFunction`), elsewhere as the separate modules.
 
     With ``row_norms`` the fused path attaches the squared norms of the output frames to
@@ -434,23 +435,20 @@ def affine_relu_batchnorm(x: torch.Tensor, affine: NaturalAffine, bn: "KaldiBatc
     """
     if bypass is not None and bypass_scale == 0.0:
         bypass = None
-    tdnn = isinstance(affine, TDNN)
     w, b = affine.weight, affine.bias
     fused = (bn.training and torch.is_grad_enabled() and w.requires_grad and
-             _fused_ok(x, bypass, w, b) and w.shape[0] == bn.dim and x.dim() == 3 and
-             not (tdnn and affine._spliced_product(x, rate, pick)))
+             _fused_ok(x, bypass, w, b) and w.shape[0] == bn.dim and x.dim() == 3)
     if not fused:
-        y = affine(x, rate, pick) if tdnn else affine(x)
-        return relu_batchnorm(y, bn, bypass, c, bypass_scale, pick)
+        return relu_batchnorm(NaturalAffine.forward(affine, x), bn, bypass, c, bypass_scale,
+                              pick)
     affine._register_owner()
-    xs = affine.spliced_input(x, rate, pick) if tdnn else x
-    B, J = xs.shape[0], xs.shape[1]
+    B, J = x.shape[0], x.shape[1]
     bmap = _bypass_map((B, J), None, None)
     if bypass is not None:
         bmap = _bypass_map((B, J), bypass, _check_bypass((B, J, bn.dim), bypass, c, pick))
         bypass = bypass.contiguous()
     out, osq = _AffineReluBatchNormFunction.apply(
-        xs.reshape(B * J, xs.shape[-1]).contiguous(), w, b, bypass, affine, bn,
+        x.reshape(B * J, x.shape[-1]).contiguous(), w, b, bypass, affine, bn,
         float(bypass_scale), bmap, bool(row_norms))
     out = out.view(B, J, bn.dim)
     if row_norms:
@@ -712,9 +710,63 @@ class TDNNF(nn.Module):
         ``pick = (j0, f)`` only output positions j0, j0 + f, ... are computed."""
         if self.time_stride % rate:
             raise ValueError(f"TDNNF: stride {self.time_stride} is not a multiple of rate {rate}")
-        return affine_relu_batchnorm(self.linear(x, rate), self.affine, self.batchnorm, x,
-                                     self.time_stride // rate, self.bypass_scale, pick, rate,
-                                     row_norms=True)
+        s = self.time_stride // rate
+        if pick is not None and 0 < s < pick[1]:
+            rows = self._picked_linear_rows(x, s, pick)
+            h = NaturalAffine.forward(self.linear, rows)
+            h = h.view(h.shape[0], -1, 2 * h.shape[-1])
+        else:
+            h = self.affine.spliced_input(self.linear(x, rate), rate, pick)
+        return affine_relu_batchnorm(h, self.affine, self.batchnorm, x, s, self.bypass_scale,
+                                     pick, row_norms=True)
+
+    @staticmethod
+    def _picked_linear_rows(x: torch.Tensor, s: int, pick: Tuple[int, int]) -> torch.Tensor:
+        """The spliced input rows of ``linear`` at only the frames the picked outputs read.
+
+        Output j reads the linear outputs at j and j + s, which read input frames (j, j + s)
+        and (j + s, j + 2 s).  For j = j0, j0 + f, ... with s < f these pairs are distinct,
+        so, as nnet3 does, ``linear`` is evaluated at 2 of every f frames only (and its
+        natural-gradient statistics see just those rows).  Returns ``[B][2 J][2 D]``, the
+        rows of output j at 2 i and 2 i + 1, whose products viewed as ``[B][J][2 out]``
+        are the affine half's spliced input.
+        """
+        j0, f = pick
+        B, T, D = x.shape
+        J = len(range(j0, T - 2 * s, f))
+        if J <= 0:
+            raise ValueError(f"TDNNF: {T} frames are too few for stride {s} and pick {pick}")
+        rows = _PickedPairsFunction.apply(x, j0, s, f, J)
+        fq = row_sqnorm(x)
+        if fq is not None:  # the rows' squared norms from the frames'
+            fa, fb, fc = (fq[:, j0 + k * s::f][:, :J] for k in range(3))
+            set_row_sqnorm(rows, torch.stack((fa + fb, fb + fc), dim=2).view(B, 2 * J))
+        return rows
+
+
+class _PickedPairsFunction(torch.autograd.Function):
+    """Rows ``[x(j), x(j + s)]`` and ``[x(j + s), x(j + 2 s)]`` for j = j0 + f i, i < J
+    (x ``[B][T][D]`` -> ``[B][2 J][2 D]``), with a backward that writes each frame's
+    gradient once (slicing and concatenating in autograd would zero-fill and add a
+    ``[B][T][D]`` gradient per slice)."""
+
+    @staticmethod
+    def forward(ctx, x, j0, s, f, J):
+        B, T, D = x.shape
+        frames = [x[:, j0 + k * s::f][:, :J] for k in range(3)]
+        rows = torch.cat((frames[0], frames[1], frames[1], frames[2]), dim=-1)
+        ctx.meta = (x.shape, j0, s, f, J)
+        return rows.view(B, 2 * J, 2 * D)
+
+    @staticmethod
+    def backward(ctx, g):
+        (B, T, D), j0, s, f, J = ctx.meta
+        g = g.reshape(B, J, 4 * D)
+        gx = g.new_zeros(B, T, D)
+        gx[:, j0::f][:, :J].copy_(g[..., :D])
+        torch.add(g[..., D:2 * D], g[..., 2 * D:3 * D], out=gx[:, j0 + s::f][:, :J])
+        gx[:, j0 + 2 * s::f][:, :J].add_(g[..., 3 * D:])
+        return gx, None, None, None, None
 
 
 class PrefinalLayer(nn.Module):
