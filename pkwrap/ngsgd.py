@@ -581,10 +581,13 @@ class OnlineNaturalGradient:
         x = x.to(W_t.dtype)
         xf = x.reshape(B * T, C)
         Rk = W_t.shape[0]
-        Hf = None
-        for k, o in enumerate(offs):
-            p = mm(xf[o:o + R], W_t[:, k * C:(k + 1) * C].t())
-            Hf = p if Hf is None else Hf.add_(p)
+        # one product with the K column blocks of W side by side (a K R-wide output runs
+        # faster than K R-wide ones), then the blocks summed on row-shifted views
+        Wk = W_t[:, :K * C].reshape(Rk, K, C).transpose(0, 1).reshape(K * Rk, C)
+        P = mm(xf, Wk.t())  # [B T][K R]
+        Hf = P[offs[0]:offs[0] + R, :Rk].clone()
+        for k, o in enumerate(offs[1:], 1):
+            Hf.add_(P[o:o + R, k * Rk:(k + 1) * Rk])
         if ones_column:
             Hf += W_t[:, K * C]
         Hv = Hf.as_strided((B, T_out, Rk), (T * Rk, Rk, 1))  # the valid rows
