@@ -19,7 +19,10 @@ gradient adds 14%.
 
 Timing: after --warmup steps (default 11: Kaldi's preconditioners update on each of the
 first 10 minibatches, then on every 4th), the mean of --steps steps (default 4, so one
-Fisher-estimate update per 4 steps, as in steady-state training).
+Fisher-estimate update per 4 steps, as in steady-state training).  ``--rounds R`` repeats
+the whole interleaved sequence R times and reports medians: each setting's s/step is the
+median of its R means, and each ratio (vs Kaldi, vs the baseline, NG overhead) the median
+of the R same-round ratios, which a shared machine's drifting speed affects least.
 
 Workers run with OMP_WAIT_POLICY=PASSIVE unless it is set, and keep freed memory for reuse
 as pkwrap.train's Trainer does (``pkwrap.train.keep_freed_memory``; PKWRAP_KEEP_FREED_MEMORY=0
@@ -305,6 +308,26 @@ def kaldi_worker(prep: dict, threads: int, natural: bool, steps: int, warmup: in
             "objf_per_frame": [objf.get(k, float("nan")) for k in range(n - 1)],
             "objf_mean": float(overall.group(1)) if overall else float("nan")}
 
+def _merge_rounds(per_round: list) -> list:
+    """One result per setting from its results in every round: s/step the median of the
+    rounds' means (``round_means`` keeps them), times and objective values concatenated."""
+    if not per_round or not per_round[0]:
+        return []
+    merged = []
+    for rs in zip(*per_round):
+        m = dict(rs[0])
+        m["round_means"] = [r["mean_s"] for r in rs]
+        m["mean_s"] = statistics.median(m["round_means"])
+        m["times"] = [t for r in rs for t in r["times"]]
+        merged.append(m)
+    return merged
+
+
+def _ratio(a: dict, b: dict) -> float:
+    """a's time over b's: the median of the same-round ratios."""
+    return statistics.median(x / y for x, y in zip(a["round_means"], b["round_means"]))
+
+
 def _name(r: dict) -> str:
     """A setting's row label, e.g. 'NG-SGD, 2 threads'."""
     return "%s, %d thread%s" % ("NG-SGD" if r["natural_gradient"] else "no NG", r["threads"],
@@ -325,7 +348,7 @@ def _print_ng_overheads(results: list, label: str, suffix: str = "") -> None:
             if plain:
                 print("%s (%d thread%s, same run): %+.0f%%%s"
                       % (label, r["threads"], "s" if r["threads"] > 1 else "",
-                         100 * (r["mean_s"] / plain[0]["mean_s"] - 1), suffix))
+                         100 * (_ratio(r, plain[0]) - 1), suffix))
 
 
 def _times_line(label: str, results: list) -> str:
@@ -345,6 +368,13 @@ def main():
     ap.add_argument("--kaldi", default=None, metavar="DIR",
                     help="also time real Kaldi nnet3-chain-train from this Kaldi src (or "
                          "bin) dir on the same work, interleaved with ours")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole interleaved sequence this many times; s/step is "
+                         "then the median of the rounds' means and every ratio the median "
+                         "of the rounds' same-round ratios (robust to a shared machine's "
+                         "drifting speed)")
+    ap.add_argument("--ng-only", action="store_true",
+                    help="only the NG-SGD settings (no 'no NG' rows)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -352,33 +382,39 @@ def main():
         print(json.dumps(worker(int(threads), natural == "1", args.steps, args.warmup)))
         return
     settings = [(int(t), True) for t in args.threads.split(",")]
-    settings += [(int(t), False) for t in args.threads.split(",")]
+    if not args.ng_only:
+        settings += [(int(t), False) for t in args.threads.split(",")]
     roots = [ROOT] + ([Path(args.baseline).resolve()] if args.baseline else [])
-    results, base_results, kaldi_results = [], [], []
+    rounds = []  # per round: (ours, baseline's, Kaldi's), each a list over the settings
     kaldi_tmp = tempfile.TemporaryDirectory(prefix="bench_kaldi_") if args.kaldi else None
     kaldi = kaldi_prepare(Path(args.kaldi).resolve(), Path(kaldi_tmp.name)) if args.kaldi else None
-    for (threads, natural), root in [(st, r) for st in settings for r in roots]:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        # threads that wait sleep instead of spinning: on a shared (or 2-core) machine a
-        # spinning OpenMP thread steals the core its partner needs (2 threads: 9 s/step
-        # spinning vs 1.6 s passive, measured here under load)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
-                              "--warmup", str(args.warmup),
-                              "--worker", "%d,%d" % (threads, natural)], env=env,
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit("worker failed:\n" + out.stderr[-3000:])
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        if Path(r["pkwrap"]) != root:
-            sys.exit("worker imported pkwrap from %s, not %s" % (r["pkwrap"], root))
-        (results if root == ROOT else base_results).append(r)
-        if kaldi and root == roots[-1]:  # Kaldi right after our run(s) of this setting
-            kaldi_results.append(kaldi_worker(kaldi, threads, natural, args.steps,
-                                              args.warmup))
+    for _ in range(max(1, args.rounds)):
+        results, base_results, kaldi_results = [], [], []
+        for (threads, natural), root in [(st, r) for st in settings for r in roots]:
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            # threads that wait sleep instead of spinning: on a shared (or 2-core) machine a
+            # spinning OpenMP thread steals the core its partner needs (2 threads: 9 s/step
+            # spinning vs 1.6 s passive, measured here under load)
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
+                                  "--warmup", str(args.warmup),
+                                  "--worker", "%d,%d" % (threads, natural)], env=env,
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit("worker failed:\n" + out.stderr[-3000:])
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            if Path(r["pkwrap"]) != root:
+                sys.exit("worker imported pkwrap from %s, not %s" % (r["pkwrap"], root))
+            (results if root == ROOT else base_results).append(r)
+            if kaldi and root == roots[-1]:  # Kaldi right after our run(s) of this setting
+                kaldi_results.append(kaldi_worker(kaldi, threads, natural, args.steps,
+                                                  args.warmup))
+        rounds.append((results, base_results, kaldi_results))
     if kaldi_tmp:
         kaldi_tmp.cleanup()
+    results, base_results, kaldi_results = (_merge_rounds([rd[k] for rd in rounds])
+                                            for k in range(3))
     frames = S * T
     r0 = results[0]
     print("model: TDNNFModel.tdnn_1j(%d): %d parameters; minibatch %d x %d frames (%d x %d "
@@ -399,7 +435,7 @@ def main():
         print("%-26s %10s %12s %18s" % ("setting", "s/step", "frames/s", "speed-up vs base"))
         for r, b in zip(results, base_results):
             print("%-26s %10.3f %12.0f %17.2fx" % (_name(r), b["mean_s"], frames / b["mean_s"],
-                                                   b["mean_s"] / r["mean_s"]))
+                                                   _ratio(b, r)))
     if kaldi:
         print_kaldi(args.kaldi, kaldi, results, kaldi_results)
     print(_times_line("per-step times", results + base_results))
@@ -425,7 +461,7 @@ def print_kaldi(kaldi_dir: str, kaldi: dict, results: list, kaldi_results: list)
     for r, k in zip(results, kaldi_results):
         print("%-26s %10.3f %14.3f %12.0f %14.0f %25.2fx"
               % (_name(r), r["mean_s"], k["mean_s"], frames / r["mean_s"], frames / k["mean_s"],
-                 k["mean_s"] / r["mean_s"]))
+                 _ratio(k, r)))
     _print_ng_overheads(kaldi_results, "Kaldi natural gradient overhead")
     for r, k in zip(results, kaldi_results):
         print("chain objf per frame, %s: ours first %.4f, mean of all %d steps %.4f; "
