@@ -334,6 +334,7 @@ class OnlineNaturalGradient:
         self.W_t = None  # [R][D], dtype and device of the inputs
         self.d_t = None  # [R] float64 on the CPU (diagonal of D_t)
         self.rho_t = -1.0e10
+        self._gram = None  # (W, W W^T in float64) of the last W a scale was computed with
         # Diagnostics of the last call (not part of Kaldi's state).
         self.last_updated = False
         self.last_reorthogonalized = False
@@ -505,7 +506,7 @@ class OnlineNaturalGradient:
             H += W_t[:, Dx]
             tr = tr + N
         updating = self._start_call()
-        L = mm(H.t(), H)
+        L = H.t() @ H  # R x R from a long inner dim: torch's BLAS is faster here
         if updating:
             J = mm(H.t(), x)
             if ones_column:
@@ -528,7 +529,9 @@ class OnlineNaturalGradient:
         ends the call (t += 1)."""
         one = torch.ones((), dtype=torch.float64, device=tr.device)
         L64 = L.double()
-        WWt = (W_t @ W_t.t()).double()
+        if self._gram is None or self._gram[0] is not W_t:  # W changes on updating calls only
+            self._gram = (W_t, (W_t @ W_t.t()).double())
+        WWt = self._gram[1]
         final = tr.double() - 2.0 * torch.trace(L64) + (L64 * WWt).sum()
         scale = torch.where((tr > 0) & (final > 0), torch.sqrt(tr.double() / final), one)
         self.last_scale = float(scale)
@@ -604,7 +607,7 @@ class OnlineNaturalGradient:
         if ones_column:
             tr = tr + N
         updating = self._start_call()
-        L = mm(H.t(), H)
+        L = H.t() @ H  # R x R from a long inner dim: torch's BLAS is faster here
         if updating:
             Hz = Hf.new_zeros(B * T, Rk)  # H on the flat rows, zero where not valid
             Hz.view(B, T, Rk)[:, :T_out] = Hv
