@@ -485,28 +485,30 @@ class _SplicedLinearFunction(torch.autograd.Function):
 
     .. math::  y(j) = \sum_k W_k\, x(j + o_k) + b,
 
-    computed on the flat ``[B T][C]`` rows of x as K products with row-shifted views (the
-    rows that would straddle two sequences are computed and dropped).  Used where the input
-    is wider than the output (the TDNN-F ``linear`` halves), so the dropped rows cost little
-    and the K C-wide copies of splicing are saved.  Backward: the input gradient the same way
-    (one combining pass), the weight gradient from the spliced rows (natural gradient as
-    in :class:`pkwrap.nn.NaturalAffine`).
+    computed as one product of the flat ``[B T][C]`` frames with the K blocks
+    :math:`W_k` side by side (``[B T][K out]``; the products at the last o_k frames of each
+    sequence are dropped) and K shifted sums.  Used where the input is wider than the
+    output (the TDNN-F ``linear`` halves), so the dropped products cost little and the K
+    C-wide copies of splicing are saved.  Backward: the input gradient and the weight
+    gradient as single products with the K shifted output-gradient blocks side by side
+    (natural gradient as in :class:`pkwrap.nn.NaturalAffine`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, offs, frame_sq=None):
         B, T, C = x.shape
-        span = offs[-1]
-        T_out = T - span
-        R = B * T - span
-        xf = x.reshape(B * T, C)
+        K = len(offs)
+        T_out = T - offs[-1]
         out = weight.shape[0]
-        yf = None
-        for k, o in enumerate(offs):
-            Wk = weight[:, k * C:(k + 1) * C].contiguous()
-            p = linear(xf[o:o + R], Wk, bias if k == 0 else None)
-            yf = p if yf is None else yf.add_(p)
-        y = yf.as_strided((B, T_out, out), (T * out, out, 1)).contiguous()
+        # one product with the K weight blocks side by side (a K out-wide output runs
+        # faster than K out-wide ones), then the blocks summed at their frame shifts
+        Wk = weight.view(out, K, C).transpose(0, 1).reshape(K * out, C)
+        P = linear(x.reshape(B * T, C), Wk).view(B, T, K * out)
+        y = torch.add(P[:, offs[0]:offs[0] + T_out, :out], P[:, offs[1]:offs[1] + T_out, out:2 * out])
+        for k in range(2, K):
+            y.add_(P[:, offs[k]:offs[k] + T_out, k * out:(k + 1) * out])
+        if bias is not None:
+            y.add_(bias)
         ctx.layer = layer
         ctx.offs = offs
         ctx.frame_sq = frame_sq
