@@ -383,7 +383,10 @@ def ngsgd(params: List[List[torch.Tensor]], deltas: List[List[torch.Tensor]],
     sq = []
     for ds in deltas:
         if ds:
-            sq.append(torch.stack([(d.double() * d.double()).sum() for d in ds]).sum())
+            # squared norms summed in float64 (vector_norm upcasts inside its reduction:
+            # no float64 copies of the deltas)
+            sq.append(torch.stack([torch.linalg.vector_norm(d, dtype=torch.float64).square()
+                                   for d in ds]).sum())
         else:
             sq.append(None)
     norms = [float(s) if s is not None else 0.0 for s in sq]  # one sync for all components
