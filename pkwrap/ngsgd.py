@@ -144,7 +144,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["OnlineNaturalGradient"]
+__all__ = ["OnlineNaturalGradient", "spliced_linear"]
 
 _EPSILON = 1.0e-10  # floor of rho and of D's elements (Kaldi's epsilon_)
 _DELTA = 5.0e-4  # relative floor of rho and D w.r.t. the largest sqrt(c) (delta_)
@@ -265,6 +265,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             weight = weight.contiguous()
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def spliced_linear(x: torch.Tensor, weight: torch.Tensor, offsets) -> torch.Tensor:
+    r"""``y(j) = sum_k W_k x(j + o_k)`` for frames x ``[B][T][C]``, weight ``[M][K C]`` (block k
+    multiplies the frame at offset ``o_k``; ``0 = o_1 < ... < o_K``): ``[B][T - o_K][M]``,
+    without forming the spliced frames.  One product of the flat frames with the K blocks
+    side by side (a K M-wide output runs faster than K M-wide ones; the products at the
+    last frames of each sequence are not used), then the K blocks summed at their frame
+    shifts straight into the output (no autograd)."""
+    B, T, C = x.shape
+    K = len(offsets)
+    M = weight.shape[0]
+    T_out = T - offsets[-1]
+    Wk = weight.reshape(M, K, C).transpose(0, 1).reshape(K * M, C)
+    P = linear(x.reshape(B * T, C), Wk).view(B, T, K * M)
+    y = P[:, offsets[0]:offsets[0] + T_out, :M].clone()
+    for k in range(1, K):
+        y.add_(P[:, offsets[k]:offsets[k] + T_out, k * M:(k + 1) * M])
+    return y
 
 
 def _orthonormal_special(rows: int, cols: int) -> torch.Tensor:
@@ -584,17 +603,10 @@ class OnlineNaturalGradient:
         x = x.to(W_t.dtype)
         xf = x.reshape(B * T, C)
         Rk = W_t.shape[0]
-        # one product with the K column blocks of W side by side (a K R-wide output runs
-        # faster than K R-wide ones), then the blocks summed on row-shifted views
-        Wk = W_t[:, :K * C].reshape(Rk, K, C).transpose(0, 1).reshape(K * Rk, C)
-        P = mm(xf, Wk.t())  # [B T][K R]
-        Hf = P[offs[0]:offs[0] + R, :Rk].clone()
-        for k, o in enumerate(offs[1:], 1):
-            Hf.add_(P[o:o + R, k * Rk:(k + 1) * Rk])
+        H3 = spliced_linear(x, W_t[:, :K * C], offs)  # [B][T_out][R]
         if ones_column:
-            Hf += W_t[:, K * C]
-        Hv = Hf.as_strided((B, T_out, Rk), (T * Rk, Rk, 1))  # the valid rows
-        H = Hv.reshape(N, Rk)
+            H3 += W_t[:, K * C]
+        H = H3.view(N, Rk)
         # |X|^2 from one pass: squared frame norms, summed over each offset's window
         if frame_sqnorm is None:
             fn = torch.linalg.vector_norm(x, dim=2).square()  # [B][T]
@@ -609,8 +621,8 @@ class OnlineNaturalGradient:
         updating = self._start_call()
         L = H.t() @ H  # R x R from a long inner dim: torch's BLAS is faster here
         if updating:
-            Hz = Hf.new_zeros(B * T, Rk)  # H on the flat rows, zero where not valid
-            Hz.view(B, T, Rk)[:, :T_out] = Hv
+            Hz = H.new_zeros(B * T, Rk)  # H on the flat rows, zero where not valid
+            Hz.view(B, T, Rk)[:, :T_out] = H3
             Hz = Hz[:R]
             J = [mm(Hz.t(), xf[o:o + R]) for o in offs]
             if ones_column:

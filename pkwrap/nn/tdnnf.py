@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pkwrap.ngsgd import linear, mm
+from pkwrap.ngsgd import linear, mm, spliced_linear
 from pkwrap.nn.natural import (NaturalAffine, natural_gradient_modules, row_sqnorm,
                                 set_row_sqnorm)
 
@@ -443,9 +443,9 @@ def affine_relu_batchnorm(x: torch.Tensor, affine: NaturalAffine, bn: "KaldiBatc
                               pick)
     affine._register_owner()
     B, J = x.shape[0], x.shape[1]
-    bmap = _bypass_map((B, J), None, None)
+    bmap = _bypass_map((B, J), bypass, None if bypass is None else
+                       _check_bypass((B, J, bn.dim), bypass, c, pick))
     if bypass is not None:
-        bmap = _bypass_map((B, J), bypass, _check_bypass((B, J, bn.dim), bypass, c, pick))
         bypass = bypass.contiguous()
     out, osq = _AffineReluBatchNormFunction.apply(
         x.reshape(B * J, x.shape[-1]).contiguous(), w, b, bypass, affine, bn,
@@ -496,17 +496,7 @@ class _SplicedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, offs, frame_sq=None):
-        B, T, C = x.shape
-        K = len(offs)
-        T_out = T - offs[-1]
-        out = weight.shape[0]
-        # one product with the K weight blocks side by side (a K out-wide output runs
-        # faster than K out-wide ones), then the blocks summed at their frame shifts
-        Wk = weight.view(out, K, C).transpose(0, 1).reshape(K * out, C)
-        P = linear(x.reshape(B * T, C), Wk).view(B, T, K * out)
-        y = torch.add(P[:, offs[0]:offs[0] + T_out, :out], P[:, offs[1]:offs[1] + T_out, out:2 * out])
-        for k in range(2, K):
-            y.add_(P[:, offs[k]:offs[k] + T_out, k * out:(k + 1) * out])
+        y = spliced_linear(x, weight, offs)
         if bias is not None:
             y.add_(bias)
         ctx.layer = layer
