@@ -5,8 +5,9 @@ only: no torch headers, so one build works with any installed torch. Buffers cro
 the boundary as numpy arrays / raw pointers.
 
 Environment:
-  PKWRAP_NATIVE=0   build without -march=native (portable binary; slower kernels)
-  PKWRAP_DEBUG=1    -O0 -g
+  PKWRAP_NATIVE=0     build without -march=native (portable binary; slower kernels)
+  PKWRAP_DEBUG=1      -O0 -g
+  PKWRAP_BUILD_JOBS   parallel compile jobs (default: every CPU)
 """
 import glob
 import os
@@ -15,9 +16,12 @@ import sys
 from setuptools import find_packages, setup
 
 try:
-    from pybind11.setup_helpers import Pybind11Extension, build_ext
+    from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 except ImportError:  # pragma: no cover - pyproject's build requirements provide it
     sys.exit("pybind11 is needed to build pkwrap: pip install pybind11")
+
+# compile the C++ files in parallel (PKWRAP_BUILD_JOBS, default: every CPU)
+ParallelCompile("PKWRAP_BUILD_JOBS", default=0).install()
 
 __version__ = "0.1.0"
 
@@ -66,7 +70,8 @@ setup(
             "tqdm",
             "scipy",  # egs/digits: wav I/O and resampling
         ],
-        "test": ["pytest>=7"],
+        # triton: the GPU denominator's kernels are tested on the CPU in Triton's interpreter
+        "test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     scripts=sorted(p for p in glob.glob("scripts/*") if os.path.isfile(p) and not p.endswith(".md")),
     zip_safe=False,

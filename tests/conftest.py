@@ -5,6 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Without CUDA, Triton kernels (pkwrap.chain.den_triton) run in Triton's interpreter; it is
+# chosen when the kernels are defined, so before any test imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "kaldi"
 

@@ -51,10 +51,10 @@ def _setup(case):
     return c, g, eg, X, Y
 
 
-def _run(case, backend="cpp", reduction="sum"):
+def _run(case, backend="cpp", reduction="sum", device="cpu"):
     c, g, eg, X, Y = _setup(case)
-    X = X.clone().requires_grad_()
-    Y = Y.clone().requires_grad_() if Y is not None else None
+    X = X.to(device).requires_grad_()
+    Y = Y.to(device).requires_grad_() if Y is not None else None
     crit = ChainLoss(g, ChainOptions(**c["options"]), reduction=reduction, backend=backend,
                      num_threads=THREADS)
     res = crit(X, eg.supervision, Y)

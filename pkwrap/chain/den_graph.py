@@ -70,6 +70,7 @@ class DenominatorGraph:
                                            np.arange(self.num_states + 1)).astype(np.int32)
         self._native = None
         self._torch: Dict[str, object] = {}
+        self._triton: Dict[str, object] = {}
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -153,11 +154,25 @@ class DenominatorGraph:
             }
         return self._torch[key]
 
+    def triton(self, device):
+        """The :class:`pkwrap.chain.den_triton.TritonDenominator` of this graph on ``device``
+        (built once per device; it keeps the captured CUDA graphs of recent shapes)."""
+        from .den_triton import TritonDenominator, device_key
+        key = str(device_key(device))
+        if key not in self._triton:
+            self._triton[key] = TritonDenominator(self, device)
+        return self._triton[key]
+
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_native"] = None
         d["_torch"] = {}
+        d["_triton"] = {}
         return d
+
+    def __setstate__(self, d):
+        d.setdefault("_triton", {})
+        self.__dict__.update(d)
 
 
 def _initial_probs(fst: Fst, name: str) -> np.ndarray:

@@ -14,14 +14,18 @@ and d log p_den / d x[s][t][p] is the occupation posterior gamma[s][t][p] of pdf
 posterior is returned even where |x| > 30; the out-of-range penalty of
 :class:`pkwrap.chain.ChainLoss` keeps x in range).
 
-Two implementations that agree to float32 rounding:
+Three implementations that agree to float32 rounding:
 
 * ``backend="cpp"``: the C++/OpenMP kernel of ``csrc/chain/denominator.cc`` (CPU tensors).
+* ``backend="triton"``: fused Triton kernels, one launch per frame, replayed as one CUDA
+  graph per minibatch shape (:mod:`pkwrap.chain.den_triton`); used automatically for CUDA
+  tensors when Triton is installed (it comes with CUDA builds of torch).
 * ``backend="torch"``: plain torch gather/index_add ops, one step per frame; any
-  device, used automatically for CUDA tensors.
+  device (the fallback for CUDA tensors without Triton).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import numpy as np
@@ -51,13 +55,24 @@ class DenResult:
         self.ok = ok
 
 
+BACKENDS = ("auto", "cpp", "triton", "torch")
+
+
 def _pick_backend(x: torch.Tensor, backend: Optional[str]) -> str:
     if backend is None or backend == "auto":
-        return "torch" if x.device.type != "cpu" else "cpp"
-    if backend not in ("cpp", "torch"):
-        raise ValueError("backend must be 'auto', 'cpp' or 'torch', got %r" % (backend,))
+        if x.device.type == "cpu":
+            return "cpp"
+        from . import den_triton
+        return "triton" if x.device.type == "cuda" and den_triton.available() else "torch"
+    if backend not in BACKENDS:
+        raise ValueError("backend must be one of %s, got %r" % (", ".join(map(repr, BACKENDS)),
+                                                                 backend))
     if backend == "cpp" and x.device.type != "cpu":
         raise ValueError("backend 'cpp' needs a CPU tensor, got one on %s" % x.device)
+    if backend == "triton" and x.device.type != "cuda" and \
+            os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for "
+                         "Triton's interpreter), got one on %s" % x.device)
     return backend
 
 
@@ -89,7 +104,7 @@ def denominator_forward_backward(den_graph: DenominatorGraph, x: torch.Tensor,
       leaky_hmm_coefficient: l in (0, 1).
       want_post: also run the backward pass and return the posteriors.
       post_scale: the returned posteriors are multiplied by this.
-      backend: "auto" (C++ on CPU, torch otherwise), "cpp" or "torch".
+      backend: "auto" (C++ on CPU, Triton on CUDA, else torch), "cpp", "triton" or "torch".
       num_threads: threads of the C++ kernel (default ``torch.get_num_threads()``).
     Returns:
       A :class:`DenResult` (tensors on x's device).
@@ -99,6 +114,10 @@ def denominator_forward_backward(den_graph: DenominatorGraph, x: torch.Tensor,
     x = x.detach()
     if backend == "torch":
         return _den_torch(den_graph, x, float(leaky_hmm_coefficient), want_post, post_scale)
+    if backend == "triton":
+        lp, post, ok = den_graph.triton(x.device)(x, float(leaky_hmm_coefficient), want_post,
+                                                  post_scale)
+        return DenResult(lp, post, ok)
     from .. import _pkwrap
     xc = x.to(torch.float32).contiguous()
     post = torch.empty(xc.shape, dtype=torch.float32) if want_post else None
@@ -187,7 +206,7 @@ def denominator_logprob(den_graph: DenominatorGraph, output: torch.Tensor,
       den_graph: the denominator graph.
       output: the chain output ``[S][T][P]`` (batch-first).
       leaky_hmm_coefficient: l in (0, 1).
-      backend: "auto" (C++ on CPU, torch otherwise), "cpp" or "torch".
+      backend: "auto" (C++ on CPU, Triton on CUDA, else torch), "cpp", "triton" or "torch".
       num_threads: threads of the C++ kernel (default ``torch.get_num_threads()``).
     Returns:
       A scalar tensor (dtype of ``output``): ``sum_s log p_den(s)``.

@@ -158,9 +158,10 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
       reduction: "sum" (Kaldi's totals) or "mean" (divided by weight; a zero
         weight, e.g. a multilingual eg switched off, divides by 1).
       backend: "auto": C++ kernels for CPU tensors; for other devices the
-        denominator in plain torch ops and the numerator's C++ recursion on the host
-        over log-likelihoods gathered on the device. "cpp" (CPU only) or "torch"
-        (plain torch ops for both, any device) force one path.
+        denominator in Triton kernels (CUDA; plain torch ops without Triton) and the
+        numerator's C++ recursion on the host over log-likelihoods gathered on the
+        device. "cpp" (CPU only), "triton" (Triton denominator, numerator as for
+        "auto") or "torch" (plain torch ops for both, any device) force one path.
       num_threads: threads of the C++ denominator (default torch.get_num_threads()).
     Returns:
       A :class:`ChainResult`.
@@ -174,7 +175,8 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
     if xent_output is not None and tuple(xent_output.shape) != (S, T, P):
         raise ValueError("xent_output has shape %s but output has shape %s"
                          % (tuple(xent_output.shape), (S, T, P)))
-    num_backend = backend  # None/"auto": C++ on the host for every device
+    # None/"auto"/"triton": the numerator's C++ on the host for every device
+    num_backend = None if backend == "triton" else backend
     backend = _pick_backend(output, backend)
     dev = output.device
     w = float(supervision.weight)
@@ -279,8 +281,8 @@ class ChainLoss(nn.Module):
       options: a :class:`ChainOptions` (default ChainOptions()).
       reduction: "sum" (Kaldi's totals; gradients equal Kaldi's derivatives negated)
         or "mean" (everything divided by ``weight = w * S * T``).
-      backend: "auto" (C++ kernels for CPU tensors, plain torch ops for CUDA),
-        "cpp" or "torch".
+      backend: "auto" (C++ kernels for CPU tensors; for CUDA tensors the Triton
+        denominator, or plain torch ops without Triton), "cpp", "triton" or "torch".
       num_threads: threads of the C++ denominator (default torch.get_num_threads()).
 
     Attributes:
@@ -305,8 +307,9 @@ class ChainLoss(nn.Module):
             raise TypeError("den_graph must be a DenominatorGraph, got %s" % type(den_graph).__name__)
         if reduction not in ("sum", "mean"):
             raise ValueError("reduction must be 'sum' or 'mean', got %r" % (reduction,))
-        if backend not in (None, "auto", "cpp", "torch"):
-            raise ValueError("backend must be 'auto', 'cpp' or 'torch', got %r" % (backend,))
+        if backend not in (None, "auto", "cpp", "triton", "torch"):
+            raise ValueError("backend must be 'auto', 'cpp', 'triton' or 'torch', got %r"
+                             % (backend,))
         self.den_graph = den_graph
         self.options = options if options is not None else ChainOptions()
         self.reduction = reduction
