@@ -105,7 +105,7 @@ def restart_count() -> int:
 
 
 def setup_distributed(device: Optional[str] = None, backend: Optional[str] = None,
-                      timeout_s: float = 1800.0) -> DistInfo:
+                      timeout_s: float = 1800.0, single_process_group: bool = False) -> DistInfo:
     """Open the default process group from torchrun's environment.
 
     Args:
@@ -113,9 +113,12 @@ def setup_distributed(device: Optional[str] = None, backend: Optional[str] = Non
         rank uses ``cuda:LOCAL_RANK``.
       backend: None picks ``nccl`` for CUDA and ``gloo`` for CPU.
       timeout_s: collective timeout.
+      single_process_group: open the group under torchrun also when ``WORLD_SIZE`` is 1
+        (so that the collectives really run, e.g. to check nccl on a single GPU).
     Returns:
       A :class:`DistInfo`. With ``WORLD_SIZE`` unset or 1 no group is opened
-      (single process, ``backend`` None), unless one is already open.
+      (single process, ``backend`` None), unless one is already open or
+      ``single_process_group`` is set under torchrun.
     """
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -136,7 +139,7 @@ def setup_distributed(device: Optional[str] = None, backend: Optional[str] = Non
     if is_distributed():
         return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), dev,
                         dist.get_backend())
-    if world_size == 1:
+    if world_size == 1 and not (single_process_group and "MASTER_ADDR" in os.environ):
         return DistInfo(0, local_rank, 1, dev, None)
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:

@@ -6,6 +6,7 @@ frames, 34 pdfs) with the mono den.fst, then writes the final parameters of this
 
   torchrun --nproc_per_node=2 tests/train_scripts/train_tiny.py --exp EXP
   python tests/train_scripts/train_tiny.py --exp EXP            # one process
+  torchrun --nproc_per_node=1 tests/train_scripts/train_tiny.py --exp EXP --device cuda
 
 ``--kill-rank R --kill-step K --kill-marker FILE``: rank R SIGKILLs itself right after
 step K, once (the marker file records that it happened), to test elastic restarts.
@@ -36,6 +37,9 @@ def get_parser():
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--kill-marker", default="")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (nccl; bench/gpu_check.py)")
+    p.add_argument("--process-group", action="store_true",
+                   help="open the process group also for one process (its collectives run)")
     return p
 
 
@@ -49,7 +53,9 @@ def main():
                               setup_distributed)
     from pkwrap.train.comm_hooks import NGSGDState, ngsgd_hook
 
-    info = setup_distributed(device="cpu")
+    info = setup_distributed(device=args.device, single_process_group=args.process_group)
+    print("train_tiny: rank %d of %d on %s, backend %s" % (info.rank, info.world_size,
+                                                         info.device, info.backend), flush=True)
     data = EgsDataset.from_kaldi(args.egs)
     den = DenominatorGraph.from_fst(args.den_fst, args.num_pdfs)
     opts = ChainOptions(leaky_hmm_coefficient=0.1, l2_regularize=5e-5, xent_regularize=0.1)
