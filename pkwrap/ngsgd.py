@@ -127,8 +127,8 @@ to build the weight gradient :math:`\hat G^T \hat X` from skinny products only.
 
 :meth:`OnlineNaturalGradient.precondition_factors_spliced` does the same for the rows of a
 TDNN layer's spliced frames :math:`[x(t + o_1); \dots; x(t + o_K)]` without forming them
-(products with row-shifted views of the frames).  Every call records its scale as the float
-``last_scale`` (the trainer logs their mean, min and max).
+(products with row-shifted views of the frames).  Every call records its scale as
+``last_scale`` (a float when read; the trainer logs their mean, min and max).
 
 Large float32 CPU products go through oneDNN (:func:`mm`, :func:`linear`): on AMD
 processors torch's MKL runs AVX2 kernels where oneDNN runs AVX-512 ones (1.5-2.5x faster
@@ -358,8 +358,21 @@ class OnlineNaturalGradient:
         self.last_updated = False
         self.last_reorthogonalized = False
         self.last_num_floored = 0
-        self.last_scale = None  # float: the scale returned by the last call
+        self._last_scale = None  # the scale returned by the last call (see last_scale)
         self._warned_gram_schmidt = False
+
+    @property
+    def last_scale(self) -> Optional[float]:
+        """The scale returned by the last call, as a float (None before the first call).
+
+        Kept as the 0-dim tensor the call returned and converted only when read, so that a
+        call on a GPU does not wait for the device."""
+        v = self._last_scale
+        return None if v is None else float(v)
+
+    @last_scale.setter
+    def last_scale(self, value) -> None:
+        self._last_scale = value
 
     # ------------------------------------------------------------------ options
     def eta(self, N: int) -> float:
@@ -417,7 +430,7 @@ class OnlineNaturalGradient:
         scale = torch.where(initial_product > 0,
                             torch.sqrt(initial_product.double() / final_product.double()),
                             torch.ones((), dtype=torch.float64, device=X.device))
-        self.last_scale = float(scale)
+        self.last_scale = scale
         self.t += 1
         return X_hat.to(in_dtype), scale
 
@@ -553,7 +566,7 @@ class OnlineNaturalGradient:
         WWt = self._gram[1]
         final = tr.double() - 2.0 * torch.trace(L64) + (L64 * WWt).sum()
         scale = torch.where((tr > 0) & (final > 0), torch.sqrt(tr.double() / final), one)
-        self.last_scale = float(scale)
+        self.last_scale = scale
         self.t += 1
         return scale
 

@@ -389,7 +389,9 @@ def ngsgd(params: List[List[torch.Tensor]], deltas: List[List[torch.Tensor]],
                                    for d in ds]).sum())
         else:
             sq.append(None)
-    norms = [float(s) if s is not None else 0.0 for s in sq]  # one sync for all components
+    have = [s for s in sq if s is not None]
+    vals = iter(torch.stack(have).tolist() if have else [])  # one transfer for all components
+    norms = [next(vals) if s is not None else 0.0 for s in sq]
     factors = []
     total_sq = 0.0
     for c, (n2, mc) in enumerate(zip(norms, max_changes)):

@@ -129,7 +129,8 @@ def constrain_orthonormal_(M: torch.Tensor, scale: float = -1.0) -> bool:
       scale:
         Kaldi's orthonormal-constraint value (non-zero).
     Returns:
-      False if the matrix was (almost) zero and left alone, True otherwise.
+      False if the matrix was (almost) zero and left alone, True otherwise (on a GPU
+      always True: the test runs on the device, so that the host does not wait for it).
     """
     if scale == 0.0:
         raise ValueError("constrain_orthonormal_: scale must be non-zero")
@@ -138,6 +139,19 @@ def constrain_orthonormal_(M: torch.Tensor, scale: float = -1.0) -> bool:
     A = W.t() if transpose else W
     P = A @ A.t()
     update_speed = 0.125
+    if scale < 0.0 and M.device.type != "cpu":
+        # the same rule as below, as tensor arithmetic: no wait for the device
+        tr = torch.trace(P).double()
+        tr2 = (P * P).sum(dtype=torch.float64)
+        ok = tr >= 1.0e-15
+        sq_scale = torch.where(ok, tr2 / torch.where(ok, tr, 1.0), 1.0)
+        ratio = tr2 * P.shape[0] / torch.where(ok, tr * tr, 1.0)
+        speed = update_speed * torch.where(ratio > 1.02, 0.5, 1.0) * \
+            torch.where(ratio > 1.1, 0.5, 1.0)
+        P.diagonal().sub_(sq_scale.to(P.dtype))
+        coef = torch.where(ok, -4.0 * speed / sq_scale, 0.0).to(P.dtype)
+        A.add_(coef * (P @ A))
+        return True
     if scale < 0.0:
         trace_P = float(torch.trace(P))
         trace_P_P = float((P * P).sum())
