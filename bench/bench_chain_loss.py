@@ -105,7 +105,8 @@ def timed(fn, repeats):
 
 
 def plain_pytorch_denominator(g, x, leaky):
-    """Baseline: the leaky-HMM recursion in plain torch, posteriors by autograd."""
+    """Baseline: the leaky-HMM recursion in plain torch, posteriors by autograd (on x's
+    device; bench/gpu_check.py uses it on CUDA)."""
     a = g.torch_arrays(x.device)
     src, dst, pdf, prob, init = a["src"], a["dst"], a["pdf"], a["prob"], a["init"]
     S, T, P = x.shape
@@ -113,14 +114,14 @@ def plain_pytorch_denominator(g, x, leaky):
     x = x.detach().requires_grad_()
     e = x.clamp(-30, 30).exp()
     alpha = init.expand(S, N)
-    logp = torch.zeros(S)
+    logp = torch.zeros(S, device=x.device)
     for t in range(T):
         c = alpha.sum(1, keepdim=True)
         alpha = (alpha + leaky * init * c) / c
         logp = logp + torch.log(c.squeeze(1))
         contrib = torch.gather(alpha, 1, src.expand(S, -1)) * prob * \
             torch.gather(e[:, t, :], 1, pdf.expand(S, -1))
-        alpha = torch.zeros(S, N).index_add(1, dst, contrib)
+        alpha = torch.zeros(S, N, device=x.device).index_add(1, dst, contrib)
     c = alpha.sum(1)
     logp = logp + torch.log(c * (1 + leaky))
     logp.sum().backward()

@@ -120,6 +120,10 @@ def _median_ms(fn, dev, rounds, warmup=1):
     return statistics.median(ts)
 
 
+def _mib(v):
+    return "n/a" if v != v else "%.0f MiB" % v
+
+
 def _peak_mib(fn, dev):
     import torch
     if dev.type != "cuda":
@@ -132,34 +136,10 @@ def _peak_mib(fn, dev):
     return (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
 
 
-def autograd_denominator(g, x, leaky):
-    """Baseline: the leaky-HMM recursion in plain torch, posteriors by autograd (as
-    bench/bench_chain_loss.py's, on x's device)."""
-    import torch
-    a = g.torch_arrays(x.device)
-    src, dst, pdf, prob, init = a["src"], a["dst"], a["pdf"], a["prob"], a["init"]
-    S, T, P = x.shape
-    N = g.num_states
-    x = x.detach().requires_grad_()
-    e = x.clamp(-30, 30).exp()
-    alpha = init.expand(S, N)
-    logp = torch.zeros(S, device=x.device)
-    for t in range(T):
-        c = alpha.sum(1, keepdim=True)
-        alpha = (alpha + leaky * init * c) / c
-        logp = logp + torch.log(c.squeeze(1))
-        contrib = torch.gather(alpha, 1, src.expand(S, -1)) * prob * \
-            torch.gather(e[:, t, :], 1, pdf.expand(S, -1))
-        alpha = torch.zeros(S, N, device=x.device).index_add(1, dst, contrib)
-    c = alpha.sum(1)
-    logp = logp + torch.log(c * (1 + leaky))
-    logp.sum().backward()
-    return logp.detach(), x.grad
-
-
 @guarded("b", "denominator speed")
 def den_speed(dev, quick: bool):
     import torch
+    from bench_chain_loss import plain_pytorch_denominator
     from pkwrap.chain import DenominatorGraph, denominator_forward_backward
     g = DenominatorGraph.from_fst(str(ROOT / "tests/fixtures/kaldi/bench/den.fst"), 2051)
     cuda = dev.type == "cuda"
@@ -170,7 +150,7 @@ def den_speed(dev, quick: bool):
         x = torch.randn(S, T, 2051, generator=torch.Generator().manual_seed(S)).mul_(2).to(dev)
         f_fast = lambda: denominator_forward_backward(g, x, 0.1, backend=fast)
         f_torch = lambda: denominator_forward_backward(g, x, 0.1, backend="torch")
-        f_auto = lambda: autograd_denominator(g, x, 0.1)
+        f_auto = lambda: plain_pytorch_denominator(g, x, 0.1)
         ref = denominator_forward_backward(g, x.cpu(), 0.1, backend="cpp")
         got = f_fast()
         err = float((got.post.cpu() - ref.post).abs().max())
@@ -183,10 +163,10 @@ def den_speed(dev, quick: bool):
         ms_auto = _median_ms(f_auto, dev, 3 if cuda else 1)
         mem = [_peak_mib(f, dev) for f in (f_fast, f_torch, f_auto)]
         row("b", "den fwd-bwd %dx150 %s" % (S, dev.type), "INFO",
-            "%s %.3f ms (peak %.0f MiB) | plain torch %.2f ms (%.0f MiB) = %.1fx | "
-            "torch autograd %.2f ms (%.0f MiB) = %.1fx"
-            % (fast, ms_fast, mem[0], ms_torch, mem[1], ms_torch / ms_fast, ms_auto, mem[2],
-               ms_auto / ms_fast))
+            "%s %.3f ms (peak %s) | plain torch %.2f ms (%s) = %.1fx | "
+            "torch autograd %.2f ms (%s) = %.1fx"
+            % (fast, ms_fast, _mib(mem[0]), ms_torch, _mib(mem[1]), ms_torch / ms_fast, ms_auto,
+               _mib(mem[2]), ms_auto / ms_fast))
         if cuda:
             ratio = ms_torch / ms_fast
             row("b", "den speedup vs plain torch %dx150 >= 20x" % S,
@@ -269,8 +249,8 @@ def train_speed(dev, quick: bool, profile_dir=None):
         sec, mem, objf = train_step_speed(dev, S, warmup, steps, profile_dir, tf32)
         fps = S * 50 / sec
         row("b", "tdnn_1j NG-SGD step %dx150 %s%s" % (S, dev.type, " tf32" if tf32 else ""),
-            "INFO", "%.1f ms/step, %.0f output frames/s, peak %.0f MiB (objf %.3f/frame)"
-            % (1000 * sec, fps, mem, objf))
+            "INFO", "%.1f ms/step, %.0f output frames/s, peak %s (objf %.3f/frame)"
+            % (1000 * sec, fps, _mib(mem), objf))
         if cuda and not tf32 and S == 128:
             row("b", "tdnn_1j step above 150,000 output frames/s (float32)",
                 "PASS" if fps > 150000 else "FAIL", "%.0f frames/s" % fps)

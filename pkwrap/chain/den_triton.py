@@ -70,6 +70,19 @@ def available() -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def _rows(key_ptr, start_ptr, count_ptr, first, n_rows, BLOCK_R: tl.constexpr,
+              CHUNK: tl.constexpr):
+        """Rows first..first+BLOCK_R-1: their target, mask, and [R][C] arc positions and mask."""
+        r = first + tl.arange(0, BLOCK_R)
+        rmask = r < n_rows
+        key = tl.load(key_ptr + r, mask=rmask, other=0)
+        start = tl.load(start_ptr + r, mask=rmask, other=0)
+        cnt = tl.load(count_ptr + r, mask=rmask, other=0)
+        k = tl.arange(0, CHUNK)
+        am = rmask[:, None] & (k[None, :] < cnt[:, None])
+        return key, rmask, start[:, None] + k[None, :], am
+
     @triton.jit(do_not_specialize=["t"])
     def _forward_frame(alpha_ptr, c_ptr, e_ptr, init_ptr, vkey_ptr, vstart_ptr, vcount_ptr,
                        arc_src_ptr, arc_pdf_ptr, arc_prob_ptr, t, N, S, P, n_rows, leaky,
@@ -77,14 +90,8 @@ if triton is not None:
         pid = tl.program_id(0)
         s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
         smask = s < S
-        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = r < n_rows
-        j = tl.load(vkey_ptr + r, mask=rmask, other=0)
-        start = tl.load(vstart_ptr + r, mask=rmask, other=0)
-        cnt = tl.load(vcount_ptr + r, mask=rmask, other=0)
-        k = tl.arange(0, CHUNK)
-        am = rmask[:, None] & (k[None, :] < cnt[:, None])  # [R][C]
-        arc = start[:, None] + k[None, :]
+        j, rmask, arc, am = _rows(vkey_ptr, vstart_ptr, vcount_ptr, pid * BLOCK_R, n_rows,
+                                  BLOCK_R, CHUNK)
         i = tl.load(arc_src_ptr + arc, mask=am, other=0)
         p = tl.load(arc_pdf_ptr + arc, mask=am, other=0)
         q = tl.load(arc_prob_ptr + arc, mask=am, other=0.0)
@@ -115,16 +122,10 @@ if triton is not None:
         c_t = tl.load(c_ptr + t64 * S + s, mask=smask, other=1.0)
         d_next = tl.load(d_ptr + (t64 + 1) * S + s, mask=smask, other=0.0)
         bd_next = bd_ptr + (t64 + 1) * N * S
-        k = tl.arange(0, CHUNK)
         if pid < n_state_programs:
             # bd(t)_i over the arcs leaving i
-            r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-            rmask = r < n_state_rows
-            i = tl.load(skey_ptr + r, mask=rmask, other=0)
-            start = tl.load(sstart_ptr + r, mask=rmask, other=0)
-            cnt = tl.load(scount_ptr + r, mask=rmask, other=0)
-            am = rmask[:, None] & (k[None, :] < cnt[:, None])
-            arc = start[:, None] + k[None, :]
+            i, rmask, arc, am = _rows(skey_ptr, sstart_ptr, scount_ptr, pid * BLOCK_R,
+                                      n_state_rows, BLOCK_R, CHUNK)
             j = tl.load(sarc_dst_ptr + arc, mask=am, other=0)
             p = tl.load(sarc_pdf_ptr + arc, mask=am, other=0)
             q = tl.load(sarc_prob_ptr + arc, mask=am, other=0.0)
@@ -140,13 +141,9 @@ if triton is not None:
             tl.atomic_add(d_ptr + t64 * S + s, tl.sum(pi[:, None] * part, axis=0), mask=smask)
         else:
             # gam[t][p] over the arcs carrying pdf p
-            r = (pid - n_state_programs) * BLOCK_R + tl.arange(0, BLOCK_R)
-            rmask = r < n_pdf_rows
-            p = tl.load(pkey_ptr + r, mask=rmask, other=0)
-            start = tl.load(pstart_ptr + r, mask=rmask, other=0)
-            cnt = tl.load(pcount_ptr + r, mask=rmask, other=0)
-            am = rmask[:, None] & (k[None, :] < cnt[:, None])
-            arc = start[:, None] + k[None, :]
+            p, rmask, arc, am = _rows(pkey_ptr, pstart_ptr, pcount_ptr,
+                                      (pid - n_state_programs) * BLOCK_R, n_pdf_rows, BLOCK_R,
+                                      CHUNK)
             i = tl.load(parc_src_ptr + arc, mask=am, other=0)
             j = tl.load(parc_dst_ptr + arc, mask=am, other=0)
             q = tl.load(parc_prob_ptr + arc, mask=am, other=0.0)
