@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..kaldi.fst import Fst, read_fst, write_fst
+from ..kaldi.io import atomic_output
 from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,
                       make_lexicon_fst, make_phone_table)
 
@@ -72,6 +73,21 @@ def to_kaldifst(fst: Fst):
         p = os.path.join(d, "g.fst")
         write_fst(fst, p)
         return kaldifst.StdVectorFst.read(p)
+
+
+def write_kaldifst(kfst, path) -> None:
+    """Write a ``kaldifst`` FST to ``path``, complete or not at all
+    (:func:`pkwrap.kaldi.io.atomic_output`)."""
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "g.fst")
+        if not kfst.write(p):
+            raise GraphError("%s: OpenFst could not write the FST" % os.fspath(path))
+        with open(p, "rb") as src, atomic_output(path) as f:
+            while True:
+                b = src.read(1 << 22)
+                if not b:
+                    break
+                f.write(b)
 
 
 def from_kaldifst(kfst) -> Fst:
@@ -649,11 +665,10 @@ class DecodingGraph:
     def write(self, graph_dir) -> None:
         """Write ``HCLG.fst``, ``words.txt``, ``phones.txt`` and ``num_pdfs`` (Kaldi layout)."""
         os.makedirs(graph_dir, exist_ok=True)
-        if not self.hclg.write(os.path.join(graph_dir, "HCLG.fst")):
-            raise GraphError("could not write %s/HCLG.fst" % graph_dir)
+        write_kaldifst(self.hclg, os.path.join(graph_dir, "HCLG.fst"))
         self.word_table.write(os.path.join(graph_dir, "words.txt"))
         self.phone_table.write(os.path.join(graph_dir, "phones.txt"))
-        with open(os.path.join(graph_dir, "num_pdfs"), "w") as f:
+        with atomic_output(os.path.join(graph_dir, "num_pdfs"), "w") as f:
             f.write("%d\n" % self.num_pdfs)
 
     @classmethod
@@ -819,18 +834,17 @@ def write_lang_dir(lang_dir, lexicon: Sequence[LexiconEntry], phone_table: Symbo
     write_lexiconp(lexicon, os.path.join(lang_dir, "lexiconp.txt"))
     write_lexiconp(lex_dis, os.path.join(lang_dir, "lexiconp_disambig.txt"))
     dis = [(s, i) for s, i in ptab if s.startswith("#")]
-    with open(os.path.join(lang_dir, "phones", "disambig.int"), "w") as f:
-        f.writelines("%d\n" % i for _, i in dis)
-    with open(os.path.join(lang_dir, "phones", "disambig.txt"), "w") as f:
-        f.writelines("%s\n" % s for s, _ in dis)
+    with atomic_output(os.path.join(lang_dir, "phones", "disambig.int"), "w") as f:
+        f.write("".join("%d\n" % i for _, i in dis))
+    with atomic_output(os.path.join(lang_dir, "phones", "disambig.txt"), "w") as f:
+        f.write("".join("%s\n" % s for s, _ in dis))
     use_sil = bool(sil_phone) and sil_prob > 0
     L = make_lexicon_fst(lexicon, ptab, word_table, sil_phone, sil_prob)
     Ld = make_lexicon_fst(lex_dis, ptab, word_table, sil_phone, sil_prob,
                           sil_disambig=("#%d" % ndis) if use_sil else None,
                           word_disambig_loops="#0" in word_table)
-    if not (L.write(os.path.join(lang_dir, "L.fst"))
-            and Ld.write(os.path.join(lang_dir, "L_disambig.fst"))):
-        raise GraphError("could not write the lexicon FSTs to %s" % lang_dir)
+    write_kaldifst(L, os.path.join(lang_dir, "L.fst"))
+    write_kaldifst(Ld, os.path.join(lang_dir, "L_disambig.fst"))
     if grammar is not None:
         if isinstance(grammar, (str, os.PathLike)):
             G = make_arpa_grammar(grammar, word_table)
@@ -838,5 +852,4 @@ def write_lang_dir(lang_dir, lexicon: Sequence[LexiconEntry], phone_table: Symbo
             G = grammar
         else:
             G = make_word_loop_grammar(list(grammar), word_table)
-        if not G.write(os.path.join(lang_dir, "G.fst")):
-            raise GraphError("could not write %s/G.fst" % lang_dir)
+        write_kaldifst(G, os.path.join(lang_dir, "G.fst"))

@@ -818,11 +818,18 @@ class ChainEgsWriter:
     def close(self) -> None:
         self._w.close()
 
+    def abort(self) -> None:
+        """Give up: nothing is left under the output names."""
+        self._w.abort()
+
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.close()
+        else:
+            self.abort()
         return False
 
 
@@ -1366,9 +1373,11 @@ def copy_chain_egs(rspec: str, wspecs: Sequence[str], weights: Optional[str] = N
     oreader = RandomAccessTableReader(outputs, "token") if outputs else None
     if not wspecs:
         raise ValueError("copy_chain_egs: at least one wspecifier is needed")
-    writers = [ChainEgsWriter(w) for w in wspecs]
+    writers: List[ChainEgsWriter] = []
     n_read = n_written = n_skipped = 0
     try:
+        for w in wspecs:
+            writers.append(ChainEgsWriter(w))
         for key, eg in read_chain_egs(rspec):
             n_read += 1
             if wreader is not None:
@@ -1392,7 +1401,10 @@ def copy_chain_egs(rspec: str, wspecs: Sequence[str], weights: Optional[str] = N
                 modify_chain_example_context(eg, left_context, right_context)
             writers[n_written % len(writers)].write(key, eg)
             n_written += 1
-    finally:
-        for w in writers:
-            w.close()
+    except BaseException:
+        for w in writers:  # all outputs or none
+            w.abort()
+        raise
+    for w in writers:
+        w.close()
     return {"num_read": n_read, "num_written": n_written, "num_skipped": n_skipped}

@@ -268,8 +268,15 @@ def read_fst(path_or_file) -> Fst:
 
 
 def write_fst(fst: Fst, path: str) -> None:
-    with _open(path, "wb") as f:
-        write_fst_binary(fst, f)
+    """Write ``fst`` in binary form to ``path`` (``.gz`` compressed); the file appears
+    complete or not at all (:func:`pkwrap.kaldi.io.atomic_output`)."""
+    from .io import atomic_output
+    with atomic_output(path) as f:
+        if str(path).endswith(".gz"):
+            with gzip.GzipFile(filename="", mode="wb", fileobj=f) as g:
+                write_fst_binary(fst, g)
+        else:
+            write_fst_binary(fst, f)
 
 
 # -------------------------------------------------------------------- text I/O

@@ -54,7 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .io import KaldiFormatError, KaldiReader, KaldiWriter, atomic_output, format_float
 from .matrix import read_vector, write_vector
 from .symbol_table import SymbolTable
 
@@ -108,7 +108,7 @@ def _save(obj, binary: bool, path_or_file) -> Optional[bytes]:
     if path_or_file is None:
         return data
     if isinstance(path_or_file, (str, os.PathLike)):
-        with open(path_or_file, "wb") as f:
+        with atomic_output(path_or_file) as f:
             f.write(data)
     else:
         path_or_file.write(data)
