@@ -361,12 +361,10 @@ def write_loglikes_ark(path: str, loglikes: Union[Dict[str, np.ndarray],
 
 def read_loglikes(rspecifier: str) -> Iterator[Tuple[str, np.ndarray]]:
     """Yield ``(utt, matrix)`` from a Kaldi rspecifier (``ark:f.ark``, ``scp:f.scp``, a path)."""
-    import kaldiio
-    if ":" not in rspecifier.split(",")[0] and os.path.exists(rspecifier):
-        rspecifier = ("scp:" if rspecifier.endswith(".scp") else "ark:") + rspecifier
-    with kaldiio.ReadHelper(rspecifier) as r:
-        for key, m in r:
-            yield key, np.asarray(m, dtype=np.float32)
+    from ..kaldi.table import SequentialTableReader
+    reader = SequentialTableReader(rspecifier, "matrix")  # errors name file, key, offset
+    for key, m in reader:
+        yield key, np.asarray(m, dtype=np.float32)
 
 
 def lattice_to_text(lat) -> str:

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..kaldi.fst import Fst, read_fst, write_fst
+from ..kaldi.fst import Fst, FstFormatError, read_fst, read_fst_binary, validate_fst, write_fst
 from ..kaldi.io import atomic_output
 from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,
                       make_lexicon_fst, make_phone_table)
@@ -90,13 +90,25 @@ def write_kaldifst(kfst, path) -> None:
                 f.write(b)
 
 
-def from_kaldifst(kfst) -> Fst:
-    """``kaldifst.StdVectorFst`` -> pkwrap :class:`~pkwrap.kaldi.fst.Fst`."""
+def from_kaldifst(kfst, name: Optional[str] = None) -> Fst:
+    """``kaldifst.StdVectorFst`` -> pkwrap :class:`~pkwrap.kaldi.fst.Fst` (validated by
+    :func:`pkwrap.kaldi.fst.validate_fst`; errors name ``name``)."""
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "g.fst")
         if not kfst.write(p):
             raise GraphError("kaldifst could not write the FST to %s" % p)
-        return read_fst(p)
+        with open(p, "rb") as f:
+            return read_fst_binary(f, name or "<kaldifst FST>")
+
+
+def validate_kaldifst(kfst, name: str, num_ilabels: Optional[int] = None) -> None:
+    """Check a ``kaldifst`` FST before it reaches a decoder (OpenFst does not: an arc to a
+    missing state crashes the process): the checks of :func:`pkwrap.kaldi.fst.
+    validate_fst`, input labels below ``num_ilabels``. Raises :class:`GraphError`."""
+    try:
+        validate_fst(from_kaldifst(kfst, name), name, num_ilabels=num_ilabels)
+    except FstFormatError as e:
+        raise GraphError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -647,16 +659,22 @@ class DecodingGraph:
       word_table: words.txt.
       phone_table: phones.txt (with disambiguation symbols).
       trans_model: the TransitionModel (maps transition-ids to pdfs).
+      name: where the graph came from, for error messages.
+
+    The graph is validated on construction (:func:`validate_kaldifst`).
     """
 
     hclg: object
     word_table: SymbolTable
     phone_table: SymbolTable
     trans_model: object
+    name: str = "HCLG"
     tid2pdf: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
         self.tid2pdf = np.asarray(self.trans_model.transition_id_to_pdf_array, np.int64)
+        # every input label must be a transition-id of the model (0: epsilon)
+        validate_kaldifst(self.hclg, self.name, num_ilabels=len(self.tid2pdf))
 
     @property
     def num_pdfs(self) -> int:
@@ -709,6 +727,7 @@ def _read_any_fst(path):
     if fst is None:
         raise GraphError("%s: OpenFst could not read this %s FST (arc type must be "
                          "'standard')" % (path, fst_type))
+    validate_kaldifst(fst, path)
     return fst
 
 

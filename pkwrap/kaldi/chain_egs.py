@@ -51,7 +51,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .fst import OPENFST_MAGIC, Fst, FstFormatError, read_fst_binary
+from .fst import (OPENFST_MAGIC, Fst, FstFormatError, check_text_state_ids, read_fst_binary,
+                  validate_fst, write_fst_binary)
 from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
 from .table import (Holder, RandomAccessTableReader, SequentialTableReader, TableWriter,
                     parse_wspecifier)
@@ -62,7 +63,7 @@ from .matrix import (CompressedMatrix, GeneralMatrix, read_general_matrix,
 __all__ = ["Supervision", "NnetChainExample", "read_chain_egs", "write_chain_egs",
            "merge_chain_egs", "merge_supervision", "scale_supervision_weight",
            "shift_chain_example_times", "read_chain_example", "write_chain_example",
-           "CHAIN_EG_HOLDER", "compact_fst_properties", "ChainEgsWriter",
+           "CHAIN_EG_HOLDER", "FST_HOLDER", "compact_fst_properties", "ChainEgsWriter",
            "merge_chain_egs_stream", "merge_chain_egs_table", "copy_chain_egs",
            "MinibatchSizeRule", "merge_supervision_fsts", "read_supervision",
            "modify_chain_example_context",
@@ -268,6 +269,21 @@ def _read_string(r: KaldiReader, what: str) -> str:
     return r.take(n, what).decode("latin-1")
 
 
+def _read_table_fst(r: KaldiReader) -> Fst:
+    """An FST archive entry (``VectorFstWriter``: binary OpenFst bytes without Kaldi's
+    ``\\0B`` header, or the text form)."""
+    r.binary = r.pos + 4 <= r.end and bytes(r.buf[r.pos:r.pos + 4]) == struct.pack(
+        "<i", OPENFST_MAGIC)
+    return _read_fst(r)
+
+
+def _write_table_fst(w: KaldiWriter, fst: Fst) -> None:
+    if w.binary:
+        write_fst_binary(fst, w)
+    else:
+        _write_fst(w, fst)
+
+
 def _read_fst(r: KaldiReader) -> Fst:
     """One supervision FST: a binary compact acceptor (or vector FST), or Kaldi's text
     form (``ReadFstKaldi``)."""
@@ -295,6 +311,9 @@ def _read_fst(r: KaldiReader) -> Fst:
         raise r.error("aligned compact FSTs are not supported", start_pos)
     if nstates < 0 or nstates > 1 << 30 or (start != -1 and not 0 <= start < nstates):
         raise r.error("bad FST header (start %d, %d states)" % (start, nstates), start_pos)
+    if (nstates + 1) * 4 > r.end - r.pos:
+        raise r.error("FST header declares %d states, more than the %d bytes left can hold"
+                      % (nstates, r.end - r.pos), start_pos)
     states = r.take_array("<u4", nstates + 1, "FST state offsets").astype(np.int64)
     if nstates and (states[0] != 0 or (np.diff(states) < 0).any()):
         raise r.error("corrupt compact FST state offsets", start_pos)
@@ -315,9 +334,14 @@ def _read_fst(r: KaldiReader) -> Fst:
     offsets = np.zeros(nstates + 1, np.int64)
     np.cumsum(np.bincount(arc_state, minlength=nstates), out=offsets[1:])
     label = arcs["label"].astype(np.int32)
-    return Fst(num_states=int(nstates), start=int(start), final=final, state_offsets=offsets,
-               ilabel=label, olabel=label.copy(), weight=arcs["weight"].astype(np.float32),
-               nextstate=nxt.astype(np.int32), arc_type=arc_type, properties=int(props))
+    fst = Fst(num_states=int(nstates), start=int(start), final=final, state_offsets=offsets,
+              ilabel=label, olabel=label.copy(), weight=arcs["weight"].astype(np.float32),
+              nextstate=nxt.astype(np.int32), arc_type=arc_type, properties=int(props))
+    try:
+        return validate_fst(fst, "%s%s (FST at byte %d)" % (
+            r.name, "" if r.key is None else ", key %r" % r.key, start_pos))
+    except FstFormatError as e:
+        raise KaldiFormatError(str(e)) from None
 
 
 class _BufStream:
@@ -325,6 +349,9 @@ class _BufStream:
 
     def __init__(self, r: KaldiReader):
         self.r = r
+
+    def remaining(self) -> int:
+        return self.r.end - self.r.pos
 
     def read(self, n: int) -> bytes:
         r = self.r
@@ -357,7 +384,8 @@ def _read_fst_text(r: KaldiReader) -> Fst:
         raise r.error("text FST: expected a newline before the FST")
     r.pos += 1
     arcs, finals = [], {}
-    start, nstates = -1, 0
+    start, ids, nlines = -1, [], 0
+    text_pos = r.pos
     while True:
         if r.pos >= r.end:
             raise r.error("text FST: no empty line at the end of the FST")
@@ -369,11 +397,12 @@ def _read_fst_text(r: KaldiReader) -> Fst:
         col = line.split()
         if not col:
             break
+        nlines += 1
         try:
             s = int(col[0])
             if start < 0:
                 start = s
-            nstates = max(nstates, s + 1)
+            ids.append(s)
             if len(col) == 1:
                 finals[s] = 0.0
             elif len(col) == 2:
@@ -384,14 +413,20 @@ def _read_fst_text(r: KaldiReader) -> Fst:
                 if len(col) == 5 and wt == float("inf"):
                     raise ValueError("arc weight is Zero")
                 arcs.append((s, int(col[2]), int(col[3]), wt, d))
-                nstates = max(nstates, d + 1)
+                ids.append(d)
             else:
                 raise ValueError("%d columns" % len(col))
         except ValueError as e:
             raise r.error("text FST: bad line %r (%s)" % (line[:80], e), line_pos)
-    if start < 0:
+    if not ids:
         return Fst.from_arcs(0, -1, [])
-    return Fst.from_arcs(nstates, start, arcs, finals)
+    where = "%s%s (text FST at byte %d)" % (r.name, "" if r.key is None else ", key %r" % r.key,
+                                            text_pos)
+    try:
+        nstates = check_text_state_ids(ids, nlines, where)
+        return validate_fst(Fst.from_arcs(nstates, start, arcs, finals), where)
+    except FstFormatError as e:
+        raise KaldiFormatError(str(e)) from None
 
 
 def _write_fst(w: KaldiWriter, fst: Fst) -> None:
@@ -779,6 +814,9 @@ def write_chain_example(w: KaldiWriter, eg: NnetChainExample, compress: bool = F
 
 # ============================================================================ tables
 CHAIN_EG_HOLDER = Holder(read_chain_example, write_chain_example)
+#: FST archives as Kaldi's ``VectorFstWriter`` writes them (``compile-train-graphs``);
+#: every FST read is validated (:func:`pkwrap.kaldi.fst.validate_fst`).
+FST_HOLDER = Holder(_read_table_fst, _write_table_fst, binary_header=False)
 """Table holder for ``NnetChainExample`` (binary or text)."""
 
 

@@ -153,13 +153,17 @@ class Holder:
       write: ``write(writer, obj)``.
       text_newline: the object ends with a newline in text mode (Kaldi's BasicHolder
         and token holders); the reader then checks and eats it.
+      binary_header: binary objects start with ``"\\0B"`` (False for FST archives,
+        whose binary objects start with OpenFst's magic number; ``read`` then gets the
+        reader with ``binary`` False and tells the mode itself).
     """
 
     def __init__(self, read: Callable, write: Optional[Callable] = None,
-                 text_newline: bool = False):
+                 text_newline: bool = False, binary_header: bool = True):
         self.read = read
         self.write = write
         self.text_newline = text_newline
+        self.binary_header = binary_header
 
 
 def _read_basic_text_eol(r: KaldiReader, value):
@@ -223,7 +227,9 @@ def _holder(h) -> Holder:
 def _read_object(buf, pos: int, name: str, key: str, holder: Holder):
     """Read one object at ``pos`` (binary header detected); returns (obj, end_pos)."""
     r = KaldiReader(buf, pos, name=name, key=key)
-    if r.pos < r.end and buf[r.pos] == 0:
+    if not holder.binary_header:
+        r.binary = False
+    elif r.pos < r.end and buf[r.pos] == 0:
         if r.pos + 1 >= r.end or buf[r.pos + 1] != 66:
             raise r.error("bad binary header (\\0 not followed by 'B')")
         r.pos += 2
@@ -468,7 +474,8 @@ class TableWriter:
         self.write(key.encode("utf-8") + b" ")
         if self._scp is not None:
             self._scp.write("%s %s:%d\n" % (key, self.spec.ark, self._pos))
-        self._w.write_header()
+        if self.holder.binary_header:
+            self._w.write_header()
         self.holder.write(self._w, obj)
         if self.spec.flush:
             self._f.flush()
