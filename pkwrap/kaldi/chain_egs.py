@@ -63,7 +63,7 @@ from .matrix import (CompressedMatrix, GeneralMatrix, read_general_matrix,
 __all__ = ["Supervision", "NnetChainExample", "read_chain_egs", "write_chain_egs",
            "merge_chain_egs", "merge_supervision", "scale_supervision_weight",
            "shift_chain_example_times", "read_chain_example", "write_chain_example",
-           "CHAIN_EG_HOLDER", "FST_HOLDER", "compact_fst_properties", "ChainEgsWriter",
+           "CHAIN_EG_HOLDER", "FST_HOLDER", "validate_supervision", "compact_fst_properties", "ChainEgsWriter",
            "merge_chain_egs_stream", "merge_chain_egs_table", "copy_chain_egs",
            "MinibatchSizeRule", "merge_supervision_fsts", "read_supervision",
            "modify_chain_example_context",
@@ -636,6 +636,64 @@ def _check_output_indexes(r: KaldiReader, idx: np.ndarray, sup: Supervision) -> 
         raise r.error("output indexes are not in Kaldi's t-major (t, n) order")
 
 
+def validate_supervision(sup: Supervision, where: str) -> Supervision:
+    """Kaldi's ``Supervision::Check``, done on every read: a finite weight; FSTs that are
+    epsilon-free acceptors with labels in ``[1, label_dim]`` (pdf-id + 1) and finite
+    weights; a regular FST is time-synchronous (states in topological order, every
+    path from the start has exactly ``num_sequences * frames_per_sequence`` arcs; final
+    states only there); e2e FSTs have no self-loop of negative cost (probability > 1).
+
+    Raises:
+      FstFormatError: naming ``where`` and the problem.
+    """
+    if not np.isfinite(sup.weight):
+        raise FstFormatError("%s: supervision weight %r is not finite" % (where, sup.weight))
+    fsts = sup.e2e_fsts if sup.e2e else [sup.fst]
+    for i, f in enumerate(fsts):
+        name = "%s: supervision FST%s" % (where, " %d" % i if sup.e2e else "")
+        validate_fst(f, name, num_ilabels=sup.label_dim + 1, epsilon_free=True)
+        if not np.array_equal(f.ilabel, f.olabel):
+            raise FstFormatError("%s is not an acceptor" % name)
+        if not np.isfinite(f.weight).all():
+            raise FstFormatError("%s has an infinite arc weight" % name)
+        if f.num_states == 0:
+            raise FstFormatError("%s is empty" % name)
+        if sup.e2e:
+            loops = (f.nextstate == f.src) & (f.weight < 0)
+            if loops.any():
+                s = int(f.src[np.flatnonzero(loops)[0]])
+                raise FstFormatError("%s: state %d has a self-loop of negative cost %g "
+                                     "(probability > 1)" % (name, s, f.weight[loops][0]))
+        else:
+            _check_time_synchronous(f, sup.num_sequences * sup.frames_per_sequence, name)
+    return sup
+
+
+def _check_time_synchronous(f: Fst, num_frames: int, name: str) -> None:
+    src = f.src
+    if len(src) and (f.nextstate <= src).any():
+        raise FstFormatError("%s: states are not in topological order (an arc goes back or "
+                             "loops)" % name)
+    time = [-1] * f.num_states
+    time[f.start] = 0
+    off = f.state_offsets.tolist()
+    nxt = f.nextstate.tolist()
+    for s in range(f.num_states):
+        t = time[s]
+        if t < 0:
+            continue  # unreachable
+        for d in nxt[off[s]:off[s + 1]]:
+            if time[d] < 0:
+                time[d] = t + 1
+            elif time[d] != t + 1:
+                raise FstFormatError("%s: not time-synchronous (state %d is reached at "
+                                     "frames %d and %d)" % (name, d, time[d], t + 1))
+    final_t = {time[s] for s in np.flatnonzero(np.isfinite(f.final)).tolist() if time[s] >= 0}
+    if final_t != {num_frames}:
+        raise FstFormatError("%s: paths have %s frames, the supervision %d"
+                             % (name, sorted(final_t) or "no final state / 0", num_frames))
+
+
 def read_supervision(r: KaldiReader) -> Supervision:
     """``chain::Supervision::Read`` at the reader's position (binary or text), as in
     egs and in ``chain-get-supervision`` archives."""
@@ -664,8 +722,12 @@ def read_supervision(r: KaldiReader) -> Supervision:
         r.expect_token("<AlignmentPdfs>")
         ali = r.read_int_vector()
     r.expect_token("</Supervision>")
-    return Supervision(weight=float(np.float32(weight)), num_sequences=S, frames_per_sequence=T,
-                       label_dim=P, fst=fst, e2e_fsts=e2e_fsts, alignment_pdfs=ali)
+    sup = Supervision(weight=float(np.float32(weight)), num_sequences=S, frames_per_sequence=T,
+                      label_dim=P, fst=fst, e2e_fsts=e2e_fsts, alignment_pdfs=ali)
+    try:
+        return validate_supervision(sup, r.name + ("" if r.key is None else ", key %r" % r.key))
+    except FstFormatError as e:
+        raise KaldiFormatError(str(e)) from None
 
 
 def read_chain_example(r: KaldiReader) -> NnetChainExample:
@@ -706,8 +768,8 @@ def read_chain_example(r: KaldiReader) -> NnetChainExample:
             if len(v) != len(out_idx):
                 raise r.error("deriv_weights has %d entries, output has %d indexes"
                               % (len(v), len(out_idx)))
-            if not (v >= 0).all():
-                raise r.error("deriv_weights has negative or NaN entries")
+            if not (np.isfinite(v).all() and (v >= 0).all()):
+                raise r.error("deriv_weights has negative, NaN or infinite entries")
             dw = torch.from_numpy(v.astype(np.float32))
         r.expect_token("</NnetChainSup>")
     _check_output_indexes(r, out_idx, sup)
