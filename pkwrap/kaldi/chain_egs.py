@@ -53,7 +53,7 @@ import numpy as np
 
 from .fst import (OPENFST_MAGIC, Fst, FstFormatError, check_text_state_ids, read_fst_binary,
                   validate_fst, write_fst_binary)
-from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .io import KaldiFormatError, KaldiReader, KaldiWriter, check_size, format_float
 from .table import (Holder, RandomAccessTableReader, SequentialTableReader, TableWriter,
                     parse_wspecifier)
 from .matrix import _native
@@ -490,8 +490,8 @@ def _read_index_vector(r: KaldiReader) -> np.ndarray:
     """ReadIndexVector -> int32 ``[N][3]`` (n, t, x)."""
     r.expect_token("<I1V>")
     n = r.read_int32()
-    if n < 0:
-        raise r.error("negative Index-vector size %d" % n)
+    # each entry takes at least one byte (binary) or a "<I1> " token (text)
+    check_size(n, 1 if r.binary else 5, r.end - r.pos, "Index-vector size", r.error("").args[0][:-2])
     out = np.zeros((n, 3), np.int64)
     if not r.binary:
         for i in range(n):

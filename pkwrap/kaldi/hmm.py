@@ -659,6 +659,9 @@ class HmmTopology:
                     entry.append(st)
                     tok = r.read_token()
                 for p in phones:
+                    if not 0 < p < 10 * (len(phone_to_entry) + len(phones)) + 1000:
+                        # the phone-to-entry map is sized by the largest phone id
+                        raise r.error("phone id %d in <ForPhones> is out of range" % p)
                     if p in phone_to_entry:
                         raise r.error("phone %d appears in more than one topology entry" % p)
                     phone_to_entry[p] = len(entries)
@@ -870,6 +873,12 @@ class TransitionModel:
                 if not 0 <= hmm_state < len(entry):
                     raise KaldiFormatError("%s: tuple %d has HMM state %d, phone %d has %d"
                                            % (self._name, s, hmm_state, phone, len(entry)))
+                if not (0 <= fpdf < 2 * n + 1 and 0 <= spdf < 2 * n + 1):
+                    # pdfs are numbered densely; the tuples mention every one of them
+                    raise KaldiFormatError("%s: tuple %d has pdf %d, out of range for %d "
+                                           "tuples" % (self._name, s, max(fpdf, spdf)
+                                                       if min(fpdf, spdf) >= 0
+                                                       else min(fpdf, spdf), n))
                 self.num_pdfs = max(self.num_pdfs, 1 + fpdf, 1 + spdf)
                 cur += len(entry[hmm_state].transitions)
         self._state2id = state2id
