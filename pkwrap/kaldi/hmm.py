@@ -82,7 +82,7 @@ def _open_reader(path_or_file, what: str) -> KaldiReader:
             with open(name, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise KaldiFormatError("%s: cannot read %s: %s" % (name, what, e)) from None
+            raise KaldiFormatError("%s: cannot read %s: %s" % (name, what, e.strerror or e)) from None
     elif isinstance(path_or_file, (bytes, bytearray)):
         data, name = bytes(path_or_file), "<bytes>"
     else:
