@@ -497,3 +497,66 @@ def test_truncated_graphs_archive_is_an_error(tmp_path):
                                           FST_HOLDER):
             w[k] = f
     assert out.read_bytes() == data
+
+
+# ------------------------------------------------------------------------ trainer
+def _trainer_setup(tmp_path, time_strides=(1, 3), **cfg):
+    from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
+    from pkwrap.nn import TDNNFModel
+    from pkwrap.optim import NGSGD, kaldi_param_groups
+    from pkwrap.train import TrainConfig, Trainer
+    from pkwrap.train.data import EgsDataset
+    data = EgsDataset.from_kaldi(str(EGS))
+    torch.manual_seed(0)
+    model = TDNNFModel(34, feat_dim=40, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=4,
+                       time_strides=time_strides, prefinal_dim=8, prefinal_big_dim=16,
+                       use_idct=False)
+    loss = ChainLoss(DenominatorGraph.from_fst(str(MONO / "den.fst"), 34), ChainOptions())
+    conf = dict(minibatch_size="1", checkpoint_every=0, log_every=2, progress_bar=False,
+                tensorboard=False, max_steps=6)
+    conf.update(cfg)
+    return lambda m=model: Trainer(m, loss, NGSGD(kaldi_param_groups(m), lr=0.002), data,
+                                   TrainConfig(str(tmp_path / "exp"), **conf)), data, model
+
+
+def test_trainer_reports_too_little_egs_context_before_training(tmp_path):
+    make, data, _ = _trainer_setup(tmp_path, time_strides=(1, 3, 3, 3, 3, 3, 3))
+    with pytest.raises(ValueError, match="training egs, eg '%s': chunk of .* too short for the "
+                       "model .* --left-context >= " % data.keys[0]):
+        make()
+    assert not (tmp_path / "exp" / "checkpoints").exists()
+
+
+class _Poisoned(torch.nn.Module):
+    """The wrapped model's output with +inf in one place: every minibatch fails."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        y = self.m(x)
+        y = y[0] if isinstance(y, tuple) else y
+        return y + torch.where(torch.arange(y.shape[-1]) == 3, float("inf"), 0.0)
+
+
+def test_trainer_counts_failed_minibatches_and_aborts(tmp_path):
+    make, data, model = _trainer_setup(tmp_path, min_minibatches_before_abort=4,
+                                       max_failed_fraction=0.5)
+    tr = make(_Poisoned(model))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="training aborted at step 4: 4 of 4 minibatches "
+                                           "failed .* max_failed_fraction=0.5"):
+        tr.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    log = (tmp_path / "exp" / "log" / "train.0.log").read_text()
+    assert log.count("non-finite objective or gradient") == 4
+
+
+def test_trainer_reports_unused_egs_inputs(tmp_path):
+    make, data, _ = _trainer_setup(tmp_path, max_steps=0)
+    for eg in data.examples:
+        eg.inputs["ivector"] = torch.zeros(1, 10)
+    make()
+    log = (tmp_path / "exp" / "log" / "train.0.log").read_text()
+    assert "input(s) ivector that the model does not consume" in log
