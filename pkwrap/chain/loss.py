@@ -206,8 +206,8 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
     xf = x if x.dtype == torch.float32 else x.to(torch.float32)
     n_oor = 0
     oor_term = 0.0
-    lo, hi = torch.aminmax(xf)  # one transfer; also tells whether X is finite
-    lo, hi = float(lo), float(hi)
+    # one transfer for both; also tells whether X is finite (NaN/inf show in min or max)
+    lo, hi = torch.stack(torch.aminmax(xf)).tolist()
     x_finite = math.isfinite(lo) and math.isfinite(hi)
     if x_finite and not (lo >= -30.0 and hi <= 30.0):
         n_oor = int((xf.abs() > 30.0).sum())
