@@ -148,6 +148,13 @@ class NGSGD(Optimizer):
                  learning_rate_factor: float = 1.0, orthonormal_constraint: float = 0.0,
                  backstitch_training_scale: float = 0.0, backstitch_training_interval: int = 1,
                  orthonormal_every: int = 4, maximize: bool = False):
+        for name, v in (("lr", lr), ("momentum", momentum), ("max_change", max_change),
+                        ("max_param_change", max_param_change), ("l2_regularize", l2_regularize),
+                        ("l2_regularize_factor", l2_regularize_factor),
+                        ("learning_rate_factor", learning_rate_factor),
+                        ("orthonormal_constraint", orthonormal_constraint),
+                        ("backstitch_training_scale", backstitch_training_scale)):
+            _check_finite(name, v)
         if not lr >= 0.0:
             raise ValueError(f"NGSGD: invalid learning rate {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -166,6 +173,13 @@ class NGSGD(Optimizer):
                         learning_rate_factor=learning_rate_factor,
                         orthonormal_constraint=orthonormal_constraint, name="")
         super().__init__(params, defaults)
+        for group in self.param_groups:  # per-group overrides too
+            for name in ("lr", "max_change", "l2_regularize", "learning_rate_factor",
+                         "orthonormal_constraint"):
+                _check_finite(name, group[name], group.get("name") or None)
+            if group["lr"] < 0 or group["max_change"] < 0 or group["l2_regularize"] < 0:
+                raise ValueError("NGSGD: parameter group %r: lr, max_change and l2_regularize "
+                                 "must be >= 0" % (group.get("name") or "",))
         self.momentum = float(momentum)
         self.max_param_change = float(max_param_change)
         self.l2_regularize_factor = float(l2_regularize_factor)
@@ -344,7 +358,10 @@ class NGSGD(Optimizer):
         if self.momentum != 0.0:
             for ds in deltas:
                 for d in ds:
-                    d.mul_(self.momentum if ok is not None else 0.0)
+                    if ok is not None:
+                        d.mul_(self.momentum)
+                    else:  # a skipped step must not leave NaN/inf in the momentum buffer
+                        d.zero_()
         if constrain and ok is not None and self.num_steps % self.orthonormal_every == 0:
             for group in groups:
                 c = group["orthonormal_constraint"]
@@ -353,6 +370,16 @@ class NGSGD(Optimizer):
                         if p.dim() >= 2:
                             constrain_orthonormal_(p.data, c)
         return ok is not None
+
+
+def _check_finite(name: str, v, group: Optional[str] = None) -> None:
+    try:
+        ok = math.isfinite(float(v))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError("NGSGD: %s%s must be a finite number, got %r"
+                         % (name, "" if group is None else " of group %r" % group, v))
 
 
 @torch.no_grad()

@@ -15,6 +15,17 @@ if not torch.cuda.is_available():
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "kaldi"
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def script_env(**extra) -> dict:
+    """Environment for running ``scripts/<prog>`` in a subprocess: this checkout's
+    ``pkwrap`` first on the path (also when another copy is installed)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""), **extra)
+
+
 def fixture_path(*parts) -> Path:
     p = FIXTURES.joinpath(*parts)
     if not p.exists():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixture_path, load_case
+from conftest import fixture_path, load_case, script_env
 import pkwrap.chain.den_fst as den_fst_module
 from pkwrap.chain.den_fst import make_den_fst, push_special
 from pkwrap.chain.den_graph import DenominatorGraph
@@ -114,7 +114,7 @@ def test_cli_chain_make_den_fst(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "chain-make-den-fst"),
                         str(d / "tree"), str(d / "trans.mdl"), str(d / "phone_lm.fst"),
                         str(tmp_path / "den.fst"), str(tmp_path / "norm.fst")],
-                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, env=script_env())
     assert r.returncode == 0, r.stderr
     assert_same_fst(read_fst(tmp_path / "den.fst"), read_fst(d / "den.fst"))
     assert_same_fst(read_fst(tmp_path / "norm.fst"), read_fst(d / "normalization.fst"))

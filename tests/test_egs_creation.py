@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import fixture_path  # noqa: E402
+from conftest import fixture_path, script_env  # noqa: E402
 
 kaldifst = pytest.importorskip("kaldifst")
 
@@ -208,7 +208,7 @@ def test_command_line_programs(tmp_path):
     from pkwrap.kaldi.table import TableWriter
     scripts = Path(__file__).resolve().parent.parent / "scripts"
     mono, e2e = fixture_path("mono"), fixture_path("e2e")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = script_env()
 
     def run(*args):
         r = subprocess.run([sys.executable, str(scripts / args[0])] + [str(a) for a in args[1:]],

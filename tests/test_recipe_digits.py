@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
+from conftest import script_env
+
 RECIPE = Path(__file__).resolve().parent.parent / "egs" / "digits"
 
 pytestmark = pytest.mark.skipif(
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def run_recipe(workdir, *args, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = script_env()
     r = subprocess.run([str(RECIPE / "run.sh"), *args], cwd=workdir, env=env,
                        capture_output=True, text=True)
     if check and r.returncode != 0:

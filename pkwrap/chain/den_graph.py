@@ -187,6 +187,9 @@ def _initial_probs(fst: Fst, name: str) -> np.ndarray:
         s = int(np.nonzero(~((tot > 0.0) & (tot < 100.0)))[0][0])
         raise ValueError("%s: state %d has total outgoing probability %g (Kaldi requires "
                          "0 < total < 100)" % (name, s, tot[s]))
+    if not (src == fst.start).any():
+        raise ValueError("%s: the start state %d has no arcs (a denominator graph must "
+                         "be able to emit a frame from its start)" % (name, fst.start))
     a = p_arc / tot[src]
     cur = np.zeros(N)
     cur[fst.start] = 1.0
@@ -195,5 +198,9 @@ def _initial_probs(fst: Fst, name: str) -> np.ndarray:
     for _ in range(num_iters):
         avg += cur / num_iters
         nxt = np.bincount(dst, weights=cur[src] * a, minlength=N)
-        cur = nxt / nxt.sum()
+        tot_nxt = nxt.sum()
+        if not tot_nxt > 0.0:
+            raise ValueError("%s: no path from the start state is longer than %d frames "
+                             "(dead ends); initial probabilities are undefined" % (name, _))
+        cur = nxt / tot_nxt
     return avg.astype(np.float32)

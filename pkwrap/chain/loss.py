@@ -39,6 +39,7 @@ the objective is computed; pkwrap does the same: the gradients are multiplied by
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -205,8 +206,10 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
     xf = x if x.dtype == torch.float32 else x.to(torch.float32)
     n_oor = 0
     oor_term = 0.0
-    lo, hi = torch.aminmax(xf)
-    if not (float(lo) >= -30.0 and float(hi) <= 30.0):
+    # one transfer for both; also tells whether X is finite (NaN/inf show in min or max)
+    lo, hi = torch.stack(torch.aminmax(xf)).tolist()
+    x_finite = math.isfinite(lo) and math.isfinite(hi)
+    if x_finite and not (lo >= -30.0 and hi <= 30.0):
         n_oor = int((xf.abs() > 30.0).sum())
         if n_oor and opts.out_of_range_regularize > 0:
             over = xf - xf.clamp(-30.0, 30.0)
@@ -216,11 +219,13 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
                 G.add_(over, alpha=opts.out_of_range_regularize / norm)
 
     objf = num_lp_w - den_lp_w
-    ok = bool(np.isfinite(objf)) and den.ok and num_ok
+    # +-inf in X is treated like NaN (the denominator clamps X, so it would not notice)
+    ok = bool(np.isfinite(objf)) and den.ok and num_ok and x_finite
     if not ok:
         logger.warning("Objective function is %s and denominator computation returned %s and "
-                       "numerator computation returned %s, setting objective function to -10 "
-                       "per frame and zeroing the derivative.", objf, den.ok, num_ok)
+                       "numerator computation returned %s%s, setting objective function to -10 "
+                       "per frame and zeroing the derivative.", objf, den.ok, num_ok,
+                       "" if x_finite else " (the network output is not finite)")
         if G is not None:
             G.zero_()
         if xent_d is not None:
@@ -231,7 +236,7 @@ def chain_loss(den_graph: DenominatorGraph, output: torch.Tensor, supervision: S
             _stats["num_failed"] = _stats.get("num_failed", 0) + 1
 
     l2_term = 0.0
-    if opts.l2_regularize != 0.0 and (num_ok or not supervision.e2e):
+    if opts.l2_regularize != 0.0 and x_finite and (num_ok or not supervision.e2e):
         scale = w * opts.l2_regularize
         l2 = -0.5 * scale * float(torch.linalg.vector_norm(xf, dtype=torch.float64)) ** 2
         if np.isfinite(l2):

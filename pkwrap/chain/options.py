@@ -16,6 +16,7 @@ does pkwrap by default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -62,6 +63,9 @@ class ChainOptions:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError("ChainOptions.%s must be a number, got %r" % (f.name, v))
             setattr(self, f.name, float(v))
+            if not math.isfinite(float(v)):
+                raise ValueError("ChainOptions.%s must be a finite number, got %r"
+                                 % (f.name, v))
         if not 0.0 < self.leaky_hmm_coefficient < 1.0:
             raise ValueError("ChainOptions.leaky_hmm_coefficient must be in (0, 1) "
                              "(Kaldi asserts this; the denominator is not computed in "

@@ -40,6 +40,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
+from ..kaldi.io import AtomicFile
 from .graph import DecodingGraph
 
 __all__ = ["DecodeResult", "decode", "decode_utterances", "write_loglikes_ark",
@@ -360,12 +361,10 @@ def write_loglikes_ark(path: str, loglikes: Union[Dict[str, np.ndarray],
 
 def read_loglikes(rspecifier: str) -> Iterator[Tuple[str, np.ndarray]]:
     """Yield ``(utt, matrix)`` from a Kaldi rspecifier (``ark:f.ark``, ``scp:f.scp``, a path)."""
-    import kaldiio
-    if ":" not in rspecifier.split(",")[0] and os.path.exists(rspecifier):
-        rspecifier = ("scp:" if rspecifier.endswith(".scp") else "ark:") + rspecifier
-    with kaldiio.ReadHelper(rspecifier) as r:
-        for key, m in r:
-            yield key, np.asarray(m, dtype=np.float32)
+    from ..kaldi.table import SequentialTableReader
+    reader = SequentialTableReader(rspecifier, "matrix")  # errors name file, key, offset
+    for key, m in reader:
+        yield key, np.asarray(m, dtype=np.float32)
 
 
 def lattice_to_text(lat) -> str:
@@ -393,7 +392,7 @@ def write_lattice_ark(path_or_file, lattices: Iterable[Tuple[str, object]],
     and read them as CompactLattice too (converting).
     """
     own = isinstance(path_or_file, (str, os.PathLike))
-    f = open(path_or_file, "wb") if own else path_or_file
+    f = AtomicFile(path_or_file) if own else path_or_file
     try:
         with tempfile.TemporaryDirectory() as d:
             tmp = os.path.join(d, "lat")
@@ -405,18 +404,22 @@ def write_lattice_ark(path_or_file, lattices: Iterable[Tuple[str, object]],
                         f.write(key.encode() + b" \0B" + t.read())
                 else:
                     f.write(key.encode() + b" \n" + lattice_to_text(lat).encode() + b"\n")
-    finally:
+    except BaseException:
         if own:
-            f.close()
+            f.discard()
+        raise
+    if own:
+        f.commit()
 
 
 def open_wspecifier(wspecifier: str):
     """Open a Kaldi archive wspecifier (``ark:f``, ``ark,t:f``, ``-`` = stdout).
 
     Returns:
-      ``(binary_file, binary_mode, close)``; call ``close()`` when done.
+      ``(file, binary_mode, close)``: the file is a :class:`~pkwrap.kaldi.io.AtomicFile`;
+      call ``close()`` when done (the file gets its name), or ``file.discard()`` on
+      failure (nothing is left).
     """
-    import sys
     if ":" not in wspecifier:
         raise DecodeError("bad wspecifier %r (expected ark:FILE or ark,t:FILE)" % wspecifier)
     head, target = wspecifier.split(":", 1)
@@ -424,13 +427,8 @@ def open_wspecifier(wspecifier: str):
     if opts[0] != "ark" or any(o not in ("t", "b", "f", "nf", "p", "cs", "ncs") for o in opts[1:]):
         raise DecodeError("unsupported wspecifier %r (only ark[,t]:FILE)" % wspecifier)
     binary = "t" not in opts[1:]
-    if target == "-":
-        return sys.stdout.buffer, binary, sys.stdout.buffer.flush
-    try:
-        f = open(target, "wb")
-    except OSError as e:
-        raise DecodeError("cannot open %s for writing: %s" % (target, e.strerror)) from None
-    return f, binary, f.close
+    f = AtomicFile(target)
+    return f, binary, f.commit
 
 
 def write_int_vectors(f, items: Iterable[Tuple[str, Sequence[int]]], binary: bool) -> None:

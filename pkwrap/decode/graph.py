@@ -43,7 +43,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..kaldi.fst import Fst, read_fst, write_fst
+from ..kaldi.fst import Fst, FstFormatError, read_fst, read_fst_binary, validate_fst, write_fst
+from ..kaldi.io import atomic_output
 from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,
                       make_lexicon_fst, make_phone_table)
 
@@ -74,13 +75,40 @@ def to_kaldifst(fst: Fst):
         return kaldifst.StdVectorFst.read(p)
 
 
-def from_kaldifst(kfst) -> Fst:
-    """``kaldifst.StdVectorFst`` -> pkwrap :class:`~pkwrap.kaldi.fst.Fst`."""
+def write_kaldifst(kfst, path) -> None:
+    """Write a ``kaldifst`` FST to ``path``, complete or not at all
+    (:func:`pkwrap.kaldi.io.atomic_output`)."""
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "g.fst")
+        if not kfst.write(p):
+            raise GraphError("%s: OpenFst could not write the FST" % os.fspath(path))
+        with open(p, "rb") as src, atomic_output(path) as f:
+            while True:
+                b = src.read(1 << 22)
+                if not b:
+                    break
+                f.write(b)
+
+
+def from_kaldifst(kfst, name: Optional[str] = None) -> Fst:
+    """``kaldifst.StdVectorFst`` -> pkwrap :class:`~pkwrap.kaldi.fst.Fst` (validated by
+    :func:`pkwrap.kaldi.fst.validate_fst`; errors name ``name``)."""
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "g.fst")
         if not kfst.write(p):
             raise GraphError("kaldifst could not write the FST to %s" % p)
-        return read_fst(p)
+        with open(p, "rb") as f:
+            return read_fst_binary(f, name or "<kaldifst FST>")
+
+
+def validate_kaldifst(kfst, name: str, num_ilabels: Optional[int] = None) -> None:
+    """Check a ``kaldifst`` FST before it reaches a decoder (OpenFst does not: an arc to a
+    missing state crashes the process): the checks of :func:`pkwrap.kaldi.fst.
+    validate_fst`, input labels below ``num_ilabels``. Raises :class:`GraphError`."""
+    try:
+        validate_fst(from_kaldifst(kfst, name), name, num_ilabels=num_ilabels)
+    except FstFormatError as e:
+        raise GraphError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -631,16 +659,22 @@ class DecodingGraph:
       word_table: words.txt.
       phone_table: phones.txt (with disambiguation symbols).
       trans_model: the TransitionModel (maps transition-ids to pdfs).
+      name: where the graph came from, for error messages.
+
+    The graph is validated on construction (:func:`validate_kaldifst`).
     """
 
     hclg: object
     word_table: SymbolTable
     phone_table: SymbolTable
     trans_model: object
+    name: str = "HCLG"
     tid2pdf: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
         self.tid2pdf = np.asarray(self.trans_model.transition_id_to_pdf_array, np.int64)
+        # every input label must be a transition-id of the model (0: epsilon)
+        validate_kaldifst(self.hclg, self.name, num_ilabels=len(self.tid2pdf))
 
     @property
     def num_pdfs(self) -> int:
@@ -649,11 +683,10 @@ class DecodingGraph:
     def write(self, graph_dir) -> None:
         """Write ``HCLG.fst``, ``words.txt``, ``phones.txt`` and ``num_pdfs`` (Kaldi layout)."""
         os.makedirs(graph_dir, exist_ok=True)
-        if not self.hclg.write(os.path.join(graph_dir, "HCLG.fst")):
-            raise GraphError("could not write %s/HCLG.fst" % graph_dir)
+        write_kaldifst(self.hclg, os.path.join(graph_dir, "HCLG.fst"))
         self.word_table.write(os.path.join(graph_dir, "words.txt"))
         self.phone_table.write(os.path.join(graph_dir, "phones.txt"))
-        with open(os.path.join(graph_dir, "num_pdfs"), "w") as f:
+        with atomic_output(os.path.join(graph_dir, "num_pdfs"), "w") as f:
             f.write("%d\n" % self.num_pdfs)
 
     @classmethod
@@ -694,6 +727,7 @@ def _read_any_fst(path):
     if fst is None:
         raise GraphError("%s: OpenFst could not read this %s FST (arc type must be "
                          "'standard')" % (path, fst_type))
+    validate_kaldifst(fst, path)
     return fst
 
 
@@ -819,18 +853,17 @@ def write_lang_dir(lang_dir, lexicon: Sequence[LexiconEntry], phone_table: Symbo
     write_lexiconp(lexicon, os.path.join(lang_dir, "lexiconp.txt"))
     write_lexiconp(lex_dis, os.path.join(lang_dir, "lexiconp_disambig.txt"))
     dis = [(s, i) for s, i in ptab if s.startswith("#")]
-    with open(os.path.join(lang_dir, "phones", "disambig.int"), "w") as f:
-        f.writelines("%d\n" % i for _, i in dis)
-    with open(os.path.join(lang_dir, "phones", "disambig.txt"), "w") as f:
-        f.writelines("%s\n" % s for s, _ in dis)
+    with atomic_output(os.path.join(lang_dir, "phones", "disambig.int"), "w") as f:
+        f.write("".join("%d\n" % i for _, i in dis))
+    with atomic_output(os.path.join(lang_dir, "phones", "disambig.txt"), "w") as f:
+        f.write("".join("%s\n" % s for s, _ in dis))
     use_sil = bool(sil_phone) and sil_prob > 0
     L = make_lexicon_fst(lexicon, ptab, word_table, sil_phone, sil_prob)
     Ld = make_lexicon_fst(lex_dis, ptab, word_table, sil_phone, sil_prob,
                           sil_disambig=("#%d" % ndis) if use_sil else None,
                           word_disambig_loops="#0" in word_table)
-    if not (L.write(os.path.join(lang_dir, "L.fst"))
-            and Ld.write(os.path.join(lang_dir, "L_disambig.fst"))):
-        raise GraphError("could not write the lexicon FSTs to %s" % lang_dir)
+    write_kaldifst(L, os.path.join(lang_dir, "L.fst"))
+    write_kaldifst(Ld, os.path.join(lang_dir, "L_disambig.fst"))
     if grammar is not None:
         if isinstance(grammar, (str, os.PathLike)):
             G = make_arpa_grammar(grammar, word_table)
@@ -838,5 +871,4 @@ def write_lang_dir(lang_dir, lexicon: Sequence[LexiconEntry], phone_table: Symbo
             G = grammar
         else:
             G = make_word_loop_grammar(list(grammar), word_table)
-        if not G.write(os.path.join(lang_dir, "G.fst")):
-            raise GraphError("could not write %s/G.fst" % lang_dir)
+        write_kaldifst(G, os.path.join(lang_dir, "G.fst"))

@@ -97,7 +97,8 @@ def read_lexiconp(path) -> List[LexiconEntry]:
 
 
 def write_lexiconp(lexicon: Sequence[LexiconEntry], path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    from ..kaldi.io import atomic_output
+    with atomic_output(path, "w") as f:
         for word, prob, phones in lexicon:
             f.write("%s\t%s\t%s\n" % (word, repr(float(prob)), " ".join(phones)))
 

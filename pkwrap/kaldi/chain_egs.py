@@ -51,8 +51,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .fst import OPENFST_MAGIC, Fst, FstFormatError, read_fst_binary
-from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .fst import (OPENFST_MAGIC, Fst, FstFormatError, check_text_state_ids, read_fst_binary,
+                  validate_fst, write_fst_binary)
+from .io import KaldiFormatError, KaldiReader, KaldiWriter, check_size, format_float
 from .table import (Holder, RandomAccessTableReader, SequentialTableReader, TableWriter,
                     parse_wspecifier)
 from .matrix import _native
@@ -62,7 +63,7 @@ from .matrix import (CompressedMatrix, GeneralMatrix, read_general_matrix,
 __all__ = ["Supervision", "NnetChainExample", "read_chain_egs", "write_chain_egs",
            "merge_chain_egs", "merge_supervision", "scale_supervision_weight",
            "shift_chain_example_times", "read_chain_example", "write_chain_example",
-           "CHAIN_EG_HOLDER", "compact_fst_properties", "ChainEgsWriter",
+           "CHAIN_EG_HOLDER", "FST_HOLDER", "validate_supervision", "compact_fst_properties", "ChainEgsWriter",
            "merge_chain_egs_stream", "merge_chain_egs_table", "copy_chain_egs",
            "MinibatchSizeRule", "merge_supervision_fsts", "read_supervision",
            "modify_chain_example_context",
@@ -268,6 +269,21 @@ def _read_string(r: KaldiReader, what: str) -> str:
     return r.take(n, what).decode("latin-1")
 
 
+def _read_table_fst(r: KaldiReader) -> Fst:
+    """An FST archive entry (``VectorFstWriter``: binary OpenFst bytes without Kaldi's
+    ``\\0B`` header, or the text form)."""
+    r.binary = r.pos + 4 <= r.end and bytes(r.buf[r.pos:r.pos + 4]) == struct.pack(
+        "<i", OPENFST_MAGIC)
+    return _read_fst(r)
+
+
+def _write_table_fst(w: KaldiWriter, fst: Fst) -> None:
+    if w.binary:
+        write_fst_binary(fst, w)
+    else:
+        _write_fst(w, fst)
+
+
 def _read_fst(r: KaldiReader) -> Fst:
     """One supervision FST: a binary compact acceptor (or vector FST), or Kaldi's text
     form (``ReadFstKaldi``)."""
@@ -295,6 +311,9 @@ def _read_fst(r: KaldiReader) -> Fst:
         raise r.error("aligned compact FSTs are not supported", start_pos)
     if nstates < 0 or nstates > 1 << 30 or (start != -1 and not 0 <= start < nstates):
         raise r.error("bad FST header (start %d, %d states)" % (start, nstates), start_pos)
+    if (nstates + 1) * 4 > r.end - r.pos:
+        raise r.error("FST header declares %d states, more than the %d bytes left can hold"
+                      % (nstates, r.end - r.pos), start_pos)
     states = r.take_array("<u4", nstates + 1, "FST state offsets").astype(np.int64)
     if nstates and (states[0] != 0 or (np.diff(states) < 0).any()):
         raise r.error("corrupt compact FST state offsets", start_pos)
@@ -315,9 +334,14 @@ def _read_fst(r: KaldiReader) -> Fst:
     offsets = np.zeros(nstates + 1, np.int64)
     np.cumsum(np.bincount(arc_state, minlength=nstates), out=offsets[1:])
     label = arcs["label"].astype(np.int32)
-    return Fst(num_states=int(nstates), start=int(start), final=final, state_offsets=offsets,
-               ilabel=label, olabel=label.copy(), weight=arcs["weight"].astype(np.float32),
-               nextstate=nxt.astype(np.int32), arc_type=arc_type, properties=int(props))
+    fst = Fst(num_states=int(nstates), start=int(start), final=final, state_offsets=offsets,
+              ilabel=label, olabel=label.copy(), weight=arcs["weight"].astype(np.float32),
+              nextstate=nxt.astype(np.int32), arc_type=arc_type, properties=int(props))
+    try:
+        return validate_fst(fst, "%s%s (FST at byte %d)" % (
+            r.name, "" if r.key is None else ", key %r" % r.key, start_pos))
+    except FstFormatError as e:
+        raise KaldiFormatError(str(e)) from None
 
 
 class _BufStream:
@@ -325,6 +349,9 @@ class _BufStream:
 
     def __init__(self, r: KaldiReader):
         self.r = r
+
+    def remaining(self) -> int:
+        return self.r.end - self.r.pos
 
     def read(self, n: int) -> bytes:
         r = self.r
@@ -357,7 +384,8 @@ def _read_fst_text(r: KaldiReader) -> Fst:
         raise r.error("text FST: expected a newline before the FST")
     r.pos += 1
     arcs, finals = [], {}
-    start, nstates = -1, 0
+    start, ids, nlines = -1, [], 0
+    text_pos = r.pos
     while True:
         if r.pos >= r.end:
             raise r.error("text FST: no empty line at the end of the FST")
@@ -369,11 +397,12 @@ def _read_fst_text(r: KaldiReader) -> Fst:
         col = line.split()
         if not col:
             break
+        nlines += 1
         try:
             s = int(col[0])
             if start < 0:
                 start = s
-            nstates = max(nstates, s + 1)
+            ids.append(s)
             if len(col) == 1:
                 finals[s] = 0.0
             elif len(col) == 2:
@@ -384,14 +413,20 @@ def _read_fst_text(r: KaldiReader) -> Fst:
                 if len(col) == 5 and wt == float("inf"):
                     raise ValueError("arc weight is Zero")
                 arcs.append((s, int(col[2]), int(col[3]), wt, d))
-                nstates = max(nstates, d + 1)
+                ids.append(d)
             else:
                 raise ValueError("%d columns" % len(col))
         except ValueError as e:
             raise r.error("text FST: bad line %r (%s)" % (line[:80], e), line_pos)
-    if start < 0:
+    if not ids:
         return Fst.from_arcs(0, -1, [])
-    return Fst.from_arcs(nstates, start, arcs, finals)
+    where = "%s%s (text FST at byte %d)" % (r.name, "" if r.key is None else ", key %r" % r.key,
+                                            text_pos)
+    try:
+        nstates = check_text_state_ids(ids, nlines, where)
+        return validate_fst(Fst.from_arcs(nstates, start, arcs, finals), where)
+    except FstFormatError as e:
+        raise KaldiFormatError(str(e)) from None
 
 
 def _write_fst(w: KaldiWriter, fst: Fst) -> None:
@@ -455,8 +490,8 @@ def _read_index_vector(r: KaldiReader) -> np.ndarray:
     """ReadIndexVector -> int32 ``[N][3]`` (n, t, x)."""
     r.expect_token("<I1V>")
     n = r.read_int32()
-    if n < 0:
-        raise r.error("negative Index-vector size %d" % n)
+    # each entry takes at least one byte (binary) or a "<I1> " token (text)
+    check_size(n, 1 if r.binary else 5, r.end - r.pos, "Index-vector size", r.error("").args[0][:-2])
     out = np.zeros((n, 3), np.int64)
     if not r.binary:
         for i in range(n):
@@ -601,6 +636,64 @@ def _check_output_indexes(r: KaldiReader, idx: np.ndarray, sup: Supervision) -> 
         raise r.error("output indexes are not in Kaldi's t-major (t, n) order")
 
 
+def validate_supervision(sup: Supervision, where: str) -> Supervision:
+    """Kaldi's ``Supervision::Check``, done on every read: a finite weight; FSTs that are
+    epsilon-free acceptors with labels in ``[1, label_dim]`` (pdf-id + 1) and finite
+    weights; a regular FST is time-synchronous (states in topological order, every
+    path from the start has exactly ``num_sequences * frames_per_sequence`` arcs; final
+    states only there); e2e FSTs have no self-loop of negative cost (probability > 1).
+
+    Raises:
+      FstFormatError: naming ``where`` and the problem.
+    """
+    if not np.isfinite(sup.weight):
+        raise FstFormatError("%s: supervision weight %r is not finite" % (where, sup.weight))
+    fsts = sup.e2e_fsts if sup.e2e else [sup.fst]
+    for i, f in enumerate(fsts):
+        name = "%s: supervision FST%s" % (where, " %d" % i if sup.e2e else "")
+        validate_fst(f, name, num_ilabels=sup.label_dim + 1, epsilon_free=True)
+        if not np.array_equal(f.ilabel, f.olabel):
+            raise FstFormatError("%s is not an acceptor" % name)
+        if not np.isfinite(f.weight).all():
+            raise FstFormatError("%s has an infinite arc weight" % name)
+        if f.num_states == 0:
+            raise FstFormatError("%s is empty" % name)
+        if sup.e2e:
+            loops = (f.nextstate == f.src) & (f.weight < 0)
+            if loops.any():
+                s = int(f.src[np.flatnonzero(loops)[0]])
+                raise FstFormatError("%s: state %d has a self-loop of negative cost %g "
+                                     "(probability > 1)" % (name, s, f.weight[loops][0]))
+        else:
+            _check_time_synchronous(f, sup.num_sequences * sup.frames_per_sequence, name)
+    return sup
+
+
+def _check_time_synchronous(f: Fst, num_frames: int, name: str) -> None:
+    src = f.src
+    if len(src) and (f.nextstate <= src).any():
+        raise FstFormatError("%s: states are not in topological order (an arc goes back or "
+                             "loops)" % name)
+    time = [-1] * f.num_states
+    time[f.start] = 0
+    off = f.state_offsets.tolist()
+    nxt = f.nextstate.tolist()
+    for s in range(f.num_states):
+        t = time[s]
+        if t < 0:
+            continue  # unreachable
+        for d in nxt[off[s]:off[s + 1]]:
+            if time[d] < 0:
+                time[d] = t + 1
+            elif time[d] != t + 1:
+                raise FstFormatError("%s: not time-synchronous (state %d is reached at "
+                                     "frames %d and %d)" % (name, d, time[d], t + 1))
+    final_t = {time[s] for s in np.flatnonzero(np.isfinite(f.final)).tolist() if time[s] >= 0}
+    if final_t != {num_frames}:
+        raise FstFormatError("%s: paths have %s frames, the supervision %d"
+                             % (name, sorted(final_t) or "no final state / 0", num_frames))
+
+
 def read_supervision(r: KaldiReader) -> Supervision:
     """``chain::Supervision::Read`` at the reader's position (binary or text), as in
     egs and in ``chain-get-supervision`` archives."""
@@ -629,8 +722,12 @@ def read_supervision(r: KaldiReader) -> Supervision:
         r.expect_token("<AlignmentPdfs>")
         ali = r.read_int_vector()
     r.expect_token("</Supervision>")
-    return Supervision(weight=float(np.float32(weight)), num_sequences=S, frames_per_sequence=T,
-                       label_dim=P, fst=fst, e2e_fsts=e2e_fsts, alignment_pdfs=ali)
+    sup = Supervision(weight=float(np.float32(weight)), num_sequences=S, frames_per_sequence=T,
+                      label_dim=P, fst=fst, e2e_fsts=e2e_fsts, alignment_pdfs=ali)
+    try:
+        return validate_supervision(sup, r.name + ("" if r.key is None else ", key %r" % r.key))
+    except FstFormatError as e:
+        raise KaldiFormatError(str(e)) from None
 
 
 def read_chain_example(r: KaldiReader) -> NnetChainExample:
@@ -671,8 +768,8 @@ def read_chain_example(r: KaldiReader) -> NnetChainExample:
             if len(v) != len(out_idx):
                 raise r.error("deriv_weights has %d entries, output has %d indexes"
                               % (len(v), len(out_idx)))
-            if not (v >= 0).all():
-                raise r.error("deriv_weights has negative or NaN entries")
+            if not (np.isfinite(v).all() and (v >= 0).all()):
+                raise r.error("deriv_weights has negative, NaN or infinite entries")
             dw = torch.from_numpy(v.astype(np.float32))
         r.expect_token("</NnetChainSup>")
     _check_output_indexes(r, out_idx, sup)
@@ -779,6 +876,9 @@ def write_chain_example(w: KaldiWriter, eg: NnetChainExample, compress: bool = F
 
 # ============================================================================ tables
 CHAIN_EG_HOLDER = Holder(read_chain_example, write_chain_example)
+#: FST archives as Kaldi's ``VectorFstWriter`` writes them (``compile-train-graphs``);
+#: every FST read is validated (:func:`pkwrap.kaldi.fst.validate_fst`).
+FST_HOLDER = Holder(_read_table_fst, _write_table_fst, binary_header=False)
 """Table holder for ``NnetChainExample`` (binary or text)."""
 
 
@@ -818,11 +918,18 @@ class ChainEgsWriter:
     def close(self) -> None:
         self._w.close()
 
+    def abort(self) -> None:
+        """Give up: nothing is left under the output names."""
+        self._w.abort()
+
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.close()
+        else:
+            self.abort()
         return False
 
 
@@ -1366,9 +1473,11 @@ def copy_chain_egs(rspec: str, wspecs: Sequence[str], weights: Optional[str] = N
     oreader = RandomAccessTableReader(outputs, "token") if outputs else None
     if not wspecs:
         raise ValueError("copy_chain_egs: at least one wspecifier is needed")
-    writers = [ChainEgsWriter(w) for w in wspecs]
+    writers: List[ChainEgsWriter] = []
     n_read = n_written = n_skipped = 0
     try:
+        for w in wspecs:
+            writers.append(ChainEgsWriter(w))
         for key, eg in read_chain_egs(rspec):
             n_read += 1
             if wreader is not None:
@@ -1392,7 +1501,10 @@ def copy_chain_egs(rspec: str, wspecs: Sequence[str], weights: Optional[str] = N
                 modify_chain_example_context(eg, left_context, right_context)
             writers[n_written % len(writers)].write(key, eg)
             n_written += 1
-    finally:
-        for w in writers:
-            w.close()
+    except BaseException:
+        for w in writers:  # all outputs or none
+            w.abort()
+        raise
+    for w in writers:
+        w.close()
     return {"num_read": n_read, "num_written": n_written, "num_skipped": n_skipped}

@@ -34,7 +34,8 @@ from typing import BinaryIO, Iterable, List, Optional, Tuple, Union
 import numpy as np
 
 __all__ = ["Fst", "read_fst", "read_fst_binary", "write_fst", "write_fst_binary",
-           "read_fst_text", "write_fst_text", "FstFormatError", "OPENFST_MAGIC"]
+           "read_fst_text", "write_fst_text", "FstFormatError", "OPENFST_MAGIC",
+           "validate_fst", "check_text_state_ids"]
 
 OPENFST_MAGIC = 2125659606
 _FLAG_HAS_ISYMBOLS = 1
@@ -101,6 +102,9 @@ class Fst:
         if len(a) and (a[:, 0].min() < 0 or a[:, 0].max() >= num_states
                        or a[:, 3].min() < 0 or a[:, 3].max() >= num_states):
             raise FstFormatError("arc refers to a state outside [0, %d)" % num_states)
+        if len(a) and (a[:, 1:3].min() < 0 or a[:, 1:3].max() >= 2 ** 31):
+            raise FstFormatError("arc label %d is outside [0, 2^31)"
+                                 % (a[:, 1:3].min() if a[:, 1:3].min() < 0 else a[:, 1:3].max()))
         counts = np.bincount(a[:, 0], minlength=num_states) if len(a) else np.zeros(num_states, np.int64)
         offsets = np.zeros(num_states + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
@@ -152,6 +156,74 @@ class Fst:
         return p
 
 
+# -------------------------------------------------------------------- validation
+def validate_fst(fst: Fst, name: str, num_ilabels: Optional[int] = None,
+                 num_olabels: Optional[int] = None, epsilon_free: bool = False) -> Fst:
+    """Check that ``fst`` is a well-formed FST before it reaches a decoder or a kernel;
+    returns it. Every reader calls this; code handing a graph to a kernel may call it
+    again with the label bounds it needs.
+
+    Checks: start state in range (or -1 with no states), arc offsets consistent, every
+    arc's next state exists, labels are >= 0 (and ``< num_ilabels`` / ``< num_olabels``
+    when given; ``epsilon_free``: input label 0 is an error), no NaN or -inf weight or
+    final weight.
+
+    Raises:
+      FstFormatError: naming ``name`` and the first problem found.
+    """
+    S = int(fst.num_states)
+    if S < 0 or (S == 0 and fst.start != -1) or (S > 0 and not 0 <= fst.start < S):
+        raise FstFormatError("%s: start state %d is not a state (the FST has %d)"
+                             % (name, fst.start, S))
+    off = fst.state_offsets
+    A = len(fst.ilabel)
+    if (len(off) != S + 1 or (S and (off[0] != 0 or off[-1] != A or (np.diff(off) < 0).any()))
+            or not len(fst.olabel) == len(fst.weight) == len(fst.nextstate) == A
+            or len(fst.final) != S):
+        raise FstFormatError("%s: inconsistent FST arrays" % name)
+    if A:
+        ns = fst.nextstate
+        bad = np.flatnonzero((ns < 0) | (ns >= S))
+        if len(bad):
+            raise FstFormatError("%s: arc %d of state %d goes to state %d, which does not "
+                                 "exist (the FST has %d states)" % (
+                                     name, bad[0] - off[fst.src[bad[0]]], fst.src[bad[0]],
+                                     ns[bad[0]], S))
+        for lab, what, bound in ((fst.ilabel, "input", num_ilabels),
+                                 (fst.olabel, "output", num_olabels)):
+            lo = 1 if (epsilon_free and what == "input") else 0
+            bad = np.flatnonzero((lab < lo) | (lab >= bound if bound is not None else False))
+            if len(bad):
+                i = bad[0]
+                rng = ("[%d, %d)" % (lo, bound)) if bound is not None else (">= %d" % lo)
+                raise FstFormatError("%s: arc of state %d has %s label %d, outside %s"
+                                     % (name, fst.src[i], what, lab[i], rng))
+        w = fst.weight
+        bad = np.flatnonzero(np.isnan(w) | (w == -np.inf))
+        if len(bad):
+            raise FstFormatError("%s: arc of state %d has weight %s"
+                                 % (name, fst.src[bad[0]], w[bad[0]]))
+    if S:
+        f = fst.final
+        bad = np.flatnonzero(np.isnan(f) | (f == -np.inf))
+        if len(bad):
+            raise FstFormatError("%s: state %d has final weight %s" % (name, bad[0], f[bad[0]]))
+    return fst
+
+
+def check_text_state_ids(ids: Iterable[int], num_lines: int, name: str) -> int:
+    """The number of states of a text FST whose lines use state ``ids``; a negative id
+    or one beyond what ``num_lines`` lines can describe (each line names at most two
+    states) is an error, so one bad number cannot demand a huge allocation."""
+    lo, hi = min(ids, default=0), max(ids, default=-1)
+    if lo < 0:
+        raise FstFormatError("%s: negative state id %d" % (name, lo))
+    if hi >= 2 * num_lines + 1:
+        raise FstFormatError("%s: state id %d is out of range for an FST of %d lines"
+                             % (name, hi, num_lines))
+    return hi + 1
+
+
 # -------------------------------------------------------------------- binary I/O
 def _read_exact(f: BinaryIO, n: int, what: str, name: str) -> bytes:
     b = f.read(n)
@@ -172,9 +244,31 @@ _STATE_HDR = np.dtype([("final", "<f4"), ("narcs", "<i8")])
 _ARC = np.dtype([("ilabel", "<i4"), ("olabel", "<i4"), ("weight", "<f4"), ("nextstate", "<i4")])
 
 
+def _remaining(f) -> Optional[int]:
+    """Bytes left in a stream, when it can say."""
+    if hasattr(f, "remaining"):
+        return f.remaining()
+    try:
+        if not f.seekable():
+            return None
+        here = f.tell()
+        end = f.seek(0, 2)
+        f.seek(here)
+        return end - here
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def read_fst_binary(f: BinaryIO, name: str = "<stream>") -> Fst:
     """Read one binary OpenFst vector FST from an open binary stream (positioned at the
-    magic number); leaves the stream just after it. ``name`` is used in error messages."""
+    magic number); leaves the stream just after it (a stream that cannot tell its size
+    is read to its end). ``name`` is used in error messages. Sizes in the header are
+    checked against the bytes left before anything is allocated, and the FST is
+    validated (:func:`validate_fst`)."""
+    left = _remaining(f)
+    if left is None:
+        data = f.read()
+        f, left = io.BytesIO(data), len(data)
     (magic,) = struct.unpack("<i", _read_exact(f, 4, "magic number", name))
     if magic != OPENFST_MAGIC:
         raise FstFormatError("%s: not an OpenFst binary FST (magic %d, expected %d)"
@@ -191,6 +285,11 @@ def read_fst_binary(f: BinaryIO, name: str = "<stream>") -> Fst:
         raise FstFormatError("%s: FSTs with embedded symbol tables are not supported" % name)
     if num_states < 0 or (start != -1 and not (0 <= start < num_states)):
         raise FstFormatError("%s: bad FST header (start %d, %d states)" % (name, start, num_states))
+    left = _remaining(f)
+    if num_states * 12 > left or num_arcs * 16 > left:
+        raise FstFormatError("%s: FST header declares %d states and %d arcs, more than the "
+                             "%d bytes left can hold (truncated or corrupt)"
+                             % (name, num_states, num_arcs, left))
     final = np.empty(num_states, dtype=np.float32)
     offsets = np.zeros(num_states + 1, dtype=np.int64)
     chunks: List[np.ndarray] = []
@@ -198,8 +297,11 @@ def read_fst_binary(f: BinaryIO, name: str = "<stream>") -> Fst:
     for s in range(num_states):
         hdr = np.frombuffer(_read_exact(f, 12, "state %d" % s, name), dtype=_STATE_HDR)[0]
         n = int(hdr["narcs"])
-        if n < 0 or n > (1 << 31):
-            raise FstFormatError("%s: state %d claims %d arcs" % (name, s, n))
+        left -= 12
+        if n < 0 or 16 * n > left:
+            raise FstFormatError("%s: state %d claims %d arcs, more than the %d bytes left "
+                                 "can hold (truncated or corrupt)" % (name, s, n, left))
+        left -= 16 * n
         final[s] = hdr["final"]
         if n:
             chunks.append(np.frombuffer(_read_exact(f, 16 * n, "arcs of state %d" % s, name),
@@ -211,12 +313,11 @@ def read_fst_binary(f: BinaryIO, name: str = "<stream>") -> Fst:
     if num_arcs > 0 and len(arcs) != num_arcs:
         raise FstFormatError("%s: header says %d arcs, states hold %d" % (name, num_arcs, len(arcs)))
     nextstate = arcs["nextstate"].astype(np.int32)
-    if len(nextstate) and (nextstate.min() < 0 or nextstate.max() >= num_states):
-        raise FstFormatError("%s: an arc points to a state outside [0, %d)" % (name, num_states))
-    return Fst(num_states=int(num_states), start=int(start), final=final, state_offsets=offsets,
-               ilabel=arcs["ilabel"].astype(np.int32), olabel=arcs["olabel"].astype(np.int32),
-               weight=arcs["weight"].astype(np.float32), nextstate=nextstate,
-               arc_type=arc_type, properties=int(properties))
+    return validate_fst(Fst(
+        num_states=int(num_states), start=int(start), final=final, state_offsets=offsets,
+        ilabel=arcs["ilabel"].astype(np.int32), olabel=arcs["olabel"].astype(np.int32),
+        weight=arcs["weight"].astype(np.float32), nextstate=nextstate,
+        arc_type=arc_type, properties=int(properties)), name)
 
 
 def write_fst_binary(fst: Fst, f: BinaryIO) -> None:
@@ -268,8 +369,15 @@ def read_fst(path_or_file) -> Fst:
 
 
 def write_fst(fst: Fst, path: str) -> None:
-    with _open(path, "wb") as f:
-        write_fst_binary(fst, f)
+    """Write ``fst`` in binary form to ``path`` (``.gz`` compressed); the file appears
+    complete or not at all (:func:`pkwrap.kaldi.io.atomic_output`)."""
+    from .io import atomic_output
+    with atomic_output(path) as f:
+        if str(path).endswith(".gz"):
+            with gzip.GzipFile(filename="", mode="wb", fileobj=f) as g:
+                write_fst_binary(fst, g)
+        else:
+            write_fst_binary(fst, f)
 
 
 # -------------------------------------------------------------------- text I/O
@@ -282,8 +390,9 @@ def read_fst_text(text: str, name: str = "<text>", acceptor: Optional[bool] = No
     arcs = []
     finals = {}
     start = None
-    max_state = -1
-    for lineno, line in enumerate(text.splitlines(), 1):
+    ids = []
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -292,7 +401,7 @@ def read_fst_text(text: str, name: str = "<text>", acceptor: Optional[bool] = No
             if len(p) <= 2:
                 s = int(p[0])
                 finals[s] = float(p[1]) if len(p) == 2 else 0.0
-                max_state = max(max_state, s)
+                ids.append(s)
             else:
                 s, d = int(p[0]), int(p[1])
                 if acceptor:
@@ -305,14 +414,15 @@ def read_fst_text(text: str, name: str = "<text>", acceptor: Optional[bool] = No
                     il, ol = int(p[2]), int(p[3])
                     w = float(p[4]) if len(p) > 4 else 0.0
                 arcs.append((s, il, ol, w, d))
-                max_state = max(max_state, s, d)
+                ids += (s, d)
         except ValueError as e:
             raise FstFormatError("%s:%d: cannot parse %r (%s)" % (name, lineno, line, e))
         if start is None:
             start = int(p[0])
     if start is None:
         return Fst.from_arcs(0, -1, [], arc_type=arc_type)
-    return Fst.from_arcs(max_state + 1, start, arcs, finals, arc_type=arc_type)
+    n = check_text_state_ids(ids, len(lines), name)
+    return validate_fst(Fst.from_arcs(n, start, arcs, finals, arc_type=arc_type), name)
 
 
 def _fmt(w: float) -> str:

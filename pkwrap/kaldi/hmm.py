@@ -54,7 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .io import KaldiFormatError, KaldiReader, KaldiWriter, atomic_output, format_float
 from .matrix import read_vector, write_vector
 from .symbol_table import SymbolTable
 
@@ -82,7 +82,7 @@ def _open_reader(path_or_file, what: str) -> KaldiReader:
             with open(name, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise KaldiFormatError("%s: cannot read %s: %s" % (name, what, e)) from None
+            raise KaldiFormatError("%s: cannot read %s: %s" % (name, what, e.strerror or e)) from None
     elif isinstance(path_or_file, (bytes, bytearray)):
         data, name = bytes(path_or_file), "<bytes>"
     else:
@@ -108,7 +108,7 @@ def _save(obj, binary: bool, path_or_file) -> Optional[bytes]:
     if path_or_file is None:
         return data
     if isinstance(path_or_file, (str, os.PathLike)):
-        with open(path_or_file, "wb") as f:
+        with atomic_output(path_or_file) as f:
             f.write(data)
     else:
         path_or_file.write(data)
@@ -659,6 +659,9 @@ class HmmTopology:
                     entry.append(st)
                     tok = r.read_token()
                 for p in phones:
+                    if not 0 < p < 10 * (len(phone_to_entry) + len(phones)) + 1000:
+                        # the phone-to-entry map is sized by the largest phone id
+                        raise r.error("phone id %d in <ForPhones> is out of range" % p)
                     if p in phone_to_entry:
                         raise r.error("phone %d appears in more than one topology entry" % p)
                     phone_to_entry[p] = len(entries)
@@ -870,6 +873,12 @@ class TransitionModel:
                 if not 0 <= hmm_state < len(entry):
                     raise KaldiFormatError("%s: tuple %d has HMM state %d, phone %d has %d"
                                            % (self._name, s, hmm_state, phone, len(entry)))
+                if not (0 <= fpdf < 2 * n + 1 and 0 <= spdf < 2 * n + 1):
+                    # pdfs are numbered densely; the tuples mention every one of them
+                    raise KaldiFormatError("%s: tuple %d has pdf %d, out of range for %d "
+                                           "tuples" % (self._name, s, max(fpdf, spdf)
+                                                       if min(fpdf, spdf) >= 0
+                                                       else min(fpdf, spdf), n))
                 self.num_pdfs = max(self.num_pdfs, 1 + fpdf, 1 + spdf)
                 cur += len(entry[hmm_state].transitions)
         self._state2id = state2id

@@ -20,13 +20,17 @@ same pieces to a binary stream.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 import struct
-from typing import BinaryIO, Optional, Sequence
+from typing import BinaryIO, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 __all__ = ["KaldiFormatError", "KaldiReader", "KaldiWriter", "BINARY_HEADER",
-           "format_float"]
+           "format_float", "AtomicFile", "atomic_output", "atomic_outputs", "read_text",
+           "check_size"]
 
 BINARY_HEADER = b"\0B"
 _WS = frozenset(b" \t\n\r\v\f")
@@ -349,3 +353,205 @@ class KaldiWriter:
                          + a.astype(dt.newbyteorder("<")).tobytes())
         else:
             self.f.write(b"[ " + b"".join(b"%d " % int(x) for x in a) + b"]\n")
+
+
+# ----------------------------------------------------------------------------- sizes
+def check_size(count: int, item_bytes: int, remaining: int, what: str, where: str) -> int:
+    """Check, before allocating, that ``count`` items of at least ``item_bytes`` bytes
+    each can come from the ``remaining`` bytes of the input; returns ``count``.
+
+    Every binary reader calls this with a size it read from a header, so one flipped bit
+    gives an error naming the file (``where``) instead of a huge allocation."""
+    if count < 0:
+        raise KaldiFormatError("%s: negative %s %d" % (where, what, count))
+    if count * item_bytes > remaining:
+        raise KaldiFormatError("%s: %s %d needs at least %d bytes, only %d left "
+                               "(truncated or corrupt)"
+                               % (where, what, count, count * item_bytes, remaining))
+    return count
+
+
+# ----------------------------------------------------------------------------- text input
+def read_text(path) -> str:
+    """The whole of a text file (UTF-8); errors name the file
+    (:class:`pkwrap.cli.FileError`)."""
+    from pkwrap.cli import file_error
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise file_error(path, e) from e
+
+
+# ----------------------------------------------------------------------------- output
+class AtomicFile:
+    """An output file that appears complete or not at all.
+
+    The bytes go to ``<path>.tmp.<pid>`` in the same directory; :meth:`commit` renames
+    it onto ``path`` (atomic on POSIX), :meth:`discard` removes it. Any error while
+    opening, writing or committing is a :class:`pkwrap.cli.FileError` naming ``path``
+    (e.g. ``exp/egs.ark: No space left on device``). ``-`` (stdout) and targets that are
+    not regular files (``/dev/null``, a FIFO) are written directly.
+
+    Args:
+      path: the final name.
+      mode: ``"wb"`` or ``"w"`` (UTF-8 text).
+      fsync: fsync the file and the directory on commit (checkpoints).
+    """
+
+    def __init__(self, path, mode: str = "wb", fsync: bool = False):
+        from pkwrap.cli import FileError, file_error
+        if mode not in ("wb", "w"):
+            raise ValueError("AtomicFile: mode must be 'wb' or 'w', got %r" % mode)
+        self.path = os.fspath(path)
+        self.fsync = fsync
+        self.closed = False
+        self.tmp: Optional[str] = None
+        self._own = True
+        self.direct = True  # written in place (stdout, a device): nothing to rename
+        if self.path == "-":
+            self._raw = sys_stdout_buffer()
+            self._own = False
+        else:
+            try:
+                st = os.stat(self.path)
+                direct = not stat.S_ISREG(st.st_mode)
+            except FileNotFoundError:
+                direct = False
+            except OSError as e:
+                raise file_error(self.path, e) from e
+            if os.path.isdir(self.path):
+                raise FileError(self.path, "is a directory")
+            try:
+                if direct:
+                    self._raw = open(self.path, "wb")
+                else:
+                    self.direct = False
+                    self.tmp = "%s.tmp.%d" % (self.path, os.getpid())
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.tmp)
+                    fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                    self._raw = os.fdopen(fd, "wb")
+            except OSError as e:
+                self.tmp = None
+                raise file_error(self.path, e) from e
+        self._text = mode == "w"
+
+    def write(self, b) -> int:
+        if self._text:
+            b = b.encode("utf-8")
+        try:
+            return self._raw.write(b)
+        except OSError as e:
+            from pkwrap.cli import file_error
+            raise file_error(self.path, e) from e
+
+    def flush(self) -> None:
+        try:
+            self._raw.flush()
+        except OSError as e:
+            from pkwrap.cli import file_error
+            raise file_error(self.path, e) from e
+
+    def commit(self) -> None:
+        """Flush, close and rename onto the final name (an error discards the file)."""
+        if self.closed:
+            return
+        from pkwrap.cli import file_error
+        try:
+            self._raw.flush()
+            if self.fsync and self.tmp is not None:
+                os.fsync(self._raw.fileno())
+            if self._own:
+                self._raw.close()
+            self.closed = True
+            if self.tmp is not None:
+                os.replace(self.tmp, self.path)
+                self.tmp = None
+                if self.fsync:
+                    _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        except OSError as e:
+            self.discard()
+            raise file_error(self.path, e) from e
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (the final name is left untouched)."""
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError, ValueError):
+                if self._own:
+                    self._raw.close()
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.commit()
+        else:
+            self.discard()
+        return False
+
+
+def sys_stdout_buffer():
+    import sys
+    return sys.stdout.buffer
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path, mode: str = "wb", fsync: bool = False) -> Iterator[AtomicFile]:
+    """``with atomic_output(path) as f: f.write(...)``: ``path`` appears, complete, only
+    when the block ends without an exception (see :class:`AtomicFile`)."""
+    f = AtomicFile(path, mode, fsync)
+    try:
+        yield f
+    except BaseException:
+        f.discard()
+        raise
+    f.commit()
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths, mode: str = "wb") -> Iterator[List[AtomicFile]]:
+    """Several outputs of one program: all appear or none (a failure while writing any
+    of them, or while committing, removes them all)."""
+    files: List[AtomicFile] = []
+    try:
+        for p in paths:
+            files.append(AtomicFile(p, mode))
+        yield files
+    except BaseException:
+        for f in files:
+            f.discard()
+        raise
+    done = []
+    try:
+        for f in files:
+            f.commit()
+            done.append(f)
+    except BaseException:
+        for f in files:
+            f.discard()
+        for f in done:  # all or nothing
+            if not f.direct:
+                with contextlib.suppress(OSError):
+                    os.unlink(f.path)
+        raise

@@ -79,7 +79,8 @@ class SymbolTable:
         return t
 
     def write(self, path: Union[str, os.PathLike]) -> None:
-        with open(path, "w", encoding="utf-8") as f:
+        from .io import atomic_output
+        with atomic_output(path, "w") as f:
             for i in sorted(self._id2sym):
                 f.write("%s %d\n" % (self._id2sym[i], i))
 

@@ -21,6 +21,7 @@ byte offset.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import subprocess
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 
-from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .io import AtomicFile, KaldiFormatError, KaldiReader, KaldiWriter, format_float
 from .matrix import read_matrix, read_vector, write_matrix, write_vector
 
 __all__ = ["parse_rspecifier", "parse_wspecifier", "RSpecifier", "WSpecifier",
@@ -152,13 +153,17 @@ class Holder:
       write: ``write(writer, obj)``.
       text_newline: the object ends with a newline in text mode (Kaldi's BasicHolder
         and token holders); the reader then checks and eats it.
+      binary_header: binary objects start with ``"\\0B"`` (False for FST archives,
+        whose binary objects start with OpenFst's magic number; ``read`` then gets the
+        reader with ``binary`` False and tells the mode itself).
     """
 
     def __init__(self, read: Callable, write: Optional[Callable] = None,
-                 text_newline: bool = False):
+                 text_newline: bool = False, binary_header: bool = True):
         self.read = read
         self.write = write
         self.text_newline = text_newline
+        self.binary_header = binary_header
 
 
 def _read_basic_text_eol(r: KaldiReader, value):
@@ -222,7 +227,9 @@ def _holder(h) -> Holder:
 def _read_object(buf, pos: int, name: str, key: str, holder: Holder):
     """Read one object at ``pos`` (binary header detected); returns (obj, end_pos)."""
     r = KaldiReader(buf, pos, name=name, key=key)
-    if r.pos < r.end and buf[r.pos] == 0:
+    if not holder.binary_header:
+        r.binary = False
+    elif r.pos < r.end and buf[r.pos] == 0:
         if r.pos + 1 >= r.end or buf[r.pos + 1] != 66:
             raise r.error("bad binary header (\\0 not followed by 'B')")
         r.pos += 2
@@ -409,8 +416,13 @@ class RandomAccessTableReader:
 class TableWriter:
     """Write ``(key, object)`` pairs to a wspecifier (context manager).
 
+    Files appear complete or not at all: the archive (and its scp) are written to
+    temporary names and renamed by :meth:`close`; an exception inside the ``with`` block
+    (or :meth:`abort`) removes them (:class:`~pkwrap.kaldi.io.AtomicFile`). For
+    ``ark:| cmd`` a failing command is reported with its exit status.
+
     Args:
-      wspecifier: ``ark:f``, ``ark,t:f``, ``ark,scp:a.ark,a.scp``, ``ark:-``.
+      wspecifier: ``ark:f``, ``ark,t:f``, ``ark,scp:a.ark,a.scp``, ``ark:-``, ``ark:| cmd``.
       holder: a :class:`Holder` or the name of one in :data:`HOLDERS`.
     """
 
@@ -420,32 +432,35 @@ class TableWriter:
         if self.holder.write is None:
             raise ValueError("holder has no writer")
         self._proc = None
-        if self.spec.ark == "-":
-            self._f = sys.stdout.buffer
-            self._own = False
-        elif self.spec.ark.lstrip().startswith("|"):
-            if self.spec.scp is not None:
-                raise ValueError("ark,scp: the archive must be a file to have offsets")
-            self._proc = subprocess.Popen(self.spec.ark.lstrip()[1:], shell=True,
-                                          stdin=subprocess.PIPE)
+        self._scp = None
+        self.closed = True
+        ark = self.spec.ark
+        if self.spec.scp is not None and (ark == "-" or ark.lstrip().startswith("|")):
+            raise ValueError("wspecifier %r: ark,scp needs the archive to be a file "
+                             "(for the offsets)" % wspecifier)
+        if ark.lstrip().startswith("|"):
+            self._cmd = ark.lstrip()[1:].strip()
+            self._proc = subprocess.Popen(self._cmd, shell=True, stdin=subprocess.PIPE)
             self._f = self._proc.stdin
-            self._own = True
         else:
-            self._f = open(self.spec.ark, "wb")
-            self._own = True
+            self._f = AtomicFile(ark)
         if self.spec.scp is not None:
-            if self.spec.ark == "-":
-                raise ValueError("ark,scp: the archive must be a file to have offsets")
-            self._scp = open(self.spec.scp, "w") if self.spec.scp != "-" else sys.stdout
-        else:
-            self._scp = None
+            try:
+                self._scp = AtomicFile(self.spec.scp, "w")
+            except BaseException:
+                self._f.discard()
+                raise
         self._pos = 0
         self._w = KaldiWriter(self, self.spec.binary)
         self.closed = False
 
     # KaldiWriter writes through us so we can count bytes for scp offsets.
     def write(self, b: bytes) -> None:
-        self._f.write(b)
+        try:
+            self._f.write(b)
+        except BrokenPipeError:
+            self._pipe_failed()
+            raise
         self._pos += len(b)
 
     def __setitem__(self, key: str, obj) -> None:
@@ -459,30 +474,62 @@ class TableWriter:
         self.write(key.encode("utf-8") + b" ")
         if self._scp is not None:
             self._scp.write("%s %s:%d\n" % (key, self.spec.ark, self._pos))
-        self._w.write_header()
+        if self.holder.binary_header:
+            self._w.write_header()
         self.holder.write(self._w, obj)
         if self.spec.flush:
             self._f.flush()
 
+    def _pipe_failed(self):
+        rc = self._proc.wait()
+        raise OSError("output command %r failed with exit status %d" % (self._cmd, rc))
+
     def close(self) -> None:
+        """Finish: the files get their final names (a pipe's command must succeed)."""
         if self.closed:
             return
         self.closed = True
-        if self._own:
-            self._f.close()
+        try:
+            if self._proc is not None:
+                try:
+                    self._f.close()
+                except BrokenPipeError:
+                    pass
+                if self._proc.wait() != 0:
+                    raise OSError("output command %r failed with exit status %d"
+                                  % (self._cmd, self._proc.returncode))
+            else:
+                self._f.commit()
+            if self._scp is not None:
+                self._scp.commit()
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(OSError):
+                self._f.close()
+            self._proc.wait()
         else:
-            self._f.flush()
-        if self._proc is not None and self._proc.wait() != 0:
-            raise OSError("output command %r failed with exit status %d"
-                          % (self.spec.ark, self._proc.returncode))
-        if self._scp is not None and self._scp is not sys.stdout:
-            self._scp.close()
+            self._f.discard()
+        if self._scp is not None:
+            self._scp.discard()
+
+    def abort(self) -> None:
+        """Give up: nothing is left under the output names."""
+        if not self.closed:
+            self.closed = True
+            self._discard()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.close()
+        else:
+            self.abort()
         return False
 
 

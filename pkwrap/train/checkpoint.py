@@ -1,18 +1,18 @@
 """Atomic, verified training checkpoints with a retention policy.
 
-File format (``<exp>/checkpoints/ckpt-<step:08d>.pt``)::
+File format (``<exp>/checkpoints/ckpt-<step:08d>.pt``, ``final.pt``): what ``torch.save``
+writes (a zip container), with the zip file comment set to
+``pkwrap-sha256:<64 hex digits>``, the sha256 of the file as torch wrote it (comment
+empty). Plain ``torch.load(path, weights_only=False)`` reads it; :func:`load_checkpoint`
+also verifies the digest, so a file cut short or damaged afterwards (disk full, copy
+interrupted) is detected and :func:`find_latest_checkpoint` warns and falls back to the
+previous one. Files of the earlier format (a ``PKWRAPCKPT1`` header line, the digest and
+length, then the torch payload) are still read.
 
-    b"PKWRAPCKPT1\\n"                 magic line
-    b"<64 hex digits>\\n"             sha256 of the payload
-    b"<decimal length>\\n"            payload length in bytes
-    payload                           torch.save() of the checkpoint dict
-
-Writing: the bytes go to ``<name>.tmp.<pid>`` in the same directory, which is fsync'ed,
-``os.replace``'d onto the final name (atomic on POSIX), and the directory is fsync'ed.
-A kill at any moment leaves either the old set of checkpoints or the new one, never a
-torn file under a final name. Reading verifies magic, length and hash, so a file cut
-short or damaged afterwards (disk full, copy interrupted) is detected;
-:func:`find_latest_checkpoint` then warns and falls back to the previous one.
+Writing goes through :class:`pkwrap.kaldi.io.AtomicFile`: ``<name>.tmp.<pid>`` in the same
+directory, fsync'ed, ``os.replace``'d onto the final name, directory fsync'ed. A kill at
+any moment leaves either the old set of checkpoints or the new one, never a torn file
+under a final name; an error while writing (a full disk) removes the temporary file.
 
 Retention: after each save, keep the last ``keep_last`` checkpoints plus the one with
 the best validation objective (``meta["valid_objf"]``, higher is better), delete others.
@@ -31,10 +31,14 @@ import logging
 import os
 import random
 import re
+import struct
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from ..cli import file_error
+from ..kaldi.io import atomic_output
 
 __all__ = [
     "CheckpointError",
@@ -48,7 +52,9 @@ __all__ = [
     "set_rng_state",
 ]
 
-_MAGIC = b"PKWRAPCKPT1\n"
+_MAGIC = b"PKWRAPCKPT1\n"  # the earlier format's header
+_EOCD = b"PK\x05\x06"  # zip end-of-central-directory record
+_COMMENT = b"pkwrap-sha256:"
 _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 log = logging.getLogger("pkwrap.train")
 
@@ -62,21 +68,17 @@ def checkpoint_path(ckpt_dir: str, step: int) -> str:
     return os.path.join(ckpt_dir, "ckpt-%08d.pt" % step)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _with_digest(payload: bytes) -> bytes:
+    """torch's zip bytes with the digest as the zip file comment."""
+    if payload[-22:-18] != _EOCD or payload[-2:] != b"\0\0":
+        raise CheckpointError("torch.save wrote no zip container (comment field not found)")
+    comment = _COMMENT + hashlib.sha256(payload).hexdigest().encode()
+    return payload[:-2] + struct.pack("<H", len(comment)) + comment
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> str:
-    """Write ``state`` to ``path`` atomically (tmp file, fsync, os.replace, fsync dir).
+    """Write ``state`` to ``path`` atomically (tmp file, fsync, os.replace, fsync dir),
+    in torch's format with a digest (see the module docstring).
 
     Args:
       path: final file name.
@@ -86,21 +88,47 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> str:
     """
     buf = io.BytesIO()
     torch.save(state, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
+    data = _with_digest(buf.getvalue())
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = "%s.tmp.%d" % (path, os.getpid())
-    with open(tmp, "wb") as f:
-        f.write(_MAGIC)
-        f.write(digest + b"\n")
-        f.write(b"%d\n" % len(payload))
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(d)
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise file_error(d, e) from e
+    with atomic_output(path, fsync=True) as f:
+        f.write(data)
     return path
+
+
+def _verified_payload(path: str, data: bytes) -> bytes:
+    """The torch bytes of a checkpoint file after checking its digest."""
+    if data.startswith(_MAGIC):  # the earlier format
+        parts = data[len(_MAGIC):].split(b"\n", 2)
+        if len(parts) != 3:
+            raise CheckpointError("checkpoint %s is truncated in its header (%d bytes)"
+                                  % (path, len(data)))
+        digest, length, payload = parts
+        try:
+            length = int(length)
+        except ValueError:
+            raise CheckpointError("checkpoint %s has a corrupt header" % path)
+        if len(payload) != length:
+            raise CheckpointError("checkpoint %s is truncated: payload has %d of %d bytes"
+                                  % (path, len(payload), length))
+    else:
+        n = len(_COMMENT) + 64
+        tail = data[-(22 + n):]
+        if (len(data) < 22 + n or tail[:4] != _EOCD or tail[22:22 + len(_COMMENT)] != _COMMENT
+                or struct.unpack("<H", tail[20:22])[0] != n):
+            if not data.startswith(b"PK\x03\x04"):
+                raise CheckpointError("%s is not a pkwrap checkpoint (not a torch zip file)"
+                                      % path)
+            raise CheckpointError("checkpoint %s is truncated or not written by pkwrap "
+                                  "(no pkwrap-sha256 digest at its end)" % path)
+        digest = tail[22 + len(_COMMENT):]
+        payload = data[:-(n + 2)] + b"\0\0"
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CheckpointError("checkpoint %s is corrupt: sha256 mismatch" % path)
+    return payload
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
@@ -114,25 +142,8 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise CheckpointError("cannot read checkpoint %s: %s" % (path, e))
-    if not data.startswith(_MAGIC):
-        raise CheckpointError("%s is not a pkwrap checkpoint (bad magic %r)"
-                              % (path, data[:len(_MAGIC)]))
-    rest = data[len(_MAGIC):]
-    parts = rest.split(b"\n", 2)
-    if len(parts) != 3:
-        raise CheckpointError("checkpoint %s is truncated in its header (%d bytes)"
-                              % (path, len(data)))
-    digest, length, payload = parts
-    try:
-        length = int(length)
-    except ValueError:
-        raise CheckpointError("checkpoint %s has a corrupt header" % path)
-    if len(payload) != length:
-        raise CheckpointError("checkpoint %s is truncated: payload has %d of %d bytes"
-                              % (path, len(payload), length))
-    if hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CheckpointError("checkpoint %s is corrupt: sha256 mismatch" % path)
+        raise CheckpointError("cannot read checkpoint %s: %s" % (path, e.strerror or e))
+    payload = _verified_payload(path, data)
     try:
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
     except Exception as e:  # pragma: no cover - hash passed, so only version skew gets here

@@ -316,6 +316,52 @@ def dataset_structures(dataset, input_name: str = "input",
     return out
 
 
+def check_egs_for_model(dataset, ctx, input_name: str = "input",
+                        egs_left_context: Optional[int] = None, log=None,
+                        what: str = "training") -> None:
+    """Before training: every eg has the context the model needs (without frame shift:
+    egs with no spare context are trained unshifted, see
+    :func:`pkwrap.train.diagnostics.compute_chain_loss`); inputs of the egs that the model does not consume (e.g.
+    ``ivector``) are reported once (``log.warning``), not ignored quietly.
+
+    Works from what the dataset says without decoding features: an :class:`EgsDataset`'s
+    examples, or the chunks of an on-the-fly dataset (``items`` of ``(key, chunk)``);
+    other datasets are checked at their first minibatch.
+
+    Raises:
+      ValueError: naming the first eg (in dataset order, so the same on every rank) whose
+        context is too small, and the --left-context/--right-context the egs need.
+    """
+    from .context import select_model_input
+    f = int(ctx.frame_subsampling_factor)
+    layouts = []  # (key, rows per sequence, left context, output frames)
+    extra = set()
+    if isinstance(dataset, EgsDataset):
+        for key, eg in zip(dataset.keys, dataset.examples):
+            per_seq, left = example_layout(eg, input_name, f, egs_left_context)
+            layouts.append((key, per_seq, left, int(eg.supervision.frames_per_sequence)))
+            extra.update(k for k in getattr(eg, "inputs", {}) if k != input_name)
+    else:
+        items = getattr(dataset, "items", None)
+        if isinstance(items, list) and items and isinstance(items[0], tuple) and all(
+                hasattr(items[0][1], a) for a in ("num_frames", "left_context", "right_context")):
+            for key, ch in items:
+                layouts.append((key, ch.left_context + ch.num_frames + ch.right_context,
+                                ch.left_context, ch.num_frames // f))
+    if extra and log is not None:
+        log.warning("the %s egs have input(s) %s that the model does not consume (it reads "
+                    "only %r); they are ignored", what, ", ".join(sorted(extra)), input_name)
+    seen = set()
+    for key, per_seq, left, t_out in layouts:
+        if (per_seq, left, t_out) in seen:
+            continue
+        seen.add((per_seq, left, t_out))
+        try:
+            select_model_input(torch.empty(1, per_seq, 0), ctx, left, t_out, 0)
+        except ValueError as e:
+            raise ValueError("%s egs, eg %r: %s" % (what, key, e)) from None
+
+
 def read_egs_left_context(egs_dir: str) -> Optional[int]:
     """``info/left_context`` of a Kaldi egs dir (None if absent)."""
     p = os.path.join(egs_dir, "info", "left_context")

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .context import ModelContext, probe_model_context
-from .data import ChainMinibatchSampler, dataset_structures, make_loader
+from .data import ChainMinibatchSampler, check_egs_for_model, dataset_structures, make_loader
 from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
                           compute_prob_log_lines, is_batchnorm)
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
@@ -89,6 +89,11 @@ class TrainConfig:
       keep_freed_memory: on the CPU, have malloc keep freed memory for reuse
         (:func:`pkwrap.train.keep_freed_memory`: no page faults on every step's
         buffers; the process keeps its peak heap).
+      max_failed_fraction: abort training when more than this fraction of all
+        minibatches so far (over all ranks) failed (non-finite objective or gradient:
+        skipped, as Kaldi skips them); checked every ``log_every`` steps (10 when 0),
+        once at least ``min_minibatches_before_abort`` minibatches were done.
+      min_minibatches_before_abort: see ``max_failed_fraction``.
     """
 
     exp_dir: str
@@ -114,6 +119,13 @@ class TrainConfig:
     model_averaging_period: int = 0
     find_unused_parameters: bool = False
     keep_freed_memory: bool = True
+    max_failed_fraction: float = 0.1
+    min_minibatches_before_abort: int = 20
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise ValueError("TrainConfig.max_failed_fraction must be in [0, 1], got %r"
+                             % self.max_failed_fraction)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -235,6 +247,9 @@ class Trainer:
             raise ValueError("%d egs make %d minibatches of size %r: fewer than the %d "
                              "workers" % (len(train_data), len(self.sampler.plan(0)),
                                           config.minibatch_size, self.dist.world_size))
+        # before any step, and from data every rank holds: the same answer on every rank
+        check_egs_for_model(train_data, self.ctx, config.input_name, config.egs_left_context,
+                            self.log, "training")
         if self.dist.world_size > 1:
             kw = {} if self.device.type == "cpu" else {"device_ids": [self.device]}
             # buffers (batchnorm statistics) are averaged over ranks at checkpoints, not
@@ -256,7 +271,8 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.valid_objf: Dict[int, float] = {}
-        self.skipped = 0
+        self.skipped = 0  # failed minibatches over all ranks (as of the last check)
+        self._failed_local = 0  # this rank's since then
         self.tb = None
         self._resumed_from: Optional[str] = None
         self._last_saved_step = -1
@@ -320,8 +336,24 @@ class Trainer:
             b.copy_(flat[i:i + n].view_as(b).to(b.dtype))
             i += n
 
+    def _count_failures(self) -> None:
+        """Add every rank's failed minibatches to ``skipped`` (collective, at the same
+        steps on every rank); abort when more than ``max_failed_fraction`` failed."""
+        t = torch.tensor([float(self._failed_local)], dtype=torch.float64, device=self.device)
+        self.skipped += int(all_reduce_sum(t).item())
+        self._failed_local = 0
+        total = self.step * self.dist.world_size
+        if (total >= self.cfg.min_minibatches_before_abort
+                and self.skipped > self.cfg.max_failed_fraction * total):
+            raise RuntimeError(
+                "training aborted at step %d: %d of %d minibatches failed (non-finite "
+                "objective or gradient), more than max_failed_fraction=%g; check the egs "
+                "and the learning rate" % (self.step, self.skipped, total,
+                                           self.cfg.max_failed_fraction))
+
     def save(self) -> Optional[str]:
         """Checkpoint now (collective: every rank must call it)."""
+        self._count_failures()
         if self.averager is not None:  # local steps since the last average: average now
             from torch.distributed.algorithms.model_averaging.utils import average_parameters
             average_parameters(iter(_unwrap(self.model).parameters()), dist.group.WORLD)
@@ -435,7 +467,14 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             res = compute_chain_loss(model, self.ctx, self.loss_fn, batch,
                                      self.cfg.apply_deriv_weights)
-            res.loss.backward()
+            loss = res.loss
+            if not getattr(res, "ok", True):
+                # A failed minibatch (Kaldi's rule: objective -10/frame, no derivative) is
+                # skipped by every rank together: its NaN gradient reaches the gradient
+                # allreduce, so every rank's optimizer sees a non-finite change and skips
+                # (no extra collective; a host-side flag the loss already computed).
+                loss = loss * float("nan")
+            loss.backward()
             box["res"] = res
             return res.loss
 
@@ -529,9 +568,11 @@ class Trainer:
                 self.step += 1
                 self.sampler.step_done()
                 if not ok:
-                    self.skipped += 1
+                    self._failed_local += 1
                     self.log.warning("step %d: non-finite objective or gradient "
-                                     "(minibatch %d)", self.step, batch.index)
+                                     "(minibatch %d): skipped", self.step, batch.index)
+                if self.step % (cfg.log_every or 10) == 0:
+                    self._count_failures()
                 tracker.add_result(res, batch.num_output_frames, xent=self.ctx.has_xent)
                 if bar is not None:
                     bar.update(1)

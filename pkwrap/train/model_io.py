@@ -101,8 +101,16 @@ def _egs_batches(egs_rspecifier: Union[str, Sequence[str]], ctx: ModelContext,
 
 
 def _loss(den_fst: str, num_pdfs: int, chain_options):
+    """The chain loss over ``den_fst`` for egs whose label dimension is ``num_pdfs``."""
     from pkwrap.chain import ChainLoss, DenominatorGraph
-    return ChainLoss(DenominatorGraph.from_fst(den_fst, num_pdfs), chain_options)
+    try:
+        graph = DenominatorGraph.from_fst(den_fst, num_pdfs)
+    except ValueError as e:
+        if "outside [1, num_pdfs" in str(e):
+            raise ValueError("%s does not fit the egs, whose label dimension (LabelDim) is "
+                             "%d: %s" % (den_fst, num_pdfs, e)) from None
+        raise
+    return ChainLoss(graph, chain_options)
 
 
 def compute_prob_on_egs(model: nn.Module, den_fst: str, egs_rspecifier, chain_options,

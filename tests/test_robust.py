@@ -1,0 +1,562 @@
+"""Bad input: one-line errors from the programs, outputs complete or absent, non-finite
+values handled as Kaldi does, sizes checked before allocation, FSTs and egs validated.
+
+Damaged inputs are made here from the Kaldi fixtures (truncations, bit flips, absurd
+sizes, NaN/inf, negative ids, missing output directories, a full disk simulated by a
+writer that fails).
+"""
+import errno
+import io
+import itertools
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, fixture_path, script_env
+from pkwrap.cli import FileError, describe_error, run_program
+from pkwrap.kaldi import io as kio
+from pkwrap.kaldi.chain_egs import (FST_HOLDER, read_chain_egs, write_chain_egs,
+                                    copy_chain_egs)
+from pkwrap.kaldi.fst import Fst, FstFormatError, read_fst, read_fst_text, write_fst
+from pkwrap.kaldi.io import KaldiFormatError, atomic_output, atomic_outputs
+from pkwrap.kaldi.table import RandomAccessTableReader, TableWriter
+
+MONO = fixture_path("mono")
+EGS = MONO / "data" / "cegs_compress_false.ark"
+
+
+def _leftovers(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def _prog(name, *args):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / name)] + [str(a) for a in args],
+                       capture_output=True, text=True, env=script_env(), timeout=120)
+    return r.returncode, r.stderr
+
+
+class _FullDisk:
+    """A file object that fails with ENOSPC once ``limit`` bytes were written."""
+
+    def __init__(self, f, limit):
+        self.f, self.limit, self.n = f, limit, 0
+
+    def write(self, b):
+        self.n += len(b)
+        if self.n > self.limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(b)
+
+    def __getattr__(self, k):
+        return getattr(self.f, k)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every AtomicFile opened from now on fails after ``limit`` bytes."""
+    real = os.fdopen
+
+    def set_limit(limit):
+        monkeypatch.setattr(kio.os, "fdopen", lambda fd, mode: _FullDisk(real(fd, mode), limit))
+    return set_limit
+
+
+# ------------------------------------------------------------------------ one error path
+def test_run_program_turns_errors_into_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("PKWRAP_VERBOSE", raising=False)
+
+    def fails(exc):
+        def main(argv):
+            raise exc
+        return main
+
+    cases = [
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "in.ark"),
+         "prog: in.ark: No such file or directory"),
+        (FileError("out.ark", os.strerror(errno.ENOSPC), errno.ENOSPC),
+         "prog: out.ark: No space left on device"),
+        (KaldiFormatError("x.ark, key 'a': truncated (at byte 5)"),
+         "prog: x.ark, key 'a': truncated (at byte 5)"),
+    ]
+    for exc, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            run_program(fails(exc), "prog", [])
+        assert str(e.value.code) == msg
+    with pytest.raises(SystemExit) as e:
+        run_program(fails(KeyboardInterrupt()), "prog", [])
+    assert e.value.code == 130
+    with pytest.raises(SystemExit) as e:  # a bug: named as one, traceback on request
+        run_program(fails(AttributeError("'NoneType' object has no attribute 'x'")), "prog", [])
+    assert "internal error: AttributeError" in str(e.value.code)
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_program(fails(ValueError("bad")), "prog", ["--verbose"])
+    assert "Traceback" in capsys.readouterr().err
+    seen = []
+    assert run_program(lambda argv: seen.append(argv) or 3, "prog", ["a", "--verbose=1"]) == 3
+    assert seen == [["a"]]
+    e = UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte")
+    assert "offset 2" in describe_error(e)
+
+
+def test_read_text_names_the_file(tmp_path):
+    p = tmp_path / "words.txt"
+    p.write_bytes(b"a 1\n\xff\xfe 2\n")
+    with pytest.raises(FileError, match=r"words.txt: not UTF-8 text \(byte 0xff at offset 4\)"):
+        kio.read_text(p)
+
+
+def test_scripts_fail_with_one_line(tmp_path):
+    # missing input, truncated input, non-existent output directory: one line, status 1
+    bad = tmp_path / "tree"
+    bad.write_bytes(fixture_path("mono", "tree").read_bytes()[:40])
+    for args, want in [
+        (("copy-tree", tmp_path / "nope", tmp_path / "t"), "nope: cannot read a Kaldi tree: No such file"),
+        (("copy-tree", bad, tmp_path / "t"), "tree"),
+        (("copy-transition-model", MONO / "trans.mdl", tmp_path / "no" / "dir" / "m"),
+         "no/dir/m: No such file or directory"),
+    ]:
+        rc, err = _prog(*args)
+        assert rc == 1, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(args[0] + ": ") and want in lines[0], err
+    assert _leftovers(tmp_path) == ["tree"]
+
+
+def test_two_output_program_leaves_neither(tmp_path):
+    """chain-make-den-fst writes both FSTs or none: here the second location is a
+    directory that does not exist."""
+    den, norm = tmp_path / "den.fst", tmp_path / "missing" / "norm.fst"
+    rc, err = _prog("chain-make-den-fst", MONO / "tree", MONO / "trans.mdl",
+                    MONO / "phone_lm.fst", den, norm)
+    assert rc == 1 and "missing/norm.fst" in err and "Traceback" not in err
+    assert _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------ atomic outputs
+def test_atomic_output_full_disk(tmp_path, full_disk):
+    fst = read_fst(MONO / "den.fst")
+    out = tmp_path / "den.fst"
+    out.write_bytes(b"old")
+    full_disk(100)
+    with pytest.raises(FileError, match="den.fst: No space left on device"):
+        write_fst(fst, out)
+    assert _leftovers(tmp_path) == ["den.fst"] and out.read_bytes() == b"old"
+
+
+def test_atomic_outputs_all_or_none(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(RuntimeError):
+        with atomic_outputs(a, b) as (fa, fb):
+            fa.write(b"x")
+            fb.write(b"y")
+            raise RuntimeError("second output failed")
+    assert _leftovers(tmp_path) == []
+    with atomic_outputs(a, b) as (fa, fb):
+        fa.write(b"x")
+        assert _leftovers(tmp_path) == ["a.tmp.%d" % os.getpid(), "b.tmp.%d" % os.getpid()]
+        fb.write(b"y")
+    assert a.read_bytes() == b"x" and b.read_bytes() == b"y"
+    with atomic_output(os.devnull) as f:  # not a regular file: written in place
+        f.write(b"z")
+
+
+def test_table_writer_leaves_nothing_on_failure(tmp_path, full_disk):
+    ark, scp = tmp_path / "m.ark", tmp_path / "m.scp"
+    with pytest.raises(ValueError):
+        with TableWriter("ark,scp:%s,%s" % (ark, scp), "matrix") as w:
+            w["a"] = np.zeros((2, 3), np.float32)
+            assert not ark.exists()  # nothing under the final name before the end
+            w["bad key"] = np.zeros((2, 3), np.float32)
+    assert _leftovers(tmp_path) == []
+    full_disk(50)
+    with pytest.raises(FileError, match="m.ark: No space left on device"):
+        with TableWriter("ark:%s" % ark, "matrix") as w:
+            w["a"] = np.zeros((20, 3), np.float32)
+    assert _leftovers(tmp_path) == []
+
+
+def test_pipe_output_failure_names_the_command():
+    with pytest.raises(OSError, match="'exit 3' failed with exit status 3"):
+        with TableWriter("ark:| exit 3", "matrix") as w:
+            w["a"] = np.zeros((1, 1), np.float32)
+
+
+def test_copy_egs_from_truncated_input_leaves_no_output(tmp_path):
+    data = EGS.read_bytes()
+    bad = tmp_path / "in.ark"
+    bad.write_bytes(data[:len(data) * 2 // 3])
+    outs = [tmp_path / "o1.ark", tmp_path / "o2.ark"]
+    with pytest.raises(KaldiFormatError, match="in.ark"):
+        copy_chain_egs("ark:%s" % bad, ["ark:%s" % o for o in outs])
+    assert _leftovers(tmp_path) == ["in.ark"]
+
+
+def test_checkpoint_is_a_torch_file_with_a_digest(tmp_path, full_disk):
+    from pkwrap.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    p = tmp_path / "final.pt"
+    st = {"model": {"w": torch.arange(6.0)}, "step": 7}
+    save_checkpoint(str(p), st)
+    assert torch.load(p, weights_only=False)["step"] == 7  # plain torch.load works
+    assert torch.equal(load_checkpoint(str(p))["model"]["w"], st["model"]["w"])
+    data = bytearray(p.read_bytes())
+    for damaged, msg in [(data[:-30], "truncated"), (data[:-20], "truncated"),
+                         (data[:200] + bytes([data[200] ^ 1]) + data[201:], "sha256 mismatch")]:
+        q = tmp_path / "bad.pt"
+        q.write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointError, match=msg):
+            load_checkpoint(str(q))
+    # the earlier format (private header) is still read
+    import hashlib
+    buf = io.BytesIO()
+    torch.save(st, buf)
+    payload = buf.getvalue()
+    old = tmp_path / "old.pt"
+    old.write_bytes(b"PKWRAPCKPT1\n" + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+                    + b"%d\n" % len(payload) + payload)
+    assert load_checkpoint(str(old))["step"] == 7
+    # a full disk leaves the previous checkpoint and no temporary file
+    full_disk(1000)
+    with pytest.raises(FileError, match="final.pt: No space left on device"):
+        save_checkpoint(str(p), {"model": {"w": torch.zeros(10000)}})
+    assert sorted(_leftovers(tmp_path)) == ["bad.pt", "final.pt", "old.pt"]
+    assert load_checkpoint(str(p))["step"] == 7
+
+
+# ------------------------------------------------------------------------ non-finite values
+def _loss_setup():
+    from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
+    key, eg = next(iter(read_chain_egs("ark:%s" % EGS)))
+    sup = eg.supervision
+    S, T, P = sup.num_sequences, sup.frames_per_sequence, sup.label_dim
+    loss = ChainLoss(DenominatorGraph.from_fst(MONO / "den.fst", P),
+                     ChainOptions(l2_regularize=5e-4), num_threads=1)
+    X = torch.randn(S, T, P, generator=torch.Generator().manual_seed(0))
+    return loss, sup, X
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_chain_loss_nonfinite_output_fails_like_kaldi(bad):
+    loss, sup, X = _loss_setup()
+    ok = loss(X.clone().requires_grad_(), sup)
+    assert ok.ok and np.isfinite(ok.objf)
+    X[0, 1, 2] = bad  # a pdf the numerator may not even visit
+    X.requires_grad_()
+    res = loss(X, sup)
+    assert not res.ok
+    assert res.objf == pytest.approx(-10.0 * res.weight)
+    assert res.l2_term == 0.0 and res.out_of_range_term == 0.0
+    res.loss.backward()
+    assert torch.isfinite(res.loss) and torch.count_nonzero(X.grad) == 0
+
+
+def test_nan_minibatch_does_not_poison_momentum():
+    from pkwrap.optim import NGSGD
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    opt = NGSGD(lin.parameters(), lr=0.1, momentum=0.5)
+    for step, bad in enumerate([False, True, False, False]):
+        opt.zero_grad()
+        (lin(torch.randn(5, 4)) ** 2).sum().backward()
+        if bad:
+            lin.weight.grad[0, 0] = float("nan")
+        before = lin.weight.detach().clone()
+        with pytest.warns(UserWarning) if bad else _no_warning():
+            opt.step()
+        changed = not torch.equal(before, lin.weight)
+        assert changed != bad, step
+        assert all(torch.isfinite(p).all() for p in lin.parameters())
+        assert all(torch.isfinite(s["delta"]).all() for s in opt.state.values())
+    assert opt.num_skipped == 1
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *a):
+        self._w.__exit__(*a)
+        return False
+
+
+@pytest.mark.parametrize("kw", [dict(l2_regularize=float("nan")), dict(xent_regularize=float("inf")),
+                                dict(out_of_range_regularize=-1.0),
+                                dict(leaky_hmm_coefficient=float("nan"))])
+def test_chain_options_validated(kw):
+    from pkwrap.chain import ChainOptions
+    with pytest.raises(ValueError, match=list(kw)[0]):
+        ChainOptions(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(max_change=float("nan")), dict(lr=float("inf")),
+                                dict(momentum=float("nan")), dict(max_param_change=float("inf"))])
+def test_ngsgd_options_validated(kw):
+    from pkwrap.optim import NGSGD
+    with pytest.raises(ValueError, match=list(kw)[0]):
+        NGSGD(torch.nn.Linear(2, 2).parameters(), **kw)
+    with pytest.raises(ValueError, match="max_change of group 'g'"):
+        NGSGD([{"params": torch.nn.Linear(2, 2).parameters(), "name": "g",
+                "max_change": float("nan")}])
+
+
+# ------------------------------------------------------------------------ sizes
+def test_binary_fst_sizes_checked_before_allocation(tmp_path):
+    data = bytearray(fixture_path("mono", "den.fst").read_bytes())
+    # header: magic, "vector", "standard", version, flags, properties, start, #states, #arcs
+    assert struct.unpack_from("<q", data, 50)[0] == read_fst(MONO / "den.fst").num_states
+    for off, value, msg in [(50, 2 ** 40, "more than the .* bytes left"),
+                            (58, 2 ** 40, "more than the .* bytes left"),
+                            (66 + 4, 2 ** 40, "claims .* arcs")]:
+        d = bytearray(data)
+        struct.pack_into("<q", d, off, value)
+        p = tmp_path / "d.fst"
+        p.write_bytes(bytes(d))
+        with pytest.raises(FstFormatError, match=msg):
+            read_fst(p)
+    p.write_bytes(bytes(data[:len(data) // 2]))
+    with pytest.raises(FstFormatError, match="d.fst"):
+        read_fst(p)
+
+
+def test_egs_index_vector_size_flip():
+    data = bytearray(EGS.read_bytes())
+    i = data.index(b"<I1V> ") + len(b"<I1V> ")
+    assert data[i] == 4
+    struct.pack_into("<i", data, i + 1, 2 ** 31 - 1)
+    with pytest.raises(KaldiFormatError, match="Index-vector size 2147483647"):
+        list(read_chain_egs_buffer(bytes(data)))
+
+
+def read_chain_egs_buffer(data):
+    from pkwrap.kaldi.chain_egs import CHAIN_EG_HOLDER
+    from pkwrap.kaldi.table import _iter_archive
+    return _iter_archive(data, "damaged.ark", CHAIN_EG_HOLDER)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("0 1 3 3 0.5\n1 2000000000 4 4\n2000000000\n", "state id 2000000000 is out of range"),
+    ("0 1 3 3\n1\n-1 5.0\n", "negative state id -1"),
+    ("0 1 -3 -3\n1\n", "label"),
+    ("0 1 3 3 nan\n1\n", "weight nan"),
+    ("0 1 3 3 5000000000\n1\n", None),  # a weight, fine
+])
+def test_text_fst_ids_bounded(text, msg):
+    if msg is None:
+        assert read_fst_text(text, name="t.fst").num_states == 2
+        return
+    with pytest.raises(FstFormatError, match=msg):
+        read_fst_text(text, name="t.fst")
+
+
+def test_topology_and_transition_model_ids_bounded(tmp_path):
+    from pkwrap.kaldi.hmm import read_topology, read_transition_model
+    topo = fixture_path("mono", "topo").read_text()
+    first = topo.split("<ForPhones>")[1].split()[0]
+    bad = topo.replace("<ForPhones>\n%s " % first, "<ForPhones>\n200000000 ", 1)
+    assert bad != topo
+    with pytest.raises(KaldiFormatError, match="phone id 200000000"):
+        read_topology(io.BytesIO(bad.encode()))
+    txt = fixture_path("mono", "trans.mdl.txt").read_text()
+    assert "<Tuples> 17 \n1 0 0 1 \n" in txt
+    p = tmp_path / "m.txt"
+    p.write_text(txt.replace("<Tuples> 17 \n1 0 0 1 \n", "<Tuples> 17 \n1 0 0 300000000 \n"))
+    with pytest.raises(KaldiFormatError, match="pdf 300000000, out of range"):
+        read_transition_model(str(p))
+
+
+# ------------------------------------------------------------------------ semantics
+def _den_with(tmp_path, edit):
+    fst = read_fst(MONO / "den.fst")
+    edit(fst)
+    p = tmp_path / "den.fst"
+    from pkwrap.kaldi.fst import write_fst_binary
+    with open(p, "wb") as f:
+        write_fst_binary(fst, f)
+    return p
+
+
+def test_fst_arc_to_missing_state_rejected_everywhere(tmp_path):
+    from pkwrap.decode.graph import GraphError, _read_any_fst
+    p = _den_with(tmp_path, lambda f: f.nextstate.__setitem__(3, f.num_states + 5))
+    with pytest.raises(FstFormatError, match="goes to state %d, which does not exist"
+                       % (read_fst(MONO / "den.fst").num_states + 5)):
+        read_fst(p)
+    with pytest.raises(GraphError, match="den.fst: arc .* does not exist"):
+        _read_any_fst(p)  # read by OpenFst (kaldifst), then validated
+
+
+def test_decoding_graph_labels_within_transition_model(tmp_path):
+    import kaldifst
+    from pkwrap.decode.graph import DecodingGraph, GraphError
+    from pkwrap.decode.lexicon import SymbolTable
+    from pkwrap.kaldi.hmm import read_transition_model
+    tm = read_transition_model(MONO / "trans.mdl")
+    g = kaldifst.StdVectorFst()
+    s0, s1 = g.add_state(), g.add_state()
+    g.start = s0
+    g.set_final(s1, 0.0)
+    ntid = len(tm.transition_id_to_pdf_array)
+    g.add_arc(s0, kaldifst.StdArc(ntid + 10, 1, 0.0, s1))
+    with pytest.raises(GraphError, match="input label %d, outside \\[0, %d\\)" % (ntid + 10, ntid)):
+        DecodingGraph(g, SymbolTable(), SymbolTable(), tm, name="HCLG.fst")
+
+
+def test_den_fst_start_state_without_arcs(tmp_path):
+    from pkwrap.chain import DenominatorGraph
+    fst = read_fst(MONO / "den.fst")
+    start = fst.start
+    arcs = [(int(fst.src[i]), int(fst.ilabel[i]), int(fst.olabel[i]), float(fst.weight[i]),
+             int(fst.nextstate[i])) for i in range(fst.num_arcs) if fst.src[i] != start]
+    finals = {s: float(w) for s, w in enumerate(fst.final) if np.isfinite(w)}
+    finals[start] = 0.0
+    p = tmp_path / "den.fst"
+    write_fst(Fst.from_arcs(fst.num_states, start, arcs, finals), p)
+    with pytest.raises(ValueError, match="start state %d has no arcs" % start):
+        DenominatorGraph.from_fst(p, 200)
+
+
+def _rewrite_first_eg(tmp_path, edit, text=False):
+    key, eg = next(iter(read_chain_egs("ark:%s" % EGS)))
+    edit(eg)
+    p = tmp_path / "e.ark"
+    write_chain_egs(("ark,t:%s" if text else "ark:%s") % p, [(key, eg)])
+    return p
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_egs_with_epsilon_or_bad_label_rejected(tmp_path, text):
+    def eps(eg):
+        f = eg.supervision.fst
+        f.ilabel[2] = f.olabel[2] = 0
+    p = _rewrite_first_eg(tmp_path, eps, text)
+    with pytest.raises(KaldiFormatError, match="e.ark, key .*input label 0, outside \\[1, "):
+        list(read_chain_egs("ark:%s" % p))
+
+    def big(eg):
+        f = eg.supervision.fst
+        f.ilabel[2] = f.olabel[2] = eg.supervision.label_dim + 1
+    p = _rewrite_first_eg(tmp_path, big, text)
+    with pytest.raises(KaldiFormatError, match="input label 35, outside \\[1, 35\\)"):
+        list(read_chain_egs("ark:%s" % p))
+
+
+def test_egs_not_time_synchronous_rejected(tmp_path):
+    def skip(eg):
+        f = eg.supervision.fst
+        assert (f.src[0], f.nextstate[0], f.src[4], f.nextstate[4]) == (0, 1, 2, 4)
+        f.nextstate[0] = 4  # state 4 is two frames from the start
+    p = _rewrite_first_eg(tmp_path, skip)
+    with pytest.raises(KaldiFormatError, match="time-synchronous|frames"):
+        list(read_chain_egs("ark:%s" % p))
+
+
+def test_egs_nonfinite_deriv_weights_rejected(tmp_path):
+    def dw(eg):
+        n = len(eg.output_indexes)
+        w = torch.ones(n)
+        w[1] = float("inf")
+        eg.deriv_weights = w
+    p = _rewrite_first_eg(tmp_path, dw)
+    with pytest.raises(KaldiFormatError, match="deriv_weights"):
+        list(read_chain_egs("ark:%s" % p))
+
+
+def test_e2e_egs_negative_self_loop_rejected(tmp_path):
+    key, eg = next(iter(read_chain_egs("ark:%s" % fixture_path("e2e", "cegs_e2e.ark"))))
+    f = eg.supervision.e2e_fsts[0]
+    loops = np.flatnonzero(f.nextstate == f.src)
+    assert len(loops)
+    f.weight[loops[0]] = -3.0
+    p = tmp_path / "e.ark"
+    write_chain_egs("ark:%s" % p, [(key, eg)])
+    with pytest.raises(KaldiFormatError, match="self-loop of negative cost"):
+        list(read_chain_egs("ark:%s" % p))
+
+
+def test_truncated_graphs_archive_is_an_error(tmp_path):
+    data = fixture_path("e2e", "graphs.fsts").read_bytes()
+    assert len(RandomAccessTableReader("ark:%s" % fixture_path("e2e", "graphs.fsts"),
+                                       FST_HOLDER)) > 1
+    p = tmp_path / "graphs.fsts"
+    p.write_bytes(data[:len(data) - 37])
+    with pytest.raises(KaldiFormatError, match="graphs.fsts"):
+        RandomAccessTableReader("ark:%s" % p, FST_HOLDER)
+    # and a round trip through pkwrap's writer is what Kaldi wrote
+    out = tmp_path / "copy.fsts"
+    from pkwrap.kaldi.table import SequentialTableReader
+    with TableWriter("ark:%s" % out, FST_HOLDER) as w:
+        for k, f in SequentialTableReader("ark:%s" % fixture_path("e2e", "graphs.fsts"),
+                                          FST_HOLDER):
+            w[k] = f
+    assert out.read_bytes() == data
+
+
+# ------------------------------------------------------------------------ trainer
+def _trainer_setup(tmp_path, time_strides=(1, 3), **cfg):
+    from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
+    from pkwrap.nn import TDNNFModel
+    from pkwrap.optim import NGSGD, kaldi_param_groups
+    from pkwrap.train import TrainConfig, Trainer
+    from pkwrap.train.data import EgsDataset
+    data = EgsDataset.from_kaldi(str(EGS))
+    torch.manual_seed(0)
+    model = TDNNFModel(34, feat_dim=40, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=4,
+                       time_strides=time_strides, prefinal_dim=8, prefinal_big_dim=16,
+                       use_idct=False)
+    loss = ChainLoss(DenominatorGraph.from_fst(str(MONO / "den.fst"), 34), ChainOptions())
+    conf = dict(minibatch_size="1", checkpoint_every=0, log_every=2, progress_bar=False,
+                tensorboard=False, max_steps=6)
+    conf.update(cfg)
+    return lambda m=model: Trainer(m, loss, NGSGD(kaldi_param_groups(m), lr=0.002), data,
+                                   TrainConfig(str(tmp_path / "exp"), **conf)), data, model
+
+
+def test_trainer_reports_too_little_egs_context_before_training(tmp_path):
+    make, data, _ = _trainer_setup(tmp_path, time_strides=(1, 3, 3, 3, 3, 3, 3))
+    with pytest.raises(ValueError, match="training egs, eg '%s': chunk of .* too short for the "
+                       "model .* --left-context >= " % data.keys[0]):
+        make()
+    assert not (tmp_path / "exp" / "checkpoints").exists()
+
+
+class _Poisoned(torch.nn.Module):
+    """The wrapped model's output with +inf in one place: every minibatch fails."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        y = self.m(x)
+        y = y[0] if isinstance(y, tuple) else y
+        return y + torch.where(torch.arange(y.shape[-1]) == 3, float("inf"), 0.0)
+
+
+def test_trainer_counts_failed_minibatches_and_aborts(tmp_path):
+    make, data, model = _trainer_setup(tmp_path, min_minibatches_before_abort=4,
+                                       max_failed_fraction=0.5)
+    tr = make(_Poisoned(model))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="training aborted at step 4: 4 of 4 minibatches "
+                                           "failed .* max_failed_fraction=0.5"):
+        tr.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    log = (tmp_path / "exp" / "log" / "train.0.log").read_text()
+    assert log.count("non-finite objective or gradient") == 4
+
+
+def test_trainer_reports_unused_egs_inputs(tmp_path):
+    make, data, _ = _trainer_setup(tmp_path, max_steps=0)
+    for eg in data.examples:
+        eg.inputs["ivector"] = torch.zeros(1, 10)
+    make()
+    log = (tmp_path / "exp" / "log" / "train.0.log").read_text()
+    assert "input(s) ivector that the model does not consume" in log
