@@ -1,0 +1,768 @@
+"""nnet3 components: Kaldi's layer types as torch modules, read and written in Kaldi's format.
+
+A component in a model file is ``<ComponentName> NAME <XComponent> <Field> value ...
+</XComponent>``. Every field is kept in file order in :attr:`Component.fields` (token
+without the brackets -> value), so writing a component back gives Kaldi's bytes. Fields
+that are trained or accumulated live as torch tensors instead:
+
+==================================  ==========================  ===============================
+field                               attribute                   kind
+==================================  ==========================  ===============================
+``LinearParams`` / ``Params``       ``weight`` ``[out][in]``    parameter
+``BiasParams``                      ``bias`` ``[out]``          parameter (None when empty)
+``Scales``, ``Offsets`` (ScaleAnd-  ``scales``, ``offsets``     parameters
+Offset)
+BatchNorm ``Count``, ``StatsMean``,  ``count``, ``stats_mean``,   buffers
+``StatsVar``                        ``stats_var``
+==================================  ==========================  ===============================
+
+``forward(x)`` maps ``[B][L_in][D_in]`` (frames in time order) to ``[B][L_out][D_out]``
+where ``L_out = L_in - (context[1] - context[0])``: only TdnnComponent and
+TimeHeightConvolutionComponent look at other frames (``context`` = the smallest and largest
+time offset); the rest work frame by frame. In eval mode every component computes what
+Kaldi's ``nnet3-compute`` does (``SetBatchnormTestMode``, ``SetDropoutTestMode``).
+
+The value kinds of the fields (Kaldi's ``Write`` functions, nnet-*-component.cc):
+``i`` int32, ``f`` float (a double when the file has 8 bytes; kept), ``b`` bool, ``v``
+vector, ``m`` matrix, ``iv`` int vector, ``ip`` int-pair vector, ``2i``/``2f`` two
+numbers, ``flag`` a token with no value, ``conv`` a nested ``<ConvolutionModel>``.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple, Type
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pkwrap.kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter
+from pkwrap.kaldi.matrix import read_matrix, read_vector, write_matrix, write_vector
+
+__all__ = ["Component", "COMPONENT_TYPES", "read_component", "FIELD_KINDS"]
+
+FIELD_KINDS: Dict[str, str] = {
+    "Dim": "i", "BlockDim": "i", "InputDim": "i", "OutputDim": "i", "Epsilon": "f",
+    "TargetRms": "f", "TestMode": "b", "Count": "f", "StatsMean": "v", "StatsVar": "v",
+    "ValueAvg": "v", "DerivAvg": "v", "OderivRms": "v", "OderivCount": "f",
+    "NumDimsSelfRepaired": "f", "NumDimsProcessed": "f", "SelfRepairLowerThreshold": "f",
+    "SelfRepairUpperThreshold": "f", "SelfRepairScale": "f", "LearningRate": "f",
+    "LearningRateFactor": "f", "MaxChange": "f", "L2Regularize": "f", "IsGradient": "b",
+    "LinearParams": "m", "BiasParams": "v", "Params": "m", "RankIn": "i", "RankOut": "i",
+    "UpdatePeriod": "i", "NumSamplesHistory": "f", "Alpha": "f", "Rank": "i",
+    "RankInOut": "2i", "AlphaInOut": "2f", "OrthonormalConstraint": "f",
+    "UseNaturalGradient": "b", "TimeOffsets": "iv", "ColumnMap": "iv", "BackpropScale": "f",
+    "DropoutProportion": "f", "DropoutPerFrame": "b", "TimePeriod": "i",
+    "SpecAugmentMaxProportion": "f", "SpecAugmentMaxRegions": "i", "ZeroedProportion": "f",
+    "TimeMaskMaxFrames": "i", "MaxMemoryMb": "f", "NumMinibatchesHistory": "f",
+    "Model": "conv", "Scales": "v", "Offsets": "v", "AddLogStddev": "b", "Continuous": "flag",
+}
+_TYPE_KINDS = {
+    "GeneralDropoutComponent": {"TestMode": "flag"},
+    "SpecAugmentTimeMaskComponent": {"TestMode": "flag"},
+}
+_CONV_FIELDS = (("NumFiltersIn", "i"), ("NumFiltersOut", "i"), ("HeightIn", "i"),
+                ("HeightOut", "i"), ("HeightSubsampleOut", "i"), ("Offsets", "ip"),
+                ("RequiredTimeOffsets", "iv"))
+
+
+# ----------------------------------------------------------------------------- values
+class _Num(float):
+    """A float read from an 8-byte binary double (written back as a double)."""
+
+
+def _read_int_pairs(r: KaldiReader) -> np.ndarray:
+    if r.binary:
+        start = r.pos
+        sz = r.take(1, "int-pair vector")[0]
+        if sz != 4:
+            raise r.error("expected an int-pair vector of 4-byte elements, got %d" % sz, start)
+        n = int(np.frombuffer(r.take(4, "int-pair vector size"), "<i4")[0])
+        return r.take_array("<i4", 2 * n, "int pairs").reshape(n, 2).astype(np.int32)
+    r.skip_ws()
+    if r.peek() != 91:
+        raise r.error("expected '[' to start an int-pair vector")
+    r.pos += 1
+    pairs = []
+    while True:
+        w = r._word("int pair")
+        if w == "]":
+            break
+        try:
+            a, b = w.split(",")
+            pairs.append((int(a), int(b)))
+        except ValueError:
+            raise r.error("bad int pair %r" % w[:40]) from None
+    return np.array(pairs, dtype=np.int32).reshape(-1, 2)
+
+
+def _write_int_pairs(w: KaldiWriter, v: np.ndarray) -> None:
+    v = np.asarray(v, dtype=np.int32).reshape(-1, 2)
+    if w.binary:
+        w.write(b"\x04" + np.int32(len(v)).astype("<i4").tobytes() + v.astype("<i4").tobytes())
+    else:
+        w.write(("[ " + "".join("%d,%d " % (a, b) for a, b in v) + "]\n").encode())
+
+
+def _read_num(r: KaldiReader, what: str) -> float:
+    if r.binary and r.peek() == 8:
+        return _Num(r.read_float(what))
+    return r.read_float(what)
+
+
+def _write_num(w: KaldiWriter, v: float) -> None:
+    if isinstance(v, _Num):
+        w.write_double(v)
+    else:
+        w.write_float(v)
+
+
+def _read_value(r: KaldiReader, kind: str, tok: str):
+    if kind == "i":
+        return r.read_int32(tok)
+    if kind == "f":
+        return _read_num(r, tok)
+    if kind == "b":
+        return r.read_bool()
+    if kind == "v":
+        return read_vector(r)
+    if kind == "m":
+        return read_matrix(r)
+    if kind == "iv":
+        return r.read_int_vector(what=tok)
+    if kind == "ip":
+        return _read_int_pairs(r)
+    if kind == "2i":
+        return (r.read_int32(tok), r.read_int32(tok))
+    if kind == "2f":
+        return (_read_num(r, tok), _read_num(r, tok))
+    if kind == "flag":
+        return True
+    if kind == "conv":
+        tok2 = r.read_token()
+        if tok2 != "<ConvolutionModel>":
+            raise r.error("expected <ConvolutionModel>, got %r" % tok2)
+        model = OrderedDict()
+        for name, k in _CONV_FIELDS:
+            r.expect_token("<%s>" % name)
+            model[name] = _read_value(r, k, name)
+        r.expect_token("</ConvolutionModel>")
+        return model
+    raise ValueError("unknown field kind %r" % kind)
+
+
+def _write_value(w: KaldiWriter, kind: str, v) -> None:
+    if kind == "i":
+        w.write_int32(v)
+    elif kind == "f":
+        _write_num(w, v)
+    elif kind == "b":
+        w.write_bool(v)
+    elif kind == "v":
+        write_vector(w, np.asarray(v))
+    elif kind == "m":
+        write_matrix(w, np.asarray(v))
+    elif kind == "iv":
+        w.write_int_vector(v)
+    elif kind == "ip":
+        _write_int_pairs(w, v)
+    elif kind == "2i":
+        w.write_int32(v[0])
+        w.write_int32(v[1])
+    elif kind == "2f":
+        _write_num(w, v[0])
+        _write_num(w, v[1])
+    elif kind == "flag":
+        pass
+    elif kind == "conv":
+        w.write_token("<ConvolutionModel>")
+        for name, k in _CONV_FIELDS:
+            w.write_token("<%s>" % name)
+            _write_value(w, k, v[name])
+        w.write_token("</ConvolutionModel>")
+    else:
+        raise ValueError("unknown field kind %r" % kind)
+
+
+# ----------------------------------------------------------------------------- base
+COMPONENT_TYPES: Dict[str, Type["Component"]] = {}
+
+
+def _register(cls):
+    COMPONENT_TYPES[cls.TYPE] = cls
+    return cls
+
+
+class Component(nn.Module):
+    """Base class: one Kaldi nnet3 component.
+
+    Args:
+      name: the component's name in the network.
+      fields: the fields in file order (token without ``<>`` -> value).
+    """
+
+    TYPE = ""
+    #: fields held as tensors: field -> attribute; parameters unless listed in BUFFERS
+    TENSORS: Dict[str, str] = {}
+    BUFFERS: Tuple[str, ...] = ()
+
+    def __init__(self, name: str, fields: "OrderedDict[str, object]"):
+        super().__init__()
+        self.name = name
+        self.fields = OrderedDict(fields)
+        self._kinds = dict(FIELD_KINDS, **_TYPE_KINDS.get(self.TYPE, {}))
+        for field, attr in self.TENSORS.items():
+            if field not in self.fields:
+                continue
+            a = np.asarray(self.fields[field])
+            if a.size == 0:
+                continue
+            t = torch.from_numpy(np.array(a, dtype=np.float32))
+            if attr in self.BUFFERS:
+                self.register_buffer(attr, t)
+            else:
+                setattr(self, attr, nn.Parameter(t))
+            self.fields[field] = _TensorRef(attr, a.dtype)
+        self.check()
+
+    # -- helpers
+    def need(self, field: str):
+        if field not in self.fields:
+            raise ValueError("%s %s: missing <%s>" % (self.TYPE, self.name, field))
+        return self.fields[field]
+
+    def check(self) -> None:
+        """Raise ValueError when the fields are inconsistent."""
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.need("Dim"))
+
+    @property
+    def output_dim(self) -> int:
+        return self.input_dim
+
+    @property
+    def context(self) -> Tuple[int, int]:
+        """(smallest, largest) time offset the component reads; (0, 0) frame by frame."""
+        return (0, 0)
+
+    @property
+    def required_context(self) -> Tuple[int, int]:
+        """The offsets that must be computable for an output frame to be (Kaldi's
+        required time offsets); the others read zeros where not computable."""
+        return self.context
+
+    @property
+    def is_updatable(self) -> bool:
+        return "LearningRate" in self.fields
+
+    def training_options(self) -> Dict[str, float]:
+        """Kaldi's per-component training settings (present only when in the file):
+        learning_rate, learning_rate_factor, max_change, l2_regularize,
+        orthonormal_constraint."""
+        out = {}
+        for key, field in (("learning_rate", "LearningRate"),
+                           ("learning_rate_factor", "LearningRateFactor"),
+                           ("max_change", "MaxChange"), ("l2_regularize", "L2Regularize"),
+                           ("orthonormal_constraint", "OrthonormalConstraint")):
+            if field in self.fields:
+                out[key] = float(self.fields[field])
+        return out
+
+    def extra_repr(self) -> str:
+        return "%s %s, %d -> %d" % (self.TYPE, self.name, self.input_dim, self.output_dim)
+
+    # -- I/O
+    def write(self, w: KaldiWriter) -> None:
+        """Write ``<XComponent> fields </XComponent>`` (the name is the caller's)."""
+        w.write_token("<%s>" % self.TYPE)
+        for tok, v in self.fields.items():
+            w.write_token("<%s>" % tok)
+            if isinstance(v, _TensorRef):
+                t = getattr(self, v.attr)
+                a = t.detach().cpu().numpy().astype(v.dtype)
+                _write_value(w, "m" if a.ndim == 2 else "v", a)
+            else:
+                _write_value(w, self._kinds.get(tok, "f"), v)
+        w.write_token("</%s>" % self.TYPE)
+
+    def scale_params(self, alpha: float) -> None:
+        """Multiply the trainable parameters by ``alpha`` (``nnet3-copy --scale``)."""
+        with torch.no_grad():
+            for p in self.parameters(recurse=False):
+                p.mul_(alpha)
+
+
+class _TensorRef:
+    """A field whose value lives in a tensor attribute (dtype: as stored in the file)."""
+
+    __slots__ = ("attr", "dtype")
+
+    def __init__(self, attr: str, dtype):
+        self.attr = attr
+        self.dtype = np.dtype(dtype)
+
+
+def read_component(r: KaldiReader, name: str) -> Component:
+    """Read one component body (after ``<ComponentName> name``).
+
+    Raises:
+      KaldiFormatError: unknown component type or field, naming it and the file.
+    """
+    start = r.pos
+    tok = r.read_token()
+    if not (tok.startswith("<") and tok.endswith(">")):
+        raise r.error("component %s: expected a component type token, got %r"
+                      % (name, tok[:40]), start)
+    typ = tok[1:-1]
+    cls = COMPONENT_TYPES.get(typ)
+    if cls is None:
+        raise r.error("component %s: unsupported component type %s" % (name, typ), start)
+    kinds = dict(FIELD_KINDS, **_TYPE_KINDS.get(typ, {}))
+    end = "</%s>" % typ
+    fields = OrderedDict()
+    while True:
+        p = r.pos
+        t = r.read_token()
+        if t == end:
+            break
+        if t == tok and not fields:
+            continue
+        f = t[1:-1] if t.startswith("<") and t.endswith(">") else None
+        if f is None or f not in kinds:
+            raise r.error("component %s (%s): unknown field %r" % (name, typ, t[:40]), p)
+        fields[f] = _read_value(r, kinds[f], t)
+    try:
+        return cls(name, fields)
+    except ValueError as e:
+        raise KaldiFormatError("%s: %s" % (r.name, e)) from None
+
+
+# ----------------------------------------------------------------------------- affine family
+class _AffineBase(Component):
+    """``y = W x + b`` with ``W = LinearParams [out][in]``, ``b = BiasParams [out]``."""
+
+    TENSORS = {"LinearParams": "weight", "BiasParams": "bias"}
+
+    def check(self):
+        if not hasattr(self, "weight") or not isinstance(self.weight, torch.Tensor):
+            raise ValueError("%s %s: missing <LinearParams>" % (self.TYPE, self.name))
+        if getattr(self, "bias", None) is not None and self.bias.shape[0] != self.weight.shape[0]:
+            raise ValueError("%s %s: bias dim %d != output dim %d" % (
+                self.TYPE, self.name, self.bias.shape[0], self.weight.shape[0]))
+
+    @property
+    def input_dim(self):
+        return self.weight.shape[1]
+
+    @property
+    def output_dim(self):
+        return self.weight.shape[0]
+
+    def forward(self, x):
+        return F.linear(x, self.weight, getattr(self, "bias", None))
+
+
+@_register
+class FixedAffineComponent(_AffineBase):
+    TYPE = "FixedAffineComponent"
+
+    def __init__(self, name, fields):
+        super().__init__(name, fields)
+        self.weight.requires_grad_(False)
+        if getattr(self, "bias", None) is not None:
+            self.bias.requires_grad_(False)
+
+
+@_register
+class AffineComponent(_AffineBase):
+    TYPE = "AffineComponent"
+
+
+@_register
+class NaturalGradientAffineComponent(_AffineBase):
+    TYPE = "NaturalGradientAffineComponent"
+
+
+@_register
+class LinearComponent(_AffineBase):
+    """``y = W x`` with ``W = Params [out][in]``."""
+
+    TYPE = "LinearComponent"
+    TENSORS = {"Params": "weight"}
+
+    def check(self):
+        if not hasattr(self, "weight"):
+            raise ValueError("%s %s: missing <Params>" % (self.TYPE, self.name))
+
+
+@_register
+class TdnnComponent(_AffineBase):
+    """``y(t) = W [x(t+o_1); ...; x(t+o_K)] + b``: W is ``[out][K*in]`` with column
+    blocks in the order of ``TimeOffsets``."""
+
+    TYPE = "TdnnComponent"
+
+    def check(self):
+        super().check()
+        offs = np.atleast_1d(self.need("TimeOffsets"))
+        if len(offs) == 0 or self.weight.shape[1] % len(offs):
+            raise ValueError("TdnnComponent %s: %d time offsets do not divide input dim %d"
+                             % (self.name, len(offs), self.weight.shape[1]))
+        self.offsets = [int(o) for o in offs]
+
+    @property
+    def input_dim(self):
+        return self.weight.shape[1] // len(self.offsets)
+
+    @property
+    def context(self):
+        return (min(self.offsets), max(self.offsets))
+
+    def forward(self, x):
+        lo, hi = self.context
+        L = x.shape[1] - (hi - lo)
+        d = self.input_dim
+        out = None
+        for k, o in enumerate(self.offsets):
+            part = F.linear(x[:, o - lo:o - lo + L], self.weight[:, k * d:(k + 1) * d])
+            out = part if out is None else out + part
+        if getattr(self, "bias", None) is not None:
+            out = out + self.bias
+        return out
+
+
+@_register
+class TimeHeightConvolutionComponent(_AffineBase):
+    """2-D convolution over (time, height); features are ``height * num_filters`` with the
+    filter index fastest. Output ``y[t][h][g] = b[g] + sum_k sum_f W[g][k*F_in + f]
+    x[t + dt_k][h * s + dh_k][f]`` over the offsets ``(dt_k, dh_k)``, ``s`` =
+    height-subsample-out; heights outside ``[0, H_in)`` are zero (padding), and so are
+    frames of non-required time offsets that are not computable."""
+
+    TYPE = "TimeHeightConvolutionComponent"
+
+    def check(self):
+        super().check()
+        m = self.need("Model")
+        self.nf_in, self.nf_out = int(m["NumFiltersIn"]), int(m["NumFiltersOut"])
+        self.h_in, self.h_out = int(m["HeightIn"]), int(m["HeightOut"])
+        self.sub = int(m["HeightSubsampleOut"])
+        self.offs = [(int(a), int(b)) for a, b in np.asarray(m["Offsets"]).reshape(-1, 2)]
+        self.required = [int(t) for t in np.atleast_1d(m["RequiredTimeOffsets"])]
+        if self.weight.shape != (self.nf_out, len(self.offs) * self.nf_in):
+            raise ValueError("TimeHeightConvolutionComponent %s: params %s, expected %s"
+                             % (self.name, tuple(self.weight.shape),
+                                (self.nf_out, len(self.offs) * self.nf_in)))
+
+    @property
+    def input_dim(self):
+        return self.h_in * self.nf_in
+
+    @property
+    def output_dim(self):
+        return self.h_out * self.nf_out
+
+    @property
+    def context(self):
+        ts = [a for a, _ in self.offs]
+        return (min(ts), max(ts))
+
+    @property
+    def required_context(self):
+        ts = self.required or [a for a, _ in self.offs]
+        return (min(ts), max(ts))
+
+    def forward(self, x):
+        B, Lin, _ = x.shape
+        lo, hi = self.context
+        L = Lin - (hi - lo)
+        xi = x.reshape(B, Lin, self.h_in, self.nf_in)
+        hs = [dh for _, dh in self.offs]
+        pad_lo = max(0, -min(hs))
+        pad_hi = max(0, self.sub * (self.h_out - 1) + max(hs) - (self.h_in - 1))
+        xp = F.pad(xi, (0, 0, pad_lo, pad_hi))
+        cols = []
+        for dt, dh in self.offs:
+            start = pad_lo + dh
+            rows = xp[:, dt - lo:dt - lo + L, start:start + self.sub * (self.h_out - 1) + 1:self.sub]
+            cols.append(rows)
+        patches = torch.cat(cols, dim=-1)  # [B][L][H_out][K*F_in]
+        y = F.linear(patches, self.weight, getattr(self, "bias", None))
+        return y.reshape(B, L, self.h_out * self.nf_out)
+
+
+# ----------------------------------------------------------------------------- normalization
+@_register
+class BatchNormComponent(Component):
+    """Eval: ``y = (x - StatsMean) * TargetRms / sqrt(StatsVar + Epsilon)`` per block of
+    ``BlockDim`` (the stats are per position in the block). Train: the minibatch's mean
+    and variance instead, accumulated into the stats (count-weighted)."""
+
+    TYPE = "BatchNormComponent"
+    TENSORS = {"StatsMean": "stats_mean", "StatsVar": "stats_var"}
+    BUFFERS = ("stats_mean", "stats_var")
+
+    def check(self):
+        self.dim = int(self.need("Dim"))
+        self.block_dim = int(self.fields.get("BlockDim", self.dim))
+        if self.dim % self.block_dim:
+            raise ValueError("BatchNormComponent %s: block-dim %d does not divide dim %d"
+                             % (self.name, self.block_dim, self.dim))
+        count = float(self.fields.get("Count", 0.0))
+        self.register_buffer("count", torch.tensor(count, dtype=torch.float64))
+        if not hasattr(self, "stats_mean"):
+            self.register_buffer("stats_mean", torch.zeros(self.block_dim))
+            self.register_buffer("stats_var", torch.zeros(self.block_dim))
+
+    def write(self, w):
+        count = float(self.count)
+        f = self.fields
+        f["Count"] = _Num(count)  # a double in Kaldi's BatchNormComponent
+        for k, attr in (("StatsMean", "stats_mean"), ("StatsVar", "stats_var")):
+            if count != 0:
+                f[k] = _TensorRef(attr, np.float32)
+            else:
+                f.pop(k, None)
+        super().write(w)
+
+    def forward(self, x):
+        shape = x.shape
+        rows = x.reshape(-1, self.block_dim)
+        rms = float(self.fields.get("TargetRms", 1.0))
+        eps = float(self.fields.get("Epsilon", 1e-3))
+        if self.training:
+            mean = rows.mean(0)
+            var = rows.var(0, unbiased=False)
+            with torch.no_grad():
+                n = rows.shape[0]
+                c = float(self.count)
+                tot = c + n
+                new_mean = (self.stats_mean.double() * c + mean.double() * n) / tot
+                new_m2 = ((self.stats_var.double() + self.stats_mean.double() ** 2) * c
+                          + (var.double() + mean.double() ** 2) * n) / tot
+                self.stats_mean.copy_(new_mean)
+                self.stats_var.copy_(new_m2 - new_mean ** 2)
+                self.count.fill_(tot)
+        else:
+            if float(self.count) <= 0:
+                raise RuntimeError("BatchNormComponent %s: eval mode needs statistics "
+                                   "(Count is 0)" % self.name)
+            mean, var = self.stats_mean, self.stats_var
+        scale = rms * torch.rsqrt(var + eps)
+        return ((rows - mean) * scale).reshape(shape)
+
+
+@_register
+class NormalizeComponent(Component):
+    """Per block: ``y = x / sqrt(max(|x|^2 / (D * TargetRms^2), 2^-66))``; with
+    AddLogStddev one more column per block, ``log(TargetRms) - log(scale)``."""
+
+    TYPE = "NormalizeComponent"
+
+    @property
+    def input_dim(self):
+        return int(self.need("InputDim"))
+
+    @property
+    def output_dim(self):
+        extra = self.input_dim // self._block() if self.fields.get("AddLogStddev") else 0
+        return self.input_dim + extra
+
+    def _block(self):
+        return int(self.fields.get("BlockDim", self.input_dim))
+
+    def forward(self, x):
+        bd = self._block()
+        rms = float(self.fields.get("TargetRms", 1.0))
+        xb = x.reshape(*x.shape[:-1], -1, bd)
+        p = (xb * xb).sum(-1, keepdim=True) / (bd * rms * rms)
+        f = p.clamp(min=2.0 ** -66).rsqrt()
+        y = xb * f
+        if self.fields.get("AddLogStddev"):
+            y = torch.cat([y, math.log(rms) - torch.log(f)], dim=-1)
+        return y.reshape(*x.shape[:-1], -1)
+
+
+# ----------------------------------------------------------------------------- nonlinearities
+class _Elementwise(Component):
+    def forward(self, x):
+        return self.fn(x)
+
+
+@_register
+class RectifiedLinearComponent(_Elementwise):
+    TYPE = "RectifiedLinearComponent"
+    fn = staticmethod(torch.relu)
+
+
+@_register
+class SigmoidComponent(_Elementwise):
+    TYPE = "SigmoidComponent"
+    fn = staticmethod(torch.sigmoid)
+
+
+@_register
+class TanhComponent(_Elementwise):
+    TYPE = "TanhComponent"
+    fn = staticmethod(torch.tanh)
+
+
+@_register
+class LogSoftmaxComponent(_Elementwise):
+    TYPE = "LogSoftmaxComponent"
+
+    @staticmethod
+    def fn(x):
+        return torch.log_softmax(x, dim=-1)
+
+
+@_register
+class SoftmaxComponent(_Elementwise):
+    TYPE = "SoftmaxComponent"
+
+    @staticmethod
+    def fn(x):
+        return torch.softmax(x, dim=-1)
+
+
+@_register
+class NoOpComponent(_Elementwise):
+    """Identity (its input descriptor does the work)."""
+
+    TYPE = "NoOpComponent"
+
+    @staticmethod
+    def fn(x):
+        return x
+
+
+# ----------------------------------------------------------------------------- dropout family
+@_register
+class DropoutComponent(Component):
+    """Eval: ``y = (1 - p) x`` (Kaldi's test mode scales instead of the training mask);
+    train: each element (each frame with DropoutPerFrame) kept with probability
+    ``1 - p``, zeroed otherwise, without rescaling."""
+
+    TYPE = "DropoutComponent"
+
+    def forward(self, x):
+        p = float(self.fields.get("DropoutProportion", 0.0))
+        if not self.training:
+            return x * (1.0 - p)
+        shape = x.shape[:-1] + (1,) if self.fields.get("DropoutPerFrame") else x.shape
+        mask = (torch.rand(shape, device=x.device) >= p).to(x.dtype)
+        return x * mask
+
+
+@_register
+class GeneralDropoutComponent(Component):
+    """Eval: identity. Train: with SpecAugmentMaxProportion ``m`` > 0, SpecAugment's
+    frequency mask: per sequence, a random band of up to ``m * BlockDim`` consecutive
+    dims of every block is zeroed (all frames); otherwise dropout with scale
+    ``1 / (1 - p)`` on kept values, one mask per (sequence, block)."""
+
+    TYPE = "GeneralDropoutComponent"
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        B, L, D = x.shape
+        bd = int(self.fields.get("BlockDim", D))
+        m = float(self.fields.get("SpecAugmentMaxProportion", 0.0))
+        if m > 0:
+            mask = torch.ones(B, 1, bd, device=x.device, dtype=x.dtype)
+            width = int(m * bd)
+            for b in range(B):
+                w = int(torch.randint(0, width + 1, ()))
+                if w:
+                    s = int(torch.randint(0, bd - w + 1, ()))
+                    mask[b, 0, s:s + w] = 0
+            return (x.reshape(B, L, -1, bd) * mask.unsqueeze(2)).reshape(B, L, D)
+        p = float(self.fields.get("DropoutProportion", 0.0))
+        keep = (torch.rand(B, 1, bd, device=x.device) >= p).to(x.dtype) / max(1e-10, 1 - p)
+        return (x.reshape(B, L, -1, bd) * keep.unsqueeze(2)).reshape(B, L, D)
+
+
+@_register
+class SpecAugmentTimeMaskComponent(Component):
+    """Eval: identity. Train: SpecAugment's time mask: per sequence, random spans of up to
+    TimeMaskMaxFrames frames are zeroed until about ZeroedProportion of the frames are."""
+
+    TYPE = "SpecAugmentTimeMaskComponent"
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        B, L, D = x.shape
+        prop = float(self.fields.get("ZeroedProportion", 0.0))
+        maxf = int(self.fields.get("TimeMaskMaxFrames", 1))
+        mask = torch.ones(B, L, 1, device=x.device, dtype=x.dtype)
+        target = int(round(prop * L))
+        for b in range(B):
+            zeroed = 0
+            while zeroed < target:
+                w = min(int(torch.randint(1, maxf + 1, ())), target - zeroed)
+                s = int(torch.randint(0, L - w + 1, ()))
+                zeroed += int(mask[b, s:s + w].sum())
+                mask[b, s:s + w] = 0
+        return x * mask
+
+
+# ----------------------------------------------------------------------------- reshaping
+@_register
+class PermuteComponent(Component):
+    """``y[:, j] = x[:, ColumnMap[j]]``."""
+
+    TYPE = "PermuteComponent"
+
+    def check(self):
+        cm = np.asarray(self.need("ColumnMap"), dtype=np.int64)
+        if sorted(cm.tolist()) != list(range(len(cm))):
+            raise ValueError("PermuteComponent %s: ColumnMap is not a permutation" % self.name)
+        self.register_buffer("column_map", torch.from_numpy(cm), persistent=False)
+
+    @property
+    def input_dim(self):
+        return len(self.column_map)
+
+    def forward(self, x):
+        return x.index_select(-1, self.column_map)
+
+
+@_register
+class ElementwiseProductComponent(Component):
+    """Input ``k * OutputDim`` dims: the product of its k consecutive slices."""
+
+    TYPE = "ElementwiseProductComponent"
+
+    @property
+    def input_dim(self):
+        return int(self.need("InputDim"))
+
+    @property
+    def output_dim(self):
+        return int(self.need("OutputDim"))
+
+    def forward(self, x):
+        d = self.output_dim
+        y = x[..., :d]
+        for k in range(1, self.input_dim // d):
+            y = y * x[..., k * d:(k + 1) * d]
+        return y
+
+
+@_register
+class ScaleAndOffsetComponent(Component):
+    """``y = x * Scales + Offsets``, Scales/Offsets of block dim, repeated over ``Dim``."""
+
+    TYPE = "ScaleAndOffsetComponent"
+    TENSORS = {"Scales": "scales", "Offsets": "offsets"}
+
+    def forward(self, x):
+        bd = self.scales.shape[0]
+        xb = x.reshape(*x.shape[:-1], -1, bd)
+        return (xb * self.scales + self.offsets).reshape(x.shape)

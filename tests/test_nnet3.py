@@ -1,0 +1,265 @@
+"""pkwrap.nnet3 against Kaldi: model files (tests/fixtures/kaldi/nnet3_io, made by real Kaldi)
+and nnet3-compute's stored outputs for three architectures with i-vectors.
+
+P1 tdnn_1k-like (idct, spec-augment, delta, Scale(0.4, ReplaceIndex(ivector, t, 0)), TDNN-F),
+P2 CNN-TDNN (TimeHeightConvolution, Permute, i-vector Linear + BatchNorm), P3 LDA TDNN
+(FixedAffine on Append(Offset(input, -1), input, Offset(input, 1), ivector), Dropout).
+"""
+import gzip
+import io
+import json
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixture_path
+from pkwrap.kaldi.io import KaldiFormatError
+from pkwrap.nnet3 import (Nnet3, chunk_plan, nnet3_compute, online_ivector_row,
+                          parse_descriptor, read_nnet3, write_nnet3)
+
+MODELS = ["P1_tdnnf", "P2_cnn_tdnnf", "P3_lda_tdnn"]
+# nnet3-info num-parameters (model.json); FixedAffine (idct, lda) is not counted
+NUM_PARAMS = {"P1_tdnnf": 287986, "P2_cnn_tdnnf": 140002, "P3_lda_tdnn": 161058}
+CONTEXT = {"P1_tdnnf": (10, 10), "P2_cnn_tdnnf": (6, 6), "P3_lda_tdnn": (9, 9)}
+ONLINE = dict(online_ivector_period=10)
+RUNS = {  # tag -> nnet3_compute options (besides the i-vectors)
+    "online_onechunk_output_fsf3": dict(frame_subsampling_factor=3, frames_per_chunk=100000),
+    "online_onechunk_output_fsf1": dict(frame_subsampling_factor=1, frames_per_chunk=100000),
+    "online_onechunk_output_xent_fsf3": dict(frame_subsampling_factor=3,
+                                             frames_per_chunk=100000, output="output-xent"),
+    "online_chunk50_output_fsf3": dict(frame_subsampling_factor=3, frames_per_chunk=50),
+    "online_chunk50_output_fsf1": dict(frame_subsampling_factor=1, frames_per_chunk=50),
+    "utt_ivector_output_fsf3": dict(frame_subsampling_factor=3, frames_per_chunk=50),
+    "utt_ivector_output_xent_fsf3": dict(frame_subsampling_factor=3, frames_per_chunk=50,
+                                         output="output-xent"),
+}
+CASES = [(m, tag, "utt1_95") for m in MODELS for tag in RUNS] + \
+        [(m, "online_chunk50_output_fsf3", "utt2_146") for m in MODELS]
+
+
+def fx(*parts):
+    return fixture_path("nnet3_io", *parts)
+
+
+@lru_cache(maxsize=None)
+def model(name):
+    return read_nnet3(fx(name, "final.mdl")).eval()
+
+
+def inputs(utt):
+    return (np.load(fx("inputs", "feats_%s.npy" % utt)),
+            np.load(fx("inputs", "ivector_online_%s.npy" % utt)),
+            np.load(fx("inputs", "ivector_utt_%s.npy" % utt)))
+
+
+@pytest.mark.parametrize("name,tag,utt", CASES)
+def test_nnet3_compute_matches_kaldi(name, tag, utt):
+    """Every stored nnet3-compute run (online i-vectors in one chunk and in chunks of 50,
+    utterance i-vector; output and output-xent; fsf 3 and 1) to 1e-4 absolute."""
+    feats, online, utt_iv = inputs(utt)
+    opts = dict(RUNS[tag])
+    if tag.startswith("online"):
+        opts.update(online_ivectors=online, **ONLINE)
+    else:
+        opts.update(ivector=utt_iv)
+    ref = np.load(fx(name, "%s_%s.npy" % (tag, utt)))
+    got = nnet3_compute(model(name), feats, **opts)
+    assert got.shape == ref.shape
+    err = np.abs(got - ref).max()
+    assert err < 1e-4, "%s %s %s: max abs diff %.3g" % (name, tag, utt, err)
+
+
+def test_chunking_changes_only_the_ivector():
+    """Sanity of the reference itself: chunked and one-chunk runs differ (the i-vector row
+    differs per chunk), so the chunk plan is really tested above."""
+    a = np.load(fx("P3_lda_tdnn", "online_chunk50_output_fsf3_utt1_95.npy"))
+    b = np.load(fx("P3_lda_tdnn", "online_onechunk_output_fsf3_utt1_95.npy"))
+    assert np.abs(a - b).max() > 0.1
+    assert np.abs(a[:17] - b[:17]).max() > 0.1  # row 2 vs row 4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_chunk_plan_and_ivector_rows(name):
+    """chunk_plan/online_ivector_row reproduce every chunk of compute.json (Kaldi's plan)."""
+    comp = json.loads(fx(name, "compute.json").read_text())
+    n = 0
+    for run in comp["runs"]:
+        T = {"utt0_47": 47, "utt1_95": 95, "utt2_146": 146}
+        for utt, chunks in run.get("chunks", {}).items():
+            plan = chunk_plan(T[utt], run["frame_subsampling_factor"], run["frames_per_chunk"])
+            assert plan == [(c["first_output_frame"], c["last_output_frame"]) for c in chunks]
+            if run["mode"].startswith("online"):
+                rows = [online_ivector_row(a, b, (T[utt] + 9) // 10, 10) for a, b in plan]
+                assert rows == [c["ivector_row"] for c in chunks]
+                n += 1
+    assert n >= 12
+    with pytest.raises(ValueError, match="could not get an i-vector"):
+        online_ivector_row(0, 200, 3, 10)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_structure(name):
+    m = model(name)
+    assert m.context("output") == CONTEXT[name]
+    assert m.input_names == ["ivector", "input"]
+    assert m.output_names == ["output", "output-xent"]
+    assert m.output_dim("output") == 329 and m.input_dim("ivector") == 100
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == NUM_PARAMS[name]
+    assert m.trans_model is not None and m.trans_model.num_pdfs == 329
+    assert m.priors is not None and m.priors.size == 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_binary_write_is_byte_identical(name):
+    """Reading Kaldi's binary final.mdl and writing it back gives Kaldi's bytes."""
+    m = read_nnet3(fx(name, "final.mdl"))
+    raw = fx(name, "final.mdl").read_bytes()
+    assert write_nnet3(m, None, binary=True, trans_model=m.trans_model, priors=m.priors) == raw
+
+
+def test_text_model_equals_binary_and_writes_kaldis_text():
+    """nnet3-am-copy --binary=false's text: read gives the binary's module (to the 7 digits
+    of the text), forward equal; writing text reproduces Kaldi's text byte for byte."""
+    t = read_nnet3(fx("P2_cnn_tdnnf", "final.mdl.txt.gz")).eval()
+    b = model("P2_cnn_tdnnf")
+    st, sb = t.state_dict(), b.state_dict()
+    assert st.keys() == sb.keys()
+    for k in st:  # 7 digits; batchnorm stats 1e-5 (Kaldi re-derives them through sum/sumsq)
+        assert torch.allclose(st[k].double(), sb[k].double(), rtol=1e-5, atol=1e-8), k
+    feats, online, _ = inputs("utt1_95")
+    y1 = nnet3_compute(t, feats, online_ivectors=online, **ONLINE)
+    y2 = nnet3_compute(b, feats, online_ivectors=online, **ONLINE)
+    assert np.abs(y1 - y2).max() < 1e-4
+    text = gzip.decompress(fx("P2_cnn_tdnnf", "final.mdl.txt.gz").read_bytes())
+    assert write_nnet3(t, None, binary=False, trans_model=t.trans_model, priors=t.priors) == text
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_save_load_round_trip_after_change(tmp_path, binary):
+    """Load, change the parameters and batchnorm stats in torch, save (raw and final.mdl),
+    load: identical parameters (text: to 7 digits) and identical forward."""
+    from pkwrap.nn import load_kaldi_nnet3, save_kaldi_nnet3
+    m = load_kaldi_nnet3(fx("P1_tdnnf", "final.mdl"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+        m.component("tdnn1.batchnorm").stats_var.mul_(1.5)
+    for tm in (None, m.trans_model):
+        path = tmp_path / ("m.mdl" if tm is not None else "m.raw")
+        save_kaldi_nnet3(m, path, binary=binary, trans_model=tm)
+        m2 = load_kaldi_nnet3(path)
+        assert (m2.trans_model is None) == (tm is None)
+        s1, s2 = m.state_dict(), m2.state_dict()
+        assert s1.keys() == s2.keys()
+        for k in s1:
+            if binary:
+                assert torch.equal(s1[k].float(), s2[k].float()), k
+            else:
+                assert torch.allclose(s1[k].double(), s2[k].double(), rtol=2e-6, atol=1e-9), k
+        feats, online, _ = inputs("utt1_95")
+        y1 = nnet3_compute(m, feats, online_ivectors=online, **ONLINE)
+        y2 = nnet3_compute(m2, feats, online_ivectors=online, **ONLINE)
+        assert np.abs(y1 - y2).max() < (1e-6 if binary else 1e-4)
+        # still the same training settings
+        for c1, c2 in zip(m.components, m2.components):
+            assert c1.training_options() == pytest.approx(c2.training_options())
+    assert m.component("output-xent.affine").training_options()["learning_rate_factor"] == 5
+
+
+def test_forward_batch_and_gradients():
+    """forward() on chain-eg-like chunks (context included): batch rows are independent,
+    equal nnet3_compute's rows where the context is real, and gradients reach every
+    trainable parameter; train mode updates batchnorm statistics."""
+    m = read_nnet3(fx("P1_tdnnf", "final.mdl"))
+    feats, _, utt_iv = inputs("utt1_95")
+    x = torch.from_numpy(feats[None, :60].copy()).repeat(2, 1, 1)
+    iv = torch.from_numpy(utt_iv)[None].repeat(2, 1)
+    m.eval()
+    with torch.no_grad():
+        out, xent = m(x, iv, output=("output", "output-xent"))
+    assert out.shape == (2, 40, 329) and xent.shape == (2, 40, 329)
+    ref = nnet3_compute(m, feats, ivector=utt_iv, frames_per_chunk=1000)
+    assert np.abs(out[0].numpy() - ref[10:50]).max() < 1e-4
+    assert torch.equal(out[0], out[1])
+    m.train()
+    bn = m.component("tdnnf3.batchnorm")
+    count = float(bn.count)
+    out, xent = m(x, iv, output=("output", "output-xent"))
+    (out.square().mean() + xent.mean()).backward()
+    assert float(bn.count) - count == 2 * 52  # frames 4..55 of both sequences are computed
+    missing = [c.name for c in m.components for p in c.parameters(recurse=False)
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing
+
+
+def _tiny_text(config, components):
+    return ("<Nnet3> \n" + config.strip() + "\n\n<NumComponents> %d \n" % len(components)
+            + "".join("<ComponentName> %s %s \n" % c for c in components)
+            + "</Nnet3> ").encode()
+
+
+def test_descriptors_over_time():
+    """Offset, IfDefined, Failover, Round, Switch, Const, Sum, Scale and dim-range nodes at
+    the edges of the computable frames."""
+    cfg = """
+input-node name=input dim=2
+dim-range-node name=first input-node=input dim-offset=0 dim=1
+component-node name=a component=n1 input=Sum(IfDefined(Offset(first, -2)), Scale(2, first))
+component-node name=b component=n1 input=Failover(Offset(first, 1), Const(-7, 1))
+component-node name=c component=n1 input=Round(first, 3)
+component-node name=d component=n3 input=Append(Switch(first, Offset(first, 1)), Const(0.5, 1), first)
+output-node name=output input=Append(a, b, c, d)
+"""
+    comps = [("n1", "<NoOpComponent> <Dim> 1 <BackpropScale> 1 </NoOpComponent>"),
+             ("n3", "<NoOpComponent> <Dim> 3 <BackpropScale> 1 </NoOpComponent>")]
+    m = read_nnet3(_tiny_text(cfg, comps))
+    assert m.node_dim("d") == 3 and m.output_dim() == 6
+    x = torch.arange(10.0).reshape(1, 10, 1) * torch.tensor([1.0, 100.0])
+    # frames 0..9 given; Switch's Offset(first, 1) needs t+1, so t <= 8 is computable
+    y = m.compute({"input": (0, x)}, {"output": (0, 8)})["output"][0]
+    t = torch.arange(9.0)
+    assert torch.equal(y[:, 0], torch.where(t >= 2, t - 2, 0 * t) + 2 * t)
+    assert torch.equal(y[:, 1], t + 1)
+    assert torch.equal(y[:, 2], 3 * torch.div(t, 3, rounding_mode="floor"))
+    assert torch.equal(y[:, 3], torch.where(t % 2 == 0, t, t + 1))
+    assert torch.equal(y[:, 4], torch.full_like(t, 0.5))
+    with pytest.raises(ValueError, match="not computable"):
+        m.compute({"input": (0, x)}, {"output": (0, 9)})
+    # Failover falls back where Offset(first, 1) is not computable: frames of a shorter input
+    m2 = read_nnet3(_tiny_text("input-node name=input dim=1\n"
+                               "component-node name=b component=n1 input=Failover(Offset(input, 1), Const(-7, 1))\n"
+                               "output-node name=output input=b", comps[:1]))
+    y2 = m2.compute({"input": (0, x[..., :1])}, {"output": (0, 9)})["output"][0, :, 0]
+    assert y2.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, -7]
+    assert str(parse_descriptor("Append(Offset(x, -1), Scale(0.4, ReplaceIndex(iv, t, 0)))")) \
+        == "Append(Offset(x, -1), Scale(0.4, ReplaceIndex(iv, t, 0)))"
+
+
+def test_clear_errors():
+    good = _tiny_text("input-node name=input dim=1\ncomponent-node name=a component=n input=input\n"
+                      "output-node name=output input=a",
+                      [("n", "<NoOpComponent> <Dim> 1 <BackpropScale> 1 </NoOpComponent>")])
+    read_nnet3(good)
+    with pytest.raises(KaldiFormatError, match=r"<bytes>.*unsupported component type "
+                                               r"LstmNonlinearityComponent"):
+        read_nnet3(good.replace(b"NoOpComponent", b"LstmNonlinearityComponent"))
+    with pytest.raises(KaldiFormatError, match=r"<bytes>.*unknown descriptor type 'Offst'"):
+        read_nnet3(good.replace(b"input=input", b"input=Offst(input, 1)"))
+    with pytest.raises(KaldiFormatError, match=r"<bytes>.*unknown field '<Foo>'"):
+        read_nnet3(good.replace(b"<BackpropScale> 1", b"<Foo> 1"))
+    with pytest.raises(KaldiFormatError, match=r"<bytes>.*input dim 2.*expects 1"):
+        read_nnet3(good.replace(b"input=input", b"input=Append(input, input)"))
+    with pytest.raises(KaldiFormatError, match=r"<bytes>.*undefined node 'nope'"):
+        read_nnet3(good.replace(b"input=input", b"input=nope"))
+    with pytest.raises(KaldiFormatError, match="nothing.mdl: cannot read"):
+        read_nnet3("/nonexistent/nothing.mdl")
+
+
+def test_load_kaldi_nnet3_returns_module():
+    from pkwrap.nn import load_kaldi_nnet3
+    m = load_kaldi_nnet3(str(fx("P3_lda_tdnn", "final.mdl")))
+    assert isinstance(m, Nnet3) and isinstance(m, torch.nn.Module)
+    assert m.component("tdnn3.dropout").TYPE == "DropoutComponent"
