@@ -290,10 +290,31 @@ class Component(nn.Module):
         w.write_token("</%s>" % self.TYPE)
 
     def scale_params(self, alpha: float) -> None:
-        """Multiply the trainable parameters by ``alpha`` (``nnet3-copy --scale``)."""
+        """Kaldi's ``Component::Scale`` (``nnet3-copy --scale``): trainable parameters
+        times ``alpha``; the counts of accumulated statistics too (their averages stay)."""
         with torch.no_grad():
-            for p in self.parameters(recurse=False):
-                p.mul_(alpha)
+            if self.is_updatable:
+                for p in self.parameters(recurse=False):
+                    p.mul_(alpha)
+            for k in ("Count", "OderivCount"):
+                if k in self.fields and not isinstance(self.fields[k], _TensorRef):
+                    v = self.fields[k]
+                    self.fields[k] = type(v)(v * alpha) if isinstance(v, _Num) else v * alpha
+            if hasattr(self, "count") and isinstance(self.count, torch.Tensor):
+                self.count.mul_(alpha)
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Kaldi's ``SetUnderlyingLearningRate``: ``<LearningRate>`` = lr times the
+        component's learning-rate-factor."""
+        self.fields["LearningRate"] = lr * float(self.fields.get("LearningRateFactor", 1.0))
+
+    def set_learning_rate_factor(self, factor: float) -> None:
+        """Set ``<LearningRateFactor>`` (kept in Kaldi's field order: right after the type)."""
+        if "LearningRateFactor" not in self.fields:
+            items = list(self.fields.items())
+            self.fields = OrderedDict([("LearningRateFactor", factor)] + items)
+        else:
+            self.fields["LearningRateFactor"] = factor
 
 
 class _TensorRef:
@@ -518,15 +539,27 @@ class BatchNormComponent(Component):
             self.register_buffer("stats_mean", torch.zeros(self.block_dim))
             self.register_buffer("stats_var", torch.zeros(self.block_dim))
 
+    def kaldi_written_stats(self) -> Tuple[np.ndarray, np.ndarray]:
+        """StatsMean, StatsVar as Kaldi writes them: its Read keeps ``sum = mean * count``
+        and ``sumsq = (var + mean^2) * count`` in double, its Write gives back
+        ``float(sum) * float(1/count)`` and ``float(sumsq) * float(1/count) - mean^2`` in
+        float (so a Kaldi copy can move the last bit; this reproduces it)."""
+        c = float(self.count)
+        m = self.stats_mean.detach().cpu().double().numpy()
+        v = self.stats_var.detach().cpu().double().numpy()
+        inv = np.float32(1.0 / c)
+        mean = (m * c).astype(np.float32) * inv
+        var = ((v + m * m) * c).astype(np.float32) * inv - mean * mean
+        return mean, var
+
     def write(self, w):
         count = float(self.count)
         f = self.fields
         f["Count"] = _Num(count)  # a double in Kaldi's BatchNormComponent
-        for k, attr in (("StatsMean", "stats_mean"), ("StatsVar", "stats_var")):
-            if count != 0:
-                f[k] = _TensorRef(attr, np.float32)
-            else:
-                f.pop(k, None)
+        for k in ("StatsMean", "StatsVar"):
+            f.pop(k, None)
+        if count != 0:
+            f["StatsMean"], f["StatsVar"] = self.kaldi_written_stats()
         super().write(w)
 
     def forward(self, x):
@@ -593,26 +626,56 @@ class _Elementwise(Component):
         return self.fn(x)
 
 
+def _float_avg(avg, count: float) -> np.ndarray:
+    """``float(avg * count) * float(1 / count)``: an average through Kaldi's double sum."""
+    a = np.asarray(avg, dtype=np.float64)
+    if count == 0:
+        return (a * 0).astype(np.float32)
+    return (a * count).astype(np.float32) * np.float32(1.0 / count)
+
+
+class _Nonlinear(_Elementwise):
+    """Kaldi's NonlinearComponent: the statistics ValueAvg, DerivAvg (over Count frames)
+    and OderivRms (over OderivCount) are kept as sums in double by Kaldi's Read; ``write``
+    gives them back through the same float arithmetic as Kaldi's Write."""
+
+    def write(self, w):
+        f = self.fields
+        saved = {k: f[k] for k in ("ValueAvg", "DerivAvg", "OderivRms") if k in f}
+        try:
+            c = float(f.get("Count", 0.0))
+            for k in ("ValueAvg", "DerivAvg"):
+                if k in f:
+                    f[k] = _float_avg(f[k], c)
+            if "OderivRms" in f:
+                rms = np.asarray(f["OderivRms"], dtype=np.float64)
+                ms = _float_avg(rms * rms, float(f.get("OderivCount", 0.0)))
+                f["OderivRms"] = np.sqrt(np.maximum(ms, np.float32(0)))
+            super().write(w)
+        finally:
+            f.update(saved)
+
+
 @_register
-class RectifiedLinearComponent(_Elementwise):
+class RectifiedLinearComponent(_Nonlinear):
     TYPE = "RectifiedLinearComponent"
     fn = staticmethod(torch.relu)
 
 
 @_register
-class SigmoidComponent(_Elementwise):
+class SigmoidComponent(_Nonlinear):
     TYPE = "SigmoidComponent"
     fn = staticmethod(torch.sigmoid)
 
 
 @_register
-class TanhComponent(_Elementwise):
+class TanhComponent(_Nonlinear):
     TYPE = "TanhComponent"
     fn = staticmethod(torch.tanh)
 
 
 @_register
-class LogSoftmaxComponent(_Elementwise):
+class LogSoftmaxComponent(_Nonlinear):
     TYPE = "LogSoftmaxComponent"
 
     @staticmethod
@@ -621,7 +684,7 @@ class LogSoftmaxComponent(_Elementwise):
 
 
 @_register
-class SoftmaxComponent(_Elementwise):
+class SoftmaxComponent(_Nonlinear):
     TYPE = "SoftmaxComponent"
 
     @staticmethod

@@ -74,7 +74,9 @@ def online_ivector_row(first: int, last: int, num_rows: int, period: int) -> int
 def nnet3_compute(nnet: Nnet3, feats, ivector=None, online_ivectors=None,
                   online_ivector_period: int = 0, frame_subsampling_factor: int = 1,
                   frames_per_chunk: int = 50, extra_left_context: int = 0,
-                  extra_right_context: int = 0, output: str = "output") -> np.ndarray:
+                  extra_right_context: int = 0, extra_left_context_initial: int = -1,
+                  extra_right_context_final: int = -1, output: str = "output",
+                  log_priors=None, acoustic_scale: float = 1.0) -> np.ndarray:
     """One utterance through the network, chunk by chunk, as ``nnet3-compute`` does.
 
     The network is evaluated in eval mode (restored afterwards).
@@ -88,7 +90,11 @@ def nnet3_compute(nnet: Nnet3, feats, ivector=None, online_ivectors=None,
       frame_subsampling_factor: keep every f-th output frame.
       frames_per_chunk: output frames per computation.
       extra_left_context, extra_right_context: extra input frames given per chunk.
+      extra_left_context_initial, extra_right_context_final: if >= 0, used instead for
+        the first / last chunk.
       output: the output node.
+      log_priors: ``[D_out]`` subtracted from every row (``--use-priors``), or None.
+      acoustic_scale: the rows (after the priors) are multiplied by it.
     Returns:
       ``[ceil(T/f)][D_out]`` float32.
     """
@@ -102,9 +108,7 @@ def nnet3_compute(nnet: Nnet3, feats, ivector=None, online_ivectors=None,
         raise ValueError("online i-vectors need --online-ivector-period > 0")
     f = frame_subsampling_factor
     plan = chunk_plan(T, f, frames_per_chunk, nnet.modulus())
-    left, right = nnet.context(output)
-    left += extra_left_context
-    right += extra_right_context
+    left0, right0 = nnet.context(output)
     if online_ivectors is not None:
         online_ivectors = np.asarray(online_ivectors, dtype=np.float32)
     out = []
@@ -112,6 +116,10 @@ def nnet3_compute(nnet: Nnet3, feats, ivector=None, online_ivectors=None,
     nnet.eval()
     try:
         for first, last in plan:
+            left = left0 + (extra_left_context_initial if first == 0 and
+                            extra_left_context_initial >= 0 else extra_left_context)
+            right = right0 + (extra_right_context_final if last == plan[-1][1] and
+                              extra_right_context_final >= 0 else extra_right_context)
             idx = torch.arange(first - left, last + right + 1).clamp(0, T - 1)
             inputs = {"input": (first - left, feats[idx][None])}
             iv = None
@@ -126,4 +134,9 @@ def nnet3_compute(nnet: Nnet3, feats, ivector=None, online_ivectors=None,
             out.append(y[::f])
     finally:
         nnet.train(was_training)
-    return torch.cat(out).numpy()
+    y = torch.cat(out)
+    if log_priors is not None:
+        y = y - torch.as_tensor(np.asarray(log_priors, dtype=np.float32))
+    if acoustic_scale != 1.0:
+        y = y * acoustic_scale
+    return y.numpy()

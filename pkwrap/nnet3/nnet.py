@@ -96,18 +96,20 @@ class Node:
         self.component, self.descriptor = component, descriptor
         self.source, self.offset, self.objective = source, offset, objective
 
-    def config_line(self) -> str:
-        """The line as Kaldi's ``GetConfigLines`` writes it (without dims)."""
+    def config_line(self, dims: Optional[Tuple[int, int]] = None) -> str:
+        """The line as Kaldi's ``GetConfigLines`` writes it; ``dims`` = (input, output)
+        dims adds them as ``nnet3-info`` does."""
         if self.kind == "input":
             return "input-node name=%s dim=%d" % (self.name, self.dim)
         if self.kind == "component":
-            return "component-node name=%s component=%s input=%s" % (
-                self.name, self.component, self.descriptor)
+            return "component-node name=%s component=%s input=%s%s" % (
+                self.name, self.component, self.descriptor,
+                " input-dim=%d output-dim=%d" % dims if dims else "")
         if self.kind == "dim-range":
             return "dim-range-node name=%s input-node=%s dim-offset=%d dim=%d" % (
                 self.name, self.source, self.offset, self.dim)
-        return "output-node name=%s input=%s objective=%s" % (
-            self.name, self.descriptor, self.objective)
+        return "output-node name=%s input=%s%s objective=%s" % (
+            self.name, self.descriptor, " dim=%d" % dims[1] if dims else "", self.objective)
 
     def depends(self) -> List[str]:
         if self.kind in ("component", "output"):
@@ -232,8 +234,19 @@ class Nnet3(nn.Module):
         n = self.nodes.get(name)
         return self._dims[name] if n is not None and n.kind == "output" else -1
 
-    def config_lines(self) -> List[str]:
-        return [n.config_line() for n in self.nodes.values()]
+    def config_lines(self, include_dim: bool = False) -> List[str]:
+        """The config section (``include_dim``: with dims, as ``nnet3-info`` prints it)."""
+        out = []
+        for k, n in self.nodes.items():
+            dims = None
+            if include_dim and n.kind in ("component", "output"):
+                dims = (n.descriptor.dim(self._dims.__getitem__), self._dims[k])
+            out.append(n.config_line(dims))
+        return out
+
+    def num_parameters(self) -> int:
+        """Trainable parameters (what ``nnet3-info`` counts: not FixedAffine)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ computability
     def _avail(self, inputs: Dict[str, Tuple[float, float]]) -> Dict[str, Tuple[float, float]]:
@@ -405,12 +418,76 @@ class Nnet3(nn.Module):
         return out[output] if isinstance(output, str) else tuple(out[k] for k in names)
 
     # ------------------------------------------------------------------ edits
+    def apply_edits(self, text: str) -> None:
+        """Kaldi's ``--edits`` / ``--edits-config`` directives, one per line (or separated
+        by ``;``): ``rename-node old-name= new-name=``, ``remove-output-nodes name=``,
+        ``remove-orphans``, ``remove-orphan-nodes``, ``remove-orphan-components``,
+        ``set-learning-rate [name=] learning-rate=``, ``set-learning-rate-factor [name=]
+        learning-rate-factor=``, ``set-dropout-proportion [name=] proportion=``. Names are
+        patterns with ``*`` and ``?``.
+
+        Raises:
+          ValueError: an unknown directive or a missing / unused value.
+        """
+        import fnmatch
+        for line in text.replace(";", "\n").split("\n"):
+            head, kv = parse_config_line(line)
+            if not head:
+                continue
+
+            def take(k, conv=str, default=None):
+                if k not in kv:
+                    if default is None:
+                        raise ValueError("edit %r needs %s=" % (line.strip(), k))
+                    return default
+                v = kv.pop(k)
+                try:
+                    return conv(v)
+                except ValueError:
+                    raise ValueError("edit %r: bad %s=%s" % (line.strip(), k, v)) from None
+
+            if head == "rename-node":
+                self.rename_node(take("old-name"), take("new-name"))
+            elif head == "remove-output-nodes":
+                self.remove_output_nodes([take("name")])
+                if not self.output_names:
+                    raise ValueError("edit %r: all outputs were removed" % line.strip())
+            elif head in ("remove-orphans", "remove-orphan-nodes", "remove-orphan-components"):
+                self.remove_orphans(nodes=head != "remove-orphan-components",
+                                    components=head != "remove-orphan-nodes")
+            elif head in ("set-learning-rate", "set-learning-rate-factor"):
+                pat = take("name", default="*")
+                key = head[4:]
+                value = take(key, float)
+                for c in self.components:
+                    if c.is_updatable and fnmatch.fnmatchcase(c.name, pat):
+                        if key == "learning-rate":
+                            c.set_learning_rate(value)
+                        else:
+                            c.set_learning_rate_factor(value)
+            elif head == "set-dropout-proportion":
+                pat = take("name", default="*")
+                value = take("proportion", float)
+                for c in self.components:
+                    if "DropoutProportion" in c.fields and fnmatch.fnmatchcase(c.name, pat):
+                        c.fields["DropoutProportion"] = value
+            else:
+                raise ValueError("edit directive %r is not supported" % head)
+            if kv:
+                raise ValueError("edit %r: unused values %s" % (line.strip(), dict(kv)))
+
+    def scale(self, alpha: float) -> None:
+        """``nnet3-copy --scale``: trainable parameters times ``alpha``; statistics
+        (batchnorm and nonlinearity counts) too, which leaves their means unchanged."""
+        for c in self.components:
+            c.scale_params(alpha)
+
     def rename_node(self, old: str, new: str) -> None:
         """``nnet3-copy --edits='rename-node old-name=OLD new-name=NEW'``."""
         if old not in self.nodes:
-            raise KeyError("%s: rename-node: no node %r" % (self.name, old))
+            raise ValueError("%s: rename-node: no node %r" % (self.name, old))
         if new in self.nodes:
-            raise KeyError("%s: rename-node: node %r exists" % (self.name, new))
+            raise ValueError("%s: rename-node: node %r exists" % (self.name, new))
         nodes = OrderedDict()
         for k, n in self.nodes.items():
             if k == old:
@@ -432,21 +509,23 @@ class Nnet3(nn.Module):
         self.nodes = keep
         self._setup()
 
-    def remove_orphans(self) -> None:
-        """Remove nodes no output uses, then components no node uses
-        (``remove-orphans``)."""
-        used = set()
-        stack = list(self.output_names)
-        while stack:
-            k = stack.pop()
-            if k in used:
-                continue
-            used.add(k)
-            stack.extend(self.nodes[k].depends())
-        self.nodes = OrderedDict((k, n) for k, n in self.nodes.items()
-                                 if k in used or n.kind == "input")
-        comps = {n.component for n in self.nodes.values() if n.kind == "component"}
-        self.components = nn.ModuleList([c for c in self.components if c.name in comps])
+    def remove_orphans(self, nodes: bool = True, components: bool = True) -> None:
+        """Remove nodes no output uses (input nodes stay), then components no node uses
+        (``remove-orphans``; ``remove-orphan-nodes`` / ``-components`` do one part)."""
+        if nodes:
+            used = set()
+            stack = list(self.output_names)
+            while stack:
+                k = stack.pop()
+                if k in used:
+                    continue
+                used.add(k)
+                stack.extend(self.nodes[k].depends())
+            self.nodes = OrderedDict((k, n) for k, n in self.nodes.items()
+                                     if k in used or n.kind == "input")
+        if components:
+            comps = {n.component for n in self.nodes.values() if n.kind == "component"}
+            self.components = nn.ModuleList([c for c in self.components if c.name in comps])
         self._setup()
 
 
@@ -456,6 +535,13 @@ def _read_bytes(path) -> Tuple[bytes, str]:
         data, name = bytes(path), "<bytes>"
     elif hasattr(path, "read"):
         data, name = path.read(), getattr(path, "name", "<stream>")
+    elif isinstance(path, str) and (path == "-" or path.rstrip().endswith("|")):
+        from pkwrap.kaldi.table import open_input_buffer
+        name = path
+        try:
+            data = bytes(open_input_buffer(path))
+        except OSError as e:
+            raise KaldiFormatError("%s: %s" % (name, e)) from None
     else:
         name = os.fspath(path)
         try:
@@ -549,7 +635,8 @@ def read_nnet3(path) -> Nnet3:
     plain or gzipped.
 
     Args:
-      path: file name, bytes, or a binary stream.
+      path: file name (or Kaldi rxfilename: ``-``, ``command |``), bytes, or a binary
+        stream.
     Returns:
       the :class:`Nnet3`, with ``trans_model`` and ``priors`` set for a ``final.mdl``.
     Raises:
@@ -615,6 +702,8 @@ def write_nnet3(nnet: Nnet3, path=None, binary: bool = True,
     data = buf.getvalue()
     if path is None:
         return data
+    if path == "-":
+        path = __import__("sys").stdout.buffer
     if hasattr(path, "write"):
         path.write(data)
     else:
