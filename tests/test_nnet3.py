@@ -388,3 +388,76 @@ def test_nnet3_copy_am_copy_info(tmp_path, capsys):
     n = next(i for i, l in enumerate(kaldi) if l.startswith("component name="))
     assert ours[:n] == kaldi[:n]
     assert [l.split(",")[0] for l in ours[n:]] == [l.split(",")[0] for l in kaldi[n:]]
+
+
+_TRAINED = {"LinearParams", "BiasParams", "Params", "StatsMean", "StatsVar", "Count",
+            "LearningRate", "ValueAvg", "DerivAvg", "OderivRms", "OderivCount",
+            "NumDimsSelfRepaired", "NumDimsProcessed"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_nnet3_init_from_xconfig_configs(name, tmp_path, monkeypatch):
+    """nnet3-init configs/final.config (xconfig_to_configs.py's output, with idct.mat /
+    lda.mat): the same config lines (normalized descriptors), components, dims and every
+    setting Kaldi's nnet3-init wrote (ranks, alphas, offsets, max-change, l2, ...) as the
+    Kaldi-made model; fixed matrices equal; only trained values differ."""
+    monkeypatch.chdir(fx(name))
+    init = _script("nnet3-init")
+    out = tmp_path / "0.raw"
+    assert init(["--srand=1", "configs/final.config", str(out)]) == 0
+    m, k = read_nnet3(out), model(name)
+    assert m.config_lines() == k.config_lines()
+    assert m.num_parameters() == NUM_PARAMS[name]
+    for a, b in zip(m.components, k.components):
+        assert (a.name, a.TYPE) == (b.name, b.TYPE)
+        for f, vb in b.fields.items():
+            if f in _TRAINED:
+                continue
+            va = a.fields[f]
+            if isinstance(vb, dict):
+                assert all(np.array_equal(va[x], vb[x]) for x in vb), (a.name, f)
+            else:
+                assert np.allclose(np.asarray(va, dtype=float), np.asarray(vb, dtype=float),
+                                   rtol=1e-6), (a.name, f, va, vb)
+        for pn, pa in a.named_parameters(recurse=False):
+            assert pa.shape == getattr(b, pn).shape
+        if a.TYPE == "FixedAffineComponent":
+            assert torch.allclose(a.weight, b.weight, atol=1e-6)
+    # untrained batchnorm has no statistics: eval mode says so; train mode runs
+    feats, _, iv = inputs("utt1_95")
+    with pytest.raises(RuntimeError, match="needs statistics"):
+        m.eval()(torch.from_numpy(feats[None]), torch.from_numpy(iv)[None])
+    y = m.train()(torch.from_numpy(feats[None]), torch.from_numpy(iv)[None])
+    assert y.shape[1] == 95 - sum(CONTEXT[name]) and torch.isfinite(y).all()
+    # seeds: same seed, same parameters; existing nnet + config
+    init(["--srand=1", "configs/final.config", str(tmp_path / "again.raw")])
+    assert out.read_bytes() == (tmp_path / "again.raw").read_bytes()
+    (tmp_path / "extra.config").write_text(
+        "component name=extra type=NoOpComponent dim=329\n"
+        "component-node name=extra component=extra input=Scale(2.0, Offset(output.affine, 0))\n"
+        "output-node name=output input=extra objective=linear\n")
+    init([str(out), str(tmp_path / "extra.config"), str(tmp_path / "ext.raw")])
+    e = read_nnet3(tmp_path / "ext.raw")
+    assert e.config_lines()[-2:] == ["component-node name=extra component=extra "
+                                    "input=Scale(2, output.affine)",
+                                    "output-node name=output input=extra objective=linear"]
+    assert e.output_names == ["output-xent", "output"]
+    with pytest.raises(SystemExit, match=r"nnet3-init: .*bad.config: config line 1: .*unused values "
+                                         r"wrong=1"):
+        (tmp_path / "bad.config").write_text("component name=x type=NoOpComponent dim=3 wrong=1\n")
+        init([str(tmp_path / "bad.config"), str(tmp_path / "x.raw")])
+
+
+def test_descriptor_normal_form():
+    """Kaldi's normalization, as in the fixtures' final.config vs final.mdl lines."""
+    cases = {
+        "Append(delta, Scale(0.4, ReplaceIndex(ivector, t, 0)))":
+            "Append(delta, ReplaceIndex(Scale(0.4, ivector), t, 0))",
+        "Offset(Offset(x, 1), -1)": "x",
+        "Offset(Append(a, Offset(b, 2)), 1)": "Append(Offset(a, 1), Offset(b, 3))",
+        "Sum(a, b, c)": "Sum(a, Sum(b, c))",
+        "Scale(2, Sum(a, Scale(3, b)))": "Sum(Scale(2, a), Scale(6, b))",
+        "Offset(Sum(a, IfDefined(b)), -3)": "Sum(Offset(a, -3), IfDefined(Offset(b, -3)))",
+    }
+    for text, want in cases.items():
+        assert str(parse_descriptor(text).normalized()) == want

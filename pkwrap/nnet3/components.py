@@ -829,3 +829,367 @@ class ScaleAndOffsetComponent(Component):
         bd = self.scales.shape[0]
         xb = x.reshape(*x.shape[:-1], -1, bd)
         return (xb * self.scales + self.offsets).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- from a config
+def _load_matrix(path: str) -> np.ndarray:
+    from pkwrap.kaldi.io import KaldiReader
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError("cannot read matrix %s: %s" % (path, e.strerror)) from None
+    r = KaldiReader(data, name=path)
+    r.read_header()
+    return np.asarray(read_matrix(r), dtype=np.float32)
+
+
+class _Cfg:
+    """A component config line's values, consumed one by one (unused ones are an error)."""
+
+    def __init__(self, line: str, kv: Dict[str, str]):
+        self.line, self.kv = line, dict(kv)
+
+    def get(self, key, conv=str, default=None, required=False):
+        if key not in self.kv:
+            if required:
+                raise ValueError("component config needs %s=: %s" % (key, self.line))
+            return default
+        v = self.kv.pop(key)
+        try:
+            if conv is bool:
+                if v.lower() not in ("true", "false"):
+                    raise ValueError(v)
+                return v.lower() == "true"
+            return conv(v)
+        except ValueError:
+            raise ValueError("component config: bad %s=%s: %s" % (key, v, self.line)) from None
+
+    def ints(self, key, required=False):
+        v = self.get(key, required=required)
+        if v is None:
+            return None
+        try:
+            return [int(x) for x in v.split(",")]
+        except ValueError:
+            raise ValueError("component config: bad %s=%s: %s" % (key, v, self.line)) from None
+
+    def done(self):
+        if self.kv:
+            raise ValueError("component config: unused values %s: %s"
+                             % (" ".join("%s=%s" % kv for kv in self.kv.items()), self.line))
+
+
+def _learning_rates(c: _Cfg) -> "OrderedDict[str, object]":
+    """UpdatableComponent's common fields in Kaldi's order (only non-default ones)."""
+    f = OrderedDict()
+    lr = c.get("learning-rate", float, 0.001)
+    lrf = c.get("learning-rate-factor", float, 1.0)
+    mc = c.get("max-change", float, 0.0)
+    l2 = c.get("l2-regularize", float, 0.0)
+    if min(lr, lrf, mc, l2) < 0:
+        raise ValueError("negative learning rate / factor / max-change / l2: %s" % c.line)
+    if lrf != 1.0:
+        f["LearningRateFactor"] = lrf
+    if mc > 0:
+        f["MaxChange"] = mc
+    if l2 > 0:
+        f["L2Regularize"] = l2
+    f["LearningRate"] = lr
+    return f
+
+
+def _randn(g, *shape) -> np.ndarray:
+    return torch.randn(*shape, generator=g).numpy().astype(np.float32)
+
+
+def _affine_params(c: _Cfg, g, param_stddev=None, bias_default=1.0):
+    mat = c.get("matrix")
+    if mat is not None:
+        m = _load_matrix(mat)
+        w, b = m[:, :-1], m[:, -1].copy()
+        for k, n in (("input-dim", w.shape[1]), ("output-dim", w.shape[0])):
+            if c.get(k, int, n) != n:
+                raise ValueError("%s does not match matrix %s: %s" % (k, mat, c.line))
+        return w, b
+    i, o = c.get("input-dim", int, required=True), c.get("output-dim", int, required=True)
+    ps = c.get("param-stddev", float, 1.0 / math.sqrt(i) if param_stddev is None
+               else param_stddev)
+    bs = c.get("bias-stddev", float, bias_default)
+    bm = c.get("bias-mean", float, 0.0)
+    return _randn(g, o, i) * np.float32(ps), _randn(g, o) * np.float32(bs) + np.float32(bm)
+
+
+def _init_ng_affine(c, g):
+    f = _learning_rates(c)
+    w, b = _affine_params(c, g)
+    oc = c.get("orthonormal-constraint", float, 0.0)
+    nsh, alpha = c.get("num-samples-history", float, 2000.0), c.get("alpha", float, 4.0)
+    ri, ro = c.get("rank-in", int, -1), c.get("rank-out", int, -1)
+    up = c.get("update-period", int, 4)
+    f["LinearParams"], f["BiasParams"] = w, b
+    f["RankIn"] = ri if ri >= 0 else min(20, (w.shape[1] + 1) // 2)
+    f["RankOut"] = ro if ro >= 0 else min(80, (w.shape[0] + 1) // 2)
+    if oc != 0:
+        f["OrthonormalConstraint"] = oc
+    f["UpdatePeriod"], f["NumSamplesHistory"], f["Alpha"] = up, nsh, alpha
+    return f
+
+
+def _init_affine(c, g):
+    f = _learning_rates(c)
+    w, b = _affine_params(c, g)
+    oc = c.get("orthonormal-constraint", float, 0.0)
+    f["LinearParams"], f["BiasParams"] = w, b
+    if oc != 0:
+        f["OrthonormalConstraint"] = oc
+    return f
+
+
+def _init_linear(c, g):
+    f = _learning_rates(c)
+    mat = c.get("matrix")
+    if mat is not None:
+        w = _load_matrix(mat)
+        for k, n in (("input-dim", w.shape[1]), ("output-dim", w.shape[0])):
+            if c.get(k, int, n) != n:
+                raise ValueError("%s does not match matrix %s: %s" % (k, mat, c.line))
+    else:
+        i, o = c.get("input-dim", int, required=True), c.get("output-dim", int, required=True)
+        w = _randn(g, o, i) * np.float32(c.get("param-stddev", float, 1.0 / math.sqrt(i)))
+    nsh, alpha = c.get("num-samples-history", float, 2000.0), c.get("alpha", float, 4.0)
+    ri, ro = c.get("rank-in", int, -1), c.get("rank-out", int, -1)
+    up = c.get("update-period", int, 4)
+    ng = c.get("use-natural-gradient", bool, True)
+    oc = c.get("orthonormal-constraint", float, 0.0)
+    f["Params"] = w
+    if oc != 0:
+        f["OrthonormalConstraint"] = oc
+    f["UseNaturalGradient"] = ng
+    f["RankInOut"] = (ri if ri >= 0 else min(20, (w.shape[1] + 1) // 2),
+                      ro if ro >= 0 else min(80, (w.shape[0] + 1) // 2))
+    f["Alpha"], f["NumSamplesHistory"], f["UpdatePeriod"] = alpha, nsh, up
+    return f
+
+
+def _init_tdnn(c, g):
+    f = _learning_rates(c)
+    offs = c.ints("time-offsets", required=True)
+    i, o = c.get("input-dim", int, required=True), c.get("output-dim", int, required=True)
+    if len(set(offs)) != len(offs):
+        raise ValueError("repeated time-offsets: %s" % c.line)
+    oc = c.get("orthonormal-constraint", float, 0.0)
+    ps = c.get("param-stddev", float, 1.0 / math.sqrt(i * len(offs)))
+    bs, bm = c.get("bias-stddev", float, 1.0), c.get("bias-mean", float, 0.0)
+    use_bias = c.get("use-bias", bool, True)
+    ng = c.get("use-natural-gradient", bool, True)
+    ri, ro = c.get("rank-in", int, -1), c.get("rank-out", int, -1)
+    ai, ao = c.get("alpha-in", float, 4.0), c.get("alpha-out", float, 4.0)
+    nsh = c.get("num-samples-history", float, 2000.0)
+    f["TimeOffsets"] = np.array(offs, dtype=np.int32)
+    f["LinearParams"] = _randn(g, o, i * len(offs)) * np.float32(ps)
+    f["BiasParams"] = (_randn(g, o) * np.float32(bs) + np.float32(bm)) if use_bias \
+        else np.zeros(0, np.float32)
+    f["OrthonormalConstraint"] = oc
+    f["UseNaturalGradient"] = ng
+    f["NumSamplesHistory"] = nsh
+    f["AlphaInOut"] = (ai, ao)
+    f["RankInOut"] = (ri if ri >= 0 else min(20, (i * len(offs) + 1) // 2),
+                      ro if ro >= 0 else min(80, (o + 1) // 2))
+    return f
+
+
+def _init_conv(c, g):
+    f = _learning_rates(c)
+    m = OrderedDict()
+    for k, key in (("NumFiltersIn", "num-filters-in"), ("NumFiltersOut", "num-filters-out"),
+                   ("HeightIn", "height-in"), ("HeightOut", "height-out")):
+        m[k] = c.get(key, int, required=True)
+    m["HeightSubsampleOut"] = c.get("height-subsample-out", int, 1)
+    req = c.ints("required-time-offsets")
+    mem = c.get("max-memory-mb", float, 200.0)
+    offs_s = c.get("offsets")
+    if offs_s is not None:
+        try:
+            offs = sorted({tuple(int(x) for x in o.split(",")) for o in offs_s.split(";")})
+        except ValueError:
+            raise ValueError("bad offsets=%s: %s" % (offs_s, c.line)) from None
+    else:
+        hs, ts = c.ints("height-offsets", True), c.ints("time-offsets", True)
+        offs = [(t, h) for t in ts for h in hs]
+    m["Offsets"] = np.array(offs, dtype=np.int32).reshape(-1, 2)
+    m["RequiredTimeOffsets"] = np.array(req if req is not None
+                                        else sorted({t for t, _ in offs}), dtype=np.int32)
+    hmax = m["HeightSubsampleOut"] * (m["HeightOut"] - 1)
+    if not any(0 <= h + dh < m["HeightIn"] for h in (0, hmax) for _, dh in offs):
+        raise ValueError("convolution heights do not fit: %s" % c.line)
+    nfi, nfo = m["NumFiltersIn"], m["NumFiltersOut"]
+    ps = c.get("param-stddev", float, 1.0 / math.sqrt(nfi * len(offs)))
+    bs = c.get("bias-stddev", float, 0.0)
+    init_unit = c.get("init-unit", bool, False)
+    ng = c.get("use-natural-gradient", bool, True)
+    ri, ro = c.get("rank-in", int, -1), c.get("rank-out", int, -1)
+    ai, ao = c.get("alpha-in", float, 4.0), c.get("alpha-out", float, 4.0)
+    nmh = c.get("num-minibatches-history", float, 4.0)
+    if init_unit:
+        if nfi != nfo or (0, 0) not in offs:
+            raise ValueError("init-unit needs num-filters-in == num-filters-out and offset "
+                             "(0,0): %s" % c.line)
+        w = np.zeros((nfo, nfi * len(offs)), np.float32)
+        k = offs.index((0, 0))
+        w[:, k * nfi:(k + 1) * nfi] = np.eye(nfi, dtype=np.float32)
+    else:
+        w = _randn(g, nfo, nfi * len(offs)) * np.float32(ps)
+    f["Model"], f["LinearParams"] = m, w
+    f["BiasParams"] = _randn(g, nfo) * np.float32(bs)
+    f["MaxMemoryMb"], f["UseNaturalGradient"], f["NumMinibatchesHistory"] = mem, ng, nmh
+    f["AlphaInOut"] = (ai, ao)
+    f["RankInOut"] = (ri if ri >= 0 else min(80, (w.shape[1] + 2) // 2),
+                      ro if ro >= 0 else min(80, (nfo + 1) // 2))
+    return f
+
+
+def _init_fixed_affine(c, g):
+    mat = c.get("matrix")
+    if mat is not None:
+        m = _load_matrix(mat)
+    else:
+        i, o = c.get("input-dim", int, required=True), c.get("output-dim", int, required=True)
+        m = _randn(g, o, i + 1)
+    return OrderedDict([("LinearParams", m[:, :-1].copy()), ("BiasParams", m[:, -1].copy())])
+
+
+def _init_batchnorm(c, g):
+    dim = c.get("dim", int, required=True)
+    bd = c.get("block-dim", int, dim)
+    eps, rms = c.get("epsilon", float, 1e-3), c.get("target-rms", float, 1.0)
+    tm = c.get("test-mode", bool, False)
+    if dim <= 0 or bd <= 0 or dim % bd or eps <= 0 or rms <= 0:
+        raise ValueError("bad batchnorm dims/epsilon/target-rms: %s" % c.line)
+    return OrderedDict([("Dim", dim), ("BlockDim", bd), ("Epsilon", eps), ("TargetRms", rms),
+                        ("TestMode", tm), ("Count", _Num(0.0))])
+
+
+def _init_nonlinear(c, g):
+    dim = c.get("dim", int, required=True)
+    bd = c.get("block-dim", int, dim)
+    if dim <= 0 or bd <= 0 or dim % bd:
+        raise ValueError("bad dim/block-dim: %s" % c.line)
+    lo = c.get("self-repair-lower-threshold", float)
+    up = c.get("self-repair-upper-threshold", float)
+    sc = c.get("self-repair-scale", float, 0.0)
+    f = OrderedDict([("Dim", dim)])
+    if bd != dim:
+        f["BlockDim"] = bd
+    empty = np.zeros(0, np.float32)
+    f.update([("ValueAvg", empty), ("DerivAvg", empty), ("Count", _Num(0.0)),
+              ("OderivRms", empty), ("OderivCount", _Num(0.0)),
+              ("NumDimsSelfRepaired", _Num(0.0)), ("NumDimsProcessed", _Num(0.0))])
+    if lo is not None:
+        f["SelfRepairLowerThreshold"] = lo
+    if up is not None:
+        f["SelfRepairUpperThreshold"] = up
+    if sc != 0:
+        f["SelfRepairScale"] = sc
+    return f
+
+
+def _init_general_dropout(c, g):
+    dim = c.get("dim", int, required=True)
+    f = OrderedDict([("Dim", dim), ("BlockDim", c.get("block-dim", int, dim)),
+                     ("TimePeriod", c.get("time-period", int, 0)),
+                     ("DropoutProportion", c.get("dropout-proportion", float, 0.5))])
+    sp = c.get("specaugment-max-proportion", float, 0.0)
+    sr = c.get("specaugment-max-regions", int, 1)
+    cont, tm = c.get("continuous", bool, False), c.get("test-mode", bool, False)
+    if sp != 0:
+        f["SpecAugmentMaxProportion"] = sp
+    if sr != 1:
+        f["SpecAugmentMaxRegions"] = sr
+    if tm:
+        f["TestMode"] = True
+    if cont:
+        f["Continuous"] = True
+    return f
+
+
+def _init_time_mask(c, g):
+    f = OrderedDict([("Dim", c.get("dim", int, required=True)),
+                     ("ZeroedProportion", c.get("zeroed-proportion", float, 0.25)),
+                     ("TimeMaskMaxFrames", c.get("time-mask-max-frames", int, 10))])
+    if c.get("test-mode", bool, False):
+        f["TestMode"] = True
+    return f
+
+
+def _init_dropout(c, g):
+    return OrderedDict([("Dim", c.get("dim", int, required=True)),
+                        ("DropoutProportion", c.get("dropout-proportion", float, required=True)),
+                        ("DropoutPerFrame", c.get("dropout-per-frame", bool, False)),
+                        ("TestMode", c.get("test-mode", bool, False))])
+
+
+def _init_noop(c, g):
+    return OrderedDict([("Dim", c.get("dim", int, required=True)),
+                        ("BackpropScale", c.get("backprop-scale", float, 1.0))])
+
+
+def _init_permute(c, g):
+    return OrderedDict([("ColumnMap", np.array(c.ints("column-map", True), dtype=np.int32))])
+
+
+def _init_elementwise_product(c, g):
+    return OrderedDict([("InputDim", c.get("input-dim", int, required=True)),
+                        ("OutputDim", c.get("output-dim", int, required=True))])
+
+
+def _init_normalize(c, g):
+    i = c.get("input-dim", c.get("dim", int), required=False)
+    i = int(i) if i is not None else None
+    if i is None:
+        raise ValueError("component config needs input-dim=: %s" % c.line)
+    f = OrderedDict([("InputDim", i)])
+    bd = c.get("block-dim", int, i)
+    if bd != i:
+        f["BlockDim"] = bd
+    f["TargetRms"] = c.get("target-rms", float, 1.0)
+    f["AddLogStddev"] = c.get("add-log-stddev", bool, False)
+    return f
+
+
+_INIT = {
+    "NaturalGradientAffineComponent": _init_ng_affine, "AffineComponent": _init_affine,
+    "LinearComponent": _init_linear, "TdnnComponent": _init_tdnn,
+    "TimeHeightConvolutionComponent": _init_conv, "FixedAffineComponent": _init_fixed_affine,
+    "BatchNormComponent": _init_batchnorm, "RectifiedLinearComponent": _init_nonlinear,
+    "SigmoidComponent": _init_nonlinear, "TanhComponent": _init_nonlinear,
+    "LogSoftmaxComponent": _init_nonlinear, "SoftmaxComponent": _init_nonlinear,
+    "GeneralDropoutComponent": _init_general_dropout,
+    "SpecAugmentTimeMaskComponent": _init_time_mask, "DropoutComponent": _init_dropout,
+    "NoOpComponent": _init_noop, "PermuteComponent": _init_permute,
+    "ElementwiseProductComponent": _init_elementwise_product,
+    "NormalizeComponent": _init_normalize,
+}
+
+
+def component_from_config(line: str, kv: Dict[str, str],
+                          generator: Optional[torch.Generator] = None) -> Component:
+    """A new component from a ``component name=X type=Y key=value ...`` config line, with
+    Kaldi's defaults (``InitFromConfig``) and random parameters drawn as Kaldi does
+    (normal, scaled by param-stddev / bias-stddev; the values differ from Kaldi's RNG).
+
+    Args:
+      line: the whole line (for messages).
+      kv: its key=value pairs.
+      generator: torch RNG for the random parameters.
+    Raises:
+      ValueError: unknown type, missing or unused values (naming the line).
+    """
+    c = _Cfg(line, kv)
+    name, typ = c.get("name", required=True), c.get("type", required=True)
+    init = _INIT.get(typ)
+    if init is None:
+        raise ValueError("unsupported component type %s: %s" % (typ, line))
+    fields = init(c, generator)
+    c.done()
+    return COMPONENT_TYPES[typ](name, fields)

@@ -107,6 +107,54 @@ class Descriptor:
 
     __repr__ = __str__
 
+    def copy(self) -> "Descriptor":
+        return Descriptor(self.op, [d.copy() for d in self.parts], self.name, self.args)
+
+    def normalized(self) -> "Descriptor":
+        """Kaldi's normal form (``GeneralDescriptor::GetNormalizedDescriptor``), which is
+        what Kaldi writes to model files: Append only at the top; Offset(Offset(x, a), b)
+        = Offset(x, a+b); Offset(x, 0) = x; Offset/Round/ReplaceIndex/Switch moved inside
+        Sum/Failover/IfDefined; Sum of more than 2 parts nested to the right; Scale moved
+        down to the node (through Offset, ReplaceIndex, Round, Sum; Scale(a, Scale(b, x))
+        = Scale(a*b, x)). The meaning is unchanged.
+
+        Raises:
+          DescriptorError: for the cases Kaldi cannot normalize either (Sum inside
+            Switch, Scale of Append/Switch/Const/IfDefined/Failover).
+        """
+        n = self._num_terms()
+        terms = [self._term(k) for k in range(n)]
+        for i, t in enumerate(terms):
+            while True:
+                t, changed = _normalize_step(t)
+                if not changed:
+                    break
+            terms[i] = t
+        return terms[0] if n == 1 else Descriptor("Append", terms)
+
+    def _num_terms(self) -> int:
+        if self.op in ("node", "Const"):
+            return 1
+        if self.op == "Append":
+            return sum(d._num_terms() for d in self.parts)
+        ns = {d._num_terms() for d in self.parts}
+        if len(ns) != 1:
+            raise DescriptorError("%s: parts with different numbers of Append terms" % self)
+        return ns.pop()
+
+    def _term(self, k: int) -> "Descriptor":
+        """The k-th Append term, with every Append below replaced by its k-th term."""
+        if self.op in ("node", "Const"):
+            return self.copy()
+        if self.op == "Append":
+            for d in self.parts:
+                n = d._num_terms()
+                if k < n:
+                    return d._term(k)
+                k -= n
+            raise IndexError(k)
+        return Descriptor(self.op, [d._term(k) for d in self.parts], self.name, self.args)
+
     def node_names(self) -> List[str]:
         """The nodes this descriptor reads, in order of first use."""
         out: List[str] = []
@@ -309,6 +357,49 @@ class Descriptor:
                                                            node_dim)
             return out
         raise DescriptorError("unknown descriptor operator %r" % op)
+
+
+def _normalize_step(d: Descriptor) -> Tuple[Descriptor, bool]:
+    """One rewriting pass of :meth:`Descriptor.normalized` (top first, then the parts)."""
+    op, p = d.op, d.parts
+    if op == "Offset":
+        c = p[0]
+        if c.op == "Offset":
+            return Descriptor("Offset", c.parts, args=(d.args[0] + c.args[0],
+                                                     d.args[1] + c.args[1])), True
+        if d.args == (0, 0):
+            return c, True
+    if op in ("Offset", "Switch", "Round", "ReplaceIndex"):
+        c = p[0]
+        if c.op in ("Sum", "Failover", "IfDefined"):
+            if len(p) > 1:
+                raise DescriptorError("%s: Sum(), Failover() or IfDefined() inside Switch() "
+                                      "cannot be normalized" % d)
+            return Descriptor(c.op, [Descriptor(op, [g], args=d.args) for g in c.parts],
+                              args=c.args), True
+    elif op == "Sum":
+        if len(p) == 1:
+            return p[0], True
+        if len(p) > 2:
+            return Descriptor("Sum", [p[0], Descriptor("Sum", p[1:])]), True
+    elif op == "Scale":
+        c, a = p[0], d.args[0]
+        if c.op in ("Offset", "ReplaceIndex", "Round"):
+            return Descriptor(c.op, [Descriptor("Scale", c.parts, args=(a,))], args=c.args), True
+        if c.op == "Sum":
+            return Descriptor("Sum", [Descriptor("Scale", [g], args=(a,)) for g in c.parts]), True
+        if c.op == "Scale":
+            return Descriptor("Scale", c.parts, args=(a * c.args[0],)), True
+        if c.op != "node":
+            raise DescriptorError("%s: cannot normalize Scale() of %s; push the Scale() "
+                                  "inside" % (d, c.op))
+    changed = False
+    parts = []
+    for c in p:
+        if not changed:
+            c, changed = _normalize_step(c)
+        parts.append(c)
+    return Descriptor(op, parts, d.name, d.args), changed
 
 
 # ---------------------------------------------------------------------------- parsing

@@ -37,10 +37,11 @@ import torch.nn as nn
 from pkwrap.kaldi.hmm import TransitionModel
 from pkwrap.kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter
 from pkwrap.kaldi.matrix import read_vector, write_vector
-from pkwrap.nnet3.components import Component, read_component
+from pkwrap.nnet3.components import Component, component_from_config, read_component
 from pkwrap.nnet3.descriptor import INF, Descriptor, DescriptorError, parse_descriptor
 
-__all__ = ["Nnet3", "Node", "read_nnet3", "write_nnet3", "parse_config_line"]
+__all__ = ["Nnet3", "Node", "read_nnet3", "write_nnet3", "parse_config_line",
+           "nnet3_from_config"]
 
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][\w-]*)=")
 
@@ -556,7 +557,16 @@ def _read_bytes(path) -> Tuple[bytes, str]:
     return data, name
 
 
-def _parse_config(lines: Sequence[str], name: str, where: str) -> List[Node]:
+def _descriptor(text: str) -> Descriptor:
+    """A config line's descriptor, in Kaldi's normal form (what Kaldi keeps and writes)."""
+    return parse_descriptor(text).normalized()
+
+
+def _parse_config(lines: Sequence[str], name: str, where: str,
+                  components: Optional[list] = None,
+                  generator: Optional[torch.Generator] = None) -> List[Node]:
+    """Nodes (and, if ``components`` is a list, new components appended to it) from
+    config lines."""
     nodes: List[Node] = []
     for i, line in enumerate(lines):
         try:
@@ -580,7 +590,7 @@ def _parse_config(lines: Sequence[str], name: str, where: str) -> List[Node]:
             nodes.append(Node("input", get("name"), dim=get("dim", int)))
         elif head == "component-node":
             nodes.append(Node("component", get("name"), component=get("component"),
-                              descriptor=get("input", parse_descriptor)))
+                              descriptor=get("input", _descriptor)))
         elif head == "dim-range-node":
             nodes.append(Node("dim-range", get("name"), source=get("input-node"),
                               offset=get("dim-offset", int), dim=get("dim", int)))
@@ -589,12 +599,76 @@ def _parse_config(lines: Sequence[str], name: str, where: str) -> List[Node]:
             if obj not in ("linear", "quadratic"):
                 raise KaldiFormatError("%s: %s line %d: unknown objective %r"
                                        % (name, where, i + 1, obj))
-            nodes.append(Node("output", get("name"), descriptor=get("input", parse_descriptor),
+            nodes.append(Node("output", get("name"), descriptor=get("input", _descriptor),
                               objective=obj))
+        elif head == "component" and components is not None:
+            try:
+                components.append(component_from_config(line.split("#", 1)[0].strip(), kv,
+                                                        generator))
+            except ValueError as e:
+                raise KaldiFormatError("%s: %s line %d: %s" % (name, where, i + 1, e)) \
+                    from None
         else:
             raise KaldiFormatError("%s: %s line %d: unknown config line type %r"
                                    % (name, where, i + 1, head))
     return nodes
+
+
+def nnet3_from_config(config, existing: Optional[Nnet3] = None, srand: int = 0,
+                      name: str = "<config>") -> Nnet3:
+    """A new network from a Kaldi config (``nnet3-init [existing.raw] final.config``).
+
+    ``component name=X type=Y ...`` lines make components with Kaldi's defaults and random
+    parameters; node lines (input-node, component-node, dim-range-node, output-node)
+    make the graph, descriptors in Kaldi's normal form. With ``existing``, its nodes and
+    components come first; a node defined again is replaced (at the new line's place),
+    as is a component of the same name.
+
+    Args:
+      config: the config text (or a file name).
+      existing: a network to add to (not modified).
+      srand: seed of the random parameters.
+      name: used in error messages.
+    Returns:
+      the :class:`Nnet3`.
+    Raises:
+      KaldiFormatError: naming the file and line.
+    """
+    if isinstance(config, (str, os.PathLike)) and "\n" not in str(config):
+        name = os.fspath(config)
+        try:
+            with open(name) as f:
+                config = f.read()
+        except OSError as e:
+            raise KaldiFormatError("%s: cannot read: %s" % (name, e.strerror)) from None
+    g = torch.Generator().manual_seed(srand)
+    new_comps: list = []
+    lines = config.split("\n")
+    new_nodes = _parse_config(lines, name, "config", new_comps, g)
+    nodes = OrderedDict()
+    comps = OrderedDict()
+    if existing is not None:
+        import copy
+        ex = copy.deepcopy(existing)
+        for n in ex.nodes.values():
+            nodes[n.name] = n
+        for c in ex.components:
+            comps[c.name] = c
+    seen = set()
+    for n in new_nodes:
+        if n.name in seen:
+            raise KaldiFormatError("%s: node %s is defined twice" % (name, n.name))
+        seen.add(n.name)
+        nodes.pop(n.name, None)
+        nodes[n.name] = n
+    for c in new_comps:
+        if c.name in comps and c.name in {x.name for x in new_comps[:new_comps.index(c)]}:
+            raise KaldiFormatError("%s: component %s is defined twice" % (name, c.name))
+        comps[c.name] = c
+    try:
+        return Nnet3(list(nodes.values()), list(comps.values()), name=name)
+    except ValueError as e:
+        raise KaldiFormatError(str(e)) from None
 
 
 def _read_nnet(r: KaldiReader) -> Nnet3:
