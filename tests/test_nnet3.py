@@ -427,7 +427,7 @@ def test_nnet3_init_from_xconfig_configs(name, tmp_path, monkeypatch):
     feats, _, iv = inputs("utt1_95")
     with pytest.raises(RuntimeError, match="needs statistics"):
         m.eval()(torch.from_numpy(feats[None]), torch.from_numpy(iv)[None])
-    y = m.train()(torch.from_numpy(feats[None]), torch.from_numpy(iv)[None])
+    y = m.train()(torch.from_numpy(feats[None]), torch.from_numpy(iv)[None], output="output")
     assert y.shape[1] == 95 - sum(CONTEXT[name]) and torch.isfinite(y).all()
     # seeds: same seed, same parameters; existing nnet + config
     init(["--srand=1", "configs/final.config", str(tmp_path / "again.raw")])
@@ -461,3 +461,78 @@ def test_descriptor_normal_form():
     }
     for text, want in cases.items():
         assert str(parse_descriptor(text).normalized()) == want
+
+
+def test_forward_for_pkwrap_train():
+    """Without an output name, forward gives {'output', 'output-xent'} (what pkwrap.train
+    takes); frame_subsampling_factor keeps every f-th frame from the left context on; the
+    trainer's context probe finds Kaldi's context."""
+    from pkwrap.train.context import probe_model_context
+    m = read_nnet3(fx("P3_lda_tdnn", "final.mdl")).eval()
+    m.remove_output_nodes(["output-xent"])
+    m.remove_orphans()
+    feats, _, iv = inputs("utt1_95")
+    x, v = torch.from_numpy(feats[None]), torch.from_numpy(iv)[None]
+    with torch.no_grad():
+        full = m(x, v)["output"]
+        m.frame_subsampling_factor = 3
+        sub = m(x, v)
+    assert list(sub) == ["output"] and torch.equal(sub["output"], full[:, ::3])
+    assert sub["output"].shape[1] == (95 - 1 - 18) // 3 + 1
+    assert (m.left_context, m.right_context) == (9, 9)
+    p1 = read_nnet3(fx("P1_tdnnf", "final.mdl"))
+    assert p1.component("input2").TYPE == "NoOpComponent"
+    # a model without i-vector input: the context probe of pkwrap.train
+    cfg = ("input-node name=input dim=4\n"
+           "component name=a type=TdnnComponent input-dim=4 output-dim=3 time-offsets=-2,0,1\n"
+           "component-node name=a component=a input=input\n"
+           "output-node name=output input=Offset(a, 1)\n")
+    from pkwrap.nnet3 import nnet3_from_config
+    n = nnet3_from_config(cfg)
+    n.frame_subsampling_factor = 3
+    ctx = probe_model_context(n, 4)
+    assert (ctx.left_context, ctx.right_context, ctx.frame_subsampling_factor) == (1, 2, 3)
+
+
+def test_train_mode_dropout_and_spec_augment():
+    """Train mode follows Kaldi's training-time masks; eval mode is Kaldi's test mode."""
+    from pkwrap.nnet3 import nnet3_from_config
+    torch.manual_seed(0)
+    cfg = ("input-node name=input dim=40\n"
+           "component name=f type=GeneralDropoutComponent dim=40 specaugment-max-proportion=0.5\n"
+           "component name=t type=SpecAugmentTimeMaskComponent dim=40 zeroed-proportion=0.2 "
+           "time-mask-max-frames=20\n"
+           "component name=d type=DropoutComponent dim=40 dropout-proportion=0.1\n"
+           "component name=g type=GeneralDropoutComponent dim=40 block-dim=10 "
+           "dropout-proportion=0.25 time-period=7\n"
+           "component-node name=f component=f input=input\n"
+           "component-node name=t component=t input=input\n"
+           "component-node name=d component=d input=input\n"
+           "component-node name=g component=g input=input\n"
+           "output-node name=output input=Append(f, t, d, g)\n")
+    m = nnet3_from_config(cfg)
+    x = torch.ones(64, 400, 40)
+    f, t, d, g = m.train()(x, output="output").split(40, dim=-1)
+    # frequency mask: the same for every frame, at most 20 consecutive (circular) bins
+    assert torch.equal(f, f[:, :1].expand_as(f))
+    for row in f[:, 0]:
+        zero = (row == 0).tolist()
+        starts = sum(zero[i] and not zero[i - 1] for i in range(40))  # circular runs
+        assert sum(zero) <= 20 and starts == (1 if any(zero) else 0)
+    assert 0.1 < float((f == 0).float().mean()) < 0.4  # mean of U(0..20) / 40 = 0.25
+    # time mask: whole frames, spans of at most 20 frames, about 20% of the frames
+    assert torch.equal(t, t[..., :1].expand_as(t))
+    assert 0.15 < float((t[..., 0] == 0).float().mean()) < 0.25
+    # dropout: zeros about 10%, kept values not rescaled
+    assert set(d.unique().tolist()) == {0.0, 1.0}
+    assert 0.08 < float((d == 0).float().mean()) < 0.12
+    # general dropout: kept values scaled by 1/(1-p), one mask per 7 frames and per sequence
+    assert g.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    blocks = g.reshape(64, 400, 4, 10)
+    assert torch.equal(blocks, blocks[:, :, :1].expand_as(blocks))  # every block alike
+    assert torch.equal(g[:, 0:7], g[:, :1].expand(64, 7, 40))
+    assert not torch.equal(g[:, 6], g[:, 7])
+    # eval: identity, identity, (1 - p) x, identity
+    f, t, d, g = m.eval()(x, output="output").split(40, dim=-1)
+    assert torch.equal(f, x) and torch.equal(t, x) and torch.equal(g, x)
+    assert torch.allclose(d, 0.9 * x)

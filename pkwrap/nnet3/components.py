@@ -204,6 +204,8 @@ class Component(nn.Module):
     """
 
     TYPE = ""
+    #: the frame ``t`` of the first input row in the current forward call (set by Nnet3)
+    first_frame = 0
     #: fields held as tensors: field -> attribute; parameters unless listed in BUFFERS
     TENSORS: Dict[str, str] = {}
     BUFFERS: Tuple[str, ...] = ()
@@ -721,58 +723,98 @@ class DropoutComponent(Component):
         return x * mask
 
 
+def _randint(lo: int, hi: int) -> int:
+    """Uniform integer in ``[lo, hi]`` (both included, as Kaldi's RandInt)."""
+    return int(torch.randint(lo, hi + 1, ()))
+
+
 @_register
 class GeneralDropoutComponent(Component):
-    """Eval: identity. Train: with SpecAugmentMaxProportion ``m`` > 0, SpecAugment's
-    frequency mask: per sequence, a random band of up to ``m * BlockDim`` consecutive
-    dims of every block is zeroed (all frames); otherwise dropout with scale
-    ``1 / (1 - p)`` on kept values, one mask per (sequence, block)."""
+    """Eval (Kaldi's test mode): identity. Train, one mask row of ``BlockDim`` values per
+    sequence (per sequence and ``t // TimePeriod`` when TimePeriod > 0), applied to every
+    block of the row:
+
+    * SpecAugmentMaxProportion ``m`` > 0 (SpecAugment's frequency mask): ``k`` uniform in
+      ``0..round(m * BlockDim)`` consecutive bins from a uniform start are zeroed, wrapping
+      around; with SpecAugmentMaxRegions ``r`` > 1, ``r - 1`` times a random half of the
+      (circular) spectrum has its first quarter swapped with its mirror image;
+    * otherwise dropout: ``u ~ U(0, 1)``, mask ``(u > p) / (1 - p)`` (Continuous:
+      ``1 - 2p + 4p u``).
+
+    The first frame of the input is :attr:`first_frame` (set by :class:`Nnet3`).
+    """
 
     TYPE = "GeneralDropoutComponent"
 
+    def _mask_row(self, bd: int) -> torch.Tensor:
+        f = self.fields
+        m = float(f.get("SpecAugmentMaxProportion", 0.0))
+        if m != 0:
+            row = torch.ones(bd)
+            k = _randint(0, int(bd * m + 0.5))
+            if k:
+                start = _randint(0, bd - 1)
+                row[[(start + i) % bd for i in range(k)]] = 0
+                for _ in range(1, int(f.get("SpecAugmentMaxRegions", 1))):
+                    half = bd // 2
+                    s0 = _randint(0, bd - 1)
+                    for i in range(half // 2):
+                        a, b = (s0 + i) % bd, (s0 + half - i) % bd
+                        row[a], row[b] = row[b].clone(), row[a].clone()
+            return row
+        p = float(f.get("DropoutProportion", 0.5))
+        u = torch.rand(bd)
+        if f.get("Continuous"):
+            return u * (4 * p) + (1 - 2 * p)
+        return (u > p).float() / (1 - p)
+
     def forward(self, x):
-        if not self.training:
+        f = self.fields
+        if not self.training or f.get("TestMode") or (
+                float(f.get("DropoutProportion", 0.5)) == 0
+                and float(f.get("SpecAugmentMaxProportion", 0.0)) == 0):
             return x
         B, L, D = x.shape
-        bd = int(self.fields.get("BlockDim", D))
-        m = float(self.fields.get("SpecAugmentMaxProportion", 0.0))
-        if m > 0:
-            mask = torch.ones(B, 1, bd, device=x.device, dtype=x.dtype)
-            width = int(m * bd)
-            for b in range(B):
-                w = int(torch.randint(0, width + 1, ()))
-                if w:
-                    s = int(torch.randint(0, bd - w + 1, ()))
-                    mask[b, 0, s:s + w] = 0
-            return (x.reshape(B, L, -1, bd) * mask.unsqueeze(2)).reshape(B, L, D)
-        p = float(self.fields.get("DropoutProportion", 0.0))
-        keep = (torch.rand(B, 1, bd, device=x.device) >= p).to(x.dtype) / max(1e-10, 1 - p)
-        return (x.reshape(B, L, -1, bd) * keep.unsqueeze(2)).reshape(B, L, D)
+        bd = int(f.get("BlockDim", D))
+        period = int(f.get("TimePeriod", 0))
+        if period > 0:
+            groups = [(t + self.first_frame) // period for t in range(L)]
+        else:
+            groups = [0] * L
+        uniq = sorted(set(groups))
+        masks = torch.stack([torch.stack([self._mask_row(bd) for _ in uniq])
+                             for _ in range(B)])  # [B][G][bd]
+        idx = torch.tensor([uniq.index(g) for g in groups])
+        mask = masks[:, idx].to(x.device, x.dtype)  # [B][L][bd]
+        return (x.reshape(B, L, -1, bd) * mask.unsqueeze(2)).reshape(B, L, D)
 
 
 @_register
 class SpecAugmentTimeMaskComponent(Component):
-    """Eval: identity. Train: SpecAugment's time mask: per sequence, random spans of up to
-    TimeMaskMaxFrames frames are zeroed until about ZeroedProportion of the frames are."""
+    """Eval: identity. Train (SpecAugment's time mask), per sequence: alternating kept
+    and zeroed spans of frames, kept spans ``1..floor(M (1-z) / z)`` frames, zeroed spans
+    ``1..M`` frames (uniform; M = TimeMaskMaxFrames, z = ZeroedProportion); the first span
+    is a kept one with probability z."""
 
     TYPE = "SpecAugmentTimeMaskComponent"
 
     def forward(self, x):
-        if not self.training:
+        z = float(self.fields.get("ZeroedProportion", 0.25))
+        if not self.training or self.fields.get("TestMode") or z == 0:
             return x
         B, L, D = x.shape
-        prop = float(self.fields.get("ZeroedProportion", 0.0))
-        maxf = int(self.fields.get("TimeMaskMaxFrames", 1))
-        mask = torch.ones(B, L, 1, device=x.device, dtype=x.dtype)
-        target = int(round(prop * L))
+        maxz = int(self.fields.get("TimeMaskMaxFrames", 10))
+        maxnz = int(maxz * (1 - z) / z)
+        mask = torch.ones(B, L, 1)
         for b in range(B):
-            zeroed = 0
-            while zeroed < target:
-                w = min(int(torch.randint(1, maxf + 1, ())), target - zeroed)
-                s = int(torch.randint(0, L - w + 1, ()))
-                zeroed += int(mask[b, s:s + w].sum())
-                mask[b, s:s + w] = 0
-        return x * mask
+            t = 0
+            while t < L:
+                if t > 0 or float(torch.rand(())) < z:
+                    t += _randint(1, maxnz)
+                n = _randint(1, maxz)
+                mask[b, t:t + n] = 0
+                t += n
+        return x * mask.to(x.device, x.dtype)
 
 
 # ----------------------------------------------------------------------------- reshaping
@@ -1104,8 +1146,8 @@ def _init_general_dropout(c, g):
     cont, tm = c.get("continuous", bool, False), c.get("test-mode", bool, False)
     if sp != 0:
         f["SpecAugmentMaxProportion"] = sp
-    if sr != 1:
-        f["SpecAugmentMaxRegions"] = sr
+        if sr != 1:
+            f["SpecAugmentMaxRegions"] = sr
     if tm:
         f["TestMode"] = True
     if cont:

@@ -131,6 +131,7 @@ class Nnet3(nn.Module):
     Attributes:
       components: ``nn.ModuleList`` in file order; :meth:`component` finds one by name.
       trans_model, priors: set when read from a ``final.mdl`` (else None).
+      frame_subsampling_factor: forward() keeps every f-th output frame (default 1).
     """
 
     def __init__(self, nodes: Sequence[Node], components: Sequence[Component],
@@ -145,6 +146,8 @@ class Nnet3(nn.Module):
         self.components = nn.ModuleList(components)
         self.trans_model: Optional[TransitionModel] = None
         self.priors: Optional[np.ndarray] = None
+        #: forward() keeps every f-th output frame (chain training: 3)
+        self.frame_subsampling_factor = 1
         self._setup()
 
     # ------------------------------------------------------------------ structure
@@ -386,28 +389,50 @@ class Nnet3(nn.Module):
                 d = Descriptor("IfDefined", [d])
             x = d.evaluate(a + lo, b + hi, value, av.__getitem__, like,
                            self._dims.__getitem__)
-            y = comp(x) if comp is not None else x
+            if comp is not None:
+                comp.first_frame = a + lo
+                y = comp(x)
+            else:
+                y = x
             values[k] = (a, y)
             if n.kind == "output":
                 result[k] = y
         return {k: result[k][:, a - need[k][0]:b - need[k][0] + 1]
                 for k, (a, b) in outputs.items()}
 
+    @property
+    def left_context(self) -> int:
+        """Input frames before an ``output`` frame that its computation reads."""
+        return self.context(self._main_output())[0]
+
+    @property
+    def right_context(self) -> int:
+        return self.context(self._main_output())[1]
+
+    def _main_output(self) -> str:
+        return "output" if "output" in self.output_names else self.output_names[0]
+
     def forward(self, x: torch.Tensor, ivector: Optional[torch.Tensor] = None,
-                output: Union[str, Sequence[str]] = "output"):
-        """All computable output frames of a chunk with its context.
+                output: Union[None, str, Sequence[str]] = None):
+        """All computable output frames of a chunk with its context (chain training).
+
+        Output frames are ``left, left + f, left + 2f, ...`` up to ``T-1-right``, with
+        ``f`` = :attr:`frame_subsampling_factor` (1 unless set; Kaldi's chain egs ask for
+        every third frame).
 
         Args:
           x: ``[B][T][D]`` input features, frames ``t = 0..T-1`` (the chunk with the left
             and right context included, as in chain egs).
           ivector: ``[B][D_iv]``, the i-vector given at ``t = 0`` (for networks with an
             ``ivector`` input; ``ReplaceIndex(ivector, t, 0)`` spreads it to all frames).
-          output: an output name, or several.
+          output: an output name, or several (a tuple of tensors comes back); None: all
+            output nodes as a dict ``{name: tensor}`` (``output``, ``output-xent``, as
+            pkwrap.train expects).
         Returns:
-          ``[B][T - left - right][D_out]`` for frames ``left..T-1-right`` (``context``),
-          or a tuple of them for several outputs.
+          ``[B][T_out][D_out]`` per output, ``T_out = (T - 1 - left - right) // f + 1``.
         """
-        names = [output] if isinstance(output, str) else list(output)
+        names = self.output_names if output is None else \
+            [output] if isinstance(output, str) else list(output)
         inputs = {"input": (0, x)}
         if ivector is not None:
             inputs["ivector"] = (0, ivector.reshape(ivector.shape[0], 1, -1))
@@ -415,7 +440,10 @@ class Nnet3(nn.Module):
         for k in names:
             l, r = self.context(k)
             reqs[k] = (l, x.shape[1] - 1 - r)
-        out = self.compute(inputs, reqs)
+        f = self.frame_subsampling_factor
+        out = {k: v[:, ::f] if f > 1 else v for k, v in self.compute(inputs, reqs).items()}
+        if output is None:
+            return out
         return out[output] if isinstance(output, str) else tuple(out[k] for k in names)
 
     # ------------------------------------------------------------------ edits
