@@ -536,3 +536,56 @@ def test_train_mode_dropout_and_spec_augment():
     f, t, d, g = m.eval()(x, output="output").split(40, dim=-1)
     assert torch.equal(f, x) and torch.equal(t, x) and torch.equal(g, x)
     assert torch.allclose(d, 0.9 * x)
+
+
+def test_kaldi_training_settings_reach_ngsgd(tmp_path):
+    """Per-component learning-rate-factor, max-change, l2-regularize and orthonormal
+    constraint from the model file are what kaldi_param_groups / NGSGD use; natural
+    gradient (Kaldi's OnlineNaturalGradient) preconditions NaturalGradientAffine, Linear
+    and Tdnn gradients in training; changed settings are saved."""
+    from pkwrap.nn import natural_gradient_modules
+    from pkwrap.optim import NGSGD, kaldi_param_groups
+    m = read_nnet3(fx("P1_tdnnf", "final.mdl")).train()
+    name_of = {"components.%d" % i: c.name for i, c in enumerate(m.components)}
+    groups = {name_of[g["name"]]: g for g in kaldi_param_groups(m)}
+    assert "idct" not in groups and "batchnorm0" not in groups  # nothing trainable
+    g = groups["output-xent.affine"]
+    assert (g["learning_rate_factor"], g["max_change"], g["l2_regularize"]) == \
+        pytest.approx((5, 1.5, 0.015))  # float32 in the file
+    g = groups["tdnnf2.linear"]
+    assert (g["orthonormal_constraint"], g["max_change"], g["l2_regularize"]) == \
+        pytest.approx((-1, 0.75, 0.03))
+    assert groups["tdnnf2.affine"]["orthonormal_constraint"] == 0
+    assert {n for n, _ in natural_gradient_modules(m)} == {
+        k for k, v in name_of.items() if m.components[int(k.split(".")[1])].TYPE in
+        ("NaturalGradientAffineComponent", "LinearComponent", "TdnnComponent")}
+    feats, _, iv = inputs("utt1_95")
+    x, v = torch.from_numpy(feats[None, :60]), torch.from_numpy(iv)[None]
+
+    def grad(natural):
+        m.zero_grad()
+        for c in m.components:
+            if hasattr(c, "use_natural_gradient"):
+                c.use_natural_gradient = natural
+        out = m(x, v)
+        (out["output"].square().mean() + out["output-xent"].mean()).backward()
+        return m.component("tdnnf3.linear").weight.grad.clone()
+
+    plain, nat = grad(False), grad(True)
+    assert plain.shape == nat.shape and not torch.allclose(plain, nat, rtol=1e-3)
+    w0 = m.component("output.affine").weight.detach().clone()
+    opt = NGSGD(kaldi_param_groups(m), lr=0.001)
+    opt.step(num_sequences=1)
+    assert not torch.equal(w0, m.component("output.affine").weight)
+    c = m.component("tdnn1.affine")
+    c.max_change, c.l2_regularize, c.learning_rate_factor = 0.5, 0.01, 2.0
+    m.component("output.affine").orthonormal_constraint = 1.0
+    write_nnet3(m, tmp_path / "m.raw")
+    m2 = read_nnet3(tmp_path / "m.raw")
+    assert m2.component("tdnn1.affine").training_options() == pytest.approx(dict(
+        learning_rate=0.004, learning_rate_factor=2.0, max_change=0.5, l2_regularize=0.01))
+    assert list(m2.component("tdnn1.affine").fields)[:4] == ["LearningRateFactor", "MaxChange",
+                                                             "L2Regularize", "LearningRate"]
+    assert m2.component("output.affine").orthonormal_constraint == 1.0
+    assert list(m2.component("output.affine").fields).index("OrthonormalConstraint") == \
+        list(m2.component("output.affine").fields).index("RankOut") + 1

@@ -26,8 +26,9 @@ import torch
 
 from pkwrap.kaldi.hmm import TransitionModel
 from pkwrap.nn.tdnnf import TDNNFModel
-from pkwrap.nnet3.components import _TensorRef
-from pkwrap.nnet3.nnet import Nnet3, read_nnet3, write_nnet3
+
+# pkwrap.nnet3's components use pkwrap.nn's natural-gradient layers, so pkwrap.nnet3 is
+# imported when used (importing it here would be circular).
 
 __all__ = ["read_nnet3_text_components", "load_kaldi_nnet3", "save_kaldi_nnet3"]
 
@@ -41,6 +42,8 @@ def read_nnet3_text_components(path: Union[str, Path]) -> Dict[str, dict]:
       ``{name: {"type": "TdnnComponent", "Key": value, ...}}`` where values are numpy arrays
       (vectors 1-D, matrices 2-D), numbers, bools or dicts (the ConvolutionModel).
     """
+    from pkwrap.nnet3.components import _TensorRef
+    from pkwrap.nnet3.nnet import read_nnet3
     nnet = read_nnet3(path)
     comps = {}
     for c in nnet.components:
@@ -55,7 +58,7 @@ def read_nnet3_text_components(path: Union[str, Path]) -> Dict[str, dict]:
     return comps
 
 
-def save_kaldi_nnet3(model: Nnet3, path: Union[str, Path], binary: bool = True,
+def save_kaldi_nnet3(model, path: Union[str, Path], binary: bool = True,
                      trans_model: Optional[TransitionModel] = None) -> None:
     """Write an :class:`~pkwrap.nnet3.Nnet3` as a Kaldi model file.
 
@@ -70,6 +73,7 @@ def save_kaldi_nnet3(model: Nnet3, path: Union[str, Path], binary: bool = True,
       trans_model: write a ``final.mdl`` (transition model + nnet + priors) with this
         transition model; None writes a raw nnet.
     """
+    from pkwrap.nnet3.nnet import Nnet3, write_nnet3
     if not isinstance(model, Nnet3):
         raise TypeError("save_kaldi_nnet3: expected a pkwrap.nnet3.Nnet3, got %s"
                         % type(model).__name__)
@@ -102,6 +106,7 @@ def load_kaldi_nnet3(model_or_path, path: Union[str, Path, None] = None):
       or ``model`` filled.
     """
     if path is None:
+        from pkwrap.nnet3.nnet import read_nnet3
         return read_nnet3(model_or_path)
     model = model_or_path
     comps = read_nnet3_text_components(path)

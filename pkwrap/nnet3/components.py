@@ -40,6 +40,8 @@ import torch.nn.functional as F
 
 from pkwrap.kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter
 from pkwrap.kaldi.matrix import read_matrix, read_vector, write_matrix, write_vector
+from pkwrap.ngsgd import OnlineNaturalGradient
+from pkwrap.nn.natural import _NaturalAffineFunction, _NaturalGradientMixin
 
 __all__ = ["Component", "COMPONENT_TYPES", "read_component", "FIELD_KINDS"]
 
@@ -261,6 +263,65 @@ class Component(nn.Module):
     def is_updatable(self) -> bool:
         return "LearningRate" in self.fields
 
+    # -- Kaldi's per-component training settings, read by pkwrap.optim.kaldi_param_groups
+    #    and NGSGD (learning_rate_factor, max_change, l2_regularize, orthonormal_constraint);
+    #    they live in the fields, so they are saved with the model.
+    _COMMON_ORDER = ("LearningRateFactor", "IsGradient", "MaxChange", "L2Regularize",
+                     "LearningRate")
+    #: the field after which Kaldi writes <OrthonormalConstraint>, by type
+    _ORTHO_AFTER = {"NaturalGradientAffineComponent": "RankOut", "LinearComponent": "Params",
+                    "AffineComponent": "BiasParams"}
+
+    def _set_field(self, field: str, value) -> None:
+        """Set a field, inserting it where Kaldi's Write puts it when it is new."""
+        f = self.fields
+        if field in f:
+            f[field] = value
+            return
+        items = list(f.items())
+        if field in self._COMMON_ORDER:
+            rank = self._COMMON_ORDER.index(field)
+            pos = sum(1 for k, _ in items if k in self._COMMON_ORDER[:rank])
+        elif field == "OrthonormalConstraint" and self._ORTHO_AFTER.get(self.TYPE) in f:
+            pos = [k for k, _ in items].index(self._ORTHO_AFTER[self.TYPE]) + 1
+        else:
+            raise ValueError("%s %s has no <%s> to set" % (self.TYPE, self.name, field))
+        items.insert(pos, (field, value))
+        self.fields = OrderedDict(items)
+
+    @property
+    def learning_rate_factor(self) -> float:
+        return float(self.fields.get("LearningRateFactor", 1.0))
+
+    @learning_rate_factor.setter
+    def learning_rate_factor(self, v: float) -> None:
+        self._set_field("LearningRateFactor", float(v))
+
+    @property
+    def max_change(self) -> float:
+        """Kaldi's max-change (0: none)."""
+        return float(self.fields.get("MaxChange", 0.0))
+
+    @max_change.setter
+    def max_change(self, v: float) -> None:
+        self._set_field("MaxChange", float(v))
+
+    @property
+    def l2_regularize(self) -> float:
+        return float(self.fields.get("L2Regularize", 0.0))
+
+    @l2_regularize.setter
+    def l2_regularize(self, v: float) -> None:
+        self._set_field("L2Regularize", float(v))
+
+    @property
+    def orthonormal_constraint(self) -> float:
+        return float(self.fields.get("OrthonormalConstraint", 0.0))
+
+    @orthonormal_constraint.setter
+    def orthonormal_constraint(self, v: float) -> None:
+        self._set_field("OrthonormalConstraint", float(v))
+
     def training_options(self) -> Dict[str, float]:
         """Kaldi's per-component training settings (present only when in the file):
         learning_rate, learning_rate_factor, max_change, l2_regularize,
@@ -311,12 +372,8 @@ class Component(nn.Module):
         self.fields["LearningRate"] = lr * float(self.fields.get("LearningRateFactor", 1.0))
 
     def set_learning_rate_factor(self, factor: float) -> None:
-        """Set ``<LearningRateFactor>`` (kept in Kaldi's field order: right after the type)."""
-        if "LearningRateFactor" not in self.fields:
-            items = list(self.fields.items())
-            self.fields = OrderedDict([("LearningRateFactor", factor)] + items)
-        else:
-            self.fields["LearningRateFactor"] = factor
+        """Set ``<LearningRateFactor>`` (Kaldi's ``set-learning-rate-factor`` edit)."""
+        self.learning_rate_factor = factor
 
 
 class _TensorRef:
@@ -385,8 +442,35 @@ class _AffineBase(Component):
     def output_dim(self):
         return self.weight.shape[0]
 
+    def _natural(self) -> bool:
+        """Whether this forward call should precondition the gradient (training with
+        autograd, Kaldi's use-natural-gradient on)."""
+        return (self.training and torch.is_grad_enabled() and self.weight.requires_grad
+                and getattr(self, "preconditioner_in", None) is not None
+                and self.use_natural_gradient)
+
+    def _affine(self, x):
+        """``x W^T + b``; with natural gradient (Kaldi's OnlineNaturalGradient on the input
+        rows and output derivatives, pkwrap.nn.NaturalAffine's backward) in training."""
+        b = getattr(self, "bias", None)
+        if self._natural():
+            self._register_owner()
+            y = _NaturalAffineFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, b, self)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return F.linear(x, self.weight, b)
+
     def forward(self, x):
-        return F.linear(x, self.weight, getattr(self, "bias", None))
+        return self._affine(x)
+
+    def _init_preconditioners(self, rank_in, rank_out, update_period, num_samples_history,
+                              alpha_in, alpha_out) -> None:
+        self.preconditioner_in = OnlineNaturalGradient(max(1, int(rank_in)), int(update_period),
+                                                       float(num_samples_history), 0.0,
+                                                       float(alpha_in))
+        self.preconditioner_out = OnlineNaturalGradient(max(1, int(rank_out)),
+                                                        int(update_period),
+                                                        float(num_samples_history), 0.0,
+                                                        float(alpha_out))
 
 
 @_register
@@ -406,13 +490,24 @@ class AffineComponent(_AffineBase):
 
 
 @_register
-class NaturalGradientAffineComponent(_AffineBase):
+class NaturalGradientAffineComponent(_NaturalGradientMixin, _AffineBase):
+    """Affine with natural-gradient training (RankIn, RankOut, UpdatePeriod,
+    NumSamplesHistory, Alpha)."""
+
     TYPE = "NaturalGradientAffineComponent"
+
+    def check(self):
+        super().check()
+        f = self.fields
+        self.use_natural_gradient = True
+        self._init_preconditioners(f.get("RankIn", 20), f.get("RankOut", 80),
+                                   f.get("UpdatePeriod", 4), f.get("NumSamplesHistory", 2000.0),
+                                   f.get("Alpha", 4.0), f.get("Alpha", 4.0))
 
 
 @_register
-class LinearComponent(_AffineBase):
-    """``y = W x`` with ``W = Params [out][in]``."""
+class LinearComponent(_NaturalGradientMixin, _AffineBase):
+    """``y = W x`` with ``W = Params [out][in]``; natural gradient when UseNaturalGradient."""
 
     TYPE = "LinearComponent"
     TENSORS = {"Params": "weight"}
@@ -420,10 +515,16 @@ class LinearComponent(_AffineBase):
     def check(self):
         if not hasattr(self, "weight"):
             raise ValueError("%s %s: missing <Params>" % (self.TYPE, self.name))
+        f = self.fields
+        self.use_natural_gradient = bool(f.get("UseNaturalGradient", True))
+        ri, ro = f.get("RankInOut", (20, 80))
+        self._init_preconditioners(ri, ro, f.get("UpdatePeriod", 4),
+                                   f.get("NumSamplesHistory", 2000.0), f.get("Alpha", 4.0),
+                                   f.get("Alpha", 4.0))
 
 
 @_register
-class TdnnComponent(_AffineBase):
+class TdnnComponent(_NaturalGradientMixin, _AffineBase):
     """``y(t) = W [x(t+o_1); ...; x(t+o_K)] + b``: W is ``[out][K*in]`` with column
     blocks in the order of ``TimeOffsets``."""
 
@@ -436,6 +537,11 @@ class TdnnComponent(_AffineBase):
             raise ValueError("TdnnComponent %s: %d time offsets do not divide input dim %d"
                              % (self.name, len(offs), self.weight.shape[1]))
         self.offsets = [int(o) for o in offs]
+        f = self.fields
+        self.use_natural_gradient = bool(f.get("UseNaturalGradient", True))
+        ri, ro = f.get("RankInOut", (20, 80))
+        ai, ao = f.get("AlphaInOut", (4.0, 4.0))
+        self._init_preconditioners(ri, ro, 4, f.get("NumSamplesHistory", 2000.0), ai, ao)
 
     @property
     def input_dim(self):
@@ -449,6 +555,8 @@ class TdnnComponent(_AffineBase):
         lo, hi = self.context
         L = x.shape[1] - (hi - lo)
         d = self.input_dim
+        if self._natural():  # precondition the spliced input, as Kaldi does
+            return self._affine(torch.cat([x[:, o - lo:o - lo + L] for o in self.offsets], -1))
         out = None
         for k, o in enumerate(self.offsets):
             part = F.linear(x[:, o - lo:o - lo + L], self.weight[:, k * d:(k + 1) * d])
