@@ -589,3 +589,32 @@ def test_kaldi_training_settings_reach_ngsgd(tmp_path):
     assert m2.component("output.affine").orthonormal_constraint == 1.0
     assert list(m2.component("output.affine").fields).index("OrthonormalConstraint") == \
         list(m2.component("output.affine").fields).index("RankOut") + 1
+
+
+def test_convolution_optional_time_offsets_and_height_padding():
+    """TimeHeightConvolution: heights outside the input are zero padding; a time offset that
+    is not required reads zeros where its frame cannot be computed (e.g. beyond the input)."""
+    from pkwrap.nnet3 import nnet3_from_config
+    cfg = ("input-node name=input dim=6\n"
+           "component name=c type=TimeHeightConvolutionComponent num-filters-in=2 "
+           "num-filters-out=1 height-in=3 height-out=2 height-subsample-out=2 "
+           "time-offsets=-1,0,1 height-offsets=-1,0,1 required-time-offsets=0 "
+           "param-stddev=1 bias-stddev=0\n"
+           "component-node name=c component=c input=input\n"
+           "output-node name=output input=c\n")
+    m = nnet3_from_config(cfg, srand=5).eval()
+    assert m.context() == (0, 0)
+    c = m.component("c")
+    x = torch.randn(1, 4, 6)
+    y = m.compute({"input": (0, x)}, {"output": (0, 3)})["output"][0]
+    W = c.weight.detach().reshape(1, 3, 3, 2)  # [out][dt][dh][f_in]
+    xi = x[0].reshape(4, 3, 2)
+    for t in range(4):
+        for h_out in range(2):
+            want = c.bias.detach()[0].clone()
+            for i, dt in enumerate((-1, 0, 1)):
+                for j, dh in enumerate((-1, 0, 1)):
+                    h = 2 * h_out + dh
+                    if 0 <= t + dt < 4 and 0 <= h < 3:
+                        want += (W[0, i, j] * xi[t + dt, h]).sum()
+            assert torch.allclose(y[t, h_out], want, atol=1e-5), (t, h_out)

@@ -3,7 +3,9 @@
 * :mod:`pkwrap.nnet3.descriptor`: input descriptors (Append, Offset, ReplaceIndex, Sum,
   Scale, Const, IfDefined, Round, Switch, Failover): parsing and evaluation over frames.
 * :mod:`pkwrap.nnet3.components`: the component types as torch modules, with their
-  fields read and written in Kaldi's format.
+  fields read and written in Kaldi's format (and built from ``component`` config lines);
+  their training settings (learning-rate-factor, max-change, l2-regularize,
+  orthonormal-constraint) are what :func:`pkwrap.optim.kaldi_param_groups` reads.
 * :mod:`pkwrap.nnet3.nnet`: :class:`Nnet3`, the graph (input-, component-, dim-range- and
   output-nodes) as an ``nn.Module``; :func:`read_nnet3` / :func:`write_nnet3` for
   ``final.raw`` / ``final.mdl`` (binary or text, gzipped or not);

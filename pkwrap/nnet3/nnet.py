@@ -353,10 +353,8 @@ class Nnet3(nn.Module):
             n = self.nodes[k]
             a, b = need[k]
             if n.kind in ("output", "component"):
-                lo = hi = 0
-                if n.kind == "component":
-                    lo, hi = self.component(n.component).context
-                n.descriptor.request(a + lo, b + hi, add, av.__getitem__)
+                lo, hi = self._input_context(n)
+                self._input_descriptor(n).request(a + lo, b + hi, add, av.__getitem__)
             elif n.kind == "dim-range":
                 add(n.source, a, b)
         values: Dict[str, Tuple[int, torch.Tensor]] = {}
@@ -379,16 +377,10 @@ class Nnet3(nn.Module):
             if n.kind == "dim-range":
                 values[k] = (a, value(n.source, a, b)[..., n.offset:n.offset + n.dim])
                 continue
-            lo = hi = 0
-            comp = None
-            if n.kind == "component":
-                comp = self.component(n.component)
-                lo, hi = comp.context
-            d = n.descriptor
-            if comp is not None and comp.required_context != comp.context:
-                d = Descriptor("IfDefined", [d])
-            x = d.evaluate(a + lo, b + hi, value, av.__getitem__, like,
-                           self._dims.__getitem__)
+            comp = self.component(n.component) if n.kind == "component" else None
+            lo, hi = self._input_context(n)
+            x = self._input_descriptor(n).evaluate(a + lo, b + hi, value, av.__getitem__, like,
+                                                   self._dims.__getitem__)
             if comp is not None:
                 comp.first_frame = a + lo
                 y = comp(x)
@@ -411,6 +403,19 @@ class Nnet3(nn.Module):
 
     def _main_output(self) -> str:
         return "output" if "output" in self.output_names else self.output_names[0]
+
+    def _input_context(self, n: Node) -> Tuple[int, int]:
+        """Frames of a node's input read around its own: the component's time offsets."""
+        return self.component(n.component).context if n.kind == "component" else (0, 0)
+
+    def _input_descriptor(self, n: Node) -> Descriptor:
+        """The node's descriptor; for a component with optional time offsets (not all
+        required), wrapped in IfDefined: frames that cannot be computed read zeros."""
+        if n.kind == "component":
+            c = self.component(n.component)
+            if c.required_context != c.context:
+                return Descriptor("IfDefined", [n.descriptor])
+        return n.descriptor
 
     def forward(self, x: torch.Tensor, ivector: Optional[torch.Tensor] = None,
                 output: Union[None, str, Sequence[str]] = None):
