@@ -618,3 +618,52 @@ def test_convolution_optional_time_offsets_and_height_padding():
                     if 0 <= t + dt < 4 and 0 <= h < 3:
                         want += (W[0, i, j] * xi[t + dt, h]).sum()
             assert torch.allclose(y[t, h_out], want, atol=1e-5), (t, h_out)
+
+
+def test_other_components_against_their_formulas(tmp_path):
+    """Normalize, ScaleAndOffset, ElementwiseProduct, Sigmoid, Tanh, Affine, Permute built
+    from a config, written and read back (binary and text), each equal to its formula."""
+    from pkwrap.nnet3 import nnet3_from_config
+    cfg = ("input-node name=input dim=8\n"
+           "component name=n type=NormalizeComponent input-dim=8 block-dim=4 target-rms=0.5 "
+           "add-log-stddev=true\n"
+           "component name=s type=ScaleAndOffsetComponent dim=8 block-dim=4\n"
+           "component name=e type=ElementwiseProductComponent input-dim=8 output-dim=4\n"
+           "component name=sg type=SigmoidComponent dim=8\n"
+           "component name=th type=TanhComponent dim=8\n"
+           "component name=a type=AffineComponent input-dim=8 output-dim=3\n"
+           "component name=p type=PermuteComponent column-map=7,6,5,4,3,2,1,0\n"
+           "component-node name=n component=n input=input\n"
+           "component-node name=s component=s input=input\n"
+           "component-node name=e component=e input=input\n"
+           "component-node name=sg component=sg input=input\n"
+           "component-node name=th component=th input=input\n"
+           "component-node name=a component=a input=input\n"
+           "component-node name=p component=p input=input\n"
+           "output-node name=output input=Append(n, s, e, sg, th, a, p)\n")
+    m0 = nnet3_from_config(cfg, srand=2)
+    with torch.no_grad():
+        m0.component("s").scales.copy_(torch.tensor([1.0, 2, 3, 4]))
+        m0.component("s").offsets.copy_(torch.tensor([0.5, 0, 0, -1]))
+    for binary in (True, False):
+        write_nnet3(m0, tmp_path / "m", binary=binary)
+        m = read_nnet3(tmp_path / "m").eval()
+        x = torch.randn(2, 5, 8)
+        y = m(x, output="output")
+        n, s, e, sg, th, a, p = y.split([10, 8, 4, 8, 8, 3, 8], dim=-1)
+        xb = x.reshape(2, 5, 2, 4)
+        scale = (xb.square().sum(-1, keepdim=True) / (4 * 0.25)).rsqrt()
+        want_n = torch.cat([xb * scale, math_log(0.5) - torch.log(scale)], -1).reshape(2, 5, 10)
+        assert torch.allclose(n, want_n, atol=1e-5)
+        assert torch.allclose(s, (xb * torch.tensor([1.0, 2, 3, 4]) +
+                                  torch.tensor([0.5, 0, 0, -1])).reshape(2, 5, 8))
+        assert torch.allclose(e, x[..., :4] * x[..., 4:])
+        assert torch.allclose(sg, torch.sigmoid(x)) and torch.allclose(th, torch.tanh(x))
+        w, b = m0.component("a").weight, m0.component("a").bias
+        assert torch.allclose(a, x @ w.t() + b, atol=1e-5)
+        assert torch.equal(p, x.flip(-1))
+
+
+def math_log(v):
+    import math
+    return math.log(v)

@@ -1294,16 +1294,33 @@ def _init_elementwise_product(c, g):
 
 
 def _init_normalize(c, g):
-    i = c.get("input-dim", c.get("dim", int), required=False)
-    i = int(i) if i is not None else None
+    i = c.get("dim", int)
     if i is None:
-        raise ValueError("component config needs input-dim=: %s" % c.line)
+        i = c.get("input-dim", int, required=True)
     f = OrderedDict([("InputDim", i)])
     bd = c.get("block-dim", int, i)
+    if i <= 0 or bd <= 0 or i % bd:
+        raise ValueError("bad dim/block-dim: %s" % c.line)
     if bd != i:
         f["BlockDim"] = bd
     f["TargetRms"] = c.get("target-rms", float, 1.0)
     f["AddLogStddev"] = c.get("add-log-stddev", bool, False)
+    return f
+
+
+def _init_scale_and_offset(c, g):
+    f = _learning_rates(c)
+    dim = c.get("dim", int, required=True)
+    ng = c.get("use-natural-gradient", bool, True)
+    bd = c.get("block-dim", int, dim)
+    rank = c.get("rank", int, 20)
+    if dim <= 0 or bd <= 0 or dim % bd:
+        raise ValueError("bad dim/block-dim: %s" % c.line)
+    f["Dim"] = dim
+    f["Scales"] = np.ones(bd, np.float32)
+    f["Offsets"] = np.zeros(bd, np.float32)
+    f["UseNaturalGradient"] = ng
+    f["Rank"] = rank
     return f
 
 
@@ -1318,7 +1335,7 @@ _INIT = {
     "SpecAugmentTimeMaskComponent": _init_time_mask, "DropoutComponent": _init_dropout,
     "NoOpComponent": _init_noop, "PermuteComponent": _init_permute,
     "ElementwiseProductComponent": _init_elementwise_product,
-    "NormalizeComponent": _init_normalize,
+    "NormalizeComponent": _init_normalize, "ScaleAndOffsetComponent": _init_scale_and_offset,
 }
 
 
