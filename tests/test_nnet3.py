@@ -407,6 +407,11 @@ def test_nnet3_init_from_xconfig_configs(name, tmp_path, monkeypatch):
     assert init(["--srand=1", "configs/final.config", str(out)]) == 0
     m, k = read_nnet3(out), model(name)
     assert m.config_lines() == k.config_lines()
+    # Kaldi's BatchNormComponent::Read needs <StatsMean>/<StatsVar> even with Count 0
+    # (zeros); real Kaldi's nnet3-copy read these files (see the report of issue 11)
+    num_bn = sum(c.TYPE == "BatchNormComponent" for c in m.components)
+    assert out.read_bytes().count(b"<StatsMean> FV ") == num_bn
+    assert b"<Count> 0 <StatsMean>  [ 0 0 " in write_nnet3(m, None, binary=False)
     assert m.num_parameters() == NUM_PARAMS[name]
     for a, b in zip(m.components, k.components):
         assert (a.name, a.TYPE) == (b.name, b.TYPE)

@@ -657,6 +657,8 @@ class BatchNormComponent(Component):
         c = float(self.count)
         m = self.stats_mean.detach().cpu().double().numpy()
         v = self.stats_var.detach().cpu().double().numpy()
+        if c == 0:  # Kaldi's sums are zero then, and written unscaled
+            return np.zeros(len(m), np.float32), np.zeros(len(v), np.float32)
         inv = np.float32(1.0 / c)
         mean = (m * c).astype(np.float32) * inv
         var = ((v + m * m) * c).astype(np.float32) * inv - mean * mean
@@ -668,8 +670,7 @@ class BatchNormComponent(Component):
         f["Count"] = _Num(count)  # a double in Kaldi's BatchNormComponent
         for k in ("StatsMean", "StatsVar"):
             f.pop(k, None)
-        if count != 0:
-            f["StatsMean"], f["StatsVar"] = self.kaldi_written_stats()
+        f["StatsMean"], f["StatsVar"] = self.kaldi_written_stats()  # always written
         super().write(w)
 
     def forward(self, x):
