@@ -5,13 +5,15 @@
 * :func:`natural_gradient`: converts an existing model's Linear/Conv1d layers in place.
 * :class:`TDNN`, :class:`TDNNF`, :class:`KaldiBatchNorm`, :class:`PrefinalLayer`,
   :class:`TDNNFModel` (``TDNNFModel.tdnn_1j(num_pdfs)``): Kaldi's TDNN-F chain model;
-  :func:`load_kaldi_nnet3` loads a trained Kaldi nnet3 TDNN-F (text format) into it.
+  :func:`load_kaldi_nnet3` loads any Kaldi nnet3 model file as a :class:`pkwrap.nnet3.Nnet3`
+  module (or, given a TDNNFModel, fills it); :func:`save_kaldi_nnet3` writes one back.
 """
 from pkwrap.nn.natural import (NaturalAffine, NaturalConv1d, freeze_natural_gradient,
                                load_natural_gradient_state_dict, natural_gradient,
                                natural_gradient_modules, natural_gradient_owner,
                                natural_gradient_state_dict)
-from pkwrap.nn.kaldi_import import load_kaldi_nnet3, read_nnet3_text_components
+from pkwrap.nn.kaldi_import import (load_kaldi_nnet3, read_nnet3_text_components,
+                                    save_kaldi_nnet3)
 from pkwrap.nn.tdnnf import (TDNN, TDNNF, KaldiBatchNorm, PrefinalLayer, TDNNFModel,
                              compute_idct_matrix, constrain_orthonormal, constrain_orthonormal_,
                              delta_features, scale_batchnorm_stats, splice)
@@ -22,4 +24,5 @@ __all__ = [
     "freeze_natural_gradient", "TDNN", "TDNNF", "KaldiBatchNorm", "PrefinalLayer", "TDNNFModel",
     "compute_idct_matrix", "constrain_orthonormal", "constrain_orthonormal_", "delta_features",
     "scale_batchnorm_stats", "splice", "load_kaldi_nnet3", "read_nnet3_text_components",
+    "save_kaldi_nnet3",
 ]

@@ -1,9 +1,13 @@
-"""Import a Kaldi nnet3 TDNN-F model (text format) into :class:`pkwrap.nn.TDNNFModel`.
+"""Kaldi nnet3 models in torch: :func:`load_kaldi_nnet3`.
 
-Kaldi's text nnet3 (``nnet3-copy --binary=false``) is the config part followed by
-``<NumComponents> K`` and K blocks ``<ComponentName> NAME <Type> <Key> value ... </Type>``, where a
-value is a token, a vector ``[ a b c ]`` or a matrix ``[\\n row\\n row ]`` (one line per row).
-The components read here and what they fill (``tdnn_1j`` naming):
+``load_kaldi_nnet3(path)`` reads any nnet3 model file (raw nnet or ``final.mdl``, binary
+or text, plain or gzipped) with :func:`pkwrap.nnet3.read_nnet3` and returns the
+:class:`pkwrap.nnet3.Nnet3` module that evaluates its graph; :func:`save_kaldi_nnet3`
+writes such a module back for Kaldi.
+
+``load_kaldi_nnet3(model, path)`` (the older form) copies a ``tdnn_1j``-shaped model's
+parameters into a :class:`pkwrap.nn.TDNNFModel` instead (the same reader; only the
+mapping of Kaldi's component names to TDNNFModel's layers lives here):
 
 =======================================  ==========================================================
 ``idct`` FixedAffineComponent            ``model.idct`` (its bias must be 0)
@@ -13,67 +17,68 @@ TdnnComponent                            ``TDNN`` weight (LinearParams, offset b
                                          TimeOffsets must match
 LinearComponent                          ``NaturalAffine(bias=False)`` weight (Params)
 =======================================  ==========================================================
-
-Training-only state (learning rates, natural-gradient settings, ReLU statistics) is ignored.
 """
-import gzip
-import re
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
 
+from pkwrap.kaldi.hmm import TransitionModel
 from pkwrap.nn.tdnnf import TDNNFModel
 
-__all__ = ["read_nnet3_text_components", "load_kaldi_nnet3"]
+# pkwrap.nnet3's components use pkwrap.nn's natural-gradient layers, so pkwrap.nnet3 is
+# imported when used (importing it here would be circular).
 
-_COMPONENT = re.compile(r"<ComponentName>\s+(\S+)\s+<(\w+)>(.*?)</\2>", re.S)
-_FIELD = re.compile(r"<(\w+)>\s*(\[[^\]]*\]|[^<\s]+(?:\s+[^<\s]+)*)?", re.S)
-
-
-def _value(text: str):
-    if text is None:
-        return None
-    text = text.strip()
-    if text.startswith("["):
-        body = text[1:-1]
-        rows = [r.split() for r in body.strip().split("\n") if r.strip()]
-        if len(rows) <= 1:
-            return np.array(rows[0] if rows else [], dtype=np.float64)
-        return np.array(rows, dtype=np.float64)
-    parts = text.split()
-    return parts[0] if len(parts) == 1 else parts
+__all__ = ["read_nnet3_text_components", "load_kaldi_nnet3", "save_kaldi_nnet3"]
 
 
 def read_nnet3_text_components(path: Union[str, Path]) -> Dict[str, dict]:
-    """Parse the components of a text nnet3 model (plain or gzipped).
+    """The components of an nnet3 model file as plain values.
 
     Args:
-      path: the file written by ``nnet3-copy --binary=false`` (``.gz`` allowed).
+      path: any nnet3 model file (text or binary, ``.gz`` allowed).
     Returns:
       ``{name: {"type": "TdnnComponent", "Key": value, ...}}`` where values are numpy arrays
-      (vectors 1-D, matrices 2-D) or strings.
+      (vectors 1-D, matrices 2-D), numbers, bools or dicts (the ConvolutionModel).
     """
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if raw[:2] == b"\x00B":
-        raise ValueError(f"{path}: binary nnet3 model; convert it with nnet3-copy --binary=false")
-    text = raw.decode("utf-8")
-    if "<Nnet3>" not in text[:100]:
-        raise ValueError(f"{path}: not a text nnet3 model (no <Nnet3> header)")
+    from pkwrap.nnet3.components import _TensorRef
+    from pkwrap.nnet3.nnet import read_nnet3
+    nnet = read_nnet3(path)
     comps = {}
-    for m in _COMPONENT.finditer(text):
-        name, typ, body = m.group(1), m.group(2), m.group(3)
-        fields = {"type": typ}
-        for f in _FIELD.finditer(body):
-            fields[f.group(1)] = _value(f.group(2))
-        comps[name] = fields
-    if not comps:
-        raise ValueError(f"{path}: no components found")
+    for c in nnet.components:
+        fields = {"type": c.TYPE}
+        for k, v in c.fields.items():
+            if isinstance(v, _TensorRef):
+                v = getattr(c, v.attr).detach().cpu().numpy()
+            fields[k] = v
+        if c.TYPE == "BatchNormComponent":
+            fields["Count"] = float(c.count)
+        comps[c.name] = fields
     return comps
+
+
+def save_kaldi_nnet3(model, path: Union[str, Path], binary: bool = True,
+                     trans_model: Optional[TransitionModel] = None) -> None:
+    """Write an :class:`~pkwrap.nnet3.Nnet3` as a Kaldi model file.
+
+    Every component is written with all its fields (learning rates, max-change, l2,
+    orthonormal constraint, natural-gradient options, batchnorm statistics) and its current
+    parameters, so Kaldi's programs read it and ``nnet3-chain-train`` can continue training.
+
+    Args:
+      model: the network (e.g. from :func:`load_kaldi_nnet3`, possibly changed in torch).
+      path: output file.
+      binary: Kaldi binary (default) or text form.
+      trans_model: write a ``final.mdl`` (transition model + nnet + priors) with this
+        transition model; None writes a raw nnet.
+    """
+    from pkwrap.nnet3.nnet import Nnet3, write_nnet3
+    if not isinstance(model, Nnet3):
+        raise TypeError("save_kaldi_nnet3: expected a pkwrap.nnet3.Nnet3, got %s"
+                        % type(model).__name__)
+    priors = model.priors if trans_model is not None else None
+    write_nnet3(model, path, binary=binary, trans_model=trans_model, priors=priors)
 
 
 def _set(param: torch.Tensor, value: np.ndarray, what: str) -> None:
@@ -85,18 +90,25 @@ def _set(param: torch.Tensor, value: np.ndarray, what: str) -> None:
         param.copy_(torch.from_numpy(value.reshape(tuple(param.shape))).to(param.dtype))
 
 
-def load_kaldi_nnet3(model: TDNNFModel, path: Union[str, Path]) -> TDNNFModel:
-    """Copy the parameters and batch-norm statistics of a Kaldi TDNN-F model into ``model``.
+def load_kaldi_nnet3(model_or_path, path: Union[str, Path, None] = None):
+    """Load a Kaldi nnet3 model.
 
-    ``model`` must have the same structure (layer dims, time strides, delta, idct) as the Kaldi
-    network; every parameter of ``model`` must be set by the file.
+    ``load_kaldi_nnet3(path)``: the network of any model file as a torch module.
+    ``load_kaldi_nnet3(model, path)``: copy a Kaldi TDNN-F's parameters and batch-norm
+    statistics into ``model``, a :class:`TDNNFModel` of the same structure (layer dims,
+    time strides, delta, idct); every parameter of ``model`` must be set by the file.
 
     Args:
-      model: the :class:`TDNNFModel` to fill.
-      path: Kaldi text nnet3 model (``final.txt`` or ``final.txt.gz``).
+      model_or_path: the model file, or the :class:`TDNNFModel` to fill.
+      path: the model file (second form).
     Returns:
-      ``model``.
+      the :class:`pkwrap.nnet3.Nnet3` (``trans_model``/``priors`` set for a ``final.mdl``),
+      or ``model`` filled.
     """
+    if path is None:
+        from pkwrap.nnet3.nnet import read_nnet3
+        return read_nnet3(model_or_path)
+    model = model_or_path
     comps = read_nnet3_text_components(path)
     done = set()
 
