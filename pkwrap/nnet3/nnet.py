@@ -814,6 +814,7 @@ def write_nnet3(nnet: Nnet3, path=None, binary: bool = True,
     if hasattr(path, "write"):
         path.write(data)
     else:
-        with open(path, "wb") as f:
+        from ..kaldi.io import atomic_output
+        with atomic_output(path) as f:  # complete or not at all
             f.write(data)
     return None
