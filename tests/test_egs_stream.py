@@ -279,3 +279,35 @@ def test_trainer_resumes_a_streamed_run_exactly(tmp_path):
     assert len(batches) > 7 and resumed == batches
     for (n, p), q in zip(full_model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def test_scp_egs_dir_streams_like_its_archives(tmp_path):
+    """cegs.N.scp (key archive:offset lines) gives the same minibatches as cegs.N.ark."""
+    from pkwrap.kaldi.chain_egs import CHAIN_EG_HOLDER
+    from pkwrap.kaldi.table import open_input_buffer, read_archive_entry
+    d = tmp_path / "egs"
+    shutil.copytree(os.path.join(_egs_dir(), "info"), d / "info")
+    for a in range(1, 5):
+        ark = os.path.join(_egs_dir(), "cegs.%d.ark" % a)
+        buf = open_input_buffer(ark)
+        pos, lines = 0, []
+        while True:
+            key, off, _, pos = read_archive_entry(buf, pos, ark, CHAIN_EG_HOLDER)
+            if key is None:
+                break
+            lines.append("%s %s:%d\n" % (key, ark, off))
+        (d / ("cegs.%d.scp" % a)).write_text("".join(lines))
+    kw = dict(minibatch_size="3,1", frame_subsampling_factor=3, shuffle_buffer_size=4,
+              seed=4, rank=0, world_size=1)
+    ref = StreamingEgs(_egs_dir(), **kw)
+    scp = StreamingEgs(str(d), **kw)
+    assert scp.egs.archives[0].endswith("cegs.1.scp")
+    ref.set_epoch(0)
+    scp.set_epoch(0)
+    first = _run(scp, 5)
+    sd = scp.state_dict()
+    again = StreamingEgs(str(d), **kw)
+    again.load_state_dict(sd)
+    got = first + _run(again)
+    want = _run(ref)
+    assert [_sig(x) for x in got] == [_sig(x) for x in want]

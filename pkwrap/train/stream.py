@@ -223,9 +223,8 @@ class _EntryReader:
         if path not in self._arks:
             if len(self._arks) > 16:
                 self._arks.clear()
-            p = path if os.path.isabs(path) else path
-            try:
-                self._arks[path] = _map(p)
+            try:  # a relative path is relative to the working directory, as in Kaldi
+                self._arks[path] = _map(path)
             except OSError as e:
                 raise OSError("%s: cannot read %s (%s)" % (self.path, path, e))
         return self._arks[path]
