@@ -15,3 +15,4 @@ from .hmm import (ContextDependency, HmmTopology, TransitionModel, read_tree,  #
                   write_tree, read_topology, write_topology, read_transition_model,
                   write_transition_model, read_phone_symbols)
 from .symbol_table import SymbolTable, SymbolTableError  # noqa: F401
+from .lattice import CompactLattice, read_compact_lattices  # noqa: F401

@@ -65,6 +65,7 @@ __all__ = ["Supervision", "NnetChainExample", "read_chain_egs", "write_chain_egs
            "shift_chain_example_times", "read_chain_example", "write_chain_example",
            "CHAIN_EG_HOLDER", "FST_HOLDER", "validate_supervision", "compact_fst_properties", "ChainEgsWriter",
            "merge_chain_egs_stream", "merge_chain_egs_table", "copy_chain_egs",
+           "ChainExampleMerger",
            "MinibatchSizeRule", "merge_supervision_fsts", "read_supervision",
            "modify_chain_example_context",
            "write_supervision"]
@@ -1396,12 +1397,74 @@ def _eg_size(eg: NnetChainExample) -> int:
     return max([len(v) for v in eg.input_indexes.values()] + [len(eg.output_indexes)])
 
 
+class ChainExampleMerger:
+    """Kaldi's ``ChainExampleMerger`` (``nnet3-chain-merge-egs``), one eg at a time.
+
+    Egs of identical structure (same input and output indexes, same input dims) are
+    grouped; when a group reaches the largest size its rule allows, it is emitted as one
+    minibatch. When the input ends, :meth:`flush_one` cuts what is left of each group
+    (groups in first-seen order; Kaldi's order there follows its hash table) into the
+    largest allowed sizes; a remainder no allowed size fits is discarded (counted in
+    ``num_discarded``, as Kaldi warns about it).
+
+    Items are ``(handle, eg)``: the merger looks only at ``eg``; ``handle`` is whatever
+    the caller needs to find the eg again (a key, an archive offset), so that
+    :meth:`pending` can describe the merger's state without the egs.
+
+    Args:
+      minibatch_size: Kaldi's ``--minibatch-size`` rule string (see
+        :class:`MinibatchSizeRule`).
+    """
+
+    def __init__(self, minibatch_size: str = "64"):
+        self.rule = MinibatchSizeRule(minibatch_size)
+        self.groups: Dict[tuple, List[tuple]] = {}
+        self.num_read = 0
+        self.num_written = 0
+        self.num_discarded = 0
+
+    def add(self, handle, eg: NnetChainExample) -> Optional[List[tuple]]:
+        """Add one (unmerged) eg; returns the ``[(handle, eg)]`` of a full minibatch
+        that it completes, else None."""
+        self.num_read += 1
+        key = _structure_key(eg)
+        vec = self.groups.setdefault(key, [])
+        vec.append((handle, eg))
+        if self.rule.minibatch_size(_eg_size(eg), len(vec), False):
+            del self.groups[key]
+            self.num_written += 1
+            return vec
+        return None
+
+    def flush_one(self) -> Optional[List[tuple]]:
+        """After the input ended: the next leftover minibatch, or None when none is left."""
+        while self.groups:
+            key = next(iter(self.groups))
+            vec = self.groups[key]
+            mb = self.rule.minibatch_size(_eg_size(vec[0][1]), len(vec), True)
+            if not mb:
+                self.num_discarded += len(vec)
+                del self.groups[key]
+                continue
+            out, rest = vec[:mb], vec[mb:]
+            if rest:
+                self.groups[key] = rest
+            else:
+                del self.groups[key]
+            self.num_written += 1
+            return out
+        return None
+
+    def pending(self) -> List[List]:
+        """The handles waiting in each group, groups in first-seen order."""
+        return [[h for h, _ in vec] for vec in self.groups.values()]
+
+
 def merge_chain_egs_stream(items: Iterable[Tuple[str, NnetChainExample]],
                            minibatch_size: str = "64", compress: bool = False,
                            stats: Optional[dict] = None
                            ) -> Iterator[Tuple[str, NnetChainExample]]:
-    """``ChainExampleMerger``: group examples of identical structure (same input and
-    output indexes) and merge each group into minibatches; keys are
+    """``nnet3-chain-merge-egs`` over a stream (:class:`ChainExampleMerger`); keys are
     ``merged-<k>-<size>``.
 
     Args:
@@ -1412,33 +1475,24 @@ def merge_chain_egs_stream(items: Iterable[Tuple[str, NnetChainExample]],
       stats: optional dict that receives ``num_read``, ``num_written`` (minibatches)
         and ``num_discarded`` (examples left over that fit no allowed size).
     Yields:
-      ``(key, merged_example)``. Leftovers at the end are flushed group by group in
-      first-seen order (Kaldi's order there depends on its hash table).
+      ``(key, merged_example)``.
     """
-    rule = MinibatchSizeRule(minibatch_size)
-    groups: Dict[tuple, List[NnetChainExample]] = {}
-    n_written = n_read = n_discarded = 0
-    for _, eg in items:
-        n_read += 1
-        key = _structure_key(eg)
-        vec = groups.setdefault(key, [])
-        vec.append(eg)
-        mb = rule.minibatch_size(_eg_size(eg), len(vec), False)
-        if mb:
-            del groups[key]
-            yield "merged-%d-%d" % (n_written, mb), merge_chain_egs(vec, compress)
-            n_written += 1
-    for key, vec in list(groups.items()):
-        while vec:
-            mb = rule.minibatch_size(_eg_size(vec[0]), len(vec), True)
-            if not mb:
-                break
-            yield "merged-%d-%d" % (n_written, mb), merge_chain_egs(vec[:mb], compress)
-            n_written += 1
-            vec = vec[mb:]
-        n_discarded += len(vec)
+    merger = ChainExampleMerger(minibatch_size)
+    n = 0
+    for key, eg in items:
+        vec = merger.add(key, eg)
+        if vec is not None:
+            yield "merged-%d-%d" % (n, len(vec)), merge_chain_egs([e for _, e in vec], compress)
+            n += 1
+    while True:
+        vec = merger.flush_one()
+        if vec is None:
+            break
+        yield "merged-%d-%d" % (n, len(vec)), merge_chain_egs([e for _, e in vec], compress)
+        n += 1
     if stats is not None:
-        stats.update(num_read=n_read, num_written=n_written, num_discarded=n_discarded)
+        stats.update(num_read=merger.num_read, num_written=merger.num_written,
+                     num_discarded=merger.num_discarded)
 
 
 def merge_chain_egs_table(rspec: str, wspec: str, minibatch_size: str = "64",

@@ -36,7 +36,7 @@ from .matrix import read_matrix, read_vector, write_matrix, write_vector
 
 __all__ = ["parse_rspecifier", "parse_wspecifier", "RSpecifier", "WSpecifier",
            "SequentialTableReader", "RandomAccessTableReader", "TableWriter", "Holder",
-           "HOLDERS", "read_table", "open_input_buffer"]
+           "HOLDERS", "read_table", "open_input_buffer", "read_archive_entry"]
 
 _R_OPTS = {"t", "b", "o", "no", "s", "ns", "cs", "ncs", "p", "np", "bg"}
 _W_OPTS = {"t", "b", "f", "nf", "p", "np"}
@@ -247,30 +247,51 @@ def _read_object(buf, pos: int, name: str, key: str, holder: Holder):
     return obj, r.pos
 
 
+def read_archive_entry(buf, pos: int, name: str, holder) -> Tuple[Optional[str], int, object, int]:
+    """The archive entry (``key<space>object``) at or after ``pos`` (whitespace skipped).
+
+    Args:
+      buf: the archive's bytes (``bytes`` or ``mmap``).
+      pos: byte offset where an entry (or whitespace before it) starts.
+      name: file name for error messages.
+      holder: a :class:`Holder` or the name of one.
+    Returns:
+      ``(key, object_offset, object, end)``: ``end`` is where the next entry may start;
+      ``key`` is None (and the rest 0/None/pos) when only whitespace is left.
+    Raises:
+      KaldiFormatError: naming the file, key and byte offset.
+    """
+    holder = _holder(holder)
+    r = KaldiReader(buf, pos, name=name)
+    n = len(buf)
+    r.skip_ws()
+    if r.pos >= n:
+        return None, 0, None, r.pos
+    kstart = r.pos
+    p = kstart
+    while p < n and buf[p] not in b" \t\n\r\v\f\0":
+        p += 1
+    key = bytes(buf[kstart:p]).decode("utf-8", errors="replace")
+    if p >= n:
+        raise KaldiFormatError("%s: truncated archive: key %r at byte %d has no object"
+                               % (name, key, kstart))
+    if buf[p] not in b" \t\n":
+        raise KaldiFormatError("%s: invalid archive: expected a space after key %r at "
+                               "byte %d" % (name, key, p))
+    if buf[p] != 10:
+        p += 1
+    obj, end = _read_object(buf, p, name, key, holder)
+    return key, p, obj, end
+
+
 def _iter_archive(buf, name: str, holder: Holder, start: int = 0,
                   with_offsets: bool = False):
     """Yield ``(key, obj)`` (or ``(key, obj_offset, obj)``) from an archive buffer."""
-    r = KaldiReader(buf, start, name=name)
-    n = len(buf)
+    pos = start
     while True:
-        r.skip_ws()
-        if r.pos >= n:
+        key, p, obj, pos = read_archive_entry(buf, pos, name, holder)
+        if key is None:
             return
-        kstart = r.pos
-        p = kstart
-        while p < n and buf[p] not in b" \t\n\r\v\f\0":
-            p += 1
-        key = bytes(buf[kstart:p]).decode("utf-8", errors="replace")
-        if p >= n:
-            raise KaldiFormatError("%s: truncated archive: key %r at byte %d has no object"
-                                   % (name, key, kstart))
-        if buf[p] not in b" \t\n":
-            raise KaldiFormatError("%s: invalid archive: expected a space after key %r at "
-                                   "byte %d" % (name, key, p))
-        if buf[p] != 10:
-            p += 1
-        obj, end = _read_object(buf, p, name, key, holder)
-        r.pos = end
         yield (key, p, obj) if with_offsets else (key, obj)
 
 

@@ -27,6 +27,16 @@ that every rank takes the same number of steps (DDP needs that).
 nearest multiple of f, so the features move by ``d = round(s/f) f - s`` in
 ``-f//2 .. f//2`` relative to the labels (egs carry ``f//2`` extra context frames for it).
 
+**What the Trainer trains on** is an :class:`EgsSource`: this rank's minibatches in
+order, and a position that a checkpoint saves and a restart restores. There are two:
+
+* :class:`PlannedEgs`: a map-style dataset (:class:`EgsDataset` in memory, or egs made
+  on the fly) with :class:`ChainMinibatchSampler`'s plan per epoch (above). Any dataset
+  handed to the Trainer is wrapped in one.
+* :class:`pkwrap.train.stream.StreamingEgs`: a Kaldi egs dir read archive by archive as
+  ``steps/nnet3/chain/train.py`` feeds ``nnet3-chain-train`` (copy-egs with a frame
+  shift, shuffle-egs with a bounded buffer, merge-egs), never held in memory.
+
 The batch (:class:`ChainBatch`), B = sequences, T = output frames per sequence,
 T_in = input rows per sequence, F = feature dim::
 
@@ -51,7 +61,10 @@ __all__ = [
     "ChainBatch",
     "ChainMinibatchSampler",
     "EgsDataset",
+    "EgsSource",
+    "PlannedEgs",
     "effective_frame_shift",
+    "halve_minibatch_size",
     "example_layout",
     "load_egs",
     "collate_chain_egs",
@@ -127,6 +140,26 @@ class MinibatchSizeRule:
 
     def __repr__(self):
         return "MinibatchSizeRule(%r)" % self.rule
+
+
+def halve_minibatch_size(rule: str) -> str:
+    """train.py's minibatch rule for iteration 0 (``halve_minibatch_size_str``): every
+    minibatch size halved (at least 1), eg sizes kept: ``"64,32"`` -> ``"32,16"``,
+    ``"256=64:128/512=32"`` -> ``"256=32:64/512=16"``."""
+    MinibatchSizeRule(rule)  # reject what Kaldi would reject
+
+    def half(spec: str) -> str:
+        return ",".join(":".join(str(max(1, int(x) // 2)) for x in r.split(":"))
+                        for r in spec.split(","))
+
+    parts = []
+    for part in str(rule).strip().split("/"):
+        if "=" in part:
+            size, spec = part.split("=", 1)
+            parts.append("%s=%s" % (size, half(spec)))
+        else:
+            parts.append(half(part))
+    return "/".join(parts)
 
 
 def effective_frame_shift(shift: int, frame_subsampling_factor: int) -> int:
@@ -235,7 +268,8 @@ class EgsDataset(torch.utils.data.Dataset):
     """Chain examples held in memory, from Kaldi archives or any list of examples.
 
     Every rank holds all egs (decoded to float32: about 27 kB per 170 x 40 chunk, so
-    100k egs take about 2.7 GB); for bigger egs dirs, make egs on the fly
+    100k egs take about 2.7 GB); for bigger egs dirs, stream them
+    (:class:`pkwrap.train.stream.StreamingEgs`, bounded memory) or make egs on the fly
     (``pkwrap.chain.egs.ChainEgsDataset``), which keeps only features and supervision.
 
     Args:
@@ -557,3 +591,158 @@ def make_loader(dataset, sampler: ChainMinibatchSampler, input_name: str = "inpu
     return torch.utils.data.DataLoader(_IndexedEgs(dataset), batch_sampler=sampler,
                                        collate_fn=collate, num_workers=num_workers,
                                        generator=gen)
+
+
+class EgsSource:
+    """This rank's training minibatches, in order, with a resumable position.
+
+    The Trainer drives it as::
+
+        source.bind(rank, world_size, device)     # once
+        source.set_epoch(0)                       # or load_state_dict(saved)
+        for batch in source.batches():            # the rest of the current epoch
+            ... one training step ...
+            source.step_done()                    # then a checkpoint may save state_dict()
+        if source.epoch_finished(): source.set_epoch(epoch + 1)
+
+    Every rank yields the same number of minibatches per epoch (DDP steps in lockstep).
+    ``state_dict()`` taken after ``step_done()`` describes exactly the minibatches
+    consumed: a source restored from it yields the minibatches that would have come next.
+    """
+
+    frame_subsampling_factor: int = 3
+    epoch: int = 0
+
+    def bind(self, rank: int, world_size: int, device=None) -> None:
+        """The worker this source feeds (called by the Trainer before anything else)."""
+        raise NotImplementedError
+
+    def feat_dim(self, input_name: str = "input") -> int:
+        """Columns of the features input."""
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at its first minibatch."""
+        raise NotImplementedError
+
+    def batches(self) -> Iterator[ChainBatch]:
+        """This rank's minibatches from the current position to the end of the epoch."""
+        raise NotImplementedError
+
+    def step_done(self) -> None:
+        """The last minibatch yielded was trained on (on every rank)."""
+        raise NotImplementedError
+
+    def epoch_finished(self) -> bool:
+        """No minibatch of the current epoch is left."""
+        raise NotImplementedError
+
+    def steps_left(self) -> Optional[int]:
+        """Steps left in the current epoch (None: not known before reading)."""
+        return None
+
+    def steps_per_epoch(self, epoch: int) -> Optional[int]:
+        """Steps of a whole epoch (None: not known before reading)."""
+        return None
+
+    def describe_position(self) -> str:
+        """The position in words, for logs."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> Optional[str]:
+        """Restore a position; returns a note for the log when the position had to be
+        moved (another number of workers), else None."""
+        raise NotImplementedError
+
+
+class PlannedEgs(EgsSource):
+    """A map-style egs dataset with :class:`ChainMinibatchSampler`'s per-epoch plan.
+
+    Args:
+      dataset: :class:`EgsDataset` or a dataset of ``(key, chain_example)`` made on the
+        fly (its ``set_epoch`` is called at every epoch and the plan follows the new
+        chunks; see :func:`dataset_structures`).
+      minibatch_size: Kaldi rule string.
+      frame_subsampling_factor: f.
+      shuffle, seed, frame_shift: as :class:`ChainMinibatchSampler`.
+      input_name: the features input.
+      egs_left_context: frames before t=0 (only for egs without indexes).
+      num_workers: DataLoader workers.
+    """
+
+    def __init__(self, dataset, minibatch_size="128", frame_subsampling_factor: int = 3,
+                 shuffle: bool = True, seed: int = 0, frame_shift: bool = True,
+                 input_name: str = "input", egs_left_context: Optional[int] = None,
+                 num_workers: int = 0):
+        self.dataset = dataset
+        self.minibatch_size = minibatch_size
+        self.frame_subsampling_factor = int(frame_subsampling_factor)
+        self.shuffle, self.seed, self.frame_shift = shuffle, int(seed), frame_shift
+        self.input_name = input_name
+        self.egs_left_context = egs_left_context
+        self.num_workers = num_workers
+        self.sampler: Optional[ChainMinibatchSampler] = None
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def bind(self, rank: int, world_size: int, device=None) -> None:
+        self.sampler = ChainMinibatchSampler(
+            dataset_structures(self.dataset, self.input_name, self.frame_subsampling_factor),
+            self.minibatch_size, self.frame_subsampling_factor, shuffle=self.shuffle,
+            seed=self.seed, rank=rank, world_size=world_size, frame_shift=self.frame_shift)
+        if self.sampler.steps_per_epoch(0) == 0:
+            raise ValueError("%d egs make %d minibatches of size %r: fewer than the %d "
+                             "workers" % (len(self.dataset), len(self.sampler.plan(0)),
+                                          self.minibatch_size, world_size))
+
+    def feat_dim(self, input_name: str = "input") -> int:
+        _, eg0 = next(it for it in (self.dataset[i] for i in range(len(self.dataset)))
+                      if it is not None)
+        return int(eg0.inputs[input_name].shape[-1])
+
+    def _prepare(self) -> None:
+        """Egs made on the fly may be redrawn per epoch: the plan follows."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.sampler.epoch)
+            self.sampler.set_structures(dataset_structures(
+                self.dataset, self.input_name, self.frame_subsampling_factor))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self._prepare()
+
+    def batches(self) -> Iterator[ChainBatch]:
+        return iter(make_loader(self.dataset, self.sampler, self.input_name,
+                                self.egs_left_context, self.num_workers))
+
+    def step_done(self) -> None:
+        self.sampler.step_done()
+
+    def epoch_finished(self) -> bool:
+        return len(self.sampler) == 0
+
+    def steps_left(self) -> Optional[int]:
+        return len(self.sampler)
+
+    def steps_per_epoch(self, epoch: int) -> Optional[int]:
+        return self.sampler.steps_per_epoch(epoch)
+
+    def describe_position(self) -> str:
+        return "minibatch %d of epoch %d" % (self.sampler.position, self.sampler.epoch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> Optional[str]:
+        old = int(sd.get("world_size", self.sampler.world_size))
+        self.sampler.load_state_dict(sd)
+        self._prepare()
+        if old != self.sampler.world_size:
+            return ("data position is global: minibatch %d of epoch %d"
+                    % (self.sampler.position, self.sampler.epoch))
+        return None

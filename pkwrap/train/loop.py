@@ -36,7 +36,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .context import ModelContext, probe_model_context
-from .data import ChainMinibatchSampler, check_egs_for_model, dataset_structures, make_loader
+from .data import (ChainMinibatchSampler, EgsSource, PlannedEgs, check_egs_for_model,
+                   dataset_structures, make_loader)
 from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
                           compute_prob_log_lines, is_batchnorm)
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
@@ -186,7 +187,11 @@ class Trainer:
       loss_fn: ``pkwrap.chain.ChainLoss`` (reduction "sum"), on the same device.
       optimizer: e.g. ``pkwrap.optim``'s NG-SGD optimizer or any torch optimizer,
         built on ``model``'s parameters.
-      train_data: an :class:`~pkwrap.train.data.EgsDataset` (Kaldi egs) or a map-style
+      train_data: an :class:`~pkwrap.train.data.EgsSource`, e.g.
+        :class:`~pkwrap.train.stream.StreamingEgs` (a Kaldi egs dir streamed), or a
+        map-style dataset, which is wrapped in a
+        :class:`~pkwrap.train.data.PlannedEgs` with the config's minibatch rule, seed and
+        shuffling: an :class:`~pkwrap.train.data.EgsDataset` (Kaldi egs in memory) or a
         dataset of ``(key, chain_example)`` made on the fly, e.g.
         ``pkwrap.chain.egs.ChainEgsDataset`` (its ``set_epoch`` is called at every epoch;
         see :func:`~pkwrap.train.data.dataset_structures`).
@@ -229,27 +234,33 @@ class Trainer:
         self.train_diag_data = train_diag_data
         self.ckpt_dir = os.path.join(config.exp_dir, "checkpoints")
         self.log = setup_logger(os.path.join(config.exp_dir, "log"), self.dist.rank)
+        if isinstance(train_data, EgsSource):
+            self.data = train_data
+        else:
+            self.data = PlannedEgs(train_data, config.minibatch_size, shuffle=config.shuffle,
+                                   seed=config.seed, frame_shift=config.frame_shift,
+                                   input_name=config.input_name,
+                                   egs_left_context=config.egs_left_context,
+                                   num_workers=config.num_workers)
         if feat_dim is None:
-            _, eg0 = next(it for it in (train_data[i] for i in range(len(train_data)))
-                          if it is not None)
-            feat_dim = int(eg0.inputs[config.input_name].shape[-1])
+            feat_dim = self.data.feat_dim(config.input_name)
         self.ctx = model_context or probe_model_context(model, feat_dim, device=self.device)
         self.log.info("model context: left %d right %d, frame subsampling %d%s%s",
                       self.ctx.left_context, self.ctx.right_context,
                       self.ctx.frame_subsampling_factor, " (padded)" if self.ctx.padded else "",
                       ", xent output" if self.ctx.has_xent else "")
-        self.sampler = ChainMinibatchSampler(
-            dataset_structures(train_data, config.input_name, self.ctx.frame_subsampling_factor),
-            config.minibatch_size, self.ctx.frame_subsampling_factor,
-            shuffle=config.shuffle, seed=config.seed, rank=self.dist.rank,
-            world_size=self.dist.world_size, frame_shift=config.frame_shift)
-        if self.sampler.steps_per_epoch(0) == 0:
-            raise ValueError("%d egs make %d minibatches of size %r: fewer than the %d "
-                             "workers" % (len(train_data), len(self.sampler.plan(0)),
-                                          config.minibatch_size, self.dist.world_size))
-        # before any step, and from data every rank holds: the same answer on every rank
-        check_egs_for_model(train_data, self.ctx, config.input_name, config.egs_left_context,
-                            self.log, "training")
+        if isinstance(self.data, PlannedEgs):
+            self.data.frame_subsampling_factor = self.ctx.frame_subsampling_factor
+        elif self.data.frame_subsampling_factor != self.ctx.frame_subsampling_factor:
+            raise ValueError("the egs source has frame subsampling factor %d, the model %d"
+                             % (self.data.frame_subsampling_factor,
+                                self.ctx.frame_subsampling_factor))
+        self.data.bind(self.dist.rank, self.dist.world_size, self.device)
+        if isinstance(self.data, PlannedEgs):
+            # before any step, and from data every rank holds: the same answer on every
+            # rank (streamed egs are checked at their first minibatch)
+            check_egs_for_model(self.data.dataset, self.ctx, config.input_name,
+                                config.egs_left_context, self.log, "training")
         if self.dist.world_size > 1:
             kw = {} if self.device.type == "cpu" else {"device_ids": [self.device]}
             # buffers (batchnorm statistics) are averaged over ranks at checkpoints, not
@@ -277,6 +288,11 @@ class Trainer:
         self._resumed_from: Optional[str] = None
         self._last_saved_step = -1
 
+    @property
+    def sampler(self) -> Optional[ChainMinibatchSampler]:
+        """The minibatch plan when training on a map-style dataset (else None)."""
+        return getattr(self.data, "sampler", None)
+
     # --- checkpoints ------------------------------------------------------------------
     def _optimizer_state_dict(self) -> Dict[str, Any]:
         """The optimizer's state; NG-SGD preconditioners differ per rank (each rank
@@ -299,13 +315,19 @@ class Trainer:
             sd["ngsgd"]["preconditioners"] = mine
         self.optimizer.load_state_dict(sd)
 
-    def state_dict(self, optimizer_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    def state_dict(self, optimizer_state: Optional[Dict[str, Any]] = None,
+                   data_states: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """The checkpoint dict. ``data_states``: the data position of every rank (rank
+        order; default: this rank's); ``"sampler"`` keeps rank 0's."""
+        if data_states is None:
+            data_states = [self.data.state_dict()]
         return {
             "model": _unwrap(self.model).state_dict(),
             "optimizer": optimizer_state if optimizer_state is not None
             else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "sampler": self.sampler.state_dict(),
+            "sampler": data_states[0],
+            "data": data_states,
             "step": self.step,
             "epoch": self.epoch,
             "skipped": self.skipped,
@@ -359,10 +381,11 @@ class Trainer:
             average_parameters(iter(_unwrap(self.model).parameters()), dist.group.WORLD)
         self.sync_buffers()
         rngs = all_gather_object(ckpt.get_rng_state())
+        data_states = all_gather_object(self.data.state_dict())
         opt_sd = self._optimizer_state_dict()
         path = None
         if self.dist.is_main:
-            st = self.state_dict(opt_sd)
+            st = self.state_dict(opt_sd, data_states)
             st["rng"] = rngs
             st["world_size"] = self.dist.world_size
             path = ckpt.save_checkpoint(ckpt.checkpoint_path(self.ckpt_dir, self.step), st)
@@ -395,20 +418,25 @@ class Trainer:
         self.epoch = int(st["epoch"])
         self.skipped = int(st.get("skipped", 0))
         self.valid_objf = {int(k): float(v) for k, v in st.get("valid_objf", {}).items()}
-        self.sampler.load_state_dict(st["sampler"])
+        by_rank = st.get("data") or [st["sampler"]]
+        note = self.data.load_state_dict(by_rank[self.dist.rank % len(by_rank)])
+        if note:
+            self.log.info("checkpoint was written by %s workers, now %d: %s",
+                          st.get("world_size"), self.dist.world_size, note)
+        if self.data.epoch < self.epoch < self.cfg.num_epochs:
+            # saved at the end of the run's last epoch; this run has more epochs
+            self.data.set_epoch(self.epoch)
         rngs = st.get("rng") or []
         if st.get("world_size") == self.dist.world_size and self.dist.rank < len(rngs):
             ckpt.set_rng_state(rngs[self.dist.rank])
         else:
             self._seed_rngs(self.cfg.seed * 1000003 + self.step * 101 + self.dist.rank)
-            self.log.info("checkpoint was written by %s workers, now %d: data position is "
-                          "global (minibatch %d of epoch %d), RNGs reseeded",
-                          st.get("world_size"), self.dist.world_size,
-                          self.sampler.position, self.epoch)
+            self.log.info("checkpoint was written by %s workers, now %d: RNGs reseeded",
+                          st.get("world_size"), self.dist.world_size)
         self._resumed_from = path
         self._last_saved_step = self.step
-        self.log.info("resumed from %s (step %d, epoch %d, minibatch %d)", path, self.step,
-                      self.epoch, self.sampler.position)
+        self.log.info("resumed from %s (step %d, epoch %d, %s)", path, self.step,
+                      self.epoch, self.data.describe_position())
         return True
 
     @staticmethod
@@ -519,13 +547,6 @@ class Trainer:
               if p.grad is not None]
         return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
 
-    def _prepare_epoch(self) -> None:
-        """Egs made on the fly may be redrawn per epoch (``set_epoch``): the plan follows."""
-        if self.epoch < self.cfg.num_epochs and hasattr(self.train_data, "set_epoch"):
-            self.train_data.set_epoch(self.epoch)
-            self.sampler.set_structures(dataset_structures(
-                self.train_data, self.cfg.input_name, self.ctx.frame_subsampling_factor))
-
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -539,21 +560,23 @@ class Trainer:
                                           purge_step=self.step + 1 if resumed else None)
         if not resumed:
             self._seed_rngs(cfg.seed * 1000003 + self.dist.rank)
-            self.sampler.set_epoch(0)
-        self._prepare_epoch()
-        # steps still to do from the global data position (the number of workers may have
-        # changed since the checkpoint)
-        total_steps = self.step
+            self.data.set_epoch(0)
+        # steps still to do from the data position (the number of workers may have
+        # changed since the checkpoint); None when the source cannot know before reading
+        total_steps: Optional[int] = self.step
         if self.epoch < cfg.num_epochs:
-            total_steps += len(self.sampler) + sum(self.sampler.steps_per_epoch(e)
-                                                   for e in range(self.epoch + 1, cfg.num_epochs))
+            left = [self.data.steps_left()] + [self.data.steps_per_epoch(e) for e in
+                                               range(self.epoch + 1, cfg.num_epochs)]
+            total_steps = None if None in left else self.step + sum(left)
         if cfg.max_steps is not None:
-            total_steps = min(total_steps, cfg.max_steps)
+            total_steps = cfg.max_steps if total_steps is None else min(total_steps,
+                                                                        cfg.max_steps)
         bar = None
         if self.dist.is_main and cfg.progress_bar:
             try:
                 from tqdm import tqdm
-                bar = tqdm(total=total_steps, initial=min(self.step, total_steps),
+                bar = tqdm(total=total_steps, initial=self.step if total_steps is None
+                           else min(self.step, total_steps),
                            desc="train", dynamic_ncols=True)
             except ImportError:  # pragma: no cover
                 bar = None
@@ -561,12 +584,10 @@ class Trainer:
         t0 = time.time()
         max_steps = cfg.max_steps if cfg.max_steps is not None else float("inf")
         while self.step < max_steps and self.epoch < cfg.num_epochs:
-            loader = make_loader(self.train_data, self.sampler, cfg.input_name,
-                                 cfg.egs_left_context, cfg.num_workers)
-            for batch in loader:
+            for batch in self.data.batches():
                 res, ok, grad_norm, change = self._train_step(batch)
                 self.step += 1
-                self.sampler.step_done()
+                self.data.step_done()
                 if not ok:
                     self._failed_local += 1
                     self.log.warning("step %d: non-finite objective or gradient "
@@ -585,11 +606,11 @@ class Trainer:
                     self.save()
                 if self.step >= max_steps:
                     break
-            if len(self.sampler) == 0:  # the epoch is over
+            if self.data.epoch_finished():
                 self.log.info("finished epoch %d at step %d", self.epoch, self.step)
                 self.epoch += 1
-                self.sampler.set_epoch(self.epoch)
-                self._prepare_epoch()
+                if self.epoch < cfg.num_epochs:
+                    self.data.set_epoch(self.epoch)
                 if cfg.valid_every == 0 and (self.valid_data is not None
                                              or self.train_diag_data is not None):
                     self.diagnostics()
