@@ -234,3 +234,16 @@ def test_augment_data_dir_bad_input_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="expected 8000 Hz"):
         A.augment_data_dir(src, tmp_path / "o", tmp_path / "w", A.AugmentConfig(), 8000)
     assert not (tmp_path / "o" / "wav.scp").exists()
+
+
+def test_augment_data_dir_resamples_recordings_at_other_rates(tmp_path):
+    src = _make_dir(tmp_path, 2)
+    dst = tmp_path / "o8k"
+    table = A.augment_data_dir(src, dst, tmp_path / "w8k", A.AugmentConfig(), 8000,
+                               resample=True)
+    assert set(table.values()) == {"none"}
+    for line in (dst / "wav.scp").read_text().splitlines():
+        utt, path = line.split()
+        rate, pcm = wavfile.read(path)
+        i = int(utt.split("-")[1])
+        assert rate == 8000 and abs(len(pcm) - (6000 + 400 * i) / 2) <= 1
