@@ -386,7 +386,7 @@ class AugmentConfig:
 
     Each utterance independently gets reverb with ``reverb_prob``, noise with
     ``noise_prob`` (type from ``noise_types``, SNR uniform in ``snr_range`` dB), a channel
-    with ``channel_prob`` (telephone band with ``telephone_prob``, random EQ, then
+    with ``channel_prob`` (telephone band with ``telephone_prob``, random EQ if ``eq``, then
     mu-law / GSM-like coding with ``codec_prob``) and a volume gain uniform in
     ``volume_range`` when ``volume`` is set.
     """
@@ -397,6 +397,7 @@ class AugmentConfig:
     snr_range: Tuple[float, float] = (0.0, 20.0)
     channel_prob: float = 0.0
     telephone_prob: float = 0.5
+    eq: bool = True
     codec_prob: float = 0.5
     volume: bool = False
     volume_range: Tuple[float, float] = (0.125, 2.0)
@@ -442,8 +443,9 @@ def augment(x: np.ndarray, sample_rate: int, config: AugmentConfig, rng: np.rand
         if rng.random() < config.telephone_prob:
             y = telephone(y, sample_rate)
             parts.append("tel")
-        y, eq = random_eq(y, sample_rate, rng)
-        parts.append("eq:%+.1fdB/oct:%dpeaks" % (eq["tilt"], len(eq["peaks"])))
+        if config.eq:
+            y, eq = random_eq(y, sample_rate, rng)
+            parts.append("eq:%+.1fdB/oct:%dpeaks" % (eq["tilt"], len(eq["peaks"])))
         if rng.random() < config.codec_prob:
             peak = np.max(np.abs(y)) + 1e-12
             if rng.random() < 0.5:
@@ -452,7 +454,7 @@ def augment(x: np.ndarray, sample_rate: int, config: AugmentConfig, rng: np.rand
             else:
                 y = gsm_like(y, sample_rate)
                 parts.append("gsm")
-        desc.append("channel=" + "+".join(parts))
+        desc.append("channel=" + ("+".join(parts) or "none"))
     if config.volume:
         g = float(rng.uniform(*config.volume_range))
         y = volume_perturb(y, g)
@@ -518,7 +520,7 @@ def augment_data_dir(src: Path, dst: Path, wav_dir: Path, config: AugmentConfig,
                      sample_rate: int, seed: int = 0, speed_factors: Sequence[float] = (1.0,),
                      copies: int = 1, keep_clean: bool = False,
                      allowed_frames: Optional[Sequence[int]] = None, prefix: str = "aug",
-                     nj: int = 1) -> Dict[str, str]:
+                     nj: int = 1, resample: bool = False) -> Dict[str, str]:
     """Write the augmented Kaldi data dir ``dst`` from ``src``.
 
     For every speed factor (3-way: ``SPEED_3WAY``) each utterance is speed-perturbed
@@ -529,7 +531,8 @@ def augment_data_dir(src: Path, dst: Path, wav_dir: Path, config: AugmentConfig,
     utterance ids still start with their speaker's.  Writes ``wav.scp``, ``text``,
     ``utt2spk``, ``spk2utt``, ``utt2aug`` (each utterance's chain, ``none`` if
     clean), ``augment.json`` (the config, seed and factors) and, if ``allowed_frames``,
-    ``allowed_lengths.txt``.  Every input WAV must be at ``sample_rate``.  Returns the
+    ``allowed_lengths.txt``.  Every input WAV must be at ``sample_rate`` unless ``resample``
+    (then it is resampled to it: for recordings at other rates).  Returns the
     utt2aug table.  The files of ``dst`` are written only after every WAV is.
     """
     src, dst, wav_dir = Path(src), Path(dst), Path(wav_dir)
@@ -560,7 +563,10 @@ def augment_data_dir(src: Path, dst: Path, wav_dir: Path, config: AugmentConfig,
         idx, utt = args
         x, rate = read_wav(wavs[utt])
         if rate != sample_rate:
-            raise ValueError("%s: %d Hz, expected %d Hz" % (wavs[utt], rate, sample_rate))
+            if not resample:
+                raise ValueError("%s: %d Hz, expected %d Hz" % (wavs[utt], rate, sample_rate))
+            r = Fraction(sample_rate, rate)
+            x = resample_poly(x, r.numerator, r.denominator)
         rows = []
         for fi, factor in enumerate(speed_factors):
             xs = speed_perturb(x, factor)
