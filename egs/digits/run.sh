@@ -41,7 +41,7 @@ reverb_prob=0.3         # image-method room impulse responses, RT60 0.2-0.8 s
 noise_prob=0.3          # white / pink / babble noise, SNR 0-20 dB
 channel_prob=0.4        # telephone band + 8 kHz round trip, random EQ, mu-law / GSM-like
 volume_perturb=true     # gain uniform in [1/8, 2]
-spec_augment=0.5,0.2,20 # Kaldi spec-augment-layer in training (empty: off)
+spec_augment=""         # Kaldi spec-augment-layer in training, e.g. 0.5,0.2,20 (Kaldi's defaults; off: it cost clean and degraded WER at 6 epochs, RESULTS.md)
 # evaluation (stage 6)
 eval_conditions=telephone,reverb,noise0,noise5,noise10
 extra_test=""           # comma-separated Kaldi data dirs (wav.scp, text) of recordings
