@@ -14,11 +14,14 @@ install: sysdeps
 	  || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[full,test]"
 
-# Debian packages: espeak-ng synthesizes the digits corpus. Needs root (CI and dev machines are).
+# Debian packages: egs/digits synthesizes its corpus with espeak-ng, flite and festival
+# (festvox-* voices built from recordings of real talkers). Needs root (CI and dev machines are).
+DIGITS_DEBS = espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
 sysdeps:
-	@command -v espeak-ng >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null); \
-	  else echo "espeak-ng missing: sudo apt-get install espeak-ng (needed by egs/digits)"; fi; }
+	@missing=""; for p in $(DIGITS_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null); \
+	  else echo "missing Debian packages:$$missing: sudo apt-get install$$missing (needed by egs/digits)"; fi; fi
 
 # Rebuild the C++ core in place after editing csrc/ (the editable install picks it up).
 build:

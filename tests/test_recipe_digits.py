@@ -22,8 +22,9 @@ from conftest import script_env
 RECIPE = Path(__file__).resolve().parent.parent / "egs" / "digits"
 
 pytestmark = pytest.mark.skipif(
-    subprocess.run(["sh", "-c", "command -v espeak-ng"], capture_output=True).returncode != 0,
-    reason="espeak-ng is not installed (make install installs it)")
+    subprocess.run(["sh", "-c", "command -v espeak-ng && command -v flite && command -v festival"],
+                   capture_output=True).returncode != 0,
+    reason="espeak-ng, flite or festival is not installed (make install installs them)")
 
 
 def run_recipe(workdir, *args, check=True):
@@ -37,7 +38,8 @@ def run_recipe(workdir, *args, check=True):
 
 
 TINY = ["--train-utts-per-voice", "2", "--valid-utts-per-voice", "2",
-        "--test-utts-per-voice", "2", "--num-valid-voices", "2", "--num-test-voices", "3"]
+        "--test-utts-per-voice", "2", "--num-valid-voices", "2", "--num-test-voices", "3",
+        "--recorded-utts-per-voice", "1", "--recorded-talkers", "kal,ked,slt,awb,rms"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,8 @@ def read_table(path):
 
 def test_data_dirs_are_kaldi_consistent(prepared):
     wd, _ = prepared
-    for part in ("train", "valid", "test"):
+    # features are computed for the augmented copy of train (train_aug), valid and test
+    for part in ("train_aug", "valid", "test"):
         d = wd / "data" / part
         keys = None
         for name in ("wav.scp", "text", "utt2spk", "feats.scp", "utt2num_frames"):
@@ -78,7 +81,10 @@ def test_data_dirs_are_kaldi_consistent(prepared):
 def test_split_by_voice(prepared):
     wd, _ = prepared
     spks = {p: set(read_table(wd / "data" / p / "spk2utt")) for p in ("train", "valid", "test")}
-    assert len(spks["test"]) == 3 and len(spks["valid"]) == 2 and len(spks["train"]) > 10
+    # 3 espeak-ng voices and 1 recorded talker (flite/festival) in test
+    assert len(spks["test"]) == 4 and len(spks["valid"]) == 2 and len(spks["train"]) > 10
+    assert sum(s.startswith("r") for s in spks["test"]) == 1
+    assert sum(s.startswith("r") for s in spks["train"]) == 4
     assert not spks["train"] & spks["test"], "a test voice was also in training"
     assert not spks["train"] & spks["valid"] and not spks["valid"] & spks["test"]
 
@@ -193,7 +199,7 @@ def test_interrupted_training_resumes(trained):
     """A run that died in training (no .done.4) continues from its last checkpoint."""
     wd, _ = trained
     exp = wd / "exp" / "chain"
-    for f in (exp / ".done.4", exp / ".done.5", exp / "final.pt"):
+    for f in (exp / ".done.4", exp / ".done.5", exp / ".done.6", exp / "final.pt"):
         f.unlink()
     more_steps = TINY_TRAIN.replace("--max-steps 3", "--max-steps 5")
     r = run_recipe(wd, *TINY, "--train-opts", more_steps)
@@ -202,6 +208,23 @@ def test_interrupted_training_resumes(trained):
     assert "resumed from" in log0 and "ckpt-00000003.pt" in log0
     assert "wrote exp/chain/final.pt after 5 steps" in log0
     assert (exp / "decode_test" / "wer").is_file()
+
+
+def test_augmented_training_data_and_evaluation_table(trained):
+    wd, r = trained
+    d = wd / "data" / "train_aug"
+    utts = [l.split()[0] for l in (d / "wav.scp").read_text().splitlines()]
+    assert utts == sorted(l.split()[0] for l in (wd / "data" / "train" / "wav.scp")
+                          .read_text().splitlines())
+    aug = read_table(d / "utt2aug")
+    assert sorted(aug) == utts and any("reverb=" in v or "noise=" in v for v in aug.values())
+    assert (d / "augment.json").is_file() and (d / "feats.scp").is_file()
+    table = (wd / "exp" / "chain" / "eval_table.md").read_text()
+    for name in ("clean", "telephone band", "reverberant", "noise 0 dB", "noise 5 dB",
+                 "noise 10 dB"):
+        assert "| %s" % name in table
+    assert "| telephone band |" in r.stdout
+    assert read_table(wd / "data" / "test_noise5" / "text") == read_table(wd / "data" / "test" / "text")
 
 
 def test_stages_resume_and_bad_options(prepared):

@@ -40,7 +40,9 @@ def get_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--exp", type=Path, default=Path("exp/chain"))
-    p.add_argument("--part", default="test")
+    p.add_argument("--part", default="test",
+                   help="data dir(s) under --data, comma-separated (run.sh stage 6 decodes "
+                        "every evaluation condition in one call)")
     p.add_argument("--model", type=Path, default=None, help="default: <exp>/final.pt")
     p.add_argument("--acoustic-scale", type=float, default=1.0)
     p.add_argument("--beam", type=float, default=15.0)
@@ -79,8 +81,10 @@ def main():
     args = get_parser().parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s [decode.py] %(message)s")
-    exp, part_dir = args.exp, args.data / args.part
-    for f in (exp / "tree", exp / "0.trans_mdl", part_dir / "feats.scp", part_dir / "text"):
+    exp = args.exp
+    parts = [p for p in args.part.split(",") if p]
+    for f in [exp / "tree", exp / "0.trans_mdl"] + [args.data / p / n for p in parts
+                                                    for n in ("feats.scp", "text")]:
         if not f.is_file():
             sys.exit("decode.py: %s not found" % f)
     torch.set_num_threads(1)
@@ -89,8 +93,14 @@ def main():
     graph = get_graph(exp, args.data / "lang", tree, trans_model)
     model = load_model(exp, args.model or exp / "final.pt")
     ctx = probe_model_context(model, model.feat_dim)
+    for part in parts:
+        decode_part(args, part, model, ctx, graph)
 
-    out = exp / ("decode_" + args.part)
+
+def decode_part(args, part, model, ctx, graph):
+    """Decode ``<data>/<part>`` into ``<exp>/decode_<part>``."""
+    part_dir = args.data / part
+    out = args.exp / ("decode_" + part)
     out.mkdir(parents=True, exist_ok=True)
     refs = read_transcripts(part_dir / "text")
     hyps = {}
@@ -119,8 +129,7 @@ def main():
                                                                " ".join(hyps.get(utt, []))))
     (out / "wer").write_text(str(stats).splitlines()[0] + "\n")
     print(stats)
-    log.info("%s WER on %d utterances of unseen voices: %s", args.part, len(hyps),
-             str(stats).splitlines()[0])
+    log.info("%s WER on %d utterances: %s", part, len(hyps), str(stats).splitlines()[0])
 
 
 if __name__ == "__main__":

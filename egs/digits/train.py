@@ -71,6 +71,12 @@ def get_parser():
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--exp", type=Path, default=Path("exp/chain"))
     p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per process)")
+    p.add_argument("--train-part", default="train",
+                   help="training data dir under --data (run.sh: train_aug when augmenting)")
+    p.add_argument("--spec-augment", default="",
+                   help="Kaldi spec-augment-layer on the input features in training: "
+                        "'freq-max-proportion,time-zeroed-proportion,time-mask-max-frames' "
+                        "(Kaldi's defaults: 0.5,0.2,20); empty: off")
     p.add_argument("--num-epochs", type=int, default=6)
     p.add_argument("--minibatch-size", default="1:32",
                    help="Kaldi rule string (nnet3-chain-merge-egs --minibatch-size)")
@@ -115,7 +121,16 @@ def get_params(args) -> Dict:
 def model_config(args, params, num_pdfs: int) -> Dict:
     """Constructor arguments of the TDNNFModel, saved to model.json for decode.py."""
     strides = [int(s) for s in args.time_strides.split(",") if s.strip()]
-    return dict(num_pdfs=num_pdfs, feat_dim=params["feat_dim"], tdnn_dim=args.tdnnf_dim,
+    spec = None
+    if args.spec_augment:
+        try:
+            fp, tz, tm = args.spec_augment.split(",")
+            spec = dict(freq_max_proportion=float(fp), time_zeroed_proportion=float(tz),
+                        time_mask_max_frames=int(tm))
+        except ValueError:
+            sys.exit("train.py: --spec-augment needs 'freq-max-proportion,"
+                     "time-zeroed-proportion,time-mask-max-frames', got %r" % args.spec_augment)
+    return dict(spec_augment=spec, num_pdfs=num_pdfs, feat_dim=params["feat_dim"], tdnn_dim=args.tdnnf_dim,
                 tdnnf_dim=args.tdnnf_dim, bottleneck_dim=args.bottleneck_dim,
                 time_strides=strides, prefinal_dim=args.prefinal_dim,
                 prefinal_big_dim=args.tdnnf_dim,
@@ -192,9 +207,10 @@ def run(args) -> None:
                         format="%(asctime)s %(levelname)s [train.py rank " + str(info.rank)
                         + "] %(message)s")
     exp, data, lang = args.exp, args.data, args.data / "lang"
+    train_dir = data / args.train_part
     for f in (exp / "tree", exp / "0.trans_mdl", exp / "den.fst", exp / "normalization.fst",
-              lang / "L.fst", lang / "words.txt", data / "train" / "feats.scp",
-              data / "train" / "allowed_lengths.txt", data / "valid" / "feats.scp"):
+              lang / "L.fst", lang / "words.txt", train_dir / "feats.scp",
+              train_dir / "allowed_lengths.txt", data / "valid" / "feats.scp"):
         if not f.is_file():
             sys.exit("train.py: %s not found (run the earlier stages of run.sh)" % f)
     tree = read_tree(str(exp / "tree"))
@@ -213,15 +229,15 @@ def run(args) -> None:
     # examples carry f//2 extra context frames so frame shifts can move the input
     # (egs_left_context = model_left_context + f // 2 in Kaldi's chain train.py)
     fsf = params["frame_subsampling_factor"]
-    allowed = (data / "train" / "allowed_lengths.txt").read_text().split()
+    allowed = (train_dir / "allowed_lengths.txt").read_text().split()
     egs_config = ExampleGenerationConfig(left_context=model.left_context + fsf // 2,
                                          right_context=model.right_context + fsf // 2,
                                          num_frames=",".join(allowed),
                                          frame_subsampling_factor=fsf)
     norm = read_fst(str(exp / "normalization.fst"))
-    train_keys = sorted(read_text(data / "train" / "text"))
+    train_keys = sorted(read_text(train_dir / "text"))
     valid_keys = sorted(read_text(data / "valid" / "text"))
-    train_egs = make_e2e_egs(data / "train", train_keys, lang, tree, trans_model, norm,
+    train_egs = make_e2e_egs(train_dir, train_keys, lang, tree, trans_model, norm,
                              egs_config, info.rank, info.world_size)
     valid_egs = make_e2e_egs(data / "valid", valid_keys, lang, tree, trans_model, norm,
                              egs_config, info.rank, info.world_size)

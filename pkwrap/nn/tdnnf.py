@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pkwrap.ngsgd import linear, mm, spliced_linear
+from pkwrap.nn.spec_augment import SpecAugment
 from pkwrap.nn.natural import (NaturalAffine, natural_gradient_modules, row_sqnorm,
                                 set_row_sqnorm)
 
@@ -838,8 +839,12 @@ class TDNNFModel(nn.Module):
       xent_head:
         Build the xent head (``prefinal_xent``, ``output_xent``, learning-rate factor 5).
 
-    Not included: Kaldi's training-only spec-augment layer and the ReLU self-repair term
-    (both change only training, not the network function).
+      spec_augment:
+        Keyword arguments of :class:`pkwrap.nn.spec_augment.SpecAugment` (Kaldi's
+        ``spec-augment-layer``), applied after batchnorm0 in training only; None: none.
+
+    Not included: the ReLU self-repair term (it changes only training, not the network
+    function).
 
     Attributes ``left_context``, ``right_context`` (input frames needed on each side) and
     ``frame_subsampling_factor``.  ``forward(x)`` with x ``[B][T_in][F]`` returns
@@ -853,7 +858,7 @@ class TDNNFModel(nn.Module):
                  prefinal_dim: int = 192, prefinal_big_dim: int = 768,
                  bypass_scale: float = 0.66, frame_subsampling_factor: int = 3,
                  use_idct: bool = True, use_delta: bool = True, l2_regularize: float = 0.03,
-                 xent_head: bool = True):
+                 xent_head: bool = True, spec_augment: Optional[Dict] = None):
         super().__init__()
         if num_pdfs <= 0 or feat_dim <= 0:
             raise ValueError(f"TDNNFModel: bad num_pdfs={num_pdfs} or feat_dim={feat_dim}")
@@ -867,6 +872,7 @@ class TDNNFModel(nn.Module):
         if use_idct:
             self.register_buffer("idct", compute_idct_matrix(feat_dim, 22.0))
         self.batchnorm0 = KaldiBatchNorm(feat_dim)
+        self.spec_augment = SpecAugment(**spec_augment) if spec_augment else None
         in_dim = feat_dim
         if use_delta:
             in_dim = 3 * feat_dim
@@ -936,6 +942,8 @@ class TDNNFModel(nn.Module):
         if coarse_from_start and not self.use_delta:
             x, first, rate = x[:, (-first) % f::f], (first + (-first) % f) // f, f
         x = self.batchnorm0(x)
+        if self.spec_augment is not None:
+            x = self.spec_augment(x)  # identity in eval mode
         if self.use_delta:
             x = delta_features(x)
             first += 2

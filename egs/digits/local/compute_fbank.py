@@ -91,9 +91,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="conf/fbank.conf")
     p.add_argument("--no-cmn", action="store_true", help="keep raw log filterbanks")
+    p.add_argument("--sample-frequency", type=float, default=None,
+                   help="override the config's --sample-frequency (run.sh --sample-rate)")
     p.add_argument("data_dir", type=Path)
     args = p.parse_args()
     opts = read_fbank_config(args.config)
+    if args.sample_frequency is not None:
+        opts.frame_opts.samp_freq = args.sample_frequency
     wav_scp = args.data_dir / "wav.scp"
     if not wav_scp.is_file():
         sys.exit("compute_fbank.py: %s not found" % wav_scp)

@@ -1,12 +1,21 @@
 #!/usr/bin/env python3
-"""Synthesize a spoken-digit corpus with espeak-ng and write Kaldi data dirs.
+"""Synthesize a spoken-digit corpus with espeak-ng, flite and festival; write Kaldi data dirs.
 
 Each utterance is a random string of 1..N digits ("zero".."nine", with "oh" as an
-alternative reading of 0), spoken by espeak-ng with one voice variant (the speaker),
-one English accent, and a random speed, pitch and word gap. The 22.05 kHz waveform
-espeak-ng writes is resampled to 16 kHz with a polyphase filter
-(``scipy.signal.resample_poly``, up 320 / down 441), padded with 0.1-0.5 s of
-silence on each side, scaled by a random gain and corrupted by additive noise at a
+alternative reading of 0), spoken by one voice (the speaker) with random prosody:
+
+* espeak-ng: one voice variant, one English accent, a random speed, pitch and word gap;
+* flite (Debian ``flite``; voices built from recordings of real talkers: kal16, awb, rms,
+  slt, and kal at 8 kHz): a random duration stretch, F0 mean and F0 range
+  (``--setf duration_stretch=, int_f0_target_mean=, int_f0_target_stddev=``);
+* festival (``festvox-kallpc16k``, ``festvox-kdlpc16k``, ``festvox-us-slt-hts``): a random
+  duration stretch; one festival process per voice synthesizes all its utterances.
+
+Voices of the same recorded talker (flite's kal / kal16 and festival's kal_diphone,
+flite's slt and festival's HTS slt) are one speaker, so the split by speaker never puts
+a talker on both sides.  Every waveform is resampled to ``--sample-rate`` (8000 or
+16000) with a polyphase filter (``scipy.signal.resample_poly``), padded with 0.1-0.5 s
+of silence on each side, scaled by a random gain and corrupted by additive noise at a
 random SNR:
 
     y[n] = g * x[n] + sigma * e[n],   sigma^2 = P_x / 10^(SNR / 10),
@@ -20,19 +29,22 @@ length*: frame counts L_k = 3 * ceil(L_0 * r^k / 3), r = ``--allowed-length-fact
 listed in ``data/<split>/allowed_lengths.txt``. Test utterances keep their length.
 
 Training utterances are also *warped* (speed perturbation by resampling, as Kaldi's
-``utils/data/perturb_data_dir_speed.sh``): resampling to 16000 / a Hz and playing at
-16 kHz makes the speech a times faster with formants a times higher, which varies
-the vocal tract beyond espeak-ng's voices (a uniform in ``--warp-range``).
+``utils/data/perturb_data_dir_speed.sh``): resampling to R / a Hz and playing at
+R Hz makes the speech a times faster with formants a times higher, which varies
+the vocal tract beyond the synthesizers' voices (a uniform in ``--warp-range``).
 
-Speakers are split by voice: the variants (``espeak-ng --voices=variant``) are
-shuffled with the seed and dealt into train / valid / test, so no voice in test or
-valid was heard in training. Output, per split (Kaldi data dir):
+Speakers are split by voice: the espeak-ng variants (``espeak-ng --voices=variant``)
+are shuffled with the seed and dealt into train / valid / test, and the recorded
+talkers of flite/festival (``--recorded-talkers``) likewise into test
+(``--num-test-talkers``) and train, so no voice in test or valid was heard in training.
+Output, per split (Kaldi data dir):
 
-  data/<split>/wav.scp   <utt> <abs path of a 16 kHz 16-bit mono WAV>
+  data/<split>/wav.scp   <utt> <abs path of a 16-bit mono WAV at --sample-rate>
   data/<split>/text      <utt> <word> <word> ...
   data/<split>/utt2spk   <utt> <spk>
   data/<split>/spk2utt   <spk> <utt> <utt> ...
   data/<split>/utt2info  <utt> <accent> <speed> <pitch> <gap> <snr_db|clean> <warp>
+                         (flite/festival: <engine:voice> <stretch> <f0 mean> <f0 std> ...)
 
 Utterance ids are ``<spk>-<index>`` so that sorting by utterance also sorts by speaker.
 
@@ -43,9 +55,12 @@ Usage:
 import argparse
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +83,17 @@ DEFAULT_VARIANTS = [
     "kaukovalta",
 ]
 
+# Recorded talkers of the Debian synthesizers: speaker -> [(engine, voice, package)].
+RECORDED_TALKERS = {
+    "kal": [("flite", "kal16", "flite"), ("flite", "kal", "flite"),
+            ("festival", "kal_diphone", "festvox-kallpc16k")],
+    "ked": [("festival", "ked_diphone", "festvox-kdlpc16k")],
+    "slt": [("flite", "slt", "flite"), ("festival", "cmu_us_slt_arctic_hts", "festvox-us-slt-hts")],
+    "awb": [("flite", "awb", "flite")],
+    "rms": [("flite", "rms", "flite")],
+}
+
 ESPEAK_RATE = 22050
-TARGET_RATE = 16000
 
 
 def get_parser():
@@ -101,8 +125,21 @@ def get_parser():
                    help="probability that an utterance gets no added noise")
     p.add_argument("--allowed-length-factor", type=float, default=1.08,
                    help="ratio of consecutive allowed lengths (train/valid padding)")
+    p.add_argument("--recorded-talkers", default=",".join(RECORDED_TALKERS),
+                   help="comma-separated flite/festival talkers (%s); empty: espeak-ng only"
+                        % ",".join(RECORDED_TALKERS))
+    p.add_argument("--num-test-talkers", type=int, default=1,
+                   help="recorded talkers held out for test (the others train)")
+    p.add_argument("--recorded-utts-per-voice", type=int, default=80,
+                   help="training utterances per flite/festival voice (test: "
+                        "--test-utts-per-voice)")
+    p.add_argument("--stretch-range", default="0.8,1.25",
+                   help="flite/festival duration stretch (1: the voice's own speed)")
+    p.add_argument("--f0-mean-range", default="0.8,1.25",
+                   help="flite F0 mean, relative to the talker's (male 110 Hz, female 170 Hz)")
+    p.add_argument("--sample-rate", type=int, default=16000, choices=(8000, 16000))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nj", type=int, default=2, help="parallel espeak-ng processes")
+    p.add_argument("--nj", type=int, default=2, help="parallel synthesizer processes")
     return p
 
 
@@ -129,6 +166,67 @@ def check_espeak(accents, variants):
         r = subprocess.run(["espeak-ng", "-q", "-v", a, "one"], capture_output=True, text=True)
         if r.returncode != 0 or r.stderr.strip():
             sys.exit("synth_corpus.py: espeak-ng cannot use accent voice %r: %s" % (a, r.stderr.strip()))
+
+
+def check_recorded(talkers):
+    """Fail early, naming the Debian package to install, if a flite/festival voice is missing."""
+    need_flite = any(e == "flite" for t in talkers for e, _, _ in RECORDED_TALKERS[t])
+    if need_flite:
+        if shutil.which("flite") is None:
+            sys.exit("synth_corpus.py: flite not found: apt-get install flite (or `make install`)")
+        out = subprocess.run(["flite", "-lv"], capture_output=True, text=True).stdout.split()
+        for t in talkers:
+            for e, v, _ in RECORDED_TALKERS[t]:
+                if e == "flite" and v not in out:
+                    sys.exit("synth_corpus.py: flite has no voice %s (flite -lv: %s)"
+                             % (v, " ".join(out[2:])))
+    fest = [(v, pkg) for t in talkers for e, v, pkg in RECORDED_TALKERS[t] if e == "festival"]
+    if fest:
+        if shutil.which("festival") is None:
+            sys.exit("synth_corpus.py: festival not found: apt-get install festival %s "
+                     "(or `make install`)" % " ".join(pkg for _, pkg in fest))
+        r = subprocess.run(["festival", "-b", "(print (voice.list))"], capture_output=True,
+                           text=True)
+        for v, pkg in fest:
+            if v not in r.stdout:
+                sys.exit("synth_corpus.py: festival has no voice %s: apt-get install %s"
+                         % (v, pkg))
+
+
+def read_pcm_wav(path):
+    """float32 samples in [-1, 1] and the rate of a 16-bit mono WAV a synthesizer wrote."""
+    from scipy.io import wavfile as _w
+    rate, pcm = _w.read(str(path))
+    if pcm.ndim != 1 or pcm.dtype != np.int16 or pcm.size == 0:
+        raise RuntimeError("%s: expected a non-empty 16-bit mono WAV" % path)
+    return pcm.astype(np.float32) / 32768.0, rate
+
+
+def synthesize_flite(text, voice, stretch, f0_mean, f0_std, tmp):
+    cmd = ["flite", "-voice", voice, "-t", text, "-o", str(tmp),
+           "--setf", "duration_stretch=%.3f" % stretch,
+           "--setf", "int_f0_target_mean=%.1f" % f0_mean,
+           "--setf", "int_f0_target_stddev=%.1f" % f0_std]
+    r = subprocess.run(cmd, capture_output=True)
+    if r.returncode != 0:
+        raise RuntimeError("flite failed (%s): %s" % (" ".join(cmd), r.stderr.decode(errors="replace")))
+    return read_pcm_wav(tmp)
+
+
+def synthesize_festival_batch(voice, items, out_dir):
+    """One festival process synthesizes ``items`` [(utt, text, stretch)] to out_dir/<utt>.wav."""
+    lines = ["(voice_%s)" % voice]
+    for utt, text, stretch in items:
+        lines.append("(Parameter.set 'Duration_Stretch %.3f)" % stretch)
+        lines.append('(utt.save.wave (utt.synth (Utterance Text "%s")) "%s" \'riff)'
+                     % (text, out_dir / (utt + ".wav")))
+    script = out_dir / ("%s.scm" % voice)
+    script.write_text("\n".join(lines) + "\n")
+    r = subprocess.run(["festival", "-b", str(script)], capture_output=True, text=True)
+    missing = [u for u, _, _ in items if not (out_dir / (u + ".wav")).is_file()]
+    if r.returncode != 0 or missing:
+        raise RuntimeError("festival (voice %s) failed for %d utterances (e.g. %s): %s"
+                           % (voice, len(missing), missing[:1], r.stderr.strip()[-300:]))
 
 
 def synthesize(text, accent, variant, speed, pitch, gap):
@@ -168,30 +266,40 @@ def allowed_lengths(factor, shortest=30, longest=3000, multiple=3):
     return out
 
 
-def num_frames(num_samples):
-    """Frames of 25 ms every 10 ms at 16 kHz with Kaldi's snip-edges."""
-    return 0 if num_samples < 400 else 1 + (num_samples - 400) // 160
+def num_frames(num_samples, rate):
+    """Frames of 25 ms every 10 ms with Kaldi's snip-edges."""
+    win, shift = rate // 40, rate // 100
+    return 0 if num_samples < win else 1 + (num_samples - win) // shift
 
 
-def make_utterance(spec, wav_path, lengths=None):
+def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
     """Synthesize, resample, pad (to an allowed length if ``lengths``), add noise, write."""
     rng = np.random.default_rng(spec["seed"])
-    x = synthesize(" ".join(spec["words"]), spec["accent"], spec["variant"],
-                   spec["speed"], spec["pitch"], spec["gap"])
-    # 22050 Hz -> 16000 / warp Hz (320/441 without warp), then read as 16 kHz
-    x = resample_poly(x, int(round(320 / spec.get("warp", 1.0))), 441).astype(np.float64)
-    # trim espeak's own trailing pause, then pad with a random amount of silence
+    text = " ".join(spec["words"])
+    engine = spec.get("engine", "espeak")
+    if engine == "espeak":
+        x, src_rate = synthesize(text, spec["accent"], spec["variant"], spec["speed"],
+                                 spec["pitch"], spec["gap"]), ESPEAK_RATE
+    elif engine == "flite":
+        x, src_rate = synthesize_flite(text, spec["variant"], spec["stretch"], spec["f0_mean"],
+                                       spec["f0_std"], raw_dir / (spec["utt"] + ".flite.wav"))
+    else:
+        x, src_rate = read_pcm_wav(raw_dir / (spec["utt"] + ".wav"))
+    # src_rate -> rate / warp, then read as rate
+    ratio = Fraction(rate / (src_rate * spec.get("warp", 1.0))).limit_denominator(2000)
+    x = resample_poly(x, ratio.numerator, ratio.denominator).astype(np.float64)
+    # trim the synthesizer's own pauses, then pad with a random amount of silence
     active = np.flatnonzero(np.abs(x) > 1e-3)
     if active.size:
-        x = x[max(0, active[0] - 160):active[-1] + 160]
-    lead, trail = (int(rng.uniform(0.1, 0.5) * TARGET_RATE) for _ in range(2))
+        x = x[max(0, active[0] - rate // 100):active[-1] + rate // 100]
+    lead, trail = (int(rng.uniform(0.1, 0.5) * rate) for _ in range(2))
     if lengths is not None:
-        n = num_frames(len(x) + lead + trail)
+        n = num_frames(len(x) + lead + trail, rate)
         target = next((m for m in lengths if m >= n), None)
         if target is None:
             raise RuntimeError("utterance %s (%d frames) is longer than every allowed length"
                                % (spec["utt"], n))
-        extra = max(0, 400 + (target - 1) * 160 - (len(x) + lead + trail))
+        extra = max(0, rate // 40 + (target - 1) * (rate // 100) - (len(x) + lead + trail))
         add_lead = int(rng.integers(0, extra + 1))
         lead, trail = lead + add_lead, trail + extra - add_lead
     x = np.concatenate([np.zeros(lead), x, np.zeros(trail)])
@@ -206,8 +314,8 @@ def make_utterance(spec, wav_path, lengths=None):
     peak = np.max(np.abs(x))
     if peak > 0.99:
         x *= 0.99 / peak
-    wavfile.write(str(wav_path), TARGET_RATE, np.round(x * 32767).astype(np.int16))
-    return len(x) / TARGET_RATE
+    wavfile.write(str(wav_path), rate, np.round(x * 32767).astype(np.int16))
+    return len(x) / rate
 
 
 def random_words(rng, args):
@@ -235,6 +343,30 @@ def plan_split(rng, variants, n_utts, accents, args):
     return specs
 
 
+def plan_recorded(rng, talkers, n_utts, args):
+    """Utterances of every flite/festival voice of ``talkers`` (speaker = the talker)."""
+    stretch, f0 = _range(args.stretch_range), _range(args.f0_mean_range)
+    specs = []
+    for t in talkers:
+        spk = "r" + t
+        for engine, voice, _ in RECORDED_TALKERS[t]:
+            for i in range(n_utts):
+                f0_base = 170.0 if t == "slt" else 110.0
+                f0_mean = round(f0_base * rng.uniform(*f0), 1)
+                f0_std = round(rng.uniform(0.05, 0.25) * f0_base, 1)
+                if engine != "flite":  # festival: only the duration stretch is varied
+                    f0_mean = f0_std = "-"
+                specs.append(dict(
+                    utt="%s-%s-%04d" % (spk, voice.replace("_", ""), i), spk=spk, engine=engine,
+                    variant=voice, words=random_words(rng, args), accent="%s:%s" % (engine, voice),
+                    stretch=round(rng.uniform(*stretch), 3),
+                    f0_mean=f0_mean, f0_std=f0_std,
+                    snr=None if rng.random() < args.clean_prob else round(rng.uniform(
+                        *_range(args.snr_range)), 1),
+                    seed=rng.getrandbits(32)))
+    return specs
+
+
 def write_data_dir(d, specs, wav_dir):
     d.mkdir(parents=True, exist_ok=True)
     specs = sorted(specs, key=lambda s: s["utt"])
@@ -255,9 +387,13 @@ def write_data_dir(d, specs, wav_dir):
             f.write("%s %s\n" % (spk, " ".join(spk2utt[spk])))
     with open(d / "utt2info", "w") as f:
         for s in specs:
-            f.write("%s %s %d %d %d %s %s\n" % (s["utt"], s["accent"], s["speed"], s["pitch"],
-                                                s["gap"], "clean" if s["snr"] is None else s["snr"],
-                                                s.get("warp", 1.0)))
+            if s.get("engine", "espeak") == "espeak":
+                prosody = "%d %d %d" % (s["speed"], s["pitch"], s["gap"])
+            else:
+                prosody = "%s %s %s" % (s["stretch"], s["f0_mean"], s["f0_std"])
+            f.write("%s %s %s %s %s\n" % (s["utt"], s["accent"], prosody,
+                                           "clean" if s["snr"] is None else s["snr"],
+                                           s.get("warp", 1.0)))
 
 
 def main():
@@ -275,7 +411,16 @@ def main():
                                               args.num_test_voices))
     if not 1 <= args.min_digits <= args.max_digits:
         sys.exit("synth_corpus.py: need 1 <= --min-digits <= --max-digits")
+    talkers = [t for t in args.recorded_talkers.split(",") if t]
+    unknown = [t for t in talkers if t not in RECORDED_TALKERS]
+    if unknown:
+        sys.exit("synth_corpus.py: unknown recorded talker(s) %s (known: %s)"
+                 % (", ".join(unknown), ", ".join(RECORDED_TALKERS)))
+    if talkers and not 0 <= args.num_test_talkers < len(talkers):
+        sys.exit("synth_corpus.py: %d recorded talkers cannot give %d for test and leave some "
+                 "for training" % (len(talkers), args.num_test_talkers))
     check_espeak(accents, variants)
+    check_recorded(talkers)
     rng = random.Random(args.seed)
     shuffled = sorted(variants)
     rng.shuffle(shuffled)
@@ -287,6 +432,14 @@ def main():
         "valid": plan_split(rng, valid_v, args.valid_utts_per_voice, accents, args),
         "test": plan_split(rng, test_v, args.test_utts_per_voice, accents, args),
     }
+    # the recorded talkers: their own random stream, so the espeak-ng part of the corpus
+    # is the same with or without them
+    rrng = random.Random("recorded-%d" % args.seed)
+    shuffled_t = sorted(talkers)
+    rrng.shuffle(shuffled_t)
+    test_t, train_t = shuffled_t[:args.num_test_talkers], shuffled_t[args.num_test_talkers:]
+    plans["train"] += plan_recorded(rrng, train_t, args.recorded_utts_per_voice, args)
+    plans["test"] += plan_recorded(rrng, test_t, args.test_utts_per_voice, args)
     args.wav_dir.mkdir(parents=True, exist_ok=True)
     lengths = allowed_lengths(args.allowed_length_factor)
     for specs in (plans["train"], plans["valid"]):
@@ -294,15 +447,28 @@ def main():
             s["pad_to_allowed"] = True
     warp = _range(args.warp_range)
     for s in plans["train"]:
-        s["warp"] = round(rng.uniform(*warp), 3)
+        s["warp"] = round((rng if s.get("engine", "espeak") == "espeak" else rrng)
+                          .uniform(*warp), 3)
     jobs = [s for specs in plans.values() for s in specs]
+    raw_dir = Path(tempfile.mkdtemp(prefix="synth_raw.", dir=str(args.wav_dir)))
 
     def make(s):
-        return make_utterance(s, args.wav_dir / (s["utt"] + ".wav"),
-                              lengths if s.get("pad_to_allowed") else None)
+        return make_utterance(s, args.wav_dir / (s["utt"] + ".wav"), args.sample_rate,
+                              lengths if s.get("pad_to_allowed") else None, raw_dir)
 
-    with ThreadPoolExecutor(max_workers=max(1, args.nj)) as ex:
-        durs = list(ex.map(make, jobs))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, args.nj)) as ex:
+            # festival: one process per voice for all its utterances, first
+            fest = {}
+            for s in jobs:
+                if s.get("engine") == "festival":
+                    fest.setdefault(s["variant"], []).append(
+                        (s["utt"], " ".join(s["words"]), s["stretch"]))
+            list(ex.map(lambda kv: synthesize_festival_batch(kv[0], kv[1], raw_dir),
+                        sorted(fest.items())))
+            durs = list(ex.map(make, jobs))
+    finally:
+        shutil.rmtree(raw_dir, ignore_errors=True)
     dur_of = {s["utt"]: d for s, d in zip(jobs, durs)}
     for split, specs in plans.items():
         write_data_dir(args.out_dir / split, specs, args.wav_dir)

@@ -1,0 +1,1 @@
+"""Data preparation helpers: waveform augmentation (:mod:`pkwrap.data.augment`)."""
