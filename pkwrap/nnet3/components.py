@@ -192,6 +192,17 @@ def _write_value(w: KaldiWriter, kind: str, v) -> None:
 COMPONENT_TYPES: Dict[str, Type["Component"]] = {}
 
 
+def _field_property(field: str, default: float, doc: str) -> property:
+    """A float training setting stored in the component's file field ``<field>``
+    (``default`` when the file has none; set through ``_set_field``)."""
+    def get(self) -> float:
+        return float(self.fields.get(field, default))
+
+    def set_(self, v: float) -> None:
+        self._set_field(field, float(v))
+    return property(get, set_, doc=doc)
+
+
 def _register(cls):
     COMPONENT_TYPES[cls.TYPE] = cls
     return cls
@@ -289,38 +300,12 @@ class Component(nn.Module):
         items.insert(pos, (field, value))
         self.fields = OrderedDict(items)
 
-    @property
-    def learning_rate_factor(self) -> float:
-        return float(self.fields.get("LearningRateFactor", 1.0))
-
-    @learning_rate_factor.setter
-    def learning_rate_factor(self, v: float) -> None:
-        self._set_field("LearningRateFactor", float(v))
-
-    @property
-    def max_change(self) -> float:
-        """Kaldi's max-change (0: none)."""
-        return float(self.fields.get("MaxChange", 0.0))
-
-    @max_change.setter
-    def max_change(self, v: float) -> None:
-        self._set_field("MaxChange", float(v))
-
-    @property
-    def l2_regularize(self) -> float:
-        return float(self.fields.get("L2Regularize", 0.0))
-
-    @l2_regularize.setter
-    def l2_regularize(self, v: float) -> None:
-        self._set_field("L2Regularize", float(v))
-
-    @property
-    def orthonormal_constraint(self) -> float:
-        return float(self.fields.get("OrthonormalConstraint", 0.0))
-
-    @orthonormal_constraint.setter
-    def orthonormal_constraint(self, v: float) -> None:
-        self._set_field("OrthonormalConstraint", float(v))
+    learning_rate_factor = _field_property("LearningRateFactor", 1.0,
+                                           "Kaldi's learning-rate-factor.")
+    max_change = _field_property("MaxChange", 0.0, "Kaldi's max-change (0: none).")
+    l2_regularize = _field_property("L2Regularize", 0.0, "Kaldi's l2-regularize.")
+    orthonormal_constraint = _field_property("OrthonormalConstraint", 0.0,
+                                             "Kaldi's orthonormal-constraint (0: none).")
 
     def training_options(self) -> Dict[str, float]:
         """Kaldi's per-component training settings (present only when in the file):
