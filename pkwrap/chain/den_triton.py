@@ -208,7 +208,7 @@ class _GraphTables:
 class _Plan:
     """Static buffers and (on CUDA) the captured graph of one (S, T, leaky, want_post)."""
 
-    def __init__(self, tables: _GraphTables, N: int, P: int, S: int, T: int, device):
+    def __init__(self, N: int, P: int, S: int, T: int, device):
         f32 = dict(dtype=torch.float32, device=device)
         self.x = torch.empty(S, T, P, **f32)
         self.e = torch.empty(T, P, S, **f32)
@@ -301,7 +301,7 @@ class TritonDenominator:
         if pl is not None:
             self._plans.move_to_end(key)
             return pl
-        pl = _Plan(self.tables, self.N, self.P, S, T, self.device)
+        pl = _Plan(self.N, self.P, S, T, self.device)
         if self.use_cuda_graph:
             pl.x.normal_()  # warm-up (compiles the kernels) on finite data, then capture
             s = torch.cuda.Stream(self.device)
