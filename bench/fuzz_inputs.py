@@ -146,10 +146,10 @@ def build_base(base: Path) -> Dict[str, str]:
     cp("final.mdl", FIX / "nnet3_io" / "P1_tdnnf" / "final.mdl")
     cp("lda.mat", n3 / "configs" / "lda.mat")
     cfg = (n3 / "configs" / "final.config").read_text()
-    cfg = re.sub(r"matrix=\S*lda\.mat", "matrix=" + B["lda.mat"], cfg)
+    cfg = re.sub(r"matrix=\S*lda\.mat", "matrix=lda.mat", cfg)  # cwd: the case dir
     (base / "final.config").write_text(cfg)
     B["final.config"] = str(base / "final.config")
-    _run_ok(["nnet3-init", "--srand=1", B["final.config"], str(base / "init.raw")])
+    _run_ok(["nnet3-init", "--srand=1", B["final.config"], str(base / "init.raw")], cwd=base)
     B["init.raw"] = str(base / "init.raw")
     f = np.load(FIX / "nnet3_io" / "inputs" / "feats_utt1_95.npy")
     iv = np.load(FIX / "nnet3_io" / "inputs" / "ivector_utt_utt1_95.npy")
@@ -178,9 +178,9 @@ def build_base(base: Path) -> Dict[str, str]:
     return B
 
 
-def _run_ok(cmd):
+def _run_ok(cmd, cwd=None):
     r = subprocess.run([sys.executable, str(SCRIPTS / cmd[0])] + cmd[1:], capture_output=True,
-                       text=True, env=_env(), timeout=300)
+                       text=True, env=_env(), timeout=300, cwd=cwd)
     if r.returncode != 0:
         raise SystemExit("fuzz setup: %s failed:\n%s" % (" ".join(cmd), r.stderr))
 
@@ -354,12 +354,13 @@ def _fst_semantic(path) -> List[tuple]:
     for _ in range(2):
         (ln,) = struct.unpack("<i", raw[o:o + 4]); o += 4 + ln
     hdr = o + 4 + 4 + 8  # start, numstates, numarcs follow
-    for lab, off, v in (("hdr-numstates=2^40", hdr + 8, 1 << 40),
-                        ("hdr-numstates=-5", hdr + 8, -5),
-                        ("hdr-numarcs=2^40", hdr + 16, 1 << 40),
-                        ("hdr-start=2^40", hdr, 1 << 40)):
+    # (OpenFst's VectorFst ignores num_arcs; pkwrap checks a positive one: either is fine)
+    for lab, off, v, must in (("hdr-numstates=2^40", hdr + 8, 1 << 40, True),
+                              ("hdr-numstates=-5", hdr + 8, -5, True),
+                              ("hdr-numarcs=2^40", hdr + 16, 1 << 40, False),
+                              ("hdr-start=2^40", hdr, 1 << 40, True)):
         r = bytearray(raw); r[off:off + 8] = struct.pack("<q", v)
-        out.append((lab, bytes(r), True))
+        out.append((lab, bytes(r), must))
     # first state's narcs absurd
     r = bytearray(raw); r[hdr + 24 + 4:hdr + 24 + 12] = struct.pack("<q", 1 << 34)
     out.append(("state0-narcs=2^34", bytes(r), True))
@@ -451,7 +452,7 @@ PROGS = [
                                    "ark,t:{phones_with_lengths.txt}", "ark:{out}/sup.ark"],
          {"tree": "kbin", "trans.mdl": "kbin", "phones_with_lengths.txt": "text"},
          ["sup.ark"], rspec=[3], wspec=[4]),
-    Prog("compute-wer", ["--text", "--mode=present", "ark:{ref.txt}", "ark:{hyp.txt}"],
+    Prog("compute-wer", ["--text", "--mode=strict", "ark:{ref.txt}", "ark:{hyp.txt}"],
          {"ref.txt": "text", "hyp.txt": "text"}, stdout_check=True, rspec=[2, 3]),
 ]
 
@@ -506,7 +507,9 @@ def make_cases(B: Dict[str, str], per_input: int, seed: int = 12) -> List[Case]:
             if kind == "gz":   # damaged gzip behind a pipe
                 variants = [(a, b, True) for a, b, _ in variants]
             for label, data, must in variants:
-                if "/" in inp:  # a file inside a directory input: copy the directory
+                if inp == "lda.mat":  # named by the config, relative to the case dir
+                    files, subst = {"lda.mat": data}, {"lda.mat": "lda.mat"}
+                elif "/" in inp:  # a file inside a directory input: copy the directory
                     files = _copy_dir(B[top], "in_" + top, {inp.split("/", 1)[1]: data})
                     subst = {top: "in_" + top}
                 else:
@@ -527,7 +530,8 @@ def make_cases(B: Dict[str, str], per_input: int, seed: int = 12) -> List[Case]:
                     if other != inp and rng.random() < 0.5:
                         # pkwrap reads fstprint text FSTs too: another FST in text form
                         # may be accepted
-                        ok_alike = kind == "ofst" and other == "den.fst.txt"
+                        ok_alike = (kind == "ofst" and other == "den.fst.txt") or \
+                            (p.name in ("nnet3-copy", "nnet3-info") and other == "final.mdl")
                         cases.append(Case(new_id(p.name), p.name, p.args,
                                           {"wrong_" + inp: Path(B[other]).read_bytes()},
                                           {inp: "wrong_" + inp}, p.outputs, p.out_kind,
@@ -543,8 +547,7 @@ def make_cases(B: Dict[str, str], per_input: int, seed: int = 12) -> List[Case]:
                 xpath = orig.split(":", 1)[1] if ":" in orig else orig
                 argv[i] = bad.replace("{x}", xpath)
                 cases.append(Case(new_id(p.name), p.name, argv, {}, {}, p.outputs, p.out_kind,
-                                  p.stdout_check, "rspec:%s" % bad, bad != "{x}" or
-                                  p.name == "compute-wer",
+                                  p.stdout_check, "rspec:%s" % bad, bad != "{x}",
                                   names=["none.scp", "nonexistent", "ark", "exit 3", ":"]))
         for i in p.wspec:
             for bad in ("ark,foo:{out}/w.ark", "ark:", "{out}/w.ark", "ark:{out}/nodir/w.ark",
@@ -609,6 +612,8 @@ def _run_case(case, B, root, timeout, unshare_ok, no_fork=False) -> dict:
     if cdir.exists():
         shutil.rmtree(cdir)
     cdir.mkdir(parents=True)
+    if case.prog == "nnet3-init" and "lda.mat" not in case.subst:
+        shutil.copyfile(B["lda.mat"], cdir / "lda.mat")
     for rel, data in case.files.items():
         f = cdir / rel
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -765,6 +770,8 @@ def _listdir(d: Path) -> List[str]:
 
 NONFINITE = re.compile(r"(?<![A-Za-z])(nan|-?inf(inity)?)(?![A-Za-z])", re.I)
 ERRLINE = re.compile(r"^([\w.-]+): (.+)$")
+ERRORISH = re.compile(r"error|Traceback|Exception|\[E\]|\bfailed\b|cannot|invalid|"
+                      r"Warning:|RuntimeWarning", re.I)
 LOGLINE = re.compile(r"^(LOG|WARNING|VLOG|INFO)\b|^\s*$|^[\w.-]+: (warning|note): ", re.I)
 
 
@@ -818,8 +825,11 @@ def classify(case: Case, rc, so: str, se: str, left: List[str], outdir: Path,
     # what a pipe's command (``ark:gunzip -c x |``) says on stderr is its own
     pipe_cmds = tuple(w.split()[0] + ":" for a in argv if "|" in a
                       for w in [a.split(":", 1)[-1].strip(" |")] if w.split())
-    others = [ln for ln in lines[:-1] if not LOGLINE.search(ln)
-              and not ln.startswith("LOG (") and not ln.startswith("WARNING (")
+    if "gunzip:" in pipe_cmds:
+        pipe_cmds += ("gzip:",)
+    # log lines (Kaldi's LOG/WARNING, progress, a decoder's "utt words") may come
+    # before the error line; a second line that reads as an error may not
+    others = [ln for ln in lines[:-1] if ERRORISH.search(ln)
               and not (pipe_cmds and ln.startswith(pipe_cmds))]
     if left:
         return D("PARTIAL", "after a failure the output dir holds %s" % left[:4])
@@ -838,6 +848,9 @@ def classify(case: Case, rc, so: str, se: str, left: List[str], outdir: Path,
             for tok in re.split(r"[:=,| ]", a):
                 if len(tok) > 3 and ("/" in tok) and (tok in msg or os.path.basename(tok) in msg):
                     named.append(tok)
+    if not named and case.outdir in ("full", "fsize"):
+        # a full disk may hit a temporary file first: naming it is naming the file
+        named = re.findall(r"/[\w.-]+/[\w./-]+", msg)
     if not named:
         return D("UNCLEAR", "no file named: %s" % last[:200])
     return {"cls": "OK-clean-error", "kind": "", "why": ""}

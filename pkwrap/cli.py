@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import sys
 import traceback
 from typing import Callable, List, Optional
@@ -115,12 +116,24 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
     verbose = _verbose_requested(argv) or os.environ.get(_VERBOSE_ENV, "") not in ("", "0")
     if not keep_verbose:
         argv = [a for a in argv if a != "--verbose" and not a.startswith("--verbose=")]
+    from pkwrap.kaldi import io as kio
+    first_output = len(kio._COMMITTED)
+    old_term = _catch_sigterm()
     try:
-        return main(argv)
-    except SystemExit:
+        rc = main(argv)
+        if rc not in (None, 0):
+            _remove_outputs(kio, first_output, prog, report=True)
+        return rc
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            _remove_outputs(kio, first_output, prog)
         raise
     except KeyboardInterrupt:
+        _remove_outputs(kio, first_output, prog)
         raise SystemExit(130) from None
+    except _Terminated:
+        _remove_outputs(kio, first_output, prog)
+        raise SystemExit("%s: terminated (SIGTERM)" % prog) from None
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): stop quietly, as SIGPIPE would
         try:
@@ -130,11 +143,49 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
             pass
         raise SystemExit(141) from None
     except BaseException as e:  # noqa: B902 - every failure leaves through here
+        _remove_outputs(kio, first_output, prog)
         if isinstance(e, OSError) and e.errno == errno.EPIPE:
             raise SystemExit(141) from None
         if verbose:
             traceback.print_exc()
         raise SystemExit("%s: %s" % (prog, describe_error(e))) from None
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind (outputs are discarded) and exit."""
+
+
+def _catch_sigterm():
+    """SIGTERM (a job scheduler's kill, ``timeout``) unwinds the program like an error,
+    so that its temporary outputs are removed; returns the previous handler (None when
+    not in the main thread)."""
+    def handler(signum, frame):
+        raise _Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _remove_outputs(kio, first: int, prog: str, report: bool = False) -> None:
+    """A failed program leaves no output: temporaries still open are removed, and so are
+    the files it committed before it failed (a program that reports failure, e.g. Kaldi's
+    "nothing was done" exit status 1, must not leave an empty or partial archive)."""
+    kio.discard_open_outputs()
+    removed = []
+    for path in kio._COMMITTED[first:]:
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    del kio._COMMITTED[first:]
+    if report and removed:
+        print("%s: %s: removed, as the program failed" % (prog, ", ".join(removed)),
+              file=sys.stderr)
 
 
 def program(prog: str, keep_verbose: bool = False):

@@ -25,7 +25,16 @@ static py::array_t<float> DecompressMatrixPy(py::buffer data) {
   if (size < sizeof(h))
     throw std::invalid_argument("decompress_matrix: fewer than 20 header bytes");
   std::memcpy(&h, info.ptr, sizeof(h));
-  kaldi::CompressedPayloadSize(h);  // validates the header
+  // validate the header and check the payload against the bytes there before the
+  // output (num_rows x num_cols floats) is allocated: a flipped bit in a size must not
+  // become a huge allocation
+  const int64_t payload = kaldi::CompressedPayloadSize(h);
+  if (static_cast<int64_t>(size) != static_cast<int64_t>(sizeof(h)) + payload)
+    throw std::invalid_argument("compressed matrix: " + std::to_string(size) +
+                                " bytes, its header (" + std::to_string(h.num_rows) + " x " +
+                                std::to_string(h.num_cols) + ", format " +
+                                std::to_string(h.format) + ") wants " +
+                                std::to_string(sizeof(h) + payload));
   py::array_t<float> out({static_cast<py::ssize_t>(h.num_rows),
                           static_cast<py::ssize_t>(h.num_cols)});
   float *dst = out.mutable_data();
@@ -74,8 +83,12 @@ static py::tuple MergeSupervisionFstsPy(py::list fsts) {
     for (int64_t i = 0; i < A; i++)
       if (nx.data()[i] < 0 || nx.data()[i] >= S)
         throw std::invalid_argument("merge_supervision_fsts: arc to a state out of range");
+    for (int64_t i = 0; i < S; i++)
+      if (off.data()[i] > off.data()[i + 1])
+        throw std::invalid_argument("merge_supervision_fsts: state offsets not ascending");
     const int64_t start = t[0].cast<int64_t>();
-    if (start >= S) throw std::invalid_argument("merge_supervision_fsts: bad start state");
+    if (start < 0 || start >= S)
+      throw std::invalid_argument("merge_supervision_fsts: bad start state");
     views.push_back({S, start, fin.data(), off.data(), il.data(), ol.data(), w.data(),
                      nx.data()});
     for (py::object o : {py::object(fin), py::object(off), py::object(il), py::object(ol),

@@ -85,22 +85,22 @@ def read_phone_counts(path) -> Tuple[Dict[Tuple[int, int], int], Dict[int, int]]
     """
     bi: Dict[Tuple[int, int], int] = {}
     mono: Dict[int, int] = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                vals = [int(x) for x in parts]
-            except ValueError:
-                vals = []
-            if len(vals) == 3 and vals[0] >= 0 and vals[1] > 0 and vals[2] >= 0:
-                bi[(vals[0], vals[1])] = vals[2]
-            elif len(vals) == 2 and vals[0] > 0 and vals[1] >= 0:
-                mono[vals[0]] = vals[1]
-            else:
-                raise ValueError("%s:%d: bad line in phone counts: %r"
-                                 % (path, lineno, line.rstrip("\n")))
+    from ..kaldi.io import read_text  # errors (missing, not UTF-8) name the file
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            vals = [int(x) for x in parts]
+        except ValueError:
+            vals = []
+        if len(vals) == 3 and vals[0] >= 0 and vals[1] > 0 and vals[2] >= 0:
+            bi[(vals[0], vals[1])] = vals[2]
+        elif len(vals) == 2 and vals[0] > 0 and vals[1] >= 0:
+            mono[vals[0]] = vals[1]
+        else:
+            raise ValueError("%s:%d: bad line in phone counts: %r"
+                             % (path, lineno, line.rstrip("\n")))
     return bi, mono
 
 

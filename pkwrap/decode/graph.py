@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..kaldi.fst import Fst, FstFormatError, read_fst, read_fst_binary, validate_fst, write_fst
-from ..kaldi.io import atomic_output
+from ..kaldi.io import atomic_output, read_text
 from .lexicon import (LexiconEntry, LexiconError, SymbolTable, add_disambig_symbols,
                       make_lexicon_fst, make_phone_table)
 
@@ -101,12 +101,15 @@ def from_kaldifst(kfst, name: Optional[str] = None) -> Fst:
             return read_fst_binary(f, name or "<kaldifst FST>")
 
 
-def validate_kaldifst(kfst, name: str, num_ilabels: Optional[int] = None) -> None:
+def validate_kaldifst(kfst, name: str, num_ilabels: Optional[int] = None,
+                      num_olabels: Optional[int] = None) -> None:
     """Check a ``kaldifst`` FST before it reaches a decoder (OpenFst does not: an arc to a
     missing state crashes the process): the checks of :func:`pkwrap.kaldi.fst.
-    validate_fst`, input labels below ``num_ilabels``. Raises :class:`GraphError`."""
+    validate_fst`, input labels below ``num_ilabels``, output labels below
+    ``num_olabels``. Raises :class:`GraphError`."""
     try:
-        validate_fst(from_kaldifst(kfst, name), name, num_ilabels=num_ilabels)
+        validate_fst(from_kaldifst(kfst, name), name, num_ilabels=num_ilabels,
+                     num_olabels=num_olabels)
     except FstFormatError as e:
         raise GraphError(str(e)) from None
 
@@ -238,49 +241,48 @@ def _check_arpa_words(path: str, table: SymbolTable) -> None:
             err(n, "%s %r is not a number" % (what, tok))
 
     section, order, seen_data, seen_end, max_order = None, 0, False, False, 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if seen_end:
+            break
+        if not seen_data:  # text before \\data\\ is ignored, as Kaldi's parser does
+            if line != "\\data\\":
                 continue
-            if seen_end:
-                break
-            if not seen_data:  # text before \\data\\ is ignored, as Kaldi's parser does
-                if line != "\\data\\":
-                    continue
-                seen_data = True
-                section = "data"
+            seen_data = True
+            section = "data"
+            continue
+        if line.startswith("\\"):
+            if line == "\\end\\":
+                seen_end = True
                 continue
-            if line.startswith("\\"):
-                if line == "\\end\\":
-                    seen_end = True
-                    continue
-                if not (line.endswith("-grams:") and line[1:line.index("-")].isdigit()):
-                    err(n, "unknown section %r" % line)
-                order = int(line[1:line.index("-")])
-                if order < 1 or order > max_order:
-                    err(n, "section %r but the header declares orders 1..%d" % (line, max_order))
-                section = "ngrams"
-                continue
-            if section == "data":
-                if not line.startswith("ngram ") or "=" not in line:
-                    err(n, "expected 'ngram N=count' in the \\data\\ section, got %r" % line)
-                k, c = line[6:].split("=", 1)
-                if not (k.strip().isdigit() and c.strip().isdigit()):
-                    err(n, "bad header line %r" % line)
-                max_order = max(max_order, int(k))
-                continue
-            a = line.split()
-            if len(a) not in (order + 1, order + 2):
-                err(n, "a %d-gram line needs a log-prob, %d words and an optional back-off "
-                       "weight, got %r" % (order, order, line))
-            num(a[0], n, "log-prob")
-            if len(a) == order + 2:
-                num(a[-1], n, "back-off weight")
-            for w in a[1:1 + order]:
-                if w not in table:
-                    raise LexiconError("%s:%d: word %r of the LM is not in %s"
-                                       % (path, n, w, table.name))
+            if not (line.endswith("-grams:") and line[1:line.index("-")].isdigit()):
+                err(n, "unknown section %r" % line)
+            order = int(line[1:line.index("-")])
+            if order < 1 or order > max_order:
+                err(n, "section %r but the header declares orders 1..%d" % (line, max_order))
+            section = "ngrams"
+            continue
+        if section == "data":
+            if not line.startswith("ngram ") or "=" not in line:
+                err(n, "expected 'ngram N=count' in the \\data\\ section, got %r" % line)
+            k, c = line[6:].split("=", 1)
+            if not (k.strip().isdigit() and c.strip().isdigit()):
+                err(n, "bad header line %r" % line)
+            max_order = max(max_order, int(k))
+            continue
+        a = line.split()
+        if len(a) not in (order + 1, order + 2):
+            err(n, "a %d-gram line needs a log-prob, %d words and an optional back-off "
+                   "weight, got %r" % (order, order, line))
+        num(a[0], n, "log-prob")
+        if len(a) == order + 2:
+            num(a[-1], n, "back-off weight")
+        for w in a[1:1 + order]:
+            if w not in table:
+                raise LexiconError("%s:%d: word %r of the LM is not in %s"
+                                   % (path, n, w, table.name))
     if not seen_data:
         raise GraphError("%s is not an ARPA file (no \\data\\ section)" % path)
     if not seen_end:
@@ -705,18 +707,17 @@ class DecodingGraph:
 def _read_any_fst(path):
     """Read a vector or const OpenFst file (Kaldi writes HCLG.fst as const) as a
     ``kaldifst.StdVectorFst``."""
-    import struct
     import kaldifst
+    from pkwrap.kaldi.fst import check_fst_file
     path = os.fspath(path)
+    # OpenFst trusts the file: sizes and states are checked first (a flipped bit must
+    # not become a huge allocation, a crash, or OpenFst's own multi-line errors)
     try:
-        with open(path, "rb") as f:
-            head = f.read(64)
+        fst_type = check_fst_file(path)
     except OSError as e:
-        raise GraphError("cannot read %s: %s" % (path, e.strerror)) from None
-    if len(head) < 8 or struct.unpack("<i", head[:4])[0] != 2125659606:
-        raise GraphError("%s is not an OpenFst binary FST (bad magic number)" % path)
-    n = struct.unpack("<i", head[4:8])[0]
-    fst_type = head[8:8 + n].decode("ascii", "replace")
+        raise GraphError("%s: %s" % (path, e.strerror or e)) from None
+    except FstFormatError as e:
+        raise GraphError(str(e)) from None
     if fst_type == "vector":
         fst = kaldifst.StdVectorFst.read(path)
     elif fst_type == "const":
@@ -822,11 +823,20 @@ def build_decoding_graph_from_lang(lang_dir, tree, trans_model, transition_scale
     kaldifst.arcsort(G, sort_type="ilabel")
     phones = SymbolTable.read(need("phones.txt"))
     words = SymbolTable.read(need("words.txt"))
+    # labels within the symbol tables (a corrupt id would otherwise pass silently)
+    validate_kaldifst(L, need("L_disambig.fst"), num_ilabels=phones.max_id() + 1,
+                      num_olabels=words.max_id() + 1)
+    validate_kaldifst(G, need("G.fst"), num_ilabels=words.max_id() + 1,
+                      num_olabels=words.max_id() + 1)
     dis_path = need("phones", "disambig.int")
     try:
-        disambig = [int(l.split()[0]) for l in open(dis_path) if l.strip()]
+        disambig = [int(l.split()[0]) for l in read_text(dis_path).split("\n") if l.strip()]
     except ValueError:
         raise GraphError("%s: expected one integer per line" % dis_path) from None
+    if sorted(disambig) != sorted(phones.disambig_ids()):
+        raise GraphError("%s: lists %s, but the disambiguation symbols (#N) of %s are %s"
+                         % (dis_path, sorted(disambig)[:8], need("phones.txt"),
+                            sorted(phones.disambig_ids())[:8]))
     LG = compose_lg(L, G)
     hclg = make_hclg(LG, tree, trans_model, disambig, transition_scale, self_loop_scale)
     return DecodingGraph(hclg, words, phones, trans_model)

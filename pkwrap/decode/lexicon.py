@@ -52,31 +52,31 @@ class LexiconError(ValueError):
 def _read_lexicon_file(path, with_probs: bool) -> List[LexiconEntry]:
     path = os.fspath(path)
     ans: List[LexiconEntry] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            a = line.split()
-            if not a:
-                continue
-            word = a[0]
-            if word == "<eps>":
-                raise LexiconError("%s:%d: <eps> cannot be a word" % (path, n))
-            if with_probs:
-                if len(a) < 2:
-                    raise LexiconError("%s:%d: expected 'word prob phone ...', got %r"
-                                       % (path, n, line.rstrip()))
-                try:
-                    prob = float(a[1])
-                except ValueError:
-                    raise LexiconError("%s:%d: second field %r should be the pron-prob"
-                                       % (path, n, a[1])) from None
-                if not prob > 0.0 or not math.isfinite(prob):
-                    raise LexiconError("%s:%d: invalid pron-prob %r" % (path, n, a[1]))
-                phones = a[2:]
-            else:
-                prob, phones = 1.0, a[1:]
-            if not phones:
-                raise LexiconError("%s:%d: word %r has an empty pronunciation" % (path, n, word))
-            ans.append((word, prob, phones))
+    from ..kaldi.io import read_text  # errors (missing, not UTF-8) name the file
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        a = line.split()
+        if not a:
+            continue
+        word = a[0]
+        if word == "<eps>":
+            raise LexiconError("%s:%d: <eps> cannot be a word" % (path, n))
+        if with_probs:
+            if len(a) < 2:
+                raise LexiconError("%s:%d: expected 'word prob phone ...', got %r"
+                                   % (path, n, line.rstrip()))
+            try:
+                prob = float(a[1])
+            except ValueError:
+                raise LexiconError("%s:%d: second field %r should be the pron-prob"
+                                   % (path, n, a[1])) from None
+            if not prob > 0.0 or not math.isfinite(prob):
+                raise LexiconError("%s:%d: invalid pron-prob %r" % (path, n, a[1]))
+            phones = a[2:]
+        else:
+            prob, phones = 1.0, a[1:]
+        if not phones:
+            raise LexiconError("%s:%d: word %r has an empty pronunciation" % (path, n, word))
+        ans.append((word, prob, phones))
     if not ans:
         raise LexiconError("%s: no pronunciations found" % path)
     return ans

@@ -116,12 +116,12 @@ def read_transcripts(path: Union[str, os.PathLike]) -> Dict[str, List[str]]:
     """
     path = os.fspath(path)
     out: Dict[str, List[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            a = line.split()
-            if not a:
-                continue
-            if a[0] in out:
-                raise ScoringError("%s:%d: utterance %s appears twice" % (path, n, a[0]))
-            out[a[0]] = a[1:]
+    from ..kaldi.io import read_text  # errors (missing, not UTF-8) name the file
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        a = line.split()
+        if not a:
+            continue
+        if a[0] in out:
+            raise ScoringError("%s:%d: utterance %s appears twice" % (path, n, a[0]))
+        out[a[0]] = a[1:]
     return out

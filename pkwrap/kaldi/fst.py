@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, List, Optional, Tuple, Union
@@ -318,6 +319,37 @@ def read_fst_binary(f: BinaryIO, name: str = "<stream>") -> Fst:
         ilabel=arcs["ilabel"].astype(np.int32), olabel=arcs["olabel"].astype(np.int32),
         weight=arcs["weight"].astype(np.float32), nextstate=nextstate,
         arc_type=arc_type, properties=int(properties)), name)
+
+
+def check_fst_file(path) -> str:
+    """Check a binary OpenFst file before a library without these checks (OpenFst, via
+    kaldifst) reads it: a vector FST is read and validated in full (:func:`read_fst`:
+    sizes against the bytes left, states and labels in range); for a const FST the
+    header's state and arc counts must fit in the file. Returns the FST type ("vector" or
+    "const"). Raises :class:`FstFormatError` naming the file."""
+    name = os.fspath(path)
+    with _open(name, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or struct.unpack("<i", head)[0] != OPENFST_MAGIC:
+            raise FstFormatError("%s: not an OpenFst binary FST (bad magic number)" % name)
+        fst_type = _read_string(f, name)
+        if fst_type == "vector":
+            f.seek(0)
+            read_fst_binary(f, name)
+            return fst_type
+        if fst_type != "const":
+            raise FstFormatError("%s: FST type %r is not supported (vector or const)"
+                                 % (name, fst_type))
+        _read_string(f, name)  # arc type
+        _, _, _, start, num_states, num_arcs = struct.unpack(
+            "<iiQqqq", _read_exact(f, 4 + 4 + 8 + 8 * 3, "header", name))
+        left = _remaining(f)
+        if num_states < 0 or num_arcs < 0 or not (-1 <= start < max(num_states, 0)) or \
+                (left is not None and 20 * num_states + 16 * num_arcs > left):
+            raise FstFormatError("%s: const FST header (start %d, %d states, %d arcs) does "
+                                 "not fit the %s bytes of the file (truncated or corrupt)"
+                                 % (name, start, num_states, num_arcs, left))
+    return fst_type
 
 
 def write_fst_binary(fst: Fst, f: BinaryIO) -> None:

@@ -21,9 +21,11 @@ same pieces to a binary stream.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import stat
 import struct
+import weakref
 from typing import BinaryIO, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -385,6 +387,44 @@ def read_text(path) -> str:
 
 
 # ----------------------------------------------------------------------------- output
+# What this process is writing: AtomicFiles not yet committed or discarded, and the
+# paths it committed. pkwrap.cli uses them so that a failed program leaves nothing.
+_OPEN_OUTPUTS: "weakref.WeakSet[AtomicFile]" = weakref.WeakSet()
+_COMMITTED: List[str] = []
+
+
+def committed_outputs() -> List[str]:
+    """The files this process has committed so far (in order)."""
+    return list(_COMMITTED)
+
+
+def discard_open_outputs() -> None:
+    """Discard every :class:`AtomicFile` still open (its temporary file is removed)."""
+    for f in list(_OPEN_OUTPUTS):
+        f.discard()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Remove ``<path>.tmp.<pid>`` files of writers that no longer run (a writer killed
+    with SIGKILL cannot clean up after itself). Only temporaries of this very output,
+    and only of processes that do not exist on this machine, are touched."""
+    for t in glob.glob(glob.escape(path) + ".tmp.*"):
+        pid = t.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(t)
+
+
 class AtomicFile:
     """An output file that appears complete or not at all.
 
@@ -428,11 +468,13 @@ class AtomicFile:
                     self._raw = open(self.path, "wb")
                 else:
                     self.direct = False
+                    remove_stale_temporaries(self.path)
                     self.tmp = "%s.tmp.%d" % (self.path, os.getpid())
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.tmp)
                     fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
                     self._raw = os.fdopen(fd, "wb")
+                    _OPEN_OUTPUTS.add(self)
             except OSError as e:
                 self.tmp = None
                 raise file_error(self.path, e) from e
@@ -469,6 +511,8 @@ class AtomicFile:
             if self.tmp is not None:
                 os.replace(self.tmp, self.path)
                 self.tmp = None
+                _OPEN_OUTPUTS.discard(self)
+                _COMMITTED.append(self.path)
                 if self.fsync:
                     _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except OSError as e:
@@ -486,6 +530,7 @@ class AtomicFile:
             with contextlib.suppress(OSError):
                 os.unlink(self.tmp)
             self.tmp = None
+        _OPEN_OUTPUTS.discard(self)
 
     def __enter__(self):
         return self

@@ -60,20 +60,20 @@ class SymbolTable:
         """Read a Kaldi/OpenFst text symbol table (``symbol id`` per line)."""
         path = os.fspath(path)
         t = cls(path)
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                a = line.split()
-                if not a:
-                    continue
-                if len(a) != 2:
-                    raise SymbolTableError("%s:%d: expected 'symbol id', got %r"
-                                           % (path, n, line.rstrip()))
-                try:
-                    i = int(a[1])
-                except ValueError:
-                    raise SymbolTableError("%s:%d: id %r is not an integer"
-                                           % (path, n, a[1])) from None
-                t.add(a[0], i)
+        from .io import read_text  # errors (missing, not UTF-8) name the file
+        for n, line in enumerate(read_text(path).split("\n"), 1):
+            a = line.split()
+            if not a:
+                continue
+            if len(a) != 2:
+                raise SymbolTableError("%s:%d: expected 'symbol id', got %r"
+                                       % (path, n, line.rstrip()))
+            try:
+                i = int(a[1])
+            except ValueError:
+                raise SymbolTableError("%s:%d: id %r is not an integer"
+                                       % (path, n, a[1])) from None
+            t.add(a[0], i)
         if not t._sym2id:
             raise SymbolTableError("%s: empty symbol table" % path)
         return t

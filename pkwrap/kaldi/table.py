@@ -99,6 +99,8 @@ def parse_wspecifier(spec: str) -> WSpecifier:
         raise ValueError("wspecifier %r: unknown option(s) %s" % (spec, ",".join(bad) or head))
     binary = "t" not in parts
     flush = "f" in parts
+    if not rest.strip():
+        raise ValueError("wspecifier %r: empty file name" % spec)
     if kinds == ["ark"]:
         return WSpecifier(rest, None, binary, flush)
     if kinds == ["scp"]:

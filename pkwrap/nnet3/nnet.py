@@ -583,6 +583,8 @@ def _read_bytes(path) -> Tuple[bytes, str]:
                 data = f.read()
         except OSError as e:
             raise KaldiFormatError("%s: cannot read: %s" % (name, e.strerror)) from None
+        except UnicodeDecodeError as e:
+            raise KaldiFormatError("%s: not UTF-8 text (offset %d)" % (name, e.start)) from None
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     if not data:
