@@ -560,3 +560,159 @@ def test_trainer_reports_unused_egs_inputs(tmp_path):
     make()
     log = (tmp_path / "exp" / "log" / "train.0.log").read_text()
     assert "input(s) ivector that the model does not consume" in log
+
+
+# ------------------------------------------------ classes found by bench/fuzz_inputs.py
+def test_failed_program_leaves_no_output(tmp_path):
+    """A program that fails, by an exception or by returning a non-zero status (Kaldi's
+    "nothing was done"), leaves none of its outputs: neither committed archives nor
+    temporaries of outputs still open."""
+    out, other = tmp_path / "a.ark", tmp_path / "b.ark"
+
+    def nothing_done(argv):
+        with TableWriter("ark:%s" % out, "matrix") as w:
+            w["u"] = np.zeros((1, 1), np.float32)
+        assert out.exists()
+        return 1
+
+    assert run_program(nothing_done, "prog", []) == 1
+    assert _leftovers(tmp_path) == []
+
+    def dies_with_an_output_open(argv):
+        with TableWriter("ark:%s" % out, "matrix") as w:
+            w["u"] = np.zeros((1, 1), np.float32)
+        kio.AtomicFile(other).write(b"x")  # opened, never committed nor discarded
+        raise ValueError("bad input")
+
+    with pytest.raises(SystemExit, match="prog: bad input"):
+        run_program(dies_with_an_output_open, "prog", [])
+    assert _leftovers(tmp_path) == []
+    assert run_program(lambda argv: TableWriter("ark:%s" % out, "matrix").close(),
+                       "prog", []) is None
+    assert _leftovers(tmp_path) == ["a.ark"]  # success keeps it
+
+
+def test_sigterm_removes_temporaries(tmp_path):
+    code = ("import os, signal, time\n"
+            "from pkwrap.cli import run_program\n"
+            "from pkwrap.kaldi.io import AtomicFile\n"
+            "def main(argv):\n"
+            "    f = AtomicFile(%r)\n"
+            "    f.write(b'partial')\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "run_program(main, 'prog', [])\n" % str(tmp_path / "out.ark"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=script_env(), timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == "prog: terminated (SIGTERM)", r.stderr
+    assert _leftovers(tmp_path) == []
+
+
+def test_stale_temporaries_of_dead_writers_are_swept(tmp_path):
+    out = tmp_path / "x.ark"
+    dead = 4194000
+    while True:  # a pid that does not exist here
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            dead += 1
+    (tmp_path / ("x.ark.tmp.%d" % dead)).write_bytes(b"left by kill -9")
+    (tmp_path / ("x.ark.tmp.%d" % os.getppid())).write_bytes(b"a live writer's")
+    with atomic_output(out) as f:
+        f.write(b"new")
+    assert _leftovers(tmp_path) == ["x.ark", "x.ark.tmp.%d" % os.getppid()]
+
+
+def test_fst_files_checked_before_openfst_reads_them(tmp_path):
+    """Vector FSTs are read and validated by pkwrap before kaldifst (OpenFst) reads them;
+    const FSTs get their header sizes checked: absurd sizes are errors naming the file,
+    not allocations, crashes or OpenFst's own multi-line messages."""
+    pytest.importorskip("kaldifst")
+    from pkwrap.decode.graph import GraphError, _read_any_fst
+    from pkwrap.kaldi.fst import check_fst_file
+    raw = (MONO / "den.fst").read_bytes()
+    o = 4
+    for _ in range(2):
+        (n,) = struct.unpack("<i", raw[o:o + 4])
+        o += 4 + n
+    hdr = o + 16  # start, num_states, num_arcs
+    for off, v, what in ((hdr + 8, 1 << 40, "states"), (hdr + 8, -5, "start"),
+                         (hdr, 1 << 40, "start")):
+        bad = bytearray(raw)
+        bad[off:off + 8] = struct.pack("<q", v)
+        p = tmp_path / "bad.fst"
+        p.write_bytes(bytes(bad))
+        with pytest.raises(GraphError, match="bad.fst: .*%s" % what):
+            _read_any_fst(p)
+    p.write_bytes(raw[:100])
+    with pytest.raises(FstFormatError, match="bad.fst"):
+        check_fst_file(p)
+    # a const FST (Kaldi's HCLG.fst) declaring 2^40 states in a few bytes
+    p.write_bytes(raw[:4] + struct.pack("<i", 5) + b"const" + raw[o - 12:o] +
+                  struct.pack("<iiQqqq", 2, 0, 0, 0, 1 << 40, 3) + b"\0" * 64)
+    with pytest.raises(FstFormatError, match="bad.fst: const FST header"):
+        check_fst_file(p)
+
+
+@pytest.mark.parametrize("reader", ["symbols", "lexicon", "transcripts", "arpa"])
+def test_text_readers_name_the_file_on_bad_bytes(tmp_path, reader):
+    from pkwrap.decode import read_lexicon
+    from pkwrap.decode.scoring import read_transcripts
+    from pkwrap.kaldi.symbol_table import SymbolTable
+    p = tmp_path / "in.txt"
+    p.write_bytes(b"a 1\n\xff\xfe 2\n")
+    if reader == "arpa":
+        pytest.importorskip("kaldifst")
+        from pkwrap.decode.graph import make_arpa_grammar
+        f = lambda: make_arpa_grammar(p, SymbolTable.from_symbols(["<eps>", "a", "#0"]))  # noqa
+    else:
+        f = {"symbols": lambda: SymbolTable.read(p), "lexicon": lambda: read_lexicon(p),
+             "transcripts": lambda: read_transcripts(p)}[reader]
+    with pytest.raises(FileError, match=r"in.txt: not UTF-8 text"):
+        f()
+
+
+def test_wspecifier_with_empty_file_name():
+    from pkwrap.kaldi.table import parse_wspecifier
+    for spec in ("ark:", "ark,t: ", "ark,scp:"):
+        with pytest.raises(ValueError, match="empty file name"):
+            parse_wspecifier(spec)
+
+
+def test_compressed_matrix_payload_checked_before_allocation():
+    from pkwrap import _pkwrap
+    # format 2 (uint16), min, range, 2^30 x 2^30: the header asks for 8 EiB, 10 bytes follow
+    data = struct.pack("<iffii", 2, 0.0, 1.0, 1 << 30, 1 << 30) + b"\0" * 10
+    with pytest.raises(ValueError, match="wants"):
+        _pkwrap.decompress_matrix(np.frombuffer(data, np.uint8))
+
+
+def test_topology_probabilities_must_be_probabilities(tmp_path):
+    from pkwrap.kaldi.hmm import read_topology
+    text = fixture_path("mono", "topo").read_text()
+    import re as _re
+    m = _re.search(r"<Transition> (\d+) ([0-9.]+)", text)
+    p = tmp_path / "topo"
+    p.write_text(text[:m.start(2)] + "1e38" + text[m.end(2):])
+    with pytest.raises(KaldiFormatError, match=r"topo.*transition probability"):
+        read_topology(p)
+
+
+def test_lang_dir_labels_and_disambig_checked(tmp_path):
+    pytest.importorskip("kaldifst")
+    from pkwrap.decode import (GraphError, SymbolTable, build_decoding_graph_from_lang,
+                               read_lexicon, write_lang_dir)
+    from pkwrap.kaldi.hmm import read_transition_model, read_tree
+    lex = tmp_path / "lexicon.txt"
+    lex.write_text("one P4 P5\ntwo P6 P7\n")
+    lang = tmp_path / "lang"
+    write_lang_dir(lang, read_lexicon(lex), SymbolTable.read(MONO / "phones.txt"),
+                   grammar=["one", "two"], sil_phone="SIL")
+    tree, tm = read_tree(MONO / "tree"), read_transition_model(MONO / "trans.mdl")
+    build_decoding_graph_from_lang(lang, tree, tm)  # fine as written
+    (lang / "phones" / "disambig.int").write_text("")
+    with pytest.raises(GraphError, match="disambig.int: lists"):
+        build_decoding_graph_from_lang(lang, tree, tm)

@@ -51,6 +51,11 @@ from pkwrap.chain.phone_lm import fst_from_arrays
 from pkwrap.kaldi.fst import Fst, read_fst, write_fst
 from pkwrap.kaldi.hmm import ContextDependency, TransitionModel
 
+
+def _named(fst: Fst) -> str:
+    """``"<file>: "`` for an FST read from a file (errors about it name the file)."""
+    return (fst.name + ": ") if getattr(fst, "name", "") else ""
+
 __all__ = ["make_den_fst", "create_denominator_fst", "make_normalization_fst",
            "push_special", "context_expand_lm", "sort_on_transition_count"]
 
@@ -175,7 +180,8 @@ def push_special(fst: Fst, delta: float = float(_K_DELTA * np.float32(0.01))) ->
         occ = new * (1.0 / lam)
         if it % 5 == 0 and it > 0:
             tot = sums(occ)
-            if np.log(tot.max() / tot.min()) <= delta:
+            lo = tot.min()
+            if lo > 0 and np.log(tot.max() / lo) <= delta:
                 break
     pot = -np.log(occ)
     w = (fst.weight.astype(np.float64) + pot[dst]) - pot[src]
@@ -242,8 +248,9 @@ def context_expand_lm(phone_lm: Fst, phones: Sequence[int], context_width: int,
             if P + 1 == N or seq[P] == subseq:
                 return None
         else:
-            raise ValueError("phone LM has label %d, which is not a phone of the transition "
-                             "model (phones %d..%d)" % (label, min(phone_set), max(phone_set)))
+            raise ValueError("%sphone LM has label %d, which is not a phone of the transition "
+                             "model (phones %d..%d)" % (_named(phone_lm), label, min(phone_set),
+                                                        max(phone_set)))
         full = list(seq) + [label]
         for i in range(P + 1, N):
             if full[i] == subseq:
@@ -494,7 +501,7 @@ def create_denominator_fst(tree: ContextDependency, trans_model: TransitionModel
       den.fst as an :class:`Fst`.
     """
     if phone_lm.num_states == 0 or phone_lm.start < 0:
-        raise ValueError("the phone LM is empty")
+        raise ValueError("%sthe phone LM is empty" % _named(phone_lm))
     fst = _pdf_acceptor(tree, trans_model, phone_lm)
     br = _Bridge()
     kf = br.kf

@@ -360,12 +360,12 @@ def read_int_vector_archive(spec: Union[str, os.PathLike]) -> Iterator[Tuple[str
     Yields:
       (key, list of ints), in file order.
     """
-    path = os.fspath(spec)
-    if ":" in path and path.split(":", 1)[0].split(",")[0] in ("ark", "scp"):
-        kind, path = path.split(":", 1)
-        if kind.startswith("scp"):
-            raise ValueError("%s: scp: rspecifiers are not supported for phone sequences; "
-                             "use an archive (ark:)" % spec)
+    from ..kaldi.table import parse_rspecifier
+    rs = parse_rspecifier(os.fspath(spec))
+    path = rs.path
+    if rs.kind == "scp":
+        raise ValueError("%s: scp: rspecifiers are not supported for phone sequences; "
+                         "use an archive (ark:)" % spec)
     if path == "-":
         import sys
         data = sys.stdin.buffer.read()
@@ -407,8 +407,10 @@ def read_int_vector_archive(spec: Union[str, os.PathLike]) -> Iterator[Tuple[str
             lineno += 1
             try:
                 vals = [int(x) for x in line.split()]
+                if any(not -2 ** 31 <= v < 2 ** 31 for v in vals):
+                    raise ValueError
             except ValueError:
-                raise ValueError("%s:%d: entry %r: expected integers, got %r"
-                                 % (path, lineno, key, line)) from None
+                raise ValueError("%s:%d: entry %r: expected int32 integers, got %r"
+                                 % (path, lineno, key, line[:80])) from None
             yield key, vals
             pos = end + 1

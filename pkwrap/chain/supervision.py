@@ -664,10 +664,11 @@ class _Normalizer:
 
     def __init__(self, fst: Fst):
         import kaldifst
+        where = (fst.name + ": ") if fst.name else ""
         if fst.num_states == 0 or fst.start < 0:
-            raise ValueError("normalization FST is empty")
+            raise ValueError(where + "normalization FST is empty")
         if not fst.is_acceptor() or fst.has_epsilons():
-            raise ValueError("normalization FST must be an epsilon-free acceptor")
+            raise ValueError(where + "normalization FST must be an epsilon-free acceptor")
         self.fst = fst
         self.k = _to_kaldifst(fst)
         kaldifst.arcsort(self.k, sort_type="ilabel")

@@ -420,15 +420,15 @@ def open_wspecifier(wspecifier: str):
       call ``close()`` when done (the file gets its name), or ``file.discard()`` on
       failure (nothing is left).
     """
-    if ":" not in wspecifier:
-        raise DecodeError("bad wspecifier %r (expected ark:FILE or ark,t:FILE)" % wspecifier)
-    head, target = wspecifier.split(":", 1)
-    opts = head.split(",")
-    if opts[0] != "ark" or any(o not in ("t", "b", "f", "nf", "p", "cs", "ncs") for o in opts[1:]):
-        raise DecodeError("unsupported wspecifier %r (only ark[,t]:FILE)" % wspecifier)
-    binary = "t" not in opts[1:]
-    f = AtomicFile(target)
-    return f, binary, f.commit
+    from pkwrap.kaldi.table import parse_wspecifier
+    try:
+        spec = parse_wspecifier(wspecifier)  # the one parser: unknown options, no file name
+    except ValueError as e:
+        raise DecodeError(str(e)) from None
+    if spec.scp is not None or spec.ark.lstrip().startswith("|"):
+        raise DecodeError("unsupported wspecifier %r (only ark[,t]:FILE or ark:-)" % wspecifier)
+    f = AtomicFile(spec.ark)
+    return f, spec.binary, f.commit
 
 
 def write_int_vectors(f, items: Iterable[Tuple[str, Sequence[int]]], binary: bool) -> None:

@@ -102,14 +102,15 @@ def from_kaldifst(kfst, name: Optional[str] = None) -> Fst:
 
 
 def validate_kaldifst(kfst, name: str, num_ilabels: Optional[int] = None,
-                      num_olabels: Optional[int] = None) -> None:
+                      num_olabels: Optional[int] = None) -> Fst:
     """Check a ``kaldifst`` FST before it reaches a decoder (OpenFst does not: an arc to a
     missing state crashes the process): the checks of :func:`pkwrap.kaldi.fst.
     validate_fst`, input labels below ``num_ilabels``, output labels below
-    ``num_olabels``. Raises :class:`GraphError`."""
+    ``num_olabels``. Returns it as a :class:`~pkwrap.kaldi.fst.Fst`. Raises
+    :class:`GraphError`."""
     try:
-        validate_fst(from_kaldifst(kfst, name), name, num_ilabels=num_ilabels,
-                     num_olabels=num_olabels)
+        return validate_fst(from_kaldifst(kfst, name), name, num_ilabels=num_ilabels,
+                            num_olabels=num_olabels)
     except FstFormatError as e:
         raise GraphError(str(e)) from None
 
@@ -676,7 +677,13 @@ class DecodingGraph:
     def __post_init__(self):
         self.tid2pdf = np.asarray(self.trans_model.transition_id_to_pdf_array, np.int64)
         # every input label must be a transition-id of the model (0: epsilon)
-        validate_kaldifst(self.hclg, self.name, num_ilabels=len(self.tid2pdf))
+        f = validate_kaldifst(self.hclg, self.name, num_ilabels=len(self.tid2pdf))
+        # a graph that accepts nothing would fail every utterance inside the decoder
+        if f.num_states == 0 or not np.isfinite(f.final).any():
+            raise GraphError("%s: the graph has no final state" % self.name)
+        if f.state_offsets[f.start + 1] == f.state_offsets[f.start] and \
+                not np.isfinite(f.final[f.start]):
+            raise GraphError("%s: the start state has no arcs" % self.name)
 
     @property
     def num_pdfs(self) -> int:
@@ -837,7 +844,10 @@ def build_decoding_graph_from_lang(lang_dir, tree, trans_model, transition_scale
         raise GraphError("%s: lists %s, but the disambiguation symbols (#N) of %s are %s"
                          % (dis_path, sorted(disambig)[:8], need("phones.txt"),
                             sorted(phones.disambig_ids())[:8]))
-    LG = compose_lg(L, G)
+    try:
+        LG = compose_lg(L, G)
+    except GraphError as e:  # name the files it concerns
+        raise GraphError("%s and %s: %s" % (need("L_disambig.fst"), need("G.fst"), e)) from None
     hclg = make_hclg(LG, tree, trans_model, disambig, transition_scale, self_loop_scale)
     return DecodingGraph(hclg, words, phones, trans_model)
 

@@ -79,6 +79,7 @@ class Fst:
     nextstate: np.ndarray
     arc_type: str = "standard"
     properties: int = field(default=0, repr=False)
+    name: str = field(default="", repr=False, compare=False)  # the file it was read from
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -390,10 +391,14 @@ def read_fst(path_or_file) -> Fst:
         head = f.read(4)
         f.seek(0)
         if len(head) == 4 and struct.unpack("<i", head)[0] == OPENFST_MAGIC:
-            return read_fst_binary(f, name)
+            fst = read_fst_binary(f, name)
+            fst.name = name
+            return fst
         text = f.read().decode("utf-8", errors="replace")
     try:
-        return read_fst_text(text, name=name)
+        fst = read_fst_text(text, name=name)
+        fst.name = name
+        return fst
     except FstFormatError:
         raise
     except Exception as e:  # pragma: no cover - defensive

@@ -590,8 +590,9 @@ class HmmTopology:
                 for dst, p in st.transitions:
                     if not 0 <= dst < n:
                         bad("entry %d state %d: invalid destination state %d" % (i, j, dst))
-                    if p <= 0:
-                        bad("entry %d state %d: non-positive transition probability" % (i, j))
+                    if not 0 < p <= 1:  # also NaN / inf
+                        bad("entry %d state %d: transition probability %r is not in (0, 1]"
+                            % (i, j, p))
                     if dst in seen:
                         bad("entry %d state %d: duplicate transition to %d" % (i, j, dst))
                     seen.add(dst)
@@ -1152,7 +1153,9 @@ def show_transitions(trans_model: TransitionModel, phone_names: Dict[int, str],
         phone, hmm_state, fpdf, spdf = trans_model.tuples[s - 1]
         name = phone_names.get(phone)
         if name is None:
-            raise ValueError("phone %d has no symbol" % phone)
+            raise ValueError("%sphone %d of the transition model has no symbol" % (
+                ("%s: " % phone_names.name) if getattr(phone_names, "name", None) else "",
+                phone))
         if is_hmm:
             lines.append("Transition-state %d: phone = %s hmm-state = %d pdf = %d"
                          % (s, name, hmm_state, fpdf))

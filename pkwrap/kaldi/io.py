@@ -25,7 +25,6 @@ import glob
 import os
 import stat
 import struct
-import weakref
 from typing import BinaryIO, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -389,7 +388,7 @@ def read_text(path) -> str:
 # ----------------------------------------------------------------------------- output
 # What this process is writing: AtomicFiles not yet committed or discarded, and the
 # paths it committed. pkwrap.cli uses them so that a failed program leaves nothing.
-_OPEN_OUTPUTS: "weakref.WeakSet[AtomicFile]" = weakref.WeakSet()
+_OPEN_OUTPUTS: "set[AtomicFile]" = set()  # strong: an abandoned one is still cleaned up
 _COMMITTED: List[str] = []
 
 

@@ -583,8 +583,6 @@ def _read_bytes(path) -> Tuple[bytes, str]:
                 data = f.read()
         except OSError as e:
             raise KaldiFormatError("%s: cannot read: %s" % (name, e.strerror)) from None
-        except UnicodeDecodeError as e:
-            raise KaldiFormatError("%s: not UTF-8 text (offset %d)" % (name, e.start)) from None
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     if not data:
@@ -676,6 +674,8 @@ def nnet3_from_config(config, existing: Optional[Nnet3] = None, srand: int = 0,
                 config = f.read()
         except OSError as e:
             raise KaldiFormatError("%s: cannot read: %s" % (name, e.strerror)) from None
+        except UnicodeDecodeError as e:
+            raise KaldiFormatError("%s: not UTF-8 text (offset %d)" % (name, e.start)) from None
     g = torch.Generator().manual_seed(srand)
     new_comps: list = []
     lines = config.split("\n")
