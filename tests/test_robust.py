@@ -667,7 +667,8 @@ def test_text_readers_name_the_file_on_bad_bytes(tmp_path, reader):
     if reader == "arpa":
         pytest.importorskip("kaldifst")
         from pkwrap.decode.graph import make_arpa_grammar
-        f = lambda: make_arpa_grammar(p, SymbolTable.from_symbols(["<eps>", "a", "#0"]))  # noqa
+        words = SymbolTable.from_symbols(["<eps>", "a", "#0", "<s>", "</s>"])
+        f = lambda: make_arpa_grammar(p, words)  # noqa: E731
     else:
         f = {"symbols": lambda: SymbolTable.read(p), "lexicon": lambda: read_lexicon(p),
              "transcripts": lambda: read_transcripts(p)}[reader]
