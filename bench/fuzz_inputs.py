@@ -563,8 +563,7 @@ def make_cases(B: Dict[str, str], per_input: int, seed: int = 12) -> List[Case]:
                 # a full disk may still hold a small output: then it must be complete
                 cases.append(Case(new_id(p.name), p.name, p.args, {}, {}, p.outputs,
                                   p.out_kind, p.stdout_check, "outdir:%s" % od,
-                                  od == "readonly" or (od == "missing" and
-                                                       p.name != "mkgraph"),  # mkdir -p
+                                  od == "readonly",  # a program may create a missing dir
                                   outdir=od, names=["out/"]))
         cases.append(Case(new_id(p.name), p.name, p.args, {}, {}, p.outputs, p.out_kind,
                           p.stdout_check, "undamaged", False))
@@ -771,7 +770,7 @@ def _listdir(d: Path) -> List[str]:
 NONFINITE = re.compile(r"(?<![A-Za-z])(nan|-?inf(inity)?)(?![A-Za-z])", re.I)
 ERRLINE = re.compile(r"^([\w.-]+): (.+)$")
 ERRORISH = re.compile(r"error|Traceback|Exception|\[E\]|\bfailed\b|cannot|invalid|"
-                      r"Warning:|RuntimeWarning", re.I)
+                      r"RuntimeWarning|UserWarning", re.I)
 LOGLINE = re.compile(r"^(LOG|WARNING|VLOG|INFO)\b|^\s*$|^[\w.-]+: (warning|note): ", re.I)
 
 

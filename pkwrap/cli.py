@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from typing import Callable, List, Optional
 
 __all__ = ["program", "run_program", "describe_error", "file_error", "FileError"]
@@ -88,8 +89,10 @@ def describe_error(exc: BaseException) -> str:
     msg = str(exc).strip() or exc.__class__.__name__
     if isinstance(exc, KeyError) and exc.args:
         msg = str(exc.args[0])
+    if "\n" in msg:  # one line (a C++ library's message may span several)
+        msg = " ".join(ln.strip() for ln in msg.splitlines() if ln.strip())
     if isinstance(exc, (ValueError, RuntimeError, KeyError, EOFError)):
-        return " ".join(msg.split("\n")[:1]) if "\n" in msg and len(msg) > 500 else msg
+        return msg
     # not one of the errors the library raises for bad input: say what it is
     return "internal error: %s: %s (rerun with --verbose for the traceback)" % (
         exc.__class__.__name__, msg)
@@ -119,10 +122,12 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
     from pkwrap.kaldi import io as kio
     first_output = len(kio._COMMITTED)
     old_term = _catch_sigterm()
+    old_show = warnings.showwarning
+    warnings.showwarning = _one_line_warning(prog)
     try:
         rc = main(argv)
         if rc not in (None, 0):
-            _remove_outputs(kio, first_output, prog, report=True)
+            _remove_outputs(kio, first_output, prog)
         return rc
     except SystemExit as e:
         if e.code not in (None, 0):
@@ -150,8 +155,17 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
             traceback.print_exc()
         raise SystemExit("%s: %s" % (prog, describe_error(e))) from None
     finally:
+        warnings.showwarning = old_show
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+
+
+def _one_line_warning(prog: str):
+    """Python warnings as Kaldi prints its own: one ``WARNING (prog): ...`` line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print("WARNING (%s): %s" % (prog, " ".join(str(message).split())),
+              file=file or sys.stderr)
+    return show
 
 
 class _Terminated(BaseException):
@@ -170,22 +184,18 @@ def _catch_sigterm():
         return None
 
 
-def _remove_outputs(kio, first: int, prog: str, report: bool = False) -> None:
+def _remove_outputs(kio, first: int, prog: str) -> None:
     """A failed program leaves no output: temporaries still open are removed, and so are
     the files it committed before it failed (a program that reports failure, e.g. Kaldi's
     "nothing was done" exit status 1, must not leave an empty or partial archive)."""
     kio.discard_open_outputs()
-    removed = []
     for path in kio._COMMITTED[first:]:
         try:
             os.unlink(path)
-            removed.append(path)
         except OSError:
             pass
     del kio._COMMITTED[first:]
-    if report and removed:
-        print("%s: %s: removed, as the program failed" % (prog, ", ".join(removed)),
-              file=sys.stderr)
+
 
 
 def program(prog: str, keep_verbose: bool = False):

@@ -717,3 +717,62 @@ def test_lang_dir_labels_and_disambig_checked(tmp_path):
     (lang / "phones" / "disambig.int").write_text("")
     with pytest.raises(GraphError, match="disambig.int: lists"):
         build_decoding_graph_from_lang(lang, tree, tm)
+
+
+def test_nothing_done_is_one_line_naming_the_input(tmp_path):
+    """Kaldi's "nothing was done" failure (exit status 1): one line naming the input, no
+    output left (Kaldi would leave an empty archive)."""
+    empty = tmp_path / "empty.ark"
+    empty.write_bytes(b"")
+    for prog in ("nnet3-chain-copy-egs", "nnet3-chain-merge-egs"):
+        rc, err = _prog(prog, "ark:%s" % empty, "ark:%s" % (tmp_path / "out.ark"))
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith(prog + ": ark:") \
+            and "empty.ark" in lines[0], err
+    assert _leftovers(tmp_path) == ["empty.ark"]
+
+
+def test_python_warnings_are_one_line(capsys):
+    import warnings
+
+    def main(argv):
+        warnings.warn("two\nlines")
+    run_program(main, "prog", [])
+    assert capsys.readouterr().err == "WARNING (prog): two lines\n"
+
+
+def test_specifiers_parsed_by_the_shared_parser(tmp_path):
+    from pkwrap.chain.phone_lm import read_int_vector_archive
+    seqs = tmp_path / "seqs.txt"
+    seqs.write_text("u1 1 2 3\nu2 1 99999999999 3\n")
+    with pytest.raises(ValueError, match="unknown option"):
+        list(read_int_vector_archive("ark,foo:%s" % seqs))
+    with pytest.raises(ValueError, match="seqs.txt:2: .*int32"):
+        list(read_int_vector_archive("ark:%s" % seqs))
+    rc, err = _prog("compute-wer", "ark,foo:%s" % seqs, "ark:%s" % seqs)
+    assert rc == 1 and "unknown option" in err and len(err.strip().splitlines()) == 1
+
+
+def test_transition_probabilities_sum_to_one(tmp_path):
+    """A model whose transition-state probabilities do not sum to one is refused (it made
+    mkgraph's weight pushing run forever)."""
+    from pkwrap.kaldi.hmm import read_transition_model, write_transition_model
+    tm = read_transition_model(MONO / "trans.mdl")
+    lp = tm.log_probs.copy()
+    lp[-1] = -1e-20  # probability 1 for a transition that had 0.5
+    tm.log_probs = lp
+    p = tmp_path / "bad.mdl"
+    write_transition_model(tm, str(p))
+    with pytest.raises(KaldiFormatError, match="bad.mdl: .*sum to"):
+        read_transition_model(p)
+
+
+def test_fst_accepting_and_multi_line_errors():
+    from pkwrap.kaldi.fst import validate_fst
+    f = read_fst(MONO / "phone_lm.fst")
+    none_final = Fst(f.num_states, f.start, np.full_like(f.final, np.inf), f.state_offsets,
+                     f.ilabel, f.olabel, f.weight, f.nextstate)
+    validate_fst(none_final, "lm")  # well-formed ...
+    with pytest.raises(FstFormatError, match="lm: no final state"):
+        validate_fst(none_final, "lm", accepting=True)  # ... but accepts nothing
+    assert describe_error(RuntimeError("lib.cc:12\n[E] it broke\n")) == "lib.cc:12 [E] it broke"

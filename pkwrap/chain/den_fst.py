@@ -48,7 +48,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from pkwrap.chain.phone_lm import fst_from_arrays
-from pkwrap.kaldi.fst import Fst, read_fst, write_fst
+from pkwrap.kaldi.fst import Fst, read_fst, validate_fst, write_fst
 from pkwrap.kaldi.hmm import ContextDependency, TransitionModel
 
 
@@ -502,6 +502,7 @@ def create_denominator_fst(tree: ContextDependency, trans_model: TransitionModel
     """
     if phone_lm.num_states == 0 or phone_lm.start < 0:
         raise ValueError("%sthe phone LM is empty" % _named(phone_lm))
+    validate_fst(phone_lm, phone_lm.name or "the phone LM", accepting=True)
     fst = _pdf_acceptor(tree, trans_model, phone_lm)
     br = _Bridge()
     kf = br.kf

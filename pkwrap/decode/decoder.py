@@ -280,9 +280,11 @@ def decode(loglikes, graph: DecodingGraph, acoustic_scale: float = 1.0, beam: fl
         dec = kaldi_decoder.LatticeSimpleDecoder(graph.hclg, cfg)
         dec.decode(dec_in)
         reached = math.isfinite(dec.final_relative_cost())
-        ok, best = dec.get_best_path(use_final_probs=reached)
+        # the decoder is finalized: Kaldi's use_final_probs=true, which treats every
+        # surviving token as final when none reached a final state
+        ok, best = dec.get_best_path(use_final_probs=True)
         if ok:
-            ok_lat, lat = dec.get_raw_lattice(use_final_probs=reached)
+            ok_lat, lat = dec.get_raw_lattice(use_final_probs=True)
             if not ok_lat:
                 lat = None
     else:

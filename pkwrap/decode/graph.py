@@ -102,7 +102,7 @@ def from_kaldifst(kfst, name: Optional[str] = None) -> Fst:
 
 
 def validate_kaldifst(kfst, name: str, num_ilabels: Optional[int] = None,
-                      num_olabels: Optional[int] = None) -> Fst:
+                      num_olabels: Optional[int] = None, accepting: bool = False) -> Fst:
     """Check a ``kaldifst`` FST before it reaches a decoder (OpenFst does not: an arc to a
     missing state crashes the process): the checks of :func:`pkwrap.kaldi.fst.
     validate_fst`, input labels below ``num_ilabels``, output labels below
@@ -110,7 +110,7 @@ def validate_kaldifst(kfst, name: str, num_ilabels: Optional[int] = None,
     :class:`GraphError`."""
     try:
         return validate_fst(from_kaldifst(kfst, name), name, num_ilabels=num_ilabels,
-                            num_olabels=num_olabels)
+                            num_olabels=num_olabels, accepting=accepting)
     except FstFormatError as e:
         raise GraphError(str(e)) from None
 
@@ -677,13 +677,8 @@ class DecodingGraph:
     def __post_init__(self):
         self.tid2pdf = np.asarray(self.trans_model.transition_id_to_pdf_array, np.int64)
         # every input label must be a transition-id of the model (0: epsilon)
-        f = validate_kaldifst(self.hclg, self.name, num_ilabels=len(self.tid2pdf))
-        # a graph that accepts nothing would fail every utterance inside the decoder
-        if f.num_states == 0 or not np.isfinite(f.final).any():
-            raise GraphError("%s: the graph has no final state" % self.name)
-        if f.state_offsets[f.start + 1] == f.state_offsets[f.start] and \
-                not np.isfinite(f.final[f.start]):
-            raise GraphError("%s: the start state has no arcs" % self.name)
+        # (a graph that accepts nothing would fail every utterance inside the decoder)
+        validate_kaldifst(self.hclg, self.name, num_ilabels=len(self.tid2pdf), accepting=True)
 
     @property
     def num_pdfs(self) -> int:

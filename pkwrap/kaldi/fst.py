@@ -160,7 +160,8 @@ class Fst:
 
 # -------------------------------------------------------------------- validation
 def validate_fst(fst: Fst, name: str, num_ilabels: Optional[int] = None,
-                 num_olabels: Optional[int] = None, epsilon_free: bool = False) -> Fst:
+                 num_olabels: Optional[int] = None, epsilon_free: bool = False,
+                 accepting: bool = False) -> Fst:
     """Check that ``fst`` is a well-formed FST before it reaches a decoder or a kernel;
     returns it. Every reader calls this; code handing a graph to a kernel may call it
     again with the label bounds it needs.
@@ -168,7 +169,8 @@ def validate_fst(fst: Fst, name: str, num_ilabels: Optional[int] = None,
     Checks: start state in range (or -1 with no states), arc offsets consistent, every
     arc's next state exists, labels are >= 0 (and ``< num_ilabels`` / ``< num_olabels``
     when given; ``epsilon_free``: input label 0 is an error), no NaN or -inf weight or
-    final weight.
+    final weight; ``accepting``: some state is final and the start state is final or has
+    arcs (a graph that accepts nothing fails every utterance later, obscurely).
 
     Raises:
       FstFormatError: naming ``name`` and the first problem found.
@@ -210,6 +212,12 @@ def validate_fst(fst: Fst, name: str, num_ilabels: Optional[int] = None,
         bad = np.flatnonzero(np.isnan(f) | (f == -np.inf))
         if len(bad):
             raise FstFormatError("%s: state %d has final weight %s" % (name, bad[0], f[bad[0]]))
+    if accepting:
+        if S == 0 or not np.isfinite(fst.final).any():
+            raise FstFormatError("%s: no final state: the FST accepts nothing" % name)
+        if off[fst.start + 1] == off[fst.start] and not np.isfinite(fst.final[fst.start]):
+            raise FstFormatError("%s: the start state has no arcs: the FST accepts nothing"
+                                 % name)
     return fst
 
 

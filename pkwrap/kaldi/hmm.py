@@ -806,6 +806,15 @@ class TransitionModel:
                                       self.num_transition_ids + 1))
         if np.any(log_probs[1:] > 0) or not np.all(np.isfinite(log_probs[1:])):
             raise KaldiFormatError("%s: transition log-probs must be finite and <= 0" % name)
+        # each transition state's probabilities sum to one (Kaldi's TransitionModel::Check);
+        # a graph built from anything else is not stochastic (weight pushing may not end)
+        st = self._state2id
+        sums = np.add.reduceat(np.exp(log_probs[1:].astype(np.float64)),
+                               np.asarray(st[1:-1], np.int64) - 1) if len(st) > 2 else []
+        bad = np.flatnonzero(np.abs(np.asarray(sums) - 1.0) > 0.01)
+        if len(bad):
+            raise KaldiFormatError("%s: the transition probabilities of transition-state %d "
+                                   "sum to %g, not 1" % (name, bad[0] + 1, sums[bad[0]]))
         self.log_probs = log_probs
 
     @classmethod
@@ -1153,9 +1162,7 @@ def show_transitions(trans_model: TransitionModel, phone_names: Dict[int, str],
         phone, hmm_state, fpdf, spdf = trans_model.tuples[s - 1]
         name = phone_names.get(phone)
         if name is None:
-            raise ValueError("%sphone %d of the transition model has no symbol" % (
-                ("%s: " % phone_names.name) if getattr(phone_names, "name", None) else "",
-                phone))
+            raise ValueError("phone %d of the transition model has no symbol" % phone)
         if is_hmm:
             lines.append("Transition-state %d: phone = %s hmm-state = %d pdf = %d"
                          % (s, name, hmm_state, fpdf))
