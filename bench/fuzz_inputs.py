@@ -828,7 +828,7 @@ def classify(case: Case, rc, so: str, se: str, left: List[str], outdir: Path,
         pipe_cmds += ("gzip:",)
     # log lines (Kaldi's LOG/WARNING, progress, a decoder's "utt words") may come
     # before the error line; a second line that reads as an error may not
-    others = [ln for ln in lines[:-1] if ERRORISH.search(ln)
+    others = [ln for ln in lines[:-1] if ERRORISH.search(ln) and not LOGLINE.search(ln)
               and not (pipe_cmds and ln.startswith(pipe_cmds))]
     if left:
         return D("PARTIAL", "after a failure the output dir holds %s" % left[:4])

@@ -724,10 +724,16 @@ def test_nothing_done_is_one_line_naming_the_input(tmp_path):
     output left (Kaldi would leave an empty archive)."""
     empty = tmp_path / "empty.ark"
     empty.write_bytes(b"")
-    for prog in ("nnet3-chain-copy-egs", "nnet3-chain-merge-egs"):
-        rc, err = _prog(prog, "ark:%s" % empty, "ark:%s" % (tmp_path / "out.ark"))
+    out = "ark:%s" % (tmp_path / "out.ark")
+    for args in (("nnet3-chain-copy-egs", "ark:%s" % empty, out),
+                 ("nnet3-chain-merge-egs", "ark:%s" % empty, out),
+                 ("chain-get-supervision", MONO / "tree", MONO / "trans.mdl",
+                  "ark:%s" % empty, out),
+                 ("nnet3-chain-get-egs", MONO / "normalization.fst", "ark:%s" % empty,
+                  "ark:%s" % empty, out)):
+        rc, err = _prog(*args)
         lines = err.strip().splitlines()
-        assert rc == 1 and len(lines) == 1 and lines[0].startswith(prog + ": ark:") \
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith(args[0] + ": ark:") \
             and "empty.ark" in lines[0], err
     assert _leftovers(tmp_path) == ["empty.ark"]
 

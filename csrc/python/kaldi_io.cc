@@ -31,10 +31,10 @@ static py::array_t<float> DecompressMatrixPy(py::buffer data) {
   const int64_t payload = kaldi::CompressedPayloadSize(h);
   if (static_cast<int64_t>(size) != static_cast<int64_t>(sizeof(h)) + payload)
     throw std::invalid_argument("compressed matrix: " + std::to_string(size) +
-                                " bytes, its header (" + std::to_string(h.num_rows) + " x " +
+                                " bytes, header wants " + std::to_string(sizeof(h) + payload) +
+                                " (" + std::to_string(h.num_rows) + " x " +
                                 std::to_string(h.num_cols) + ", format " +
-                                std::to_string(h.format) + ") wants " +
-                                std::to_string(sizeof(h) + payload));
+                                std::to_string(h.format) + ")");
   py::array_t<float> out({static_cast<py::ssize_t>(h.num_rows),
                           static_cast<py::ssize_t>(h.num_cols)});
   float *dst = out.mutable_data();

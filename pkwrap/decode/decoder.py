@@ -400,8 +400,14 @@ def write_lattice_ark(path_or_file, lattices: Iterable[Tuple[str, object]],
             tmp = os.path.join(d, "lat")
             for key, lat in lattices:
                 if binary:
-                    if not lat.write(tmp):
-                        raise DecodeError("could not serialize the lattice of %s" % key)
+                    from .graph import _stderr_to
+                    log = os.path.join(d, "openfst.log")
+                    with _stderr_to(log):  # OpenFst reports its failures on fd 2
+                        written = lat.write(tmp)
+                    if not written:
+                        why = " ".join(open(log, errors="replace").read().split())
+                        raise DecodeError("%s: could not write the lattice of %s%s"
+                                          % (tmp, key, (" (%s)" % why) if why else ""))
                     with open(tmp, "rb") as t:
                         f.write(key.encode() + b" \0B" + t.read())
                 else:
