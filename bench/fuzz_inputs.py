@@ -530,8 +530,11 @@ def make_cases(B: Dict[str, str], per_input: int, seed: int = 12) -> List[Case]:
                     if other != inp and rng.random() < 0.5:
                         # pkwrap reads fstprint text FSTs too: another FST in text form
                         # may be accepted
+                        # (phones.txt is a valid "key int" text table: a transcript
+                        # archive in its place may compile)
                         ok_alike = (kind == "ofst" and other == "den.fst.txt") or \
-                            (p.name in ("nnet3-copy", "nnet3-info") and other == "final.mdl")
+                            (p.name in ("nnet3-copy", "nnet3-info") and other == "final.mdl") \
+                            or (kind == "text" and other == "phones.txt")
                         cases.append(Case(new_id(p.name), p.name, p.args,
                                           {"wrong_" + inp: Path(B[other]).read_bytes()},
                                           {inp: "wrong_" + inp}, p.outputs, p.out_kind,
