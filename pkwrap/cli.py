@@ -18,6 +18,11 @@ one line on stderr and exits with status 1. The message comes from :func:`descri
 ``<file>: not UTF-8 text ...``; library errors such as :class:`~pkwrap.kaldi.io.
 KaldiFormatError` already name their file). Other cases:
 
+- a failure (an exception, or ``main`` returning a non-zero status: Kaldi's "nothing was
+  done") leaves no output: temporaries of :class:`~pkwrap.kaldi.io.AtomicFile` outputs
+  still open are removed, and so are the files committed during this run;
+- SIGTERM unwinds like an error (temporaries removed): exit status 1, one line;
+- Python warnings are printed as one ``WARNING (<prog>): ...`` line each;
 - ``KeyboardInterrupt`` -> exit status 130, one line;
 - a closed stdout (``... | head``, ``BrokenPipeError``) -> exit status 141, no message;
 - ``--verbose`` on the command line (removed before ``main`` sees it, unless ``main``'s
@@ -195,7 +200,6 @@ def _remove_outputs(kio, first: int, prog: str) -> None:
         except OSError:
             pass
     del kio._COMMITTED[first:]
-
 
 
 def program(prog: str, keep_verbose: bool = False):
