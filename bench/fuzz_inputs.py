@@ -750,10 +750,11 @@ def _fork_run(script: str, argv: List[str], cdir: Path, timeout: float, fsize: b
             rc = -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
             break
         if time.time() > t_end:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            for kill in (os.killpg, os.kill):  # (a child stuck before setsid: no group)
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
             os.waitpid(pid, 0)
             break
         time.sleep(0.01)
