@@ -606,7 +606,7 @@ def run_case(args) -> dict:
 
 
 # torch's thread pools in a forked training program can stall: these start fresh
-NO_FORK = {"nnet3-chain-combine", "nnet3-chain-compute-prob"}
+NO_FORK = {"nnet3-chain-combine", "nnet3-chain-compute-prob", "nnet3-compute"}
 
 
 def _run_case(case, B, root, timeout, unshare_ok, no_fork=False) -> dict:
