@@ -170,9 +170,6 @@ def read_compact_lattices(spec: str) -> Iterator[Tuple[str, CompactLattice]]:
 def write_compact_lattice(w, lat: CompactLattice) -> None:
     """Binary CompactLattice at the writer's position (the body of an archive entry, as
     Kaldi writes it: no ``"\\0B"`` header of its own)."""
-    if not w.binary:
-        raise ValueError("text lattices are not supported; write binary archives")
-
     def string(s):
         b = s.encode("latin-1")
         w.write(struct.pack("<i", len(b)) + b)
@@ -201,7 +198,8 @@ def write_compact_lattice(w, lat: CompactLattice) -> None:
             w.write(struct.pack("<i", d))
 
 
-COMPACT_LATTICE_HOLDER = Holder(read_compact_lattice, write_compact_lattice)
+COMPACT_LATTICE_HOLDER = Holder(read_compact_lattice, write_compact_lattice,
+                                binary_header=False)
 """Table holder for binary CompactLattices (read and write)."""
 
 
