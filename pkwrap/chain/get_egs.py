@@ -547,6 +547,10 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
             "right_context_final": right_context_final}
     for k, v in info.items():
         _write_text(j(egs_dir, "info", k), "%s\n" % v)
+    if online_ivector_dir and os.path.exists(j(online_ivector_dir, "final.ie.id")):
+        # steps/nnet2/get_ivector_id.sh: the extractor's id, checked at decoding time
+        with open(j(online_ivector_dir, "final.ie.id")) as f:
+            _write_text(j(egs_dir, "info", "final.ie.id"), f.read())
     if unused:
         say("WARNING: %d lattices have no features in %s and were not used (%s%s)"
             % (len(unused), feats_scp, ", ".join(unused[:5]), ", ..." if len(unused) > 5

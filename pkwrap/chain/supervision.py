@@ -759,33 +759,43 @@ def fst_state_times(fst: Fst) -> Tuple[np.ndarray, int]:
     S = fst.num_states
     if fst.start != 0:
         raise ValueError("expected the FST's start state to be 0 (breadth-first sorted)")
+    if fst.num_arcs and np.any(fst.ilabel == 0):
+        s = int(np.searchsorted(fst.state_offsets, int(np.argmax(fst.ilabel == 0)), "right")) - 1
+        raise ValueError("FST has epsilon arcs (state %d)" % s)
+    src = np.repeat(np.arange(S), np.diff(fst.state_offsets))
+    dst = np.asarray(fst.nextstate, np.int64)
+    if np.any(dst <= src):
+        s = int(src[np.argmax(dst <= src)])
+        raise ValueError("state %d has an arc to an earlier state: FST not sorted by time" % s)
+    # breadth-first sorted with forward arcs: the time of a state is one more than that of
+    # any of its predecessors; take the first arc into each state, then check all
     times = np.full(S, -1, np.int64)
     times[0] = 0
-    total = -1
-    off = fst.state_offsets
-    for s in range(S):
-        t = times[s]
-        if t < 0:
+    first_in = np.full(S, -1, np.int64)
+    order = np.argsort(dst, kind="stable")
+    d_sorted = dst[order]
+    uniq, idx = np.unique(d_sorted, return_index=True)
+    first_in[uniq] = src[order[idx]]
+    for s in range(1, S):  # predecessors come first: a single pass
+        p = first_in[s]
+        if p < 0:
             raise ValueError("state %d is not reached by earlier states: FST not sorted by time"
                              % s)
-        b, e = off[s], off[s + 1]
-        if np.any(fst.ilabel[b:e] == 0):
-            raise ValueError("FST has epsilon arcs (state %d)" % s)
-        for d in fst.nextstate[b:e].tolist():
-            if times[d] == -1:
-                times[d] = t + 1
-            elif times[d] != t + 1:
-                raise ValueError("state %d is reached at two different times" % d)
-        if np.isfinite(fst.final[s]):
-            if total == -1:
-                total = int(t)
-            elif total != t:
-                raise ValueError("final states at different times (%d and %d)" % (total, t))
+        times[s] = times[p] + 1
+    if fst.num_arcs:
+        bad = times[dst] != times[src] + 1
+        if np.any(bad):
+            raise ValueError("state %d is reached at two different times"
+                             % int(dst[np.argmax(bad)]))
+    fin = np.isfinite(fst.final)
+    if not np.any(fin):
+        raise ValueError("FST has no final state")
+    ft = np.unique(times[fin])
+    if len(ft) > 1:
+        raise ValueError("final states at different times (%d and %d)" % (ft[0], ft[1]))
     if S and np.any(np.diff(times) < 0):
         raise ValueError("state times are not monotonic: FST not sorted breadth-first")
-    if total < 0:
-        raise ValueError("FST has no final state")
-    return times, total
+    return times, int(ft[0])
 
 
 _TMP = {"dir": None}

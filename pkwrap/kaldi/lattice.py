@@ -208,6 +208,25 @@ class PhoneAlignError(ValueError):
     """A lattice that cannot be phone-aligned (broken lattice or mismatched model)."""
 
 
+_TID_TABLES: dict = {}
+
+
+def _tid_tables(trans_model):
+    """(is_final, is_self_loop, phone) per transition-id, built once per model."""
+    ent = _TID_TABLES.get(id(trans_model))
+    if ent is None or ent[0] is not trans_model:
+        n = trans_model.num_transition_ids
+        is_final = np.zeros(n + 1, bool)
+        is_loop = np.zeros(n + 1, bool)
+        phone_of = np.zeros(n + 1, np.int64)
+        for t in range(1, n + 1):
+            is_final[t] = trans_model.is_final(t)
+            is_loop[t] = trans_model.is_self_loop(t)
+            phone_of[t] = trans_model.transition_id_to_phone(t)
+        ent = _TID_TABLES[id(trans_model)] = (trans_model, (is_final, is_loop, phone_of))
+    return ent[1]
+
+
 def phone_align_lattice(lat: CompactLattice, trans_model, replace_output_symbols: bool = True,
                         key: str = "<utt>") -> CompactLattice:
     """Kaldi's ``lattice-align-phones`` (``PhoneAlignLattice`` with ``--reorder=true``):
@@ -238,14 +257,7 @@ def phone_align_lattice(lat: CompactLattice, trans_model, replace_output_symbols
     if lat.start < 0 or lat.num_states == 0:
         raise PhoneAlignError("utterance %s: empty lattice" % key)
     times, total = lat.state_times()
-    n_tid = trans_model.num_transition_ids
-    is_final = np.zeros(n_tid + 1, bool)
-    is_loop = np.zeros(n_tid + 1, bool)
-    phone_of = np.zeros(n_tid + 1, np.int64)
-    for t in range(1, n_tid + 1):
-        is_final[t] = trans_model.is_final(t)
-        is_loop[t] = trans_model.is_self_loop(t)
-        phone_of[t] = trans_model.transition_id_to_phone(t)
+    is_final, is_loop, phone_of = _tid_tables(trans_model)
 
     def bad(msg):
         return PhoneAlignError("utterance %s: %s (broken lattice or mismatched model?)"
