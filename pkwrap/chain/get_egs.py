@@ -205,13 +205,144 @@ class FeatureNormalizer:
 _REC = struct.Struct("<II")
 
 
-def _eg_bytes(eg) -> bytes:
+def _eg_bytes(eg, compress: bool = True) -> bytes:
     import io
     b = io.BytesIO()
     w = KaldiWriter(b, True)
     w.write_header()
-    write_chain_example(w, eg, compress=True)
+    write_chain_example(w, eg, compress=compress)
     return b.getvalue()
+
+
+@dataclass
+class _JobContext:
+    feats: object
+    all_utts: List[str]
+    vset: set
+    tset: set
+    spk2utt: list
+    utt2spk: dict
+    online_cmvn: bool
+    copts: object
+    gstats: object
+    cmvn_stats: object
+    offline: tuple
+    cfg: ExampleGenerationConfig
+    srand: int
+    lat_tm: object
+    tree: object
+    ctm: object
+    norm: object
+    sup_opts: SupervisionOptions
+    ivectors: object
+    ivector_period: int
+    iv_scp: str
+    num_archives: int
+    compress: bool
+    tmp_dir: str
+    say: Callable
+    t_start: float
+
+
+@dataclass
+class _JobResult:
+    keys: List[str]
+    unused: List[str]
+    counts: List[int]
+    held: Dict[str, List[Tuple[str, bytes]]]
+    report: ErrorReport
+    chunk_report: ErrorReport
+    feat_dim: Optional[int]
+    split_stats: Dict[str, int]
+
+
+_CTX: Optional[_JobContext] = None
+
+
+def _orig_path(tmp_dir: str, job: int, archive: int) -> str:
+    return os.path.join(tmp_dir, "cegs_orig.%d.%d" % (job + 1, archive + 1))
+
+
+def _run_job_in_worker(i: int, lat_path: str) -> "_JobResult":
+    return _run_job(_CTX, i, lat_path)
+
+
+def _run_job(c: _JobContext, job: int, lat_path: str) -> _JobResult:
+    """One lattice archive (a get_egs.sh job): its training egs to
+    ``cegs_orig.<job>.<archive>`` (a random archive each), its valid and train-subset
+    egs returned."""
+    from ..kaldi.lattice import PhoneAlignError, phone_align_lattice, read_compact_lattices
+    normalizers = {
+        "train": FeatureNormalizer(c.feats, {u for u in c.all_utts if u not in c.vset},
+                                   c.spk2utt, c.utt2spk, c.online_cmvn, c.copts, c.gstats,
+                                   c.cmvn_stats, c.offline),
+        "valid": FeatureNormalizer(c.feats, c.vset, c.spk2utt, c.utt2spk, c.online_cmvn,
+                                   c.copts, c.gstats, c.cmvn_stats, c.offline),
+        "subset": FeatureNormalizer(c.feats, c.tset, c.spk2utt, c.utt2spk, c.online_cmvn,
+                                    c.copts, c.gstats, c.cmvn_stats, c.offline)}
+    splitters = {name: UtteranceSplitter(c.cfg, rng=np.random.default_rng([c.srand, 2, i, job]))
+                 for i, name in enumerate(("train", "valid", "subset"))}
+    rng_arch = np.random.default_rng([c.srand, 3, job])
+    files = [open(_orig_path(c.tmp_dir, job, a), "wb") for a in range(c.num_archives)]
+    res = _JobResult([], [], [0] * c.num_archives, {"valid": [], "subset": []}, ErrorReport(),
+                     ErrorReport(), None, {})
+    last_say = time.time()
+    try:
+        for key, lat in read_compact_lattices(lat_path):
+            res.keys.append(key)
+            if key not in c.feats:
+                res.unused.append(key)
+                continue
+            try:
+                try:
+                    plat = phone_align_lattice(lat, c.lat_tm, key=key)
+                except PhoneAlignError as e:
+                    raise SupervisionError(key, "bad_lattice", str(e)) from None
+                sup = lattice_to_supervision(plat, c.tree, c.ctm, c.sup_opts, key)
+                ssplit = SupervisionSplitter(sup)
+                iv = None
+                if c.ivectors is not None:
+                    if key not in c.ivectors:
+                        raise SupervisionError(key, "no_ivectors", "no online i-vectors in %s"
+                                               % c.iv_scp)
+                    iv = c.ivectors[key]
+                for name in (("valid",) if key in c.vset else
+                             (("train", "subset") if key in c.tset else ("train",))):
+                    x = normalizers[name](key)
+                    if res.feat_dim is None:
+                        res.feat_dim = x.shape[1]
+                    elif x.shape[1] != res.feat_dim:
+                        raise SupervisionError(key, "bad_input", "feature dim %d, others have %d"
+                                               % (x.shape[1], res.feat_dim))
+                    egs = get_chain_egs(key, x, sup, splitters[name], c.norm,
+                                        report=res.chunk_report, sup_splitter=ssplit,
+                                        ivectors=iv, ivector_period=c.ivector_period or 10)
+                    for k, eg in egs:
+                        blob = _eg_bytes(eg, c.compress)
+                        if name == "train":
+                            a = int(rng_arch.integers(0, c.num_archives))
+                            kb = k.encode()
+                            files[a].write(_REC.pack(len(kb), len(blob)) + kb + blob)
+                            res.counts[a] += 1
+                        else:
+                            res.held[name].append((k, blob))
+            except SupervisionError as e:
+                res.report.add(e, log=False)
+                continue
+            res.report.num_ok += 1
+            if time.time() - last_say > 10:
+                last_say = time.time()
+                c.say("%s: %d lattices, %d training egs, %.1f s" % (
+                    os.path.basename(lat_path), len(res.keys), sum(res.counts),
+                    time.time() - c.t_start))
+    finally:
+        for f in files:
+            f.close()
+    sp = splitters["train"]
+    res.split_stats = {a: getattr(sp, a) for a in (
+        "total_num_utterances", "total_input_frames", "total_frames_overlap",
+        "total_num_chunks", "total_frames_in_chunks")}
+    return res
 
 
 def _write_archive(path: str, items: Sequence[Tuple[str, bytes]]) -> None:
@@ -258,7 +389,7 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
                        num_egs_diagnostic: int = 400, compress: bool = True,
                        valid_uttlist: Optional[Sequence[str]] = None,
                        train_subset_uttlist: Optional[Sequence[str]] = None,
-                       config_dir: Optional[str] = None,
+                       config_dir: Optional[str] = None, num_processes: int = 1,
                        progress: Optional[Callable[[str], None]] = None) -> EgsDirSummary:
     """Make a chain egs dir like ``steps/nnet3/chain/get_egs.sh`` (module docstring).
 
@@ -285,6 +416,9 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
       valid_uttlist, train_subset_uttlist: use these lists instead of drawing them.
       config_dir: directory that relative ``--config=`` paths in ``cmvn_opts`` are
         relative to (default: the current directory, as Kaldi).
+      num_processes: lattice archives processed in parallel (forked processes; Kaldi's
+        ``--nj`` jobs). The result does not depend on it: every lattice archive has its
+        own random streams.
       progress: called with one-line progress messages (default: print to stderr).
     Returns:
       :class:`EgsDirSummary`.
@@ -295,9 +429,7 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
                               read_spk2utt, read_utt2spk)
     from ..kaldi.fst import read_fst
     from ..kaldi.hmm import read_transition_model, read_tree
-    from ..kaldi.lattice import PhoneAlignError, phone_align_lattice, read_compact_lattices
     from ..kaldi.table import RandomAccessTableReader, SequentialTableReader
-    from .supervision import add_weight_to_supervision
 
     t_start = time.time()
     say = progress or (lambda m: print("make_chain_egs_dir: " + m, file=sys.stderr, flush=True))
@@ -405,107 +537,80 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
     num_archives = _num_archives(num_frames, frames_per_iter)
     last_fpe = int(str(frames_per_eg).split(",")[-1])
     egs_per_archive = num_frames // (last_fpe * num_archives)
-    feat_dim = None
     say("%d utterances (%d held out for validation, %d for training diagnostics), %d "
         "frames -> %d archives" % (len(all_utts), len(vset), len(tset), num_frames,
                                    num_archives))
 
     # ---------------------------------------------------------------- egs
-    jobs = {
-        "train": FeatureNormalizer(feats, {u for u in all_utts if u not in vset}, spk2utt, utt2spk,
-                       online_cmvn, copts, gstats, cmvn_stats, offline),
-        "valid": FeatureNormalizer(feats, vset, spk2utt, utt2spk, online_cmvn, copts, gstats,
-                       cmvn_stats, offline),
-        "subset": FeatureNormalizer(feats, tset, spk2utt, utt2spk, online_cmvn, copts, gstats,
-                        cmvn_stats, offline),
-    }
-    splitters = {name: UtteranceSplitter(cfg, rng=np.random.default_rng([srand, 2, i]))
-                 for i, name in enumerate(("train", "valid", "subset"))}
-    rng_arch = np.random.default_rng([srand, 3])
     tmp_dir = j(egs_dir, "tmp.%d" % os.getpid())
     os.makedirs(tmp_dir, exist_ok=True)
-    tmp_paths = [j(tmp_dir, "cegs_orig.%d" % (a + 1)) for a in range(num_archives)]
-    tmp_files = [open(p, "wb") for p in tmp_paths]
-    counts = [0] * num_archives
-    held: Dict[str, List[Tuple[str, bytes]]] = {"valid": [], "subset": []}
-    report, chunk_report = ErrorReport(), ErrorReport()
-    seen = set()
-    unused = []
-    n_lat = 0
-    last_say = time.time()
+    ctx = _JobContext(
+        feats=feats, all_utts=all_utts, vset=vset, tset=tset, spk2utt=spk2utt,
+        utt2spk=utt2spk, online_cmvn=online_cmvn, copts=copts, gstats=gstats,
+        cmvn_stats=cmvn_stats, offline=offline, cfg=cfg, srand=srand, lat_tm=lat_tm,
+        tree=tree, ctm=ctm, norm=norm, sup_opts=sup_opts, ivectors=ivectors,
+        ivector_period=ivector_period, iv_scp=iv_scp if ivectors is not None else "",
+        num_archives=num_archives, compress=compress, tmp_dir=tmp_dir, say=say,
+        t_start=t_start)
+    n_proc = max(1, min(int(num_processes), len(lat_paths)))
+    results: List[_JobResult] = []
     try:
-        for lp in lat_paths:
-            for key, lat in read_compact_lattices(lp):
-                n_lat += 1
-                if key in seen:
-                    raise EgsDirError("%s: utterance %s appears twice in the lattices"
-                                      % (lp, key))
-                seen.add(key)
-                if key not in feats:
-                    unused.append(key)
-                    continue
-                try:
-                    try:
-                        plat = phone_align_lattice(lat, lat_tm, key=key)
-                    except PhoneAlignError as e:
-                        raise SupervisionError(key, "bad_lattice", str(e)) from None
-                    sup = lattice_to_supervision(plat, tree, ctm, sup_opts, key)
-                    ssplit = SupervisionSplitter(sup)
-                    iv = ivectors[key] if ivectors is not None and key in ivectors else None
-                    if ivectors is not None and iv is None:
-                        raise SupervisionError(key, "no_ivectors", "no online i-vectors in %s"
-                                               % iv_scp)
-                    for name in (("valid",) if key in vset else
-                                 (("train", "subset") if key in tset else ("train",))):
-                        x = jobs[name](key)
-                        if feat_dim is None:
-                            feat_dim = x.shape[1]
-                        elif x.shape[1] != feat_dim:
-                            raise SupervisionError(key, "bad_input", "feature dim %d, others "
-                                                   "have %d" % (x.shape[1], feat_dim))
-                        egs = get_chain_egs(key, x, sup, splitters[name], norm,
-                                            report=chunk_report, sup_splitter=ssplit,
-                                            ivectors=iv, ivector_period=ivector_period or 10)
-                        for k, eg in egs:
-                            blob = _eg_bytes(eg) if compress else None
-                            if blob is None:
-                                import io
-                                b = io.BytesIO()
-                                w = KaldiWriter(b, True)
-                                w.write_header()
-                                write_chain_example(w, eg, compress=False)
-                                blob = b.getvalue()
-                            if name == "train":
-                                a = int(rng_arch.integers(0, num_archives))
-                                kb = k.encode()
-                                tmp_files[a].write(_REC.pack(len(kb), len(blob)) + kb + blob)
-                                counts[a] += 1
-                            else:
-                                held[name].append((k, blob))
-                except SupervisionError as e:
-                    report.add(e, log=False)
-                    continue
-                report.num_ok += 1
-                if time.time() - last_say > 5:
-                    last_say = time.time()
-                    say("%d lattices, %d training egs, %.1f s" % (n_lat, sum(counts),
-                                                                  time.time() - t_start))
-        for f in tmp_files:
-            f.close()
-        missing = [u for u in all_utts if u not in seen]
-        for u in missing:
-            report.add(SupervisionError(u, "no_lattice", "no lattice in %s/lat.*.gz" % lat_dir),
-                       log=False)
+        if n_proc == 1:
+            results = [_run_job(ctx, i, lp) for i, lp in enumerate(lat_paths)]
+        else:
+            import multiprocessing as mp
+            global _CTX
+            _CTX = ctx
+            try:
+                with mp.get_context("fork").Pool(n_proc) as pool:
+                    results = pool.starmap(_run_job_in_worker, list(enumerate(lat_paths)))
+            finally:
+                _CTX = None
+        report, chunk_report = ErrorReport(), ErrorReport()
+        seen: Dict[str, str] = {}
+        unused: List[str] = []
+        counts = [0] * num_archives
+        held: Dict[str, List[Tuple[str, bytes]]] = {"valid": [], "subset": []}
+        feat_dim = None
+        stats = UtteranceSplitter(cfg, seed=0)
+        for lp, r in zip(lat_paths, results):
+            for k in r.keys:
+                if k in seen:
+                    raise EgsDirError("%s: utterance %s is also in %s" % (lp, k, seen[k]))
+                seen[k] = lp
+            unused.extend(r.unused)
+            report.errors.extend(r.report.errors)
+            report.num_ok += r.report.num_ok
+            chunk_report.errors.extend(r.chunk_report.errors)
+            chunk_report.num_ok += r.chunk_report.num_ok
+            counts = [x + y for x, y in zip(counts, r.counts)]
+            for name in held:
+                held[name].extend(r.held[name])
+            if r.feat_dim is not None:
+                if feat_dim is not None and r.feat_dim != feat_dim:
+                    raise EgsDirError("%s: features of dim %d, others have %d"
+                                      % (feats_scp, r.feat_dim, feat_dim))
+                feat_dim = r.feat_dim
+            for attr in ("total_num_utterances", "total_input_frames", "total_frames_overlap",
+                         "total_num_chunks", "total_frames_in_chunks"):
+                setattr(stats, attr, getattr(stats, attr) + r.split_stats[attr])
+        for u in all_utts:
+            if u not in seen:
+                report.add(SupervisionError(u, "no_lattice", "no lattice in %s/lat.*.gz"
+                                            % lat_dir), log=False)
         if sum(counts) == 0:
             raise EgsDirError("%s: no training egs were made (%s)" % (lat_dir,
                                                                       report.summary()))
         # ------------------------------------------------------------ archives
         rng_shuf = np.random.default_rng([srand, 4])
-        for a, p in enumerate(tmp_paths):
-            recs = _read_records(p)
+        for a in range(num_archives):
+            recs = []
+            for i in range(len(lat_paths)):
+                p = _orig_path(tmp_dir, i, a)
+                recs.extend(_read_records(p))
+                os.unlink(p)
             order = rng_shuf.permutation(len(recs))
             _write_archive(j(egs_dir, "cegs.%d.ark" % (a + 1)), [recs[i] for i in order])
-            os.unlink(p)
         rng_sub = np.random.default_rng([srand, 5])
         valid_all, subset_all = held["valid"], held["subset"]
         if not valid_all or not subset_all:
@@ -520,14 +625,11 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
                        _subset(valid_all, num_valid_egs_combine, rng_sub)
                        + _subset(subset_all, num_train_egs_combine, rng_sub))
     finally:
-        for f in tmp_files:
-            if not f.closed:
-                f.close()
-        for p in tmp_paths:
-            if os.path.exists(p):
-                os.unlink(p)
         if os.path.isdir(tmp_dir):
+            for name in os.listdir(tmp_dir):
+                os.unlink(j(tmp_dir, name))
             os.rmdir(tmp_dir)
+    splitter_summary = stats.summary()
 
     # ---------------------------------------------------------------- the rest
     _write_text(j(egs_dir, "valid_uttlist"), "".join(u + "\n" for u in valid_uttlist))
@@ -560,7 +662,7 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
     if chunk_report.num_errors:
         say("WARNING: chunks skipped: %s" % chunk_report.summary("chunks"))
     say("%s; wrote %d training egs in %d archives (%s), %d validation and %d "
-        "training-subset egs, %.1f s" % (splitters["train"].summary(), sum(counts),
+        "training-subset egs, %.1f s" % (splitter_summary, sum(counts),
                                          num_archives, ",".join(map(str, counts)),
                                          len(held["valid"]), len(held["subset"]),
                                          time.time() - t_start))
