@@ -418,3 +418,33 @@ def test_make_chain_egs_dir_bad_input(tmp_path, monkeypatch):
     assert not (tmp_path / "egs" / "cegs.1.ark").exists()
     with pytest.raises(EgsDirError, match="too few"):
         _make(tmp_path / "egs2", num_utts_subset=40)
+
+
+def test_make_chain_egs_dir_jobs_in_parallel(tmp_path, monkeypatch):
+    """Two lattice archives: the same egs dir with one process or two."""
+    import gzip
+    from pkwrap.kaldi.lattice import COMPACT_LATTICE_HOLDER
+    from pkwrap.kaldi.table import read_archive_entry
+    work = tmp_path / "fx"
+    shutil.copytree(SMALL, work)
+    monkeypatch.chdir(work)
+    data = gzip.open("exp/chain/lats/lat.1.gz").read()
+    parts, pos = [], 0
+    while True:
+        key, _, _, end = read_archive_entry(data, pos, "lat.1.gz", COMPACT_LATTICE_HOLDER)
+        if key is None:
+            break
+        parts.append(data[pos:end])
+        pos = end
+    for n, chunk in enumerate((parts[:30], parts[30:]), 1):
+        with gzip.open("exp/chain/lats/lat.%d.gz" % n, "wb") as f:
+            f.write(b"".join(chunk))
+    with open("exp/chain/lats/num_jobs", "w") as f:
+        f.write("2\n")
+    s1 = _make(tmp_path / "e1", num_processes=1)
+    s2 = _make(tmp_path / "e2", num_processes=2)
+    assert s1.egs_per_archive_written == s2.egs_per_archive_written
+    for name in sorted(os.listdir(tmp_path / "e1")):
+        p1, p2 = tmp_path / "e1" / name, tmp_path / "e2" / name
+        if p1.is_file():
+            assert p1.read_bytes() == p2.read_bytes(), name
