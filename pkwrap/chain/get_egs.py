@@ -406,8 +406,11 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
         ``online_cmvn``, else ``apply-cmvn`` ones).
       online_cmvn: ``--online-cmvn`` of ``--egs.opts``.
       frame_subsampling_factor: of the model (3).
-      alignment_subsampling_factor: of the lattices relative to the features (3 when the
-        lattices are at the 10 ms rate: the supervision is at the model's output rate).
+      alignment_subsampling_factor: ``chain-get-supervision --frame-subsampling-factor``:
+        lattice frames per supervision frame (3 for lattices at the features' 10 ms rate,
+        1 for lattices already at the model's output rate). The supervision must come
+        out at ``ceil(feature frames / frame_subsampling_factor)`` frames (one frame of
+        tolerance); utterances where it does not are reported (``bad_length``).
       frames_per_eg: ``--egs.chunk-width``, e.g. ``"140,100,160"`` (principal first).
       frames_overlap_per_eg, num_utts_subset, frames_per_iter, srand,
       left_tolerance, right_tolerance, num_train_egs_combine, num_valid_egs_combine,
@@ -455,10 +458,6 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
                                   frame_subsampling_factor)
     sup_opts = SupervisionOptions(left_tolerance, right_tolerance, alignment_subsampling_factor)
     sup_opts.check()
-    if alignment_subsampling_factor != frame_subsampling_factor:
-        raise EgsDirError("alignment_subsampling_factor=%d != frame_subsampling_factor=%d: "
-                          "supervision at another rate than the model's output is not "
-                          "supported" % (alignment_subsampling_factor, frame_subsampling_factor))
     try:
         tree = read_tree(tree_p)
         ctm = read_transition_model(trans_p)
