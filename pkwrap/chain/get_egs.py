@@ -526,6 +526,15 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
         train_subset_uttlist = [rest[i] for i in perm[:num_utts_subset]]
     train_subset_uttlist = list(train_subset_uttlist)
     tset = set(train_subset_uttlist)
+    for what, lst in (("valid_uttlist", valid_uttlist),
+                      ("train_subset_uttlist", train_subset_uttlist)):
+        bad = [u for u in lst if u not in utt2spk]
+        if bad:
+            raise EgsDirError("%s: %d utterances of %s are not in it (%s)"
+                              % (utt2spk_p, len(bad), what, ", ".join(bad[:3])))
+    if vset & tset:
+        raise EgsDirError("valid_uttlist and train_subset_uttlist share %d utterances (%s)"
+                          % (len(vset & tset), ", ".join(sorted(vset & tset)[:3])))
     if len(vset) < num_utts_subset or len(tset) < num_utts_subset:
         raise EgsDirError("%s: only %d utterances: too few to hold out %d for validation "
                           "and %d for the training diagnostics (--num-utts-subset)"
