@@ -324,6 +324,7 @@ def test_scripts(tmp_path):
     os.chdir(SMALL)
     try:
         feats = read_table("scp:data/train_hires/feats.scp")
+        ivs = read_table("scp:exp/nnet3/ivectors_train_hires/ivector_online.scp")
     finally:
         os.chdir(cwd)
     ref = dict(apply_online_cmvn_table(
@@ -332,6 +333,25 @@ def test_scripts(tmp_path):
         OnlineCmvnOptions.from_string("--config=conf/online_cmvn.conf", str(SMALL))))
     got = read_table("ark:%s" % out)
     assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+    # nnet3-chain-get-egs with online i-vectors, on those features and supervisions
+    egs = tmp_path / "cegs.ark"
+    r = subprocess.run([py, str(sc / "nnet3-chain-get-egs"),
+                        "--online-ivectors=scp:exp/nnet3/ivectors_train_hires/ivector_online.scp",
+                        "--online-ivector-period=10", "--left-context=12", "--right-context=12",
+                        "--num-frames=140,100,160", "--frame-subsampling-factor=3",
+                        "exp/chain/tdnn/normalization.fst", "ark:%s" % out, "ark:%s" % sup_ark,
+                        "ark:%s" % egs], cwd=SMALL, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from pkwrap.kaldi.chain_egs import read_chain_egs
+    n = 0
+    for k, eg in read_chain_egs("ark:%s" % egs):
+        u = k.rsplit("-", 1)[0]
+        assert eg.inputs["ivector"].shape == (1, 40)
+        iv = ivs[u]
+        assert any(np.abs(eg.inputs["ivector"].numpy()[0] - row).max() <
+                   0.01 * (np.abs(row).max() + 1) for row in iv), k
+        n += 1
+    assert n > 40
 
 
 def _make(egs_dir, **kw):
