@@ -269,6 +269,13 @@ class KaldiBatchNorm(nn.Module):
         scale = self.target_rms * (var + self.epsilon).rsqrt()
         return ((rows - mean.to(x.dtype)) * scale.to(x.dtype)).reshape(x.shape)
 
+    @torch.no_grad()
+    def add_stats(self, count: int, row_sum: torch.Tensor, row_sumsq: torch.Tensor) -> None:
+        """Accumulate ``count`` rows given their sum and sum of squares (float64 ``[dim]``)."""
+        self.stats_count += count
+        self.stats_sum.add_(row_sum.to(self.stats_sum.device))
+        self.stats_sumsq.add_(row_sumsq.to(self.stats_sumsq.device))
+
     def scale_stats(self, scale: float) -> None:
         """Multiply the accumulated statistics by ``scale`` (0 resets them)."""
         self.stats_count *= scale
@@ -322,10 +329,7 @@ def _bn_forward(y: torch.Tensor, x: Optional[torch.Tensor], bn: "KaldiBatchNorm"
         y2.numpy(), out.numpy().reshape(N, D), x.numpy() if x is not None else None, bmap,
         float(scale), bool(relu), bn.epsilon, bn.target_rms, torch.get_num_threads(),
         bool(row_norms))
-    with torch.no_grad():
-        bn.stats_count += N
-        bn.stats_sum.add_(torch.from_numpy(ssum))
-        bn.stats_sumsq.add_(torch.from_numpy(ssq))
+    bn.add_stats(N, torch.from_numpy(ssum), torch.from_numpy(ssq))
     return (out, torch.from_numpy(osq) if row_norms else None, torch.from_numpy(mean),
             torch.from_numpy(sc))
 
@@ -393,11 +397,11 @@ class _AffineReluBatchNormFunction(torch.autograd.Function):
     output next.  x ``[N][in]`` (the spliced input of a TDNN layer)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bypass_x, layer, bn, scale, bmap, row_norms):
+    def forward(ctx, x, weight, bias, bypass_x, layer, bn, scale, bmap, row_norms, relu=True):
         y = linear(x, weight, bias)
-        out, osq, mean, sc = _bn_forward(y, bypass_x, bn, True, scale, bmap, row_norms)
+        out, osq, mean, sc = _bn_forward(y, bypass_x, bn, relu, scale, bmap, row_norms)
         ctx.save_for_backward(x, weight, y, mean, sc)
-        ctx.layer, ctx.bn, ctx.scale, ctx.bmap = layer, bn, scale, bmap
+        ctx.layer, ctx.bn, ctx.scale, ctx.bmap, ctx.relu = layer, bn, scale, bmap, relu
         ctx.has_bias = bias is not None
         ctx.x_shape = bypass_x.shape if bypass_x is not None else None
         if osq is None:
@@ -411,7 +415,7 @@ class _AffineReluBatchNormFunction(torch.autograd.Function):
         layer = ctx.layer
         need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
         x_shape = ctx.x_shape if ctx.needs_input_grad[3] else None
-        gy, gx, st = _bn_backward(g, r, mean, sc, ctx.bn, True, ctx.scale, ctx.bmap, x_shape,
+        gy, gx, st = _bn_backward(g, r, mean, sc, ctx.bn, ctx.relu, ctx.scale, ctx.bmap, x_shape,
                                   need_w)
         grad_x = mm(gy, weight) if ctx.needs_input_grad[0] else None
         grad_w = grad_b = None
@@ -421,7 +425,7 @@ class _AffineReluBatchNormFunction(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
             if grad_b is not None:
                 grad_b = grad_b.to(layer.bias.dtype)
-        return grad_x, grad_w, grad_b, gx, None, None, None, None, None
+        return grad_x, grad_w, grad_b, gx, None, None, None, None, None, None
 
 
 def _check_bypass(y_shape, x: torch.Tensor, c: int, pick) -> Tuple[int, int]:
