@@ -257,7 +257,7 @@ class _Step:
     """Compute one node (or a fused group ending at ``name``)."""
 
     __slots__ = ("kind", "name", "comp", "reads", "offsets", "fused", "sq_reads", "times",
-                 "src")
+                 "src", "spliced")
 
     def __init__(self, kind, name, comp=None, reads=None, times=None):
         self.kind, self.name, self.comp, self.reads = kind, name, comp, reads
@@ -266,6 +266,9 @@ class _Step:
         self.fused = None
         self.sq_reads = None
         self.src = None
+        #: (first row, end row, relative offsets) of the source when a TDNN's spliced
+        #: rows are consecutive source rows at fixed shifts (no spliced copy needed)
+        self.spliced = None
 
 
 class _Fused:
@@ -384,6 +387,8 @@ class Plan:
             if src is not None:
                 st.sq_reads = [r.sel for r in reads]
                 st.src = src
+                if isinstance(c, TdnnComponent) and len(reads) > 1:
+                    st.spliced = _spliced_rows([r.sel for r in reads])
             fz = self._fusable(nnet, k, c, readers, only_reader, times, _NaturalGradientMixin,
                                RectifiedLinearComponent, BatchNormComponent, NoOpComponent)
             if fz is not None:
@@ -460,6 +465,11 @@ class Plan:
                 out[st.name] = vals[st.name] = st.reads(vals, like)
                 continue
             comp = nnet.component(st.comp)
+            if st.spliced is not None and st.kind != "fused":
+                y = _spliced_tdnn(comp, vals[st.src], st.spliced)
+                if y is not None:
+                    vals[st.name] = y
+                    continue
             x = st.reads[0](vals, like) if len(st.reads) == 1 else \
                 torch.cat([r(vals, like) for r in st.reads], dim=-1)
             sq = None
@@ -496,6 +506,41 @@ class Plan:
             return comp(x)
         finally:
             comp.frames = None
+
+
+def _spliced_rows(sels) -> Optional[Tuple[int, int, Tuple[int, ...]]]:
+    """(a, b, rel) when the rows read at offset k are source rows ``a + rel_k + j``
+    (j < J, rel_0 = 0 < rel_1 < ...): the TDNN is then a product with shifted views of
+    the source rows ``a .. b-1``."""
+    regs = [s.regular for s in sels]
+    if any(r is None or r[1] != 1 for r in regs) or len({s.n for s in sels}) != 1:
+        return None
+    a = regs[0][0]
+    rel = tuple(r[0] - a for r in regs)
+    if any(y <= x for x, y in zip(rel, rel[1:])):
+        return None
+    return a, a + rel[-1] + sels[0].n, rel
+
+
+def _spliced_tdnn(comp, src: torch.Tensor, spliced) -> Optional[torch.Tensor]:
+    """A TdnnComponent on consecutive source rows through the spliced-product kernel of
+    :mod:`pkwrap.nn.tdnnf` (training, CPU float32, input at least as wide as the output:
+    the TDNN-F linear halves), or None."""
+    from pkwrap.nn.natural import row_sqnorm
+    from pkwrap.nn.tdnnf import _SplicedLinearFunction, _fused_ok
+    w = comp.weight
+    if not (comp.training and torch.is_grad_enabled() and w.requires_grad
+            and comp.input_dim >= comp.output_dim and src.dim() == 3
+            and _fused_ok(src, w, getattr(comp, "bias", None))):
+        return None
+    a, b, rel = spliced
+    x = src if (a == 0 and b == src.shape[1]) else src[:, a:b]
+    fq = row_sqnorm(src)
+    if fq is not None and x is not src:
+        fq = fq[:, a:b].contiguous()
+    comp._register_owner()
+    return _SplicedLinearFunction.apply(x.contiguous(), w, getattr(comp, "bias", None), comp,
+                                        rel, fq)
 
 
 def _run_fused(nnet, st, comp, x, vals) -> bool:
