@@ -850,6 +850,10 @@ class TDNNFModel(nn.Module):
     Not included: the ReLU self-repair term (it changes only training, not the network
     function).
 
+    :meth:`nnet3_config` gives the network as Kaldi nnet3 config lines and :meth:`to_nnet3`
+    the equivalent :class:`pkwrap.nnet3.Nnet3` (same parameters; in training it computes the
+    same frames with the same fused kernels; tests/test_nnet3_plan.py).
+
     Attributes ``left_context``, ``right_context`` (input frames needed on each side) and
     ``frame_subsampling_factor``.  ``forward(x)`` with x ``[B][T_in][F]`` returns
     ``(chain [B][T_out][P], xent log-softmax [B][T_out][P] or None)``; see the module docstring

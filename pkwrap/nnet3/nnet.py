@@ -14,11 +14,16 @@ A model file is, in Kaldi's binary or text form (``src/nnet3/nnet-nnet.cc``,
     </Nnet3>
     [<LeftContext> l <RightContext> r <Priors> vector]  final.mdl only (AmNnetSimple)
 
-:class:`Nnet3` evaluates the graph over frames: every node is computed over the interval
-of frames that the requested outputs need, each component node from its input
-descriptor (:mod:`pkwrap.nnet3.descriptor`) over that interval widened by the
-component's own time context. Nodes are evaluated in dependency order, so networks
-with recurrence (a node needing itself at an earlier frame) are refused.
+:class:`Nnet3` evaluates the graph over frames, nodes in dependency order (networks with
+recurrence, a node needing itself at an earlier frame, are refused). By default through a
+compiled plan (:mod:`pkwrap.nnet3.plan`, cached per input shape): every node is computed
+at exactly the set of frames the requested outputs need, as Kaldi does, with the
+descriptor reads fixed in advance and Kaldi's layer patterns (affine/TDNN + ReLU +
+batchnorm + TDNN-F bypass) run by the fused training kernels of :mod:`pkwrap.nn.tdnnf`.
+:meth:`Nnet3.compute_generic` (``compiled = False``, and networks the plan does not handle)
+computes every node over the interval of frames its readers need, each component node
+from its input descriptor (:mod:`pkwrap.nnet3.descriptor`) over that interval widened by
+the component's own time context.
 """
 from __future__ import annotations
 
@@ -131,7 +136,10 @@ class Nnet3(nn.Module):
     Attributes:
       components: ``nn.ModuleList`` in file order; :meth:`component` finds one by name.
       trans_model, priors: set when read from a ``final.mdl`` (else None).
-      frame_subsampling_factor: forward() keeps every f-th output frame (default 1).
+      frame_subsampling_factor: forward() keeps every f-th output frame (default 1); in
+        training only those frames (and what they need) are computed.
+      compiled: evaluate through cached plans (:mod:`pkwrap.nnet3.plan`, default True);
+        False: :meth:`compute_generic` for every call.
     """
 
     compiled = True

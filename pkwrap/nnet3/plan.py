@@ -29,7 +29,7 @@ interval evaluation instead (:func:`compile_plan` returns None for them).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
