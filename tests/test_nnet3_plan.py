@@ -157,3 +157,34 @@ def test_plan_frames_and_fallback():
     p2 = read_nnet3(fixture_path("nnet3_io", "P2_cnn_tdnnf", "final.mdl"))
     assert compile_plan(p2, {"input": np.arange(30), "ivector": np.arange(1)},
                         {"output": np.arange(6, 24)}) is None
+
+
+def test_batchnorm_component_stats_as_kaldi_batchnorm():
+    """BatchNormComponent's statistics in training (fused kernel or not) and scale_stats
+    (what pkwrap.train applies after every step, as nnet3-chain-train does) follow
+    KaldiBatchNorm's count-weighted sums."""
+    from pkwrap.nn import KaldiBatchNorm
+    net = nnet3_from_config("input-node name=input dim=6\n"
+                            "component name=bn type=BatchNormComponent dim=6 target-rms=0.5\n"
+                            "component-node name=bn component=bn input=input\n"
+                            "output-node name=output input=bn\n")
+    bn, ref = net.component("bn"), KaldiBatchNorm(6, target_rms=0.5)
+    g = torch.Generator().manual_seed(5)
+    for step in range(3):
+        x = torch.randn(2, 7, 6, generator=g) * (step + 1) + step
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                y = net.train()(x, output="output")
+                y_ref = ref.train()(x)
+            assert torch.allclose(y, y_ref, atol=1e-5)
+        bn.scale_stats(0.8)
+        ref.scale_stats(0.8)
+        n = float(ref.stats_count)
+        assert float(bn.count) == pytest.approx(n)
+        assert torch.allclose(bn.stats_mean.double(), ref.stats_sum / n, atol=1e-5)
+        assert torch.allclose(bn.stats_var.double(),
+                              ref.stats_sumsq / n - (ref.stats_sum / n) ** 2, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(x, output="output"), ref.eval()(x), atol=1e-4)
+    bn.scale_stats(0.0)
+    assert float(bn.count) == 0 and not bn.stats_mean.abs().sum()

@@ -683,6 +683,17 @@ class BatchNormComponent(Component):
         self.stats_var.copy_(sq / tot - mean * mean)
         self.count.fill_(tot)
 
+    @torch.no_grad()
+    def scale_stats(self, scale: float) -> None:
+        """Kaldi's ``ScaleBatchnormStats``: the statistics' count times ``scale`` (their
+        sums too, so mean and variance stay; 0 resets them). ``nnet3-chain-train`` does
+        this with 0.8 after every minibatch, and so does pkwrap.train for every module
+        with a ``scale_stats``."""
+        self.count.mul_(scale)
+        if scale == 0:
+            self.stats_mean.zero_()
+            self.stats_var.zero_()
+
     def forward(self, x):
         shape = x.shape
         if self.training and self.block_dim == self.dim and x.shape[-1] == self.dim:
