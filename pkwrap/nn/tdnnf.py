@@ -198,10 +198,12 @@ def constrain_orthonormal(model: nn.Module, every: int = 4, step: Optional[int] 
 
 
 def scale_batchnorm_stats(model: nn.Module, scale: float = 0.8) -> None:
-    """Scale the statistics of every KaldiBatchNorm of ``model`` (nnet3-chain-train does this
-    with 0.8 after every minibatch, so test-mode statistics stay recent)."""
+    """Scale the statistics of every Kaldi batchnorm of ``model`` (KaldiBatchNorm, nnet3's
+    BatchNormComponent; nnet3-chain-train does this with 0.8 after every minibatch, so
+    test-mode statistics stay recent)."""
+    from pkwrap.nnet3.components import BatchNormComponent
     for m in model.modules():
-        if isinstance(m, KaldiBatchNorm):
+        if isinstance(m, (KaldiBatchNorm, BatchNormComponent)):
             m.scale_stats(scale)
 
 
