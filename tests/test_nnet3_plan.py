@@ -154,6 +154,8 @@ def test_plan_frames_and_fallback():
         y = n2(x)["output"]
         n2.compiled = False
         assert torch.equal(y, n2(x)["output"])
+    with pytest.raises(ValueError, match="needs more than 2"):
+        n2(torch.randn(2, 2, 4))
     p2 = read_nnet3(fixture_path("nnet3_io", "P2_cnn_tdnnf", "final.mdl"))
     assert compile_plan(p2, {"input": np.arange(30), "ivector": np.arange(1)},
                         {"output": np.arange(6, 24)}) is None

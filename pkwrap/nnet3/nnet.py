@@ -527,6 +527,9 @@ class Nnet3(nn.Module):
         reqs = {}
         for k in names:
             l, r = self._contexts(k)
+            if x.shape[1] <= l + r:
+                raise ValueError("%s: %d input frames, output %s needs more than %d (left + "
+                                 "right context)" % (self.name, x.shape[1], k, l + r))
             reqs[k] = (l, x.shape[1] - 1 - r)
         f = self.frame_subsampling_factor
         out = None
