@@ -17,7 +17,9 @@ timed calls after ``--warmup`` calls:
   per output frame, as bench/bench_train_step.py), backward, ``pkwrap.optim.NGSGD`` step
   (max-param-change 2) and the batchnorm statistics scaled by 0.8.
 
-The two paths use separate copies of the model (same start). Threads: ``--threads``
+The process keeps freed memory for reuse, as pkwrap.train's Trainer does
+(``pkwrap.train.keep_freed_memory``; PKWRAP_KEEP_FREED_MEMORY=0 turns it off). The two
+paths use separate copies of the model (same start). Threads: ``--threads``
 (default 1; set before torch starts its pools). With one thread the times are the
 process's CPU time (``time.process_time``), which other work on a shared machine does not
 inflate; with more, wall time.
@@ -53,6 +55,8 @@ def main():
     import torch
     torch.set_num_threads(a.threads)
     sys.path.insert(0, str(ROOT))
+    from pkwrap.train import keep_freed_memory
+    keep_freed_memory()  # as pkwrap.train's Trainer does on the CPU (both paths)
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_train_step import numerator
     from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
