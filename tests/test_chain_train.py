@@ -193,24 +193,40 @@ def test_end_to_end_and_resume(tmp_path):
     assert (root2 / "exp/chain/tdnn/final.mdl").read_bytes() == (d / "final.mdl").read_bytes()
 
 
-def test_missing_egs_maker_is_a_clear_error(tmp_path, capsys):
-    """Without --egs.dir the egs are made from the lattices (get_egs.sh); until
-    pkwrap.chain.get_egs exists that is a named error, not a crash."""
-    try:
-        import pkwrap.chain.get_egs  # noqa: F401
-        pytest.skip("pkwrap.chain.get_egs exists: egs are made")
-    except ImportError:
-        pass
-    root = _recipe_dir(tmp_path)
-    cmd = [a for a in _cmd() if not a.startswith("--egs.dir")]
+def test_egs_made_from_lattices(tmp_path):
+    """``--egs.dir=`` (empty, as in the recipe's command): the egs are made from the lattice
+    and feature dirs (pkwrap.chain.get_egs, Kaldi's get_egs.sh) with --egs.opts, their
+    properties copied to the chain dir, and training runs on them (iteration 0)."""
+    lat_small = REPO / "tests" / "fixtures" / "kaldi_recipe_small"
+    root = tmp_path / "recipe"
+    shutil.copytree(lat_small, root, ignore=shutil.ignore_patterns("egs"))
+    shutil.rmtree(root / "exp/chain/tree")
+    shutil.rmtree(root / "exp/chain/tdnn")
+    shutil.copytree(SMALL / "tree", root / "exp/chain/tree")
+    shutil.copytree(SMALL / "configs", root / "exp/chain/tdnn/configs")
+    cmd = [a for a in _cmd() if not a.startswith(("--egs.dir", "--trainer.num-epochs"))]
+    cmd += ["--egs.dir=", "--feat.online-ivector-dir=exp/nnet3/ivectors_train_hires",
+            "--feat.cmvn-opts=--config=conf/online_cmvn.conf",
+            "--egs.opts=--frames-overlap-per-eg 0 --online-cmvn true --num-utts-subset 5",
+            "--trainer.frames-per-iter=4000", "--trainer.num-epochs=1", "--exit-stage=1"]
     old = os.getcwd()
     os.chdir(root)
     try:
-        with pytest.raises(SystemExit) as e:
-            ct.main(cmd)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        assert ct.main(cmd) == 0
+        torch.set_num_threads(threads)
     finally:
         os.chdir(old)
-    assert "make_chain_egs_dir" in str(e.value) and "--egs.dir" in str(e.value)
+    d = root / "exp/chain/tdnn"
+    egs = d / "egs"
+    n = int((egs / "info/num_archives").read_text())
+    assert n >= 2 and all((egs / ("cegs.%d.ark" % i)).is_file() for i in range(1, n + 1))
+    assert (egs / "valid_diagnostic.cegs").is_file() and (egs / "combine.cegs").is_file()
+    assert (d / "online_cmvn").is_file()  # get_egs.sh touches it (empty) with online CMVN
+    assert (d / "cmvn_opts").read_text().strip() == "--config=conf/online_cmvn.conf"
+    assert (d / "log/compute_prob_valid.0.log").is_file() and (d / "log/train.0.1.log").is_file()
+    assert any((d / "checkpoints").iterdir())
 
 
 def test_console_script_help():

@@ -269,6 +269,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
         MinibatchSizeRule(args.num_chunk_per_minibatch)
     except ValueError as e:
         p.error("--trainer.num-chunk-per-minibatch=%s: %s" % (args.num_chunk_per_minibatch, e))
+    try:
+        _, egs_notes = egs_keywords(args)
+        notes.extend(egs_notes)
+    except ValueError as e:
+        p.error(str(e))
     if args.dropout_schedule is not None:
         try:
             dropout_proportions(args.dropout_schedule, 0.0)
@@ -606,6 +611,33 @@ def make_den_fst(dir_: str) -> None:
                                       norm.num_arcs))
 
 
+# get_egs.sh options (--egs.opts) -> make_chain_egs_dir keyword and type
+_EGS_OPTS = {"frames_overlap_per_eg": int, "online_cmvn": _bool, "num_utts_subset": int,
+             "num_train_egs_combine": int, "num_valid_egs_combine": int,
+             "num_egs_diagnostic": int, "compress": _bool}
+# get_egs.sh options that only schedule Kaldi's jobs
+_EGS_OPTS_IGNORED = ("max_shuffle_jobs_run", "max_jobs_run", "cmd", "nj")
+
+
+def egs_keywords(args) -> Tuple[Dict[str, object], List[str]]:
+    """``--egs.opts`` as :func:`pkwrap.chain.get_egs.make_chain_egs_dir` keywords, and
+    notes on the options ignored. Raises ValueError naming an unsupported option."""
+    kw: Dict[str, object] = {}
+    notes = []
+    for k, v in parse_egs_opts(args.egs_opts).items():
+        if k in _EGS_OPTS:
+            try:
+                kw[k] = _EGS_OPTS[k](v)
+            except (ValueError, argparse.ArgumentTypeError):
+                raise ValueError("--egs.opts: --%s %s: bad value" % (k.replace("_", "-"), v))
+        elif k in _EGS_OPTS_IGNORED:
+            notes.append("--egs.opts --%s ignored (Kaldi job scheduling)" % k.replace("_", "-"))
+        else:
+            raise ValueError("--egs.opts: get_egs.sh option --%s is not supported by "
+                             "pkwrap-chain-train" % k.replace("_", "-"))
+    return kw, notes
+
+
 def make_egs(args, dir_: str, egs_dir: str, model) -> None:
     """train.py stage -3: get_egs.sh, here :func:`pkwrap.chain.get_egs.make_chain_egs_dir`."""
     try:
@@ -614,24 +646,37 @@ def make_egs(args, dir_: str, egs_dir: str, model) -> None:
         raise RuntimeError(
             "--egs.dir is empty, so the egs must be made from --lat-dir and --feat-dir, "
             "but making egs (pkwrap.chain.get_egs.make_chain_egs_dir, Kaldi's get_egs.sh) "
-            "is not available in this pkwrap yet; make them with Kaldi's "
+            "is not available in this pkwrap; make them with Kaldi's "
             "steps/nnet3/chain/get_egs.sh and pass --egs.dir") from None
     f = args.frame_subsampling_factor
-    opts = parse_egs_opts(args.egs_opts)
+    kw, notes = egs_keywords(args)
+    for n in notes:
+        log.info("note: %s", n)
+    if args.egs_nj > 0:
+        procs = args.egs_nj
+    else:
+        try:
+            procs = int(open(os.path.join(args.lat_dir, "num_jobs")).read().split()[0])
+        except (OSError, ValueError, IndexError):
+            procs = 1
+        procs = max(1, min(procs, os.cpu_count() or 1))
+    # train.py: egs context = model context + chunk context + frame_subsampling_factor // 2
+    lc = model.left_context + args.chunk_left_context + f // 2
+    rc = model.right_context + args.chunk_right_context + f // 2
     make_chain_egs_dir(
-        feat_dir=args.feat_dir, lat_dir=args.lat_dir, chain_dir=dir_, egs_dir=egs_dir,
-        online_ivector_dir=args.online_ivector_dir, cmvn_opts=args.cmvn_opts,
-        left_context=model.left_context + args.chunk_left_context + f // 2,
-        right_context=model.right_context + args.chunk_right_context + f // 2,
+        egs_dir, args.feat_dir, args.lat_dir, dir_,
+        left_context=lc, right_context=rc,
         left_context_initial=(model.left_context + args.chunk_left_context_initial + f // 2
                               if args.chunk_left_context_initial >= 0 else -1),
         right_context_final=(model.right_context + args.chunk_right_context_final + f // 2
                              if args.chunk_right_context_final >= 0 else -1),
-        left_tolerance=args.left_tolerance, right_tolerance=args.right_tolerance,
+        online_ivector_dir=args.online_ivector_dir, cmvn_opts=args.cmvn_opts or "",
         frame_subsampling_factor=f,
         alignment_subsampling_factor=args.alignment_subsampling_factor,
         frames_per_eg=args.chunk_width, frames_per_iter=args.frames_per_iter,
-        srand=args.srand, stage=args.egs_stage, **opts)
+        srand=args.srand, left_tolerance=args.left_tolerance,
+        right_tolerance=args.right_tolerance, num_processes=procs,
+        progress=lambda m: log.info("get_egs: %s", m), **kw)
 
 
 def copy_egs_properties(egs_dir: str, dir_: str) -> None:
