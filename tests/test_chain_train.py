@@ -229,6 +229,23 @@ def test_egs_made_from_lattices(tmp_path):
     assert any((d / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
+def test_two_workers_under_torchrun(tmp_path):
+    """--trainer.optimization.num-jobs-final=2: the program prepares the dir, then runs
+    its training under torchrun with 2 CPU workers (gloo); learning rate 2x effective."""
+    root = _recipe_dir(tmp_path)
+    cmd = [a for a in _cmd() if "num-jobs-final" not in a and "num-epochs" not in a]
+    cmd += ["--trainer.optimization.num-jobs-final=2", "--trainer.num-epochs=1",
+            "--pkwrap.num-threads=1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "pkwrap.train.chain_train"] + cmd, cwd=str(root),
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = root / "exp/chain/tdnn"
+    assert (d / "final.mdl").is_file() and (d / "num_iters").read_text().strip() == "3"
+    assert "Iter: 0/2   Jobs: 2   Epoch: 0.00/1.0 (0.0% complete)   lr: 0.004000" in r.stderr
+
+
 def test_console_script_help():
     """``python -m pkwrap.train.chain_train`` (what the console script runs) answers
     --help with Kaldi's option names."""
