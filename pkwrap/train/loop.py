@@ -212,7 +212,8 @@ class Trainer:
       before_step: ``f(trainer, batch)`` called on every rank before each step (e.g. a
         per-iteration schedule: learning rate, diagnostics, models per iteration, as
         ``pkwrap.train.chain_train`` does); returning False ends training there (the
-        batch is not trained on; the data position stays before it).
+        batch is not trained on; to keep the data position before it, the hook rewinds
+        the source, e.g. :meth:`StreamingEgs.restart_iteration` at an iteration's start).
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer, train_data,
