@@ -54,6 +54,23 @@ _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alpha
                   nn.FeatureAlphaDropout)
 
 
+def scale_batchnorm_stats(m: nn.Module, scale: float) -> bool:
+    """Scale a Kaldi-style batchnorm's accumulated statistics (Kaldi's
+    ``ScaleBatchnormStats``; 0 forgets them): ``m.scale_stats(scale)`` (pkwrap.nn's
+    KaldiBatchNorm, sums), or for a module keeping averages with a ``count`` buffer
+    (pkwrap.nnet3's BatchNormComponent) the count (the sums are average x count).
+    Returns False when ``m`` keeps no such statistics."""
+    if hasattr(m, "scale_stats"):
+        m.scale_stats(scale)
+        return True
+    c = getattr(m, "count", None)
+    if isinstance(c, torch.Tensor) and c.numel() == 1 and hasattr(m, "stats_mean"):
+        with torch.no_grad():
+            c.mul_(scale)
+        return True
+    return False
+
+
 def is_batchnorm(m: nn.Module) -> bool:
     """Torch batchnorm, or a module that says so (``is_batchnorm = True`` or a class name
     containing "BatchNorm", as pkwrap.nn's Kaldi batchnorm)."""
@@ -297,7 +314,8 @@ def recompute_batchnorm_stats(model: nn.Module, ctx: ModelContext, batches: Iter
       The number of batchnorm modules updated (0: nothing to do, no forward run).
     """
     bns = [m for m in model.modules() if is_batchnorm(m) and
-           (hasattr(m, "reset_running_stats") or hasattr(m, "scale_stats"))]
+           (hasattr(m, "reset_running_stats") or hasattr(m, "scale_stats")
+            or isinstance(getattr(m, "count", None), torch.Tensor))]
     if not bns:
         return 0
     if device is None:
@@ -310,8 +328,8 @@ def recompute_batchnorm_stats(model: nn.Module, ctx: ModelContext, batches: Iter
         for m in bns:
             if hasattr(m, "reset_running_stats"):
                 m.reset_running_stats()
-            else:  # Kaldi batchnorm: statistics are plain sums, zero them
-                m.scale_stats(0.0)
+            else:  # Kaldi batchnorm: forget the statistics
+                scale_batchnorm_stats(m, 0.0)
             if hasattr(m, "momentum"):
                 m.momentum = None
             m.train()

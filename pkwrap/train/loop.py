@@ -39,7 +39,7 @@ from .context import ModelContext, probe_model_context
 from .data import (ChainMinibatchSampler, EgsSource, PlannedEgs, check_egs_for_model,
                    dataset_structures, make_loader)
 from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
-                          compute_prob_log_lines, is_batchnorm)
+                          compute_prob_log_lines, is_batchnorm, scale_batchnorm_stats)
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                    setup_distributed)
 from .host_memory import keep_freed_memory
@@ -136,8 +136,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _scale_kaldi_batchnorm_stats(model: nn.Module, scale: float) -> None:
     for m in model.modules():
-        if hasattr(m, "scale_stats") and is_batchnorm(m):
-            m.scale_stats(scale)
+        if is_batchnorm(m):
+            scale_batchnorm_stats(m, scale)
 
 
 def _ng_stats(model: nn.Module) -> Dict[str, float]:
