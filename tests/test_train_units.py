@@ -399,3 +399,23 @@ def test_ivectors_reach_models_that_read_them():
         logging.getLogger("pkwrap.train").removeHandler(h)
     assert out.shape == (2, 5, 4)
     assert "ivector input (dim 2) that the model does not consume" in buf.getvalue()
+
+
+def test_kaldi_batchnorm_stats_scaled_for_nnet3_components():
+    """Kaldi's ScaleBatchnormStats(0.8) after every step, and the reset of
+    recompute-stats, also reach pkwrap.nnet3's BatchNormComponent (averages + count)."""
+    from pkwrap.nnet3 import nnet3_from_config
+    from pkwrap.train.diagnostics import scale_batchnorm_stats
+    from pkwrap.train.loop import _scale_kaldi_batchnorm_stats
+    net = nnet3_from_config("input-node name=input dim=4\n"
+                            "component name=bn type=BatchNormComponent dim=4\n"
+                            "component-node name=bn component=bn input=input\n"
+                            "output-node name=output input=bn\n")
+    bn = net.component("bn")
+    net.train()
+    net(torch.randn(2, 5, 4))
+    assert float(bn.count) == 10.0
+    mean = bn.stats_mean.clone()
+    _scale_kaldi_batchnorm_stats(net, 0.8)
+    assert float(bn.count) == pytest.approx(8.0) and torch.equal(bn.stats_mean, mean)
+    assert scale_batchnorm_stats(bn, 0.0) and float(bn.count) == 0.0
