@@ -315,7 +315,8 @@ def recompute_batchnorm_stats(model: nn.Module, ctx: ModelContext, batches: Iter
     """
     bns = [m for m in model.modules() if is_batchnorm(m) and
            (hasattr(m, "reset_running_stats") or hasattr(m, "scale_stats")
-            or isinstance(getattr(m, "count", None), torch.Tensor))]
+            or (isinstance(getattr(m, "count", None), torch.Tensor)
+                and hasattr(m, "stats_mean")))]
     if not bns:
         return 0
     if device is None:
