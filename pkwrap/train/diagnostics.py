@@ -56,17 +56,11 @@ _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alpha
 
 def scale_batchnorm_stats(m: nn.Module, scale: float) -> bool:
     """Scale a Kaldi-style batchnorm's accumulated statistics (Kaldi's
-    ``ScaleBatchnormStats``; 0 forgets them): ``m.scale_stats(scale)`` (pkwrap.nn's
-    KaldiBatchNorm, sums), or for a module keeping averages with a ``count`` buffer
-    (pkwrap.nnet3's BatchNormComponent) the count (the sums are average x count).
-    Returns False when ``m`` keeps no such statistics."""
+    ``ScaleBatchnormStats``; 0 forgets them) through its ``scale_stats`` (pkwrap.nn's
+    KaldiBatchNorm, pkwrap.nnet3's BatchNormComponent). Returns False when ``m`` keeps no
+    such statistics."""
     if hasattr(m, "scale_stats"):
         m.scale_stats(scale)
-        return True
-    c = getattr(m, "count", None)
-    if isinstance(c, torch.Tensor) and c.numel() == 1 and hasattr(m, "stats_mean"):
-        with torch.no_grad():
-            c.mul_(scale)
         return True
     return False
 
@@ -314,9 +308,7 @@ def recompute_batchnorm_stats(model: nn.Module, ctx: ModelContext, batches: Iter
       The number of batchnorm modules updated (0: nothing to do, no forward run).
     """
     bns = [m for m in model.modules() if is_batchnorm(m) and
-           (hasattr(m, "reset_running_stats") or hasattr(m, "scale_stats")
-            or (isinstance(getattr(m, "count", None), torch.Tensor)
-                and hasattr(m, "stats_mean")))]
+           (hasattr(m, "reset_running_stats") or hasattr(m, "scale_stats"))]
     if not bns:
         return 0
     if device is None:
