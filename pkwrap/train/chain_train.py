@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--exit-stage", type=int, default=None)
     a("--cmd", dest="command", default="run.pl", help="ignored (no queue)")
     a("--egs.cmd", dest="egs_command", default=None, help="ignored (no queue)")
-    a("--use-gpu", default="yes", choices=["yes", "no", "wait"])
+    # as train.py: true/false are yes/no (run_tdnn_1k.sh passes --use-gpu=true)
+    a("--use-gpu", default="yes", type=lambda v: {"true": "yes", "false": "no"}.get(v, v),
+      choices=["yes", "no", "wait"])
     a("--cleanup", type=_bool, default=True)
     a("--cleanup.remove-egs", dest="remove_egs", type=_bool, default=True)
     a("--cleanup.preserve-model-interval", dest="preserve_model_interval", type=int,

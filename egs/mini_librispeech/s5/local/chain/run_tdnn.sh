@@ -10,6 +10,8 @@
 # training with pkwrap does not use (pkwrap-chain-train uses torch's CUDA when --use-gpu asks
 # for it and a GPU is there). All options of run_tdnn_1k.sh pass through, e.g.
 #   local/chain/run_tdnn.sh --stage 14 --train-stage -10
+# run_tdnn_1k.sh asks for --use-gpu=true; on a machine without a GPU run with USE_GPU=no
+# (e.g. `USE_GPU=no ./run.sh --stage 9`) to train on the CPU instead.
 set -euo pipefail
 . ./path.sh
 src=$KALDI_ROOT/egs/mini_librispeech/s5/local/chain/tuning/run_tdnn_1k.sh
@@ -23,8 +25,11 @@ if [ "$n_train" != 1 ] || [ "$n_cuda" != 1 ]; then
   echo "$0: $src has changed upstream (expected one train.py call and one cuda-compiled guard, found $n_train and $n_cuda); edit it by hand" >&2
   exit 1
 fi
+use_gpu=${USE_GPU:-true}
+case $use_gpu in true|yes|wait|no|false) ;; *) echo "$0: USE_GPU=$use_gpu: expected true, no or wait" >&2; exit 1;; esac
 tmp=$out.tmp.$$
 sed -e 's#steps/nnet3/chain/train\.py#pkwrap-chain-train#' \
-    -e 's#^if ! cuda-compiled; then#if false; then#' "$src" > $tmp
+    -e 's#^if ! cuda-compiled; then#if false; then#' \
+    -e "s#--use-gpu=true#--use-gpu=$use_gpu#" "$src" > $tmp
 chmod +x $tmp && mv $tmp $out
 exec $out "$@"
