@@ -74,5 +74,7 @@ setup(
         "test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     scripts=sorted(p for p in glob.glob("scripts/*") if os.path.isfile(p) and not p.endswith(".md")),
+    # drop-in for Kaldi's steps/nnet3/chain/train.py (same arguments)
+    entry_points={"console_scripts": ["pkwrap-chain-train = pkwrap.train.chain_train:main"]},
     zip_safe=False,
 )

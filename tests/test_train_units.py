@@ -351,3 +351,71 @@ def test_objf_tracker_reduce_with_a_rank_that_saw_no_minibatch(tmp_path):
                         "--nproc_per_node=2", str(script)], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_ivectors_reach_models_that_read_them():
+    """The egs' i-vectors go to a model with an ivector input (``model(x, ivector=)``);
+    a model without one gets ``model(x)`` and the unused input is reported once; a model
+    that needs them and egs without them is an error."""
+    import io
+    import logging
+    from types import SimpleNamespace
+    from pkwrap.train.context import model_ivector_dim
+    from pkwrap.train.data import ChainBatch
+    from pkwrap.train.diagnostics import compute_chain_loss
+    import pkwrap.train.diagnostics as diag
+    sup = SimpleNamespace(num_sequences=2, frames_per_sequence=5)
+    feats = torch.zeros(2, 17, 1)
+    iv = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    loss = lambda out, s, xent_output=None, deriv_weights=None: out  # noqa: E731
+    got = {}
+
+    class WithIvector(torch.nn.Module):
+        input_names = ["input", "ivector"]
+
+        def input_dim(self, name):
+            return 2
+
+        def forward(self, x, ivector=None):
+            got["iv"] = ivector
+            return torch.zeros(x.shape[0], 5, 4)
+
+    m = WithIvector()
+    assert model_ivector_dim(m) == 2
+    ctx = ModelContext(2, 2, 3, False, ivector_dim=2)
+    compute_chain_loss(m, ctx, loss, ChainBatch(feats, sup, None, 2, 0, ivector=iv))
+    assert torch.equal(got["iv"], iv)
+    with pytest.raises(ValueError, match="reads an ivector input"):
+        compute_chain_loss(m, ctx, loss, ChainBatch(feats, sup, None, 2, 0))
+    diag._warned_unused_ivector = False  # reported once per process
+    buf = io.StringIO()
+    h = logging.StreamHandler(buf)
+    logging.getLogger("pkwrap.train").addHandler(h)
+    try:
+        plain = lambda x: torch.zeros(x.shape[0], 5, 4)  # noqa: E731
+        out = compute_chain_loss(plain, ModelContext(2, 2, 3, False), loss,
+                                 ChainBatch(feats, sup, None, 2, 0, ivector=iv))
+    finally:
+        logging.getLogger("pkwrap.train").removeHandler(h)
+    assert out.shape == (2, 5, 4)
+    assert "ivector input (dim 2) that the model does not consume" in buf.getvalue()
+
+
+def test_kaldi_batchnorm_stats_scaled_for_nnet3_components():
+    """Kaldi's ScaleBatchnormStats(0.8) after every step, and the reset of
+    recompute-stats, also reach pkwrap.nnet3's BatchNormComponent (averages + count)."""
+    from pkwrap.nnet3 import nnet3_from_config
+    from pkwrap.train.diagnostics import scale_batchnorm_stats
+    from pkwrap.train.loop import _scale_kaldi_batchnorm_stats
+    net = nnet3_from_config("input-node name=input dim=4\n"
+                            "component name=bn type=BatchNormComponent dim=4\n"
+                            "component-node name=bn component=bn input=input\n"
+                            "output-node name=output input=bn\n")
+    bn = net.component("bn")
+    net.train()
+    net(torch.randn(2, 5, 4))
+    assert float(bn.count) == 10.0
+    mean = bn.stats_mean.clone()
+    _scale_kaldi_batchnorm_stats(net, 0.8)
+    assert float(bn.count) == pytest.approx(8.0) and torch.equal(bn.stats_mean, mean)
+    assert scale_batchnorm_stats(bn, 0.0) and float(bn.count) == 0.0

@@ -421,7 +421,9 @@ def get_chain_egs(key: str, feats, supervision: Supervision, splitter: Utterance
                   supervision_length_tolerance: int = 1, long_key: bool = False,
                   report: Optional[ErrorReport] = None,
                   chunks: Optional[List[ChunkTimeInfo]] = None,
-                  sup_splitter: Optional[SupervisionSplitter] = None
+                  sup_splitter: Optional[SupervisionSplitter] = None,
+                  ivectors: Optional[np.ndarray] = None, ivector_period: int = 10,
+                  ivector_length_tolerance: int = 100
                   ) -> List[Tuple[str, NnetChainExample]]:
     """The chain egs of one utterance (``nnet3-chain-get-egs``'s ``ProcessFile``).
 
@@ -441,6 +443,15 @@ def get_chain_egs(key: str, feats, supervision: Supervision, splitter: Utterance
         (and skipped); if None they raise.
       chunks: use these chunks instead of drawing them (e.g. to rebuild a Kaldi eg).
       sup_splitter: a :class:`SupervisionSplitter` of ``supervision`` to reuse.
+      ivectors: online i-vectors ``[R][D]`` of the utterance, one per
+        ``ivector_period`` frames (``--online-ivectors``): each eg gets an input
+        "ivector" (one row, index (0, 0, 0)). As in Kaldi, the row is that of a frame
+        drawn uniformly from ``[b - l, b - l + U - 1]`` (b the chunk's first frame, l its
+        left context, U the utterance's frames -- not the chunk's), divided by the
+        period and clamped to the rows there are; drawn from ``splitter.rng``.
+      ivector_period: ``--online-ivector-period``.
+      ivector_length_tolerance: ``--length-tolerance``: most frames by which the
+        features and ``rows * period`` may differ.
     Returns:
       ``[(key, NnetChainExample)]``; empty if the utterance is too short.
     Raises:
@@ -449,6 +460,18 @@ def get_chain_egs(key: str, feats, supervision: Supervision, splitter: Utterance
     feats = _as_feats(feats, key)
     cfg = splitter.config
     sf = cfg.frame_subsampling_factor
+    if ivectors is not None:
+        ivectors = np.asarray(ivectors, dtype=np.float32)
+        if ivectors.ndim != 2 or ivectors.shape[0] == 0:
+            raise SupervisionError(key, "bad_input", "online i-vectors must be a non-empty "
+                                   "[rows][dim] matrix, got shape %s" % (ivectors.shape,))
+        if ivector_period <= 0:
+            raise ValueError("--online-ivector-period must be > 0")
+        if abs(feats.shape[0] - ivectors.shape[0] * ivector_period) > ivector_length_tolerance:
+            raise SupervisionError(key, "bad_length", "%d feature frames but %d i-vector rows "
+                                   "at period %d (more than --length-tolerance=%d apart)"
+                                   % (feats.shape[0], ivectors.shape[0], ivector_period,
+                                      ivector_length_tolerance))
     if supervision.num_sequences != 1 or supervision.e2e:
         raise SupervisionError(key, "bad_input", "expected one-sequence regular supervision")
     U, T = feats.shape[0], supervision.frames_per_sequence
@@ -492,9 +515,18 @@ def get_chain_egs(key: str, feats, supervision: Supervision, splitter: Utterance
             m = max(0, min(n, len(deriv_weights) - b))
             dw[:m] = deriv_weights[b:b + m]
             w = dw * w
-        inp = extract_rows_with_padding(feats, ch.first_frame - ch.left_context,
+        start = ch.first_frame - ch.left_context
+        inp = extract_rows_with_padding(feats, start,
                                         ch.left_context + ch.num_frames + ch.right_context)
-        out.append((ckey, _make_eg(inp, ch.left_context, part, w, sf)))
+        eg = _make_eg(inp, ch.left_context, part, w, sf)
+        if ivectors is not None:
+            frame = int(splitter.rng.integers(start, start + U))
+            row = min(max(frame // ivector_period, 0), ivectors.shape[0] - 1)
+            import torch
+            eg.inputs["ivector"] = torch.from_numpy(
+                np.ascontiguousarray(ivectors[row:row + 1], dtype=np.float32))
+            eg.input_indexes["ivector"] = np.zeros((1, 3), np.int32)
+        out.append((ckey, eg))
     return out
 
 

@@ -57,6 +57,7 @@ from ..kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter
 
 __all__ = [
     "SupervisionOptions", "ProtoSupervision", "SupervisionError", "ErrorReport",
+    "phone_lattice_to_proto_supervision", "lattice_to_supervision",
     "alignment_to_proto_supervision", "proto_supervision_to_supervision",
     "alignment_to_supervision", "get_supervisions", "sort_breadth_first",
     "fst_state_times", "SupervisionSplitter", "add_weight_to_supervision",
@@ -183,15 +184,20 @@ class SupervisionOptions:
 
 @dataclass
 class ProtoSupervision:
-    """Kaldi's ``ProtoSupervision`` for an alignment (a linear phone sequence).
+    """Kaldi's ``ProtoSupervision``: the phones and the frames each may appear on.
 
     Args:
-      phones: the phone sequence ``[N]``.
+      phones: the phone sequence ``[N]`` of an alignment (a linear acceptor).
       allowed_phones: ``[T']`` sorted lists: the phones allowed on each output frame.
+      phone_fst: instead of ``phones``, a phone acceptor (from a phone-aligned
+        lattice): ``(start, arcs, finals)`` with ``arcs[state] = [(phone, next), ...]``
+        and ``finals`` the set of final states (unweighted: Kaldi's default
+        ``--lm-scale=0`` gives every arc weight 0).
     """
 
     phones: List[int]
     allowed_phones: List[List[int]]
+    phone_fst: Optional[Tuple[int, List[List[Tuple[int, int]]], set]] = None
 
     @property
     def num_frames(self) -> int:
@@ -354,6 +360,219 @@ def _linear_transition_fsa(phones: Sequence[int], ctx_dep, trans_model, key: str
     return len(arcs), arcs, cur
 
 
+class _AcceptorTransitionFsa:
+    """H o C o A for a phone acceptor A (a phone-aligned lattice), with Kaldi's reordered
+    self-loops, built lazily: ``fsa[q]`` is the list of ``(transition-id, next)`` of
+    state q (state 0 is the start), ``fsa.finals`` the final states seen so far.
+
+    States are ``("g", c, k)`` at a phone boundary (c a state of the context-dependent
+    phone graph, k the transition-state of the transition just taken, 0 at the start)
+    and ``("h", a, j, k)`` inside the HMM of context-dependent arc a, at topology state
+    j. The self-loop of transition-state k follows that transition (``reorder=true``).
+    The language (the set of transition-id sequences) is the one Kaldi's
+    ``ProtoSupervisionToSupervision`` builds with ContextFst, H and ``AddSelfLoops``;
+    the states differ, which does not matter once the chunks are determinized.
+    """
+
+    def __init__(self, phone_fst, ctx_dep, trans_model, key: str):
+        self.tabs = _tables(trans_model)
+        self.ctx_dep, self.trans_model, self.key = ctx_dep, trans_model, key
+        self._cd_graph(phone_fst)
+        self._hmms: Dict[Tuple[int, ...], Tuple[int, List[List[Tuple[int, int]]]]] = {}
+        self.ids: Dict[tuple, int] = {}
+        self.keys: List[tuple] = []
+        self.arcs: List[Optional[List[Tuple[int, int]]]] = []
+        self.finals: set = set()
+        self._id(("g", self.cd_start, 0))
+
+    def _cd_graph(self, phone_fst) -> None:
+        """Context expansion of the acceptor: nodes (state, history, flushed), arcs
+        labelled with phone windows (epsilon-free: the first phones of a right-context
+        tree only fill the window)."""
+        start, arcs, finals = phone_fst
+        N, P = self.ctx_dep.context_width, self.ctx_dep.central_position
+        R = N - 1 - P
+        ids: Dict[tuple, int] = {}
+        keys: List[tuple] = []
+
+        def nid(k):
+            i = ids.get(k)
+            if i is None:
+                i = ids[k] = len(keys)
+                keys.append(k)
+            return i
+
+        eps: Dict[int, List[int]] = {}
+        out: Dict[int, List[Tuple[Tuple[int, ...], int]]] = {}
+        fin = set()
+        nid((start, (0,) * (N - 1), 0))
+        head = 0
+        while head < len(keys):
+            a, hist, fl = keys[head]
+            i = head
+            head += 1
+            steps = []
+            if fl == 0:
+                steps = [(p, (a2, None)) for p, a2 in arcs[a]]
+            final_here = (fl == R) and (fl > 0 or a in finals)
+            if final_here:
+                fin.add(i)
+            if (a in finals or fl > 0) and fl < R:
+                steps.append((0, (a, fl + 1)))
+            for p, (a2, nfl) in steps:
+                win = hist + (p,)
+                nk = (a2, win[1:], 0) if nfl is None else (a2, win[1:], nfl)
+                d = nid(nk)
+                if win[P] == 0:
+                    eps.setdefault(i, []).append(d)
+                else:
+                    out.setdefault(i, []).append((win, d))
+        # remove the epsilons (only at the start, while the window fills)
+        n = len(keys)
+        cd_out: List[List[Tuple[Tuple[int, ...], int]]] = [[] for _ in range(n)]
+        cd_fin = set()
+        for i in range(n):
+            stack, seen = [i], {i}
+            while stack:
+                j = stack.pop()
+                cd_out[i].extend(out.get(j, []))
+                if j in fin:
+                    cd_fin.add(i)
+                for d in eps.get(j, []):
+                    if d not in seen:
+                        seen.add(d)
+                        stack.append(d)
+        self.cd_start, self.cd_out, self.cd_finals = 0, cd_out, cd_fin
+
+    def _hmm(self, win):
+        h = self._hmms.get(win)
+        if h is None:
+            n, hmm_arcs = _hmm_arcs(win, self.ctx_dep, self.trans_model, self.key)
+            by_src: List[List[Tuple[int, int]]] = [[] for _ in range(n)]
+            for src, tid, dst in hmm_arcs:
+                by_src[src].append((tid, dst))
+            h = self._hmms[win] = (n, by_src)
+        return h
+
+    def _id(self, k) -> int:
+        i = self.ids.get(k)
+        if i is None:
+            i = self.ids[k] = len(self.keys)
+            self.keys.append(k)
+            self.arcs.append(None)
+            if k[0] == "g" and k[1] in self.cd_finals:
+                self.finals.add(i)
+        return i
+
+    def __getitem__(self, q: int) -> List[Tuple[int, int]]:
+        lst = self.arcs[q]
+        if lst is not None:
+            return lst
+        k = self.keys[q]
+        tabs = self.tabs
+        lst = []
+        if k[0] == "g":
+            c = k[1]
+            moves = []
+            for a, (win, d) in enumerate(self.cd_out[c]):
+                n, by_src = self._hmm(win)
+                moves.extend((tid, (c, a, win, d), dst, n) for tid, dst in by_src[0])
+            loop_ts = k[2]
+        else:
+            _, c, a, j, loop_ts = k
+            win, d = self.cd_out[c][a]
+            n, by_src = self._hmm(win)
+            moves = [(tid, (c, a, win, d), dst, n) for tid, dst in by_src[j]]
+        for tid, (c, a, win, d), dst, n in moves:
+            ts = int(tabs.tstate[tid])
+            nk = ("g", d, ts) if dst == n - 1 else ("h", c, a, dst, ts)
+            lst.append((int(tid), self._id(nk)))
+        if loop_ts:
+            loop = int(tabs.loop_of[loop_ts])
+            if loop:
+                lst.append((loop, q))
+        self.arcs[q] = lst
+        return lst
+
+
+def phone_lattice_to_proto_supervision(lat, opts: SupervisionOptions,
+                                       key: str = "<utt>") -> ProtoSupervision:
+    """Kaldi's ``PhoneLatticeToProtoSupervision`` (``chain-get-supervision
+    --lattice-input=true``): a phone-aligned lattice (one phone per arc, see
+    :func:`pkwrap.kaldi.lattice.phone_align_lattice`) gives the phone acceptor and, for
+    every arc, its phone is allowed on the output frames
+
+        ceil(max(0, b - l) / f)  <=  t  <  ceil(min(T, e + r) / f)
+
+    (b, e the arc's first and past-the-end input frame, T the lattice's frames, l, r
+    the tolerances, f the frame-subsampling factor). Weights are dropped (Kaldi's
+    ``--lm-scale=0``).
+
+    Args:
+      lat: :class:`pkwrap.kaldi.lattice.CompactLattice` with phone labels.
+      opts: tolerances and the (alignment) frame-subsampling factor.
+      key: utterance id for error messages.
+    Raises:
+      SupervisionError: an empty lattice, an epsilon arc (not phone-aligned), a final
+        state before the last frame, or a frame no phone may take.
+    """
+    opts.check()
+    if lat.start < 0 or lat.num_states == 0:
+        raise SupervisionError(key, "empty_alignment", "the lattice is empty")
+    try:
+        times, T = lat.state_times()
+    except ValueError as e:
+        raise SupervisionError(key, "bad_input", "lattice: %s" % e) from None
+    f = opts.frame_subsampling_factor
+    Ts = (T + f - 1) // f
+    allowed: List[set] = [set() for _ in range(Ts)]
+    arcs: List[List[Tuple[int, int]]] = []
+    finals = set()
+    for s in range(lat.num_states):
+        st = []
+        t0s = times[s]
+        for lab, _, _, tids, d in lat.arcs[s]:
+            if lab == 0:
+                raise SupervisionError(key, "bad_input", "the lattice has an epsilon arc: is it "
+                                       "phone-aligned (lattice-align-phones "
+                                       "--replace-output-symbols=true)?")
+            st.append((int(lab), int(d)))
+            b = max(0, t0s - opts.left_tolerance)
+            e = min(T, t0s + len(tids) + opts.right_tolerance)
+            for t in range((b + f - 1) // f, (e + f - 1) // f):
+                allowed[t].add(int(lab))
+        arcs.append(st)
+        if lat.final[s] is not None:
+            if t0s != T:
+                raise SupervisionError(key, "bad_input", "final state %d at frame %d of %d: the "
+                                       "lattice is not phone-aligned" % (s, t0s, T))
+            finals.add(s)
+    for t, a in enumerate(allowed):
+        if not a:
+            raise SupervisionError(key, "bad_input", "no phone is allowed on output frame %d"
+                                   % t)
+    return ProtoSupervision(phones=[], allowed_phones=[sorted(a) for a in allowed],
+                            phone_fst=(lat.start, arcs, finals))
+
+
+def lattice_to_supervision(lat, ctx_dep, trans_model, opts: Optional[SupervisionOptions] = None,
+                           key: str = "<utt>") -> Supervision:
+    """One utterance's supervision from a phone-aligned lattice
+    (``chain-get-supervision --lattice-input=true``).
+
+    Args:
+      lat: phone-aligned :class:`pkwrap.kaldi.lattice.CompactLattice`.
+      ctx_dep, trans_model: the chain tree and transition model (``0.trans_mdl``).
+      opts: :class:`SupervisionOptions` (``frame_subsampling_factor`` is the alignment
+        subsampling factor).
+      key: utterance id for error messages.
+    """
+    opts = opts or SupervisionOptions()
+    proto = phone_lattice_to_proto_supervision(lat, opts, key)
+    return proto_supervision_to_supervision(proto, ctx_dep, trans_model,
+                                            opts.convert_to_pdfs, opts.weight, key)
+
+
 def proto_supervision_to_supervision(proto: ProtoSupervision, ctx_dep, trans_model,
                                      convert_to_pdfs: bool = True, weight: float = 1.0,
                                      key: str = "<utt>") -> Supervision:
@@ -372,12 +591,23 @@ def proto_supervision_to_supervision(proto: ProtoSupervision, ctx_dep, trans_mod
       SupervisionError: unknown phone, or no path fits the frames (``too_short``).
     """
     tabs = _tables(trans_model)
-    for p in proto.phones:
+    if proto.phone_fst is not None:
+        phones_used = {p for arcs in proto.phone_fst[1] for p, _ in arcs}
+    else:
+        phones_used = proto.phones
+    for p in phones_used:
         if p not in tabs.phones:
             raise SupervisionError(key, "unknown_phone", "phone %d is not in the transition "
                                    "model (phones %d..%d)" % (p, min(tabs.phones),
                                                                max(tabs.phones)))
-    nq, qarcs, qfinal = _linear_transition_fsa(proto.phones, ctx_dep, trans_model, key)
+    if proto.phone_fst is None:
+        _, qarcs, qfinal = _linear_transition_fsa(proto.phones, ctx_dep, trans_model, key)
+        qfinals = {qfinal}
+        what = "%d phones" % len(proto.phones)
+    else:
+        qarcs = _AcceptorTransitionFsa(proto.phone_fst, ctx_dep, trans_model, key)
+        qfinals = qarcs.finals
+        what = "the phone lattice's phones"
     T = proto.num_frames
     allowed = [set(a) for a in proto.allowed_phones]
     # forward: reachable (q, t)
@@ -393,8 +623,7 @@ def proto_supervision_to_supervision(proto: ProtoSupervision, ctx_dep, trans_mod
         levels.append(nxt)
     # backward: keep co-accessible states (Connect)
     keep: List[set] = [set() for _ in range(T + 1)]
-    if qfinal in levels[T]:
-        keep[T].add(qfinal)
+    keep[T].update(q for q in levels[T] if q in qfinals)
     for t in range(T - 1, -1, -1):
         for q in levels[t]:
             for tid, q2 in qarcs[q]:
@@ -402,9 +631,8 @@ def proto_supervision_to_supervision(proto: ProtoSupervision, ctx_dep, trans_mod
                     keep[t].add(q)
                     break
     if 0 not in keep[0]:
-        raise SupervisionError(key, "too_short", "supervision FST is empty: %d phones do not "
-                               "fit in %d output frames with these tolerances"
-                               % (len(proto.phones), T))
+        raise SupervisionError(key, "too_short", "supervision FST is empty: %s do not "
+                               "fit in %d output frames with these tolerances" % (what, T))
     # breadth-first numbering (SortBreadthFirstSearch), arcs in graph order
     ids: Dict[Tuple[int, int], int] = {(0, 0): 0}
     order = [(0, 0)]
@@ -425,7 +653,8 @@ def proto_supervision_to_supervision(proto: ProtoSupervision, ctx_dep, trans_mod
                     order.append(k)
                 lab = int(tabs.pdf[tid]) + 1 if convert_to_pdfs else int(tid)
                 out_arcs.append((s, lab, lab, 0.0, d))
-    fst = Fst.from_arcs(len(order), 0, out_arcs, {ids[(qfinal, T)]: 0.0})
+    fst = Fst.from_arcs(len(order), 0, out_arcs,
+                        {ids[(q, T)]: 0.0 for q in keep[T] if (q, T) in ids})
     return Supervision(weight=float(weight), num_sequences=1, frames_per_sequence=T,
                        label_dim=(trans_model.num_pdfs if convert_to_pdfs
                                   else trans_model.num_transition_ids), fst=fst)
@@ -530,33 +759,43 @@ def fst_state_times(fst: Fst) -> Tuple[np.ndarray, int]:
     S = fst.num_states
     if fst.start != 0:
         raise ValueError("expected the FST's start state to be 0 (breadth-first sorted)")
+    if fst.num_arcs and np.any(fst.ilabel == 0):
+        s = int(np.searchsorted(fst.state_offsets, int(np.argmax(fst.ilabel == 0)), "right")) - 1
+        raise ValueError("FST has epsilon arcs (state %d)" % s)
+    src = np.repeat(np.arange(S), np.diff(fst.state_offsets))
+    dst = np.asarray(fst.nextstate, np.int64)
+    if np.any(dst <= src):
+        s = int(src[np.argmax(dst <= src)])
+        raise ValueError("state %d has an arc to an earlier state: FST not sorted by time" % s)
+    # breadth-first sorted with forward arcs: the time of a state is one more than that of
+    # any of its predecessors; take the first arc into each state, then check all
     times = np.full(S, -1, np.int64)
     times[0] = 0
-    total = -1
-    off = fst.state_offsets
-    for s in range(S):
-        t = times[s]
-        if t < 0:
+    first_in = np.full(S, -1, np.int64)
+    order = np.argsort(dst, kind="stable")
+    d_sorted = dst[order]
+    uniq, idx = np.unique(d_sorted, return_index=True)
+    first_in[uniq] = src[order[idx]]
+    for s in range(1, S):  # predecessors come first: a single pass
+        p = first_in[s]
+        if p < 0:
             raise ValueError("state %d is not reached by earlier states: FST not sorted by time"
                              % s)
-        b, e = off[s], off[s + 1]
-        if np.any(fst.ilabel[b:e] == 0):
-            raise ValueError("FST has epsilon arcs (state %d)" % s)
-        for d in fst.nextstate[b:e].tolist():
-            if times[d] == -1:
-                times[d] = t + 1
-            elif times[d] != t + 1:
-                raise ValueError("state %d is reached at two different times" % d)
-        if np.isfinite(fst.final[s]):
-            if total == -1:
-                total = int(t)
-            elif total != t:
-                raise ValueError("final states at different times (%d and %d)" % (total, t))
+        times[s] = times[p] + 1
+    if fst.num_arcs:
+        bad = times[dst] != times[src] + 1
+        if np.any(bad):
+            raise ValueError("state %d is reached at two different times"
+                             % int(dst[np.argmax(bad)]))
+    fin = np.isfinite(fst.final)
+    if not np.any(fin):
+        raise ValueError("FST has no final state")
+    ft = np.unique(times[fin])
+    if len(ft) > 1:
+        raise ValueError("final states at different times (%d and %d)" % (ft[0], ft[1]))
     if S and np.any(np.diff(times) < 0):
         raise ValueError("state times are not monotonic: FST not sorted breadth-first")
-    if total < 0:
-        raise ValueError("FST has no final state")
-    return times, total
+    return times, int(ft[0])
 
 
 _TMP = {"dir": None}

@@ -6,8 +6,9 @@ or text, plain or gzipped) with :func:`pkwrap.nnet3.read_nnet3` and returns the
 writes such a module back for Kaldi.
 
 ``load_kaldi_nnet3(model, path)`` (the older form) copies a ``tdnn_1j``-shaped model's
-parameters into a :class:`pkwrap.nn.TDNNFModel` instead (the same reader; only the
-mapping of Kaldi's component names to TDNNFModel's layers lives here):
+parameters into a :class:`pkwrap.nn.TDNNFModel` instead (the same reader; the component
+name of each layer is ``TDNNFModel.nnet3_layers()``, the names of the model's own nnet3
+config; the field mapping lives here):
 
 =======================================  ==========================================================
 ``idct`` FixedAffineComponent            ``model.idct`` (its bias must be 0)
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from pkwrap.kaldi.hmm import TransitionModel
-from pkwrap.nn.tdnnf import TDNNFModel
+from pkwrap.nn.tdnnf import KaldiBatchNorm, TDNNFModel
 
 # pkwrap.nnet3's components use pkwrap.nn's natural-gradient layers, so pkwrap.nnet3 is
 # imported when used (importing it here would be circular).
@@ -151,29 +152,15 @@ def load_kaldi_nnet3(model_or_path, path: Union[str, Path, None] = None):
         if np.any(np.asarray(c.get("BiasParams", [])) != 0):
             raise ValueError("load_kaldi_nnet3: idct has a non-zero bias, not supported")
         _set(model.idct, c["LinearParams"], "idct")
-    batchnorm("batchnorm0", model.batchnorm0)
-    if model.use_delta:
-        batchnorm("delta", model.delta_batchnorm)
-    affine("tdnn1.affine", model.tdnn1)
-    batchnorm("tdnn1.batchnorm", model.tdnn1_batchnorm)
-    for k, layer in enumerate(model.tdnnfs):
-        n = f"tdnnf{k + 2}"
-        affine(n + ".linear", layer.linear)
-        affine(n + ".affine", layer.affine)
-        batchnorm(n + ".batchnorm", layer.batchnorm)
+    # the component names are those of the model's own nnet3 config (TDNNFModel.nnet3_layers)
+    for name, layer in model.nnet3_layers():
+        if isinstance(layer, KaldiBatchNorm):
+            batchnorm(name, layer)
+        else:
+            affine(name, layer)
     if f"tdnnf{len(model.tdnnfs) + 2}.linear" in comps:
         raise ValueError(f"load_kaldi_nnet3: {path} has more TDNN-F layers than the model "
                          f"({len(model.tdnnfs)})")
-    affine("prefinal-l", model.prefinal_l)
-    heads = [("prefinal-chain", "output", model.prefinal_chain, model.output)]
-    if model.xent_head:
-        heads.append(("prefinal-xent", "output-xent", model.prefinal_xent, model.output_xent))
-    for pre, out, pl, ol in heads:
-        affine(pre + ".affine", pl.affine)
-        batchnorm(pre + ".batchnorm1", pl.batchnorm1)
-        affine(pre + ".linear", pl.linear)
-        batchnorm(pre + ".batchnorm2", pl.batchnorm2)
-        affine(out + ".affine", ol)
     missing = [n for n, p in model.named_parameters() if id(p) not in done]
     if missing:
         raise ValueError(f"load_kaldi_nnet3: parameters not set from {path}: {missing}")

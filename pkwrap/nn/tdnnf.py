@@ -198,10 +198,12 @@ def constrain_orthonormal(model: nn.Module, every: int = 4, step: Optional[int] 
 
 
 def scale_batchnorm_stats(model: nn.Module, scale: float = 0.8) -> None:
-    """Scale the statistics of every KaldiBatchNorm of ``model`` (nnet3-chain-train does this
-    with 0.8 after every minibatch, so test-mode statistics stay recent)."""
+    """Scale the statistics of every Kaldi batchnorm of ``model`` (KaldiBatchNorm, nnet3's
+    BatchNormComponent; nnet3-chain-train does this with 0.8 after every minibatch, so
+    test-mode statistics stay recent)."""
+    from pkwrap.nnet3.components import BatchNormComponent
     for m in model.modules():
-        if isinstance(m, KaldiBatchNorm):
+        if isinstance(m, (KaldiBatchNorm, BatchNormComponent)):
             m.scale_stats(scale)
 
 
@@ -269,6 +271,13 @@ class KaldiBatchNorm(nn.Module):
         scale = self.target_rms * (var + self.epsilon).rsqrt()
         return ((rows - mean.to(x.dtype)) * scale.to(x.dtype)).reshape(x.shape)
 
+    @torch.no_grad()
+    def add_stats(self, count: int, row_sum: torch.Tensor, row_sumsq: torch.Tensor) -> None:
+        """Accumulate ``count`` rows given their sum and sum of squares (float64 ``[dim]``)."""
+        self.stats_count += count
+        self.stats_sum.add_(row_sum.to(self.stats_sum.device))
+        self.stats_sumsq.add_(row_sumsq.to(self.stats_sumsq.device))
+
     def scale_stats(self, scale: float) -> None:
         """Multiply the accumulated statistics by ``scale`` (0 resets them)."""
         self.stats_count *= scale
@@ -322,10 +331,7 @@ def _bn_forward(y: torch.Tensor, x: Optional[torch.Tensor], bn: "KaldiBatchNorm"
         y2.numpy(), out.numpy().reshape(N, D), x.numpy() if x is not None else None, bmap,
         float(scale), bool(relu), bn.epsilon, bn.target_rms, torch.get_num_threads(),
         bool(row_norms))
-    with torch.no_grad():
-        bn.stats_count += N
-        bn.stats_sum.add_(torch.from_numpy(ssum))
-        bn.stats_sumsq.add_(torch.from_numpy(ssq))
+    bn.add_stats(N, torch.from_numpy(ssum), torch.from_numpy(ssq))
     return (out, torch.from_numpy(osq) if row_norms else None, torch.from_numpy(mean),
             torch.from_numpy(sc))
 
@@ -393,11 +399,11 @@ class _AffineReluBatchNormFunction(torch.autograd.Function):
     output next.  x ``[N][in]`` (the spliced input of a TDNN layer)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bypass_x, layer, bn, scale, bmap, row_norms):
+    def forward(ctx, x, weight, bias, bypass_x, layer, bn, scale, bmap, row_norms, relu=True):
         y = linear(x, weight, bias)
-        out, osq, mean, sc = _bn_forward(y, bypass_x, bn, True, scale, bmap, row_norms)
+        out, osq, mean, sc = _bn_forward(y, bypass_x, bn, relu, scale, bmap, row_norms)
         ctx.save_for_backward(x, weight, y, mean, sc)
-        ctx.layer, ctx.bn, ctx.scale, ctx.bmap = layer, bn, scale, bmap
+        ctx.layer, ctx.bn, ctx.scale, ctx.bmap, ctx.relu = layer, bn, scale, bmap, relu
         ctx.has_bias = bias is not None
         ctx.x_shape = bypass_x.shape if bypass_x is not None else None
         if osq is None:
@@ -411,7 +417,7 @@ class _AffineReluBatchNormFunction(torch.autograd.Function):
         layer = ctx.layer
         need_w = ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2])
         x_shape = ctx.x_shape if ctx.needs_input_grad[3] else None
-        gy, gx, st = _bn_backward(g, r, mean, sc, ctx.bn, True, ctx.scale, ctx.bmap, x_shape,
+        gy, gx, st = _bn_backward(g, r, mean, sc, ctx.bn, ctx.relu, ctx.scale, ctx.bmap, x_shape,
                                   need_w)
         grad_x = mm(gy, weight) if ctx.needs_input_grad[0] else None
         grad_w = grad_b = None
@@ -421,7 +427,7 @@ class _AffineReluBatchNormFunction(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
             if grad_b is not None:
                 grad_b = grad_b.to(layer.bias.dtype)
-        return grad_x, grad_w, grad_b, gx, None, None, None, None, None
+        return grad_x, grad_w, grad_b, gx, None, None, None, None, None, None
 
 
 def _check_bypass(y_shape, x: torch.Tensor, c: int, pick) -> Tuple[int, int]:
@@ -846,6 +852,10 @@ class TDNNFModel(nn.Module):
     Not included: the ReLU self-repair term (it changes only training, not the network
     function).
 
+    :meth:`nnet3_config` gives the network as Kaldi nnet3 config lines and :meth:`to_nnet3`
+    the equivalent :class:`pkwrap.nnet3.Nnet3` (same parameters; in training it computes the
+    same frames with the same fused kernels; tests/test_nnet3_plan.py).
+
     Attributes ``left_context``, ``right_context`` (input frames needed on each side) and
     ``frame_subsampling_factor``.  ``forward(x)`` with x ``[B][T_in][F]`` returns
     ``(chain [B][T_out][P], xent log-softmax [B][T_out][P] or None)``; see the module docstring
@@ -918,6 +928,182 @@ class TDNNFModel(nn.Module):
         """Kaldi's mini_librispeech tdnn_1j network without i-vectors (5,024,134 parameters
         for 2051 pdfs, context 29/29)."""
         return cls(num_pdfs, feat_dim=feat_dim)
+
+    # ------------------------------------------------------------------ as an nnet3 graph
+    def nnet3_config(self) -> str:
+        """This network as Kaldi nnet3 config lines, as ``xconfig_to_configs.py`` expands
+        the tdnn_1j xconfig (component and node names as in Kaldi's ``final.config``:
+        ``tdnn1.affine``, ``tdnnf2.linear``, ``tdnnf2.noop``, ``prefinal-chain.linear``, ...);
+        ``pkwrap.nnet3.nnet3_from_config`` builds it (with random parameters;
+        :meth:`to_nnet3` copies this model's). SpecAugment is included when the model has it.
+        """
+        F_, L = self.feat_dim, []
+        comp = L.append
+
+        def ng(name, typ, i, o, extra=""):
+            comp("component name=%s type=%s input-dim=%d output-dim=%d%s"
+                 % (name, typ, i, o, extra))
+
+        def node(name, inp):
+            comp("component-node name=%s component=%s input=%s" % (name, name, inp))
+
+        def opts(m):
+            out = " max-change=%g l2-regularize=%g" % (m.max_change, m.l2_regularize)
+            if m.learning_rate_factor != 1.0:
+                out += " learning-rate-factor=%g" % m.learning_rate_factor
+            if m.orthonormal_constraint != 0.0:
+                out += " orthonormal-constraint=%g" % m.orthonormal_constraint
+            return out
+
+        def bn(name, b, inp):
+            comp("component name=%s type=BatchNormComponent dim=%d target-rms=%g epsilon=%g"
+                 % (name, b.dim, b.target_rms, b.epsilon))
+            node(name, inp)
+
+        comp("input-node name=input dim=%d" % F_)
+        prev = "input"
+        if self.use_idct:
+            comp("component name=idct type=FixedAffineComponent input-dim=%d output-dim=%d"
+                 % (F_, F_))
+            node("idct", prev)
+            prev = "idct"
+        bn("batchnorm0", self.batchnorm0, prev)
+        prev = "batchnorm0"
+        sa = self.spec_augment
+        if sa is not None:
+            comp("component name=spec-augment.freq-mask type=GeneralDropoutComponent dim=%d "
+                 "specaugment-max-proportion=%g%s" % (
+                     F_, sa.freq_max_proportion, " specaugment-max-regions=%d"
+                     % sa.freq_max_regions if sa.freq_max_regions > 1 else ""))
+            node("spec-augment.freq-mask", prev)
+            comp("component name=spec-augment.time-mask type=SpecAugmentTimeMaskComponent "
+                 "dim=%d zeroed-proportion=%g time-mask-max-frames=%d"
+                 % (F_, sa.time_zeroed_proportion, sa.time_mask_max_frames))
+            node("spec-augment.time-mask", "spec-augment.freq-mask")
+            prev = "spec-augment.time-mask"
+        in_dim = F_
+        if self.use_delta:
+            for k in (1, 2):
+                comp("dim-range-node name=%s_copy%d input-node=%s dim=%d dim-offset=0"
+                     % (prev, k, prev, F_))
+            comp("component name=%s_2 type=NoOpComponent dim=%d" % (prev, 3 * F_))
+            node("%s_2" % prev, "Append(%s, Sum(Offset(Scale(-1.0, %s_copy1), -1), "
+                 "Offset(%s, 1)), Sum(Offset(%s, -2), Sum(Offset(%s, 2), "
+                 "Scale(-2.0, %s_copy2))))" % ((prev,) * 6))
+            comp("component name=delta type=BatchNormComponent dim=%d target-rms=%g "
+                 "epsilon=%g" % (3 * F_, self.delta_batchnorm.target_rms,
+                                 self.delta_batchnorm.epsilon))
+            comp("component-node name=delta component=delta input=%s_2" % prev)
+            prev, in_dim = "delta", 3 * F_
+        t1 = self.tdnn1
+        ng("tdnn1.affine", "NaturalGradientAffineComponent", in_dim, t1.out_features, opts(t1))
+        node("tdnn1.affine", prev)
+        comp("component name=tdnn1.relu type=RectifiedLinearComponent dim=%d"
+             % t1.out_features)
+        node("tdnn1.relu", "tdnn1.affine")
+        bn("tdnn1.batchnorm", self.tdnn1_batchnorm, "tdnn1.relu")
+        prev = "tdnn1.batchnorm"
+        for i, layer in enumerate(self.tdnnfs):
+            n = "tdnnf%d" % (i + 2)
+            lin, aff = layer.linear, layer.affine
+            ng(n + ".linear", "TdnnComponent", lin.in_dim, lin.out_features,
+               opts(lin) + " use-bias=false time-offsets=%s"
+               % ",".join(str(o) for o in lin.time_offsets))
+            node(n + ".linear", prev)
+            ng(n + ".affine", "TdnnComponent", aff.in_dim, aff.out_features,
+               opts(aff) + " time-offsets=%s" % ",".join(str(o) for o in aff.time_offsets))
+            node(n + ".affine", n + ".linear")
+            comp("component name=%s.relu type=RectifiedLinearComponent dim=%d"
+                 % (n, aff.out_features))
+            node(n + ".relu", n + ".affine")
+            bn(n + ".batchnorm", layer.batchnorm, n + ".relu")
+            comp("component name=%s.noop type=NoOpComponent dim=%d" % (n, aff.out_features))
+            node(n + ".noop", "Sum(Scale(%g, %s), %s.batchnorm)"
+                 % (layer.bypass_scale, prev, n) if layer.bypass_scale != 0
+                 else n + ".batchnorm")
+            prev = n + ".noop"
+        pl = self.prefinal_l
+        ng("prefinal-l", "LinearComponent", pl.in_features, pl.out_features, opts(pl))
+        node("prefinal-l", prev)
+        heads = [("prefinal-chain", "output", self.prefinal_chain, self.output)]
+        if self.xent_head:
+            heads.append(("prefinal-xent", "output-xent", self.prefinal_xent,
+                          self.output_xent))
+        for pre, out, layer, o in heads:
+            a, li = layer.affine, layer.linear
+            ng(pre + ".affine", "NaturalGradientAffineComponent", a.in_features,
+               a.out_features, opts(a))
+            node(pre + ".affine", "prefinal-l")
+            comp("component name=%s.relu type=RectifiedLinearComponent dim=%d"
+                 % (pre, a.out_features))
+            node(pre + ".relu", pre + ".affine")
+            bn(pre + ".batchnorm1", layer.batchnorm1, pre + ".relu")
+            ng(pre + ".linear", "LinearComponent", li.in_features, li.out_features, opts(li))
+            node(pre + ".linear", pre + ".batchnorm1")
+            bn(pre + ".batchnorm2", layer.batchnorm2, pre + ".linear")
+            ng(out + ".affine", "NaturalGradientAffineComponent", o.in_features,
+               o.out_features, opts(o) + " param-stddev=0.0 bias-stddev=0.0")
+            node(out + ".affine", pre + ".batchnorm2")
+            if out == "output-xent":
+                comp("component name=output-xent.log-softmax type=LogSoftmaxComponent dim=%d"
+                     % o.out_features)
+                node("output-xent.log-softmax", "output-xent.affine")
+                comp("output-node name=output-xent input=output-xent.log-softmax "
+                     "objective=linear")
+            else:
+                comp("output-node name=output input=output.affine objective=linear")
+        return "\n".join(L) + "\n"
+
+    def nnet3_layers(self) -> List[Tuple[str, nn.Module]]:
+        """(component name in :meth:`nnet3_config`, this model's module) for every layer
+        with parameters or statistics (``idct`` maps to the buffer's holder, the model)."""
+        out: List[Tuple[str, nn.Module]] = []
+        out.append(("batchnorm0", self.batchnorm0))
+        if self.use_delta:
+            out.append(("delta", self.delta_batchnorm))
+        out += [("tdnn1.affine", self.tdnn1), ("tdnn1.batchnorm", self.tdnn1_batchnorm)]
+        for i, layer in enumerate(self.tdnnfs):
+            n = "tdnnf%d" % (i + 2)
+            out += [(n + ".linear", layer.linear), (n + ".affine", layer.affine),
+                    (n + ".batchnorm", layer.batchnorm)]
+        out.append(("prefinal-l", self.prefinal_l))
+        heads = [("prefinal-chain", "output", self.prefinal_chain, self.output)]
+        if self.xent_head:
+            heads.append(("prefinal-xent", "output-xent", self.prefinal_xent,
+                          self.output_xent))
+        for pre, o, layer, ol in heads:
+            out += [(pre + ".affine", layer.affine), (pre + ".batchnorm1", layer.batchnorm1),
+                    (pre + ".linear", layer.linear), (pre + ".batchnorm2", layer.batchnorm2),
+                    (o + ".affine", ol)]
+        return out
+
+    def to_nnet3(self):
+        """The same network as a :class:`pkwrap.nnet3.Nnet3` (:meth:`nnet3_config`) with
+        this model's parameters and batchnorm statistics (copies), and its frame
+        subsampling factor; it computes what this model computes, in training too (the
+        same frames, the same fused kernels)."""
+        from pkwrap.nnet3.nnet import nnet3_from_config
+        net = nnet3_from_config(self.nnet3_config(), name="<TDNNFModel>")
+        net.frame_subsampling_factor = self.frame_subsampling_factor
+        with torch.no_grad():
+            if self.use_idct:
+                c = net.component("idct")
+                c.weight.copy_(self.idct)
+                c.bias.zero_()
+            for name, m in self.nnet3_layers():
+                c = net.component(name)
+                if isinstance(m, KaldiBatchNorm):
+                    n = float(m.stats_count)
+                    mean = m.stats_sum / n if n > 0 else torch.zeros_like(m.stats_sum)
+                    var = m.stats_sumsq / n - mean * mean if n > 0 else mean
+                    c.count.fill_(n)
+                    c.stats_mean.copy_(mean)
+                    c.stats_var.copy_(var)
+                else:
+                    c.weight.copy_(m.weight)
+                    if m.bias is not None:
+                        c.bias.copy_(m.bias)
+        return net.train(self.training)
 
     def num_output_frames(self, num_input_frames: int) -> int:
         """T_out for an input of ``num_input_frames`` frames."""

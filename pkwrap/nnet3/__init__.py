@@ -10,6 +10,10 @@
   output-nodes) as an ``nn.Module``; :func:`read_nnet3` / :func:`write_nnet3` for
   ``final.raw`` / ``final.mdl`` (binary or text, gzipped or not);
   :func:`nnet3_from_config` builds a new network from a config (``nnet3-init``).
+* :mod:`pkwrap.nnet3.plan`: the compiled evaluation plan :class:`Nnet3` runs by default
+  (cached per input shape): each node only at the frames Kaldi computes it at, descriptor
+  reads precomputed as slices / index tensors, and in training the fused C++ kernels of
+  :mod:`pkwrap.nn.tdnnf` for affine/TDNN + ReLU + batchnorm (+ TDNN-F bypass) chains.
 * :mod:`pkwrap.nnet3.compute`: :func:`nnet3_compute`, Kaldi's ``nnet3-compute`` on one
   utterance (chunking, online / utterance i-vectors, frame subsampling, edge padding).
 """

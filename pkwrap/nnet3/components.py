@@ -434,13 +434,15 @@ class _AffineBase(Component):
                 and getattr(self, "preconditioner_in", None) is not None
                 and self.use_natural_gradient)
 
-    def _affine(self, x):
+    def _affine(self, x, x_sqnorm: Optional[float] = None):
         """``x W^T + b``; with natural gradient (Kaldi's OnlineNaturalGradient on the input
-        rows and output derivatives, pkwrap.nn.NaturalAffine's backward) in training."""
+        rows and output derivatives, pkwrap.nn.NaturalAffine's backward) in training.
+        ``x_sqnorm``: the squared norm of x when the caller has it (saves a pass)."""
         b = getattr(self, "bias", None)
         if self._natural():
             self._register_owner()
-            y = _NaturalAffineFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, b, self)
+            y = _NaturalAffineFunction.apply(x.reshape(-1, x.shape[-1]), self.weight, b, self,
+                                             x_sqnorm)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.weight, b)
 
@@ -658,11 +660,51 @@ class BatchNormComponent(Component):
         f["StatsMean"], f["StatsVar"] = self.kaldi_written_stats()  # always written
         super().write(w)
 
+    @property
+    def epsilon(self) -> float:
+        return float(self.fields.get("Epsilon", 1e-3))
+
+    @property
+    def target_rms(self) -> float:
+        return float(self.fields.get("TargetRms", 1.0))
+
+    @torch.no_grad()
+    def add_stats(self, n: int, row_sum: torch.Tensor, row_sumsq: torch.Tensor) -> None:
+        """Accumulate ``n`` training rows given their sum and sum of squares (``[block_dim]``,
+        float64), as Kaldi's StoreStats does (what the fused kernels of
+        :mod:`pkwrap.nn.tdnnf` report)."""
+        c = float(self.count)
+        tot = c + n
+        m0 = self.stats_mean.double()
+        s = m0 * c + row_sum.to(m0.device)
+        sq = (self.stats_var.double() + m0 * m0) * c + row_sumsq.to(m0.device)
+        mean = s / tot
+        self.stats_mean.copy_(mean)
+        self.stats_var.copy_(sq / tot - mean * mean)
+        self.count.fill_(tot)
+
+    @torch.no_grad()
+    def scale_stats(self, scale: float) -> None:
+        """Kaldi's ``ScaleBatchnormStats``: the statistics' count times ``scale`` (their
+        sums too, so mean and variance stay; 0 resets them). ``nnet3-chain-train`` does
+        this with 0.8 after every minibatch, and so does pkwrap.train for every module
+        with a ``scale_stats``."""
+        self.count.mul_(scale)
+        if scale == 0:
+            self.stats_mean.zero_()
+            self.stats_var.zero_()
+
     def forward(self, x):
         shape = x.shape
+        if self.training and self.block_dim == self.dim and x.shape[-1] == self.dim:
+            # the C++ kernels of pkwrap.nn.tdnnf (CPU float32), as KaldiBatchNorm uses them
+            from pkwrap.nn.tdnnf import _ReluBatchNormFunction, _fused_ok
+            if _fused_ok(x) and x.numel() >= 2 * self.dim:
+                return _ReluBatchNormFunction.apply(x.contiguous(), None, self, False, 0.0,
+                                                    None)
         rows = x.reshape(-1, self.block_dim)
-        rms = float(self.fields.get("TargetRms", 1.0))
-        eps = float(self.fields.get("Epsilon", 1e-3))
+        rms = self.target_rms
+        eps = self.epsilon
         if self.training:
             mean = rows.mean(0)
             var = rows.var(0, unbiased=False)
@@ -835,10 +877,13 @@ class GeneralDropoutComponent(Component):
     * otherwise dropout: ``u ~ U(0, 1)``, mask ``(u > p) / (1 - p)`` (Continuous:
       ``1 - 2p + 4p u``).
 
-    The first frame of the input is :attr:`first_frame` (set by :class:`Nnet3`).
+    The first frame of the input is :attr:`first_frame` (set by :class:`Nnet3`); when
+    the rows are not consecutive frames, :attr:`frames` has the frame of each.
     """
 
     TYPE = "GeneralDropoutComponent"
+    #: the frame ``t`` of each input row, when set (else ``first_frame``, +1, ...)
+    frames = None
 
     def _mask_row(self, bd: int) -> torch.Tensor:
         f = self.fields
@@ -872,7 +917,9 @@ class GeneralDropoutComponent(Component):
         bd = int(f.get("BlockDim", D))
         period = int(f.get("TimePeriod", 0))
         if period > 0:
-            groups = [(t + self.first_frame) // period for t in range(L)]
+            ts = [int(t) for t in self.frames] if self.frames is not None else \
+                [t + self.first_frame for t in range(L)]
+            groups = [t // period for t in ts]
         else:
             groups = [0] * L
         uniq = sorted(set(groups))

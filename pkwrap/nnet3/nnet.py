@@ -14,11 +14,16 @@ A model file is, in Kaldi's binary or text form (``src/nnet3/nnet-nnet.cc``,
     </Nnet3>
     [<LeftContext> l <RightContext> r <Priors> vector]  final.mdl only (AmNnetSimple)
 
-:class:`Nnet3` evaluates the graph over frames: every node is computed over the interval
-of frames that the requested outputs need, each component node from its input
-descriptor (:mod:`pkwrap.nnet3.descriptor`) over that interval widened by the
-component's own time context. Nodes are evaluated in dependency order, so networks
-with recurrence (a node needing itself at an earlier frame) are refused.
+:class:`Nnet3` evaluates the graph over frames, nodes in dependency order (networks with
+recurrence, a node needing itself at an earlier frame, are refused). By default through a
+compiled plan (:mod:`pkwrap.nnet3.plan`, cached per input shape): every node is computed
+at exactly the set of frames the requested outputs need, as Kaldi does, with the
+descriptor reads fixed in advance and Kaldi's layer patterns (affine/TDNN + ReLU +
+batchnorm + TDNN-F bypass) run by the fused training kernels of :mod:`pkwrap.nn.tdnnf`.
+:meth:`Nnet3.compute_generic` (``compiled = False``, and networks the plan does not handle)
+computes every node over the interval of frames its readers need, each component node
+from its input descriptor (:mod:`pkwrap.nnet3.descriptor`) over that interval widened by
+the component's own time context.
 """
 from __future__ import annotations
 
@@ -131,8 +136,13 @@ class Nnet3(nn.Module):
     Attributes:
       components: ``nn.ModuleList`` in file order; :meth:`component` finds one by name.
       trans_model, priors: set when read from a ``final.mdl`` (else None).
-      frame_subsampling_factor: forward() keeps every f-th output frame (default 1).
+      frame_subsampling_factor: forward() keeps every f-th output frame (default 1); in
+        training only those frames (and what they need) are computed.
+      compiled: evaluate through cached plans (:mod:`pkwrap.nnet3.plan`, default True);
+        False: :meth:`compute_generic` for every call.
     """
+
+    compiled = True
 
     def __init__(self, nodes: Sequence[Node], components: Sequence[Component],
                  name: str = "<nnet3>"):
@@ -148,11 +158,17 @@ class Nnet3(nn.Module):
         self.priors: Optional[np.ndarray] = None
         #: forward() keeps every f-th output frame (chain training: 3)
         self.frame_subsampling_factor = 1
+        #: evaluate through compiled plans (:mod:`pkwrap.nnet3.plan`); False: interval
+        #: evaluation (:meth:`compute_generic`) for every call
+        self.compiled = True
         self._setup()
 
     # ------------------------------------------------------------------ structure
     def _setup(self) -> None:
         name = self.name
+        # the graph may have changed: drop the cached plans and contexts
+        for k in ("_plans", "_context_cache", "_avail_key", "_avail_cache"):
+            self.__dict__.pop(k, None)
         self._comp_index = {c.name: i for i, c in enumerate(self.components)}
         if len(self._comp_index) != len(self.components):
             raise ValueError("%s: two components with the same name" % name)
@@ -269,6 +285,13 @@ class Nnet3(nn.Module):
                 av[k] = a
         return av
 
+    def _contexts(self, output: str) -> Tuple[int, int]:
+        """:meth:`context`, cached (forward asks for it every call)."""
+        cache = self.__dict__.setdefault("_context_cache", {})
+        if output not in cache:
+            cache[output] = self.context(output)
+        return cache[output]
+
     def context(self, output: str = "output") -> Tuple[int, int]:
         """(left, right) context of ``output``: the frames before and after an output
         frame its computation reads from the input nodes (i-vectors at any frame)."""
@@ -301,9 +324,28 @@ class Nnet3(nn.Module):
         return m
 
     # ------------------------------------------------------------------ evaluation
+    def _plan(self, inputs: Dict[str, Tuple[int, int]],
+              outputs: Dict[str, Tuple[int, int, int]]):
+        """The cached :class:`~pkwrap.nnet3.plan.Plan` for inputs ``name -> (t0, length)``
+        and outputs ``name -> (first, last, step)``, or None (interval evaluation)."""
+        key = (tuple(sorted(inputs.items())), tuple(sorted(outputs.items())))
+        cache = self.__dict__.setdefault("_plans", {})
+        if key not in cache:
+            from pkwrap.nnet3.plan import compile_plan
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = compile_plan(
+                self, {k: np.arange(t0, t0 + n) for k, (t0, n) in inputs.items()},
+                {k: np.arange(a, b + 1, s) for k, (a, b, s) in outputs.items()})
+        return cache[key]
+
     def compute(self, inputs: Dict[str, Tuple[int, torch.Tensor]],
                 outputs: Dict[str, Tuple[int, int]]) -> Dict[str, torch.Tensor]:
         """Evaluate output nodes over frame ranges.
+
+        With :attr:`compiled` (the default) through a cached evaluation plan
+        (:mod:`pkwrap.nnet3.plan`: each node only at the frames needed), else (or for
+        networks the plan does not handle) by :meth:`compute_generic`.
 
         Args:
           inputs: node name -> ``(t0, x)``, ``x`` of shape ``[B][L][D]`` holding frames
@@ -316,6 +358,47 @@ class Nnet3(nn.Module):
           ValueError: unknown node, wrong dim, or frames that are not computable from the
             inputs given.
         """
+        if self.compiled:
+            self._check_request(inputs, outputs)
+            plan = self._plan({k: (t0, x.shape[1]) for k, (t0, x) in inputs.items()},
+                              {k: (a, b, 1) for k, (a, b) in outputs.items()})
+            if plan is not None:
+                return plan.run(self, {k: x for k, (t0, x) in inputs.items()
+                                       if k in plan.inputs})
+        return self.compute_generic(inputs, outputs)
+
+    def _check_request(self, inputs, outputs) -> None:
+        """The checks of :meth:`compute_generic` on names, dims and computability."""
+        avail_in = {}
+        for k, (t0, x) in inputs.items():
+            n = self.nodes.get(k)
+            if n is None or n.kind != "input":
+                raise ValueError("%s: no input node %r" % (self.name, k))
+            if x.dim() != 3 or x.shape[2] != n.dim:
+                raise ValueError("%s: input %s must be [B][L][%d], got %s"
+                                 % (self.name, k, n.dim, tuple(x.shape)))
+            avail_in[k] = (t0, t0 + x.shape[1] - 1)
+        key = tuple(sorted(avail_in.items()))
+        if self.__dict__.get("_avail_key") != key:
+            self._avail_cache = self._avail(avail_in)
+            self._avail_key = key
+        av = self._avail_cache
+        for k, (a, b) in outputs.items():
+            n = self.nodes.get(k)
+            if n is None or n.kind != "output":
+                raise ValueError("%s: no output node %r" % (self.name, k))
+            lo, hi = av[k]
+            if not (lo <= a and b <= hi):
+                raise ValueError("%s: output %s frames %d..%d are not computable from the "
+                                 "inputs given (computable: %s..%s)" % (self.name, k, a, b,
+                                                                       lo, hi))
+
+    def compute_generic(self, inputs: Dict[str, Tuple[int, torch.Tensor]],
+                        outputs: Dict[str, Tuple[int, int]]) -> Dict[str, torch.Tensor]:
+        """:meth:`compute` by interval evaluation: every node over the interval of frames
+        its readers need, each descriptor interpreted per call (the reference the compiled
+        plan is tested against; it computes every frame of an interval, also those a
+        subsampled output does not need)."""
         avail_in = {}
         like = None
         for k, (t0, x) in inputs.items():
@@ -443,10 +526,24 @@ class Nnet3(nn.Module):
             inputs["ivector"] = (0, ivector.reshape(ivector.shape[0], 1, -1))
         reqs = {}
         for k in names:
-            l, r = self.context(k)
+            l, r = self._contexts(k)
+            if x.shape[1] <= l + r:
+                raise ValueError("%s: %d input frames, output %s needs more than %d (left + "
+                                 "right context)" % (self.name, x.shape[1], k, l + r))
             reqs[k] = (l, x.shape[1] - 1 - r)
         f = self.frame_subsampling_factor
-        out = {k: v[:, ::f] if f > 1 else v for k, v in self.compute(inputs, reqs).items()}
+        out = None
+        if self.compiled:
+            self._check_request(inputs, reqs)
+            # only the output frames kept are computed (and what they need)
+            plan = self._plan({k: (t0, v.shape[1]) for k, (t0, v) in inputs.items()},
+                              {k: (a, b, f) for k, (a, b) in reqs.items()})
+            if plan is not None:
+                out = plan.run(self, {k: v for k, (t0, v) in inputs.items()
+                                      if k in plan.inputs})
+        if out is None:
+            out = {k: v[:, ::f] if f > 1 else v
+                   for k, v in self.compute_generic(inputs, reqs).items()}
         if output is None:
             return out
         return out[output] if isinstance(output, str) else tuple(out[k] for k in names)

@@ -33,7 +33,8 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["ModelContext", "probe_model_context", "split_model_output", "select_model_input"]
+__all__ = ["ModelContext", "probe_model_context", "split_model_output", "select_model_input",
+           "model_ivector_dim", "call_model"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class ModelContext:
       padded: True for "same" models (T_out = ceil(T_in / f)); False for "valid".
       has_xent: the model returns an xent output beside the chain output.
       num_outputs: P, the output dimension.
+      ivector_dim: the model reads an ``ivector`` input of this dimension (0: none);
+        it is called as ``model(x, ivector=[B][ivector_dim])`` (pkwrap.nnet3.Nnet3 with
+        an ``ivector`` input node; Kaldi's chain egs carry one i-vector per sequence).
     """
 
     left_context: int
@@ -55,6 +59,7 @@ class ModelContext:
     padded: bool = False
     has_xent: bool = False
     num_outputs: int = 0
+    ivector_dim: int = 0
 
     def num_input_frames(self, num_output_frames: int) -> int:
         """Input frames a valid model needs for ``num_output_frames`` outputs."""
@@ -95,13 +100,35 @@ def split_model_output(out: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
                      % type(out).__name__)
 
 
+def model_ivector_dim(model: nn.Module) -> int:
+    """Dimension of the ``ivector`` input a model reads (0: it reads none): a module with
+    ``input_names`` containing ``"ivector"`` and ``input_dim(name)`` (pkwrap.nnet3.Nnet3),
+    or one that says so with an ``ivector_dim`` attribute."""
+    m = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    names = getattr(m, "input_names", None)
+    if names is not None and "ivector" in list(names) and hasattr(m, "input_dim"):
+        return int(m.input_dim("ivector"))
+    return int(getattr(m, "ivector_dim", 0) or 0)
+
+
+def call_model(model: nn.Module, x: torch.Tensor, ivector_dim: int = 0,
+               ivector: Optional[torch.Tensor] = None):
+    """``model(x)``, or ``model(x, ivector=...)`` for a model with an i-vector input
+    (random i-vectors when none are given: probing)."""
+    if ivector_dim <= 0:
+        return model(x)
+    if ivector is None:
+        ivector = torch.randn(x.shape[0], ivector_dim, device=x.device, dtype=x.dtype)
+    return model(x, ivector=ivector)
+
+
 def _out_len(model: nn.Module, feat_dim: int, t_in: int, device, dtype,
              strict: bool = False) -> int:
     # two sequences: batchnorm in training mode needs more than one row per channel
     x = torch.randn(2, t_in, feat_dim, device=device, dtype=dtype)
     try:
         with torch.no_grad():
-            y, _ = split_model_output(model(x))
+            y, _ = split_model_output(call_model(model, x, model_ivector_dim(model)))
     except (RuntimeError, ValueError, IndexError):
         if strict:
             raise
@@ -166,13 +193,15 @@ def probe_model_context(model: nn.Module, feat_dim: int, device=None, dtype=torc
 def _probe(model, feat_dim, device, dtype, max_context, lc, rc) -> ModelContext:
     f, t_out_base, t_in_base = _probe_lengths(model, feat_dim, device, dtype, max_context)
     with torch.no_grad():
-        y, xent = split_model_output(model(torch.randn(2, t_in_base, feat_dim,
-                                                       device=device, dtype=dtype)))
+        y, xent = split_model_output(call_model(
+            model, torch.randn(2, t_in_base, feat_dim, device=device, dtype=dtype),
+            model_ivector_dim(model)))
     has_xent = xent is not None
+    iv = model_ivector_dim(model)
     num_outputs = int(y.shape[-1])
     if t_out_base == (t_in_base + f - 1) // f:
         left, right = _probe_padded_context(model, feat_dim, f, device, dtype, max_context)
-        return ModelContext(left, right, f, True, has_xent, num_outputs)
+        return ModelContext(left, right, f, True, has_xent, num_outputs, iv)
     # valid: the shortest input giving one output frame is C + 1
     lo, hi = 1, t_in_base
     while lo < hi:
@@ -196,7 +225,7 @@ def _probe(model, feat_dim, device, dtype, max_context, lc, rc) -> ModelContext:
     else:
         lc = (total + 1) // 2
         rc = total - lc
-    return ModelContext(lc, rc, f, False, has_xent, num_outputs)
+    return ModelContext(lc, rc, f, False, has_xent, num_outputs, iv)
 
 
 def _probe_padded_context(model, feat_dim, f, device, dtype, max_context):
@@ -206,7 +235,7 @@ def _probe_padded_context(model, feat_dim, f, device, dtype, max_context):
     found = None
     for _ in range(2):  # two random inputs: a gradient that is exactly 0 by chance is rare
         x = torch.randn(1, t_in, feat_dim, device=device, dtype=dtype, requires_grad=True)
-        y, _ = split_model_output(model(x))
+        y, _ = split_model_output(call_model(model, x, model_ivector_dim(model)))
         y[0, j].sum().backward()
         nz = (x.grad[0].abs().sum(dim=1) != 0).nonzero().flatten()
         if nz.numel() == 0:

@@ -184,6 +184,8 @@ class ChainBatch:
     frame_shift: int = 0
     index: int = -1
     keys: Tuple[str, ...] = ()
+    #: ``[S][D_iv]``: the egs' ``ivector`` input (one row per sequence), or None
+    ivector: Optional[torch.Tensor] = None
 
     @property
     def num_sequences(self) -> int:
@@ -199,8 +201,9 @@ class ChainBatch:
 
     def to(self, device) -> "ChainBatch":
         dw = None if self.deriv_weights is None else self.deriv_weights.to(device)
+        iv = None if self.ivector is None else self.ivector.to(device)
         return ChainBatch(self.feats.to(device), self.supervision, dw, self.egs_left_context,
-                          self.frame_shift, self.index, self.keys)
+                          self.frame_shift, self.index, self.keys, iv)
 
 
 def _input_matrix(example, input_name: str):
@@ -374,7 +377,8 @@ def check_egs_for_model(dataset, ctx, input_name: str = "input",
         for key, eg in zip(dataset.keys, dataset.examples):
             per_seq, left = example_layout(eg, input_name, f, egs_left_context)
             layouts.append((key, per_seq, left, int(eg.supervision.frames_per_sequence)))
-            extra.update(k for k in getattr(eg, "inputs", {}) if k != input_name)
+            extra.update(k for k in getattr(eg, "inputs", {}) if k != input_name and
+                         not (k == "ivector" and getattr(ctx, "ivector_dim", 0) > 0))
     else:
         items = getattr(dataset, "items", None)
         if isinstance(items, list) and items and isinstance(items[0], tuple) and all(
@@ -557,7 +561,24 @@ def collate_chain_egs(items, input_name: str = "input", frame_subsampling_factor
         dw = torch.as_tensor(np.asarray(dw), dtype=torch.float32)
     if isinstance(dw, torch.Tensor) and dw.numel() == 0:
         dw = None
-    return ChainBatch(feats, merged.supervision, dw, left, shift, index, keys)
+    return ChainBatch(feats, merged.supervision, dw, left, shift, index, keys,
+                      _ivector_rows(merged, s))
+
+
+def _ivector_rows(merged, num_sequences: int) -> Optional[torch.Tensor]:
+    """The merged example's ``ivector`` input as ``[S][D_iv]`` (Kaldi's chain egs carry
+    one i-vector row per sequence, at t = 0), or None when it has none."""
+    inputs = getattr(merged, "inputs", None)
+    if not isinstance(inputs, dict) or "ivector" not in inputs:
+        return None
+    iv = inputs["ivector"]
+    iv = torch.as_tensor(np.asarray(iv) if not isinstance(iv, torch.Tensor) else iv,
+                         dtype=torch.float32)
+    if iv.dim() != 2 or iv.shape[0] % num_sequences != 0:
+        raise ValueError("chain example's ivector input has shape %s, expected one row per "
+                         "sequence (%d sequences)" % (tuple(iv.shape), num_sequences))
+    # several rows per sequence (i-vectors at several t): the model reads t = 0, the first
+    return iv.reshape(num_sequences, -1, iv.shape[-1])[:, 0]
 
 
 class _IndexedEgs(torch.utils.data.Dataset):

@@ -33,7 +33,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .context import ModelContext, select_model_input, split_model_output
+from .context import ModelContext, call_model, select_model_input, split_model_output
 from .metrics import ObjfTracker, kaldi_objf_line
 
 __all__ = [
@@ -52,6 +52,17 @@ log = logging.getLogger("pkwrap.train")
 _warned_no_shift = False
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                   nn.FeatureAlphaDropout)
+
+
+def scale_batchnorm_stats(m: nn.Module, scale: float) -> bool:
+    """Scale a Kaldi-style batchnorm's accumulated statistics (Kaldi's
+    ``ScaleBatchnormStats``; 0 forgets them) through its ``scale_stats`` (pkwrap.nn's
+    KaldiBatchNorm, pkwrap.nnet3's BatchNormComponent). Returns False when ``m`` keeps no
+    such statistics."""
+    if hasattr(m, "scale_stats"):
+        m.scale_stats(scale)
+        return True
+    return False
 
 
 def is_batchnorm(m: nn.Module) -> bool:
@@ -124,7 +135,7 @@ def compute_chain_loss(model: nn.Module, ctx: ModelContext, loss_fn: nn.Module, 
                         batch.frame_shift, ctx.left_context, ctx.right_context,
                         batch.egs_left_context)
         x, off = select_model_input(batch.feats, ctx, batch.egs_left_context, t, 0)
-    chain, xent = split_model_output(model(x))
+    chain, xent = split_model_output(_forward(model, ctx, x, batch))
     if chain.shape[1] - off < t:
         raise ValueError("model gave %d output frames for %d input frames; %d expected"
                          % (chain.shape[1], x.shape[1], t + off))
@@ -134,6 +145,32 @@ def compute_chain_loss(model: nn.Module, ctx: ModelContext, loss_fn: nn.Module, 
             xent = xent[:, off:off + t]
     dw = batch.deriv_weights if apply_deriv_weights else None
     return loss_fn(chain, batch.supervision, xent_output=xent, deriv_weights=dw)
+
+
+_warned_unused_ivector = False
+
+
+def _forward(model: nn.Module, ctx: ModelContext, x: torch.Tensor, batch):
+    """The model on the minibatch's input rows ``x``, with the egs' i-vectors when the
+    model reads them (``ctx.ivector_dim``); i-vectors that the model does not read are
+    reported once, a model that needs them and egs without them are an error."""
+    global _warned_unused_ivector
+    iv = getattr(batch, "ivector", None)
+    dim = int(getattr(ctx, "ivector_dim", 0) or 0)
+    if dim > 0:
+        if iv is None:
+            raise ValueError("the model reads an ivector input (dim %d) but the egs have "
+                             "none (minibatch %s); make egs with --online-ivector-dir"
+                             % (dim, getattr(batch, "index", "?")))
+        if iv.shape[-1] != dim:
+            raise ValueError("the egs' ivector input has dim %d, the model's %d"
+                             % (iv.shape[-1], dim))
+        return call_model(model, x, dim, iv.to(x.dtype))
+    if iv is not None and not _warned_unused_ivector:
+        _warned_unused_ivector = True
+        log.warning("the egs have an ivector input (dim %d) that the model does not "
+                    "consume; it is ignored", iv.shape[-1])
+    return model(x)
 
 
 @torch.no_grad()
@@ -284,8 +321,8 @@ def recompute_batchnorm_stats(model: nn.Module, ctx: ModelContext, batches: Iter
         for m in bns:
             if hasattr(m, "reset_running_stats"):
                 m.reset_running_stats()
-            else:  # Kaldi batchnorm: statistics are plain sums, zero them
-                m.scale_stats(0.0)
+            else:  # Kaldi batchnorm: forget the statistics
+                scale_batchnorm_stats(m, 0.0)
             if hasattr(m, "momentum"):
                 m.momentum = None
             m.train()
@@ -293,7 +330,7 @@ def recompute_batchnorm_stats(model: nn.Module, ctx: ModelContext, batches: Iter
             batch = batch.to(device)
             t = batch.frames_per_sequence
             x, _ = select_model_input(batch.feats, ctx, batch.egs_left_context, t, 0)
-            model(x)
+            _forward(model, ctx, x, batch)
     finally:
         for m, mom in momenta.items():
             if hasattr(m, "momentum"):

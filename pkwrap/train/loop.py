@@ -39,7 +39,7 @@ from .context import ModelContext, probe_model_context
 from .data import (ChainMinibatchSampler, EgsSource, PlannedEgs, check_egs_for_model,
                    dataset_structures, make_loader)
 from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
-                          compute_prob_log_lines, is_batchnorm)
+                          compute_prob_log_lines, is_batchnorm, scale_batchnorm_stats)
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                    setup_distributed)
 from .host_memory import keep_freed_memory
@@ -136,8 +136,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _scale_kaldi_batchnorm_stats(model: nn.Module, scale: float) -> None:
     for m in model.modules():
-        if hasattr(m, "scale_stats") and is_batchnorm(m):
-            m.scale_stats(scale)
+        if is_batchnorm(m):
+            scale_batchnorm_stats(m, scale)
 
 
 def _ng_stats(model: nn.Module) -> Dict[str, float]:
@@ -209,6 +209,11 @@ class Trainer:
       model_spec: ``{"factory": "package.module:callable", "kwargs": {...}}`` that
         rebuilds the model; stored in checkpoints and final.pt so that
         ``pkwrap.train.load_model`` and the CLIs can load them.
+      before_step: ``f(trainer, batch)`` called on every rank before each step (e.g. a
+        per-iteration schedule: learning rate, diagnostics, models per iteration, as
+        ``pkwrap.train.chain_train`` does); returning False ends training there (the
+        batch is not trained on; to keep the data position before it, the hook rewinds
+        the source, e.g. :meth:`StreamingEgs.restart_iteration` at an iteration's start).
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer, train_data,
@@ -216,10 +221,13 @@ class Trainer:
                  dist_info: Optional[DistInfo] = None, comm_hook=None,
                  feat_dim: Optional[int] = None, model_context: Optional[ModelContext] = None,
                  after_step: Optional[Callable[[nn.Module, int], None]] = None,
-                 model_spec: Optional[Dict[str, Any]] = None):
+                 model_spec: Optional[Dict[str, Any]] = None,
+                 before_step: Optional[Callable[["Trainer", Any], Any]] = None):
         self.cfg = config
         self.averager = None
         self.after_step = after_step
+        self.before_step = before_step
+        self.stopped = False
         self.model_spec = model_spec
         self.dist = dist_info if dist_info is not None else setup_distributed()
         self.device = self.dist.device
@@ -583,8 +591,11 @@ class Trainer:
         tracker = ObjfTracker()
         t0 = time.time()
         max_steps = cfg.max_steps if cfg.max_steps is not None else float("inf")
-        while self.step < max_steps and self.epoch < cfg.num_epochs:
+        while self.step < max_steps and self.epoch < cfg.num_epochs and not self.stopped:
             for batch in self.data.batches():
+                if self.before_step is not None and self.before_step(self, batch) is False:
+                    self.stopped = True
+                    break
                 res, ok, grad_norm, change = self._train_step(batch)
                 self.step += 1
                 self.data.step_done()
@@ -606,6 +617,8 @@ class Trainer:
                     self.save()
                 if self.step >= max_steps:
                     break
+            if self.stopped:
+                break
             if self.data.epoch_finished():
                 self.log.info("finished epoch %d at step %d", self.epoch, self.step)
                 self.epoch += 1

@@ -507,6 +507,13 @@ class StreamingEgs(EgsSource):
     def step_done(self) -> None:
         pass  # the position moves as minibatches are made; nothing is read ahead
 
+    def restart_iteration(self) -> None:
+        """Forget the archive pass in progress: the position goes back to the start of
+        the current iteration (which yields the same minibatches again: the shuffle is
+        seeded by the iteration). For a run that stops at an iteration's first
+        minibatch without training on it (``Trainer(before_step=...)``)."""
+        self._pass = None
+
     def epoch_finished(self) -> bool:
         return self._pass is None and self.iteration >= self.epoch_iterations(self.epoch).stop
 
