@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import signal
 import sys
@@ -129,6 +130,7 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
     old_term = _catch_sigterm()
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warning(prog)
+    log_handler = _one_line_log_handler(prog)
     try:
         rc = main(argv)
         if rc not in (None, 0):
@@ -161,6 +163,8 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
         raise SystemExit("%s: %s" % (prog, describe_error(e))) from None
     finally:
         warnings.showwarning = old_show
+        if log_handler is not None:
+            logging.getLogger().removeHandler(log_handler)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 
@@ -171,6 +175,25 @@ def _one_line_warning(prog: str):
         print("WARNING (%s): %s" % (prog, " ".join(str(message).split())),
               file=file or sys.stderr)
     return show
+
+
+def _one_line_log_handler(prog: str):
+    """Library warnings (``logging``) as one ``WARNING (prog): ...`` line each, as Kaldi
+    prints its own, unless the caller configured logging itself; returns the handler
+    installed (None if none was)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return None
+    h = logging.StreamHandler(sys.stderr)
+    h.setLevel(logging.WARNING)
+
+    class _Fmt(logging.Formatter):
+        def format(self, record):
+            return "%s (%s): %s" % (record.levelname, prog,
+                                    " ".join(record.getMessage().split()))
+    h.setFormatter(_Fmt())
+    root.addHandler(h)
+    return h
 
 
 class _Terminated(BaseException):

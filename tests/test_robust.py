@@ -782,3 +782,20 @@ def test_fst_accepting_and_multi_line_errors():
     with pytest.raises(FstFormatError, match="lm: no final state"):
         validate_fst(none_final, "lm", accepting=True)  # ... but accepts nothing
     assert describe_error(RuntimeError("lib.cc:12\n[E] it broke\n")) == "lib.cc:12 [E] it broke"
+
+
+def test_library_log_warnings_are_one_kaldi_style_line(capsys, monkeypatch):
+    """A library warning (logging) inside a program is one 'WARNING (prog): ...' line, as
+    Kaldi prints its own (it used to come out bare, without level or program)."""
+    import logging
+    from pkwrap.cli import run_program
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a program (no pytest)
+
+    def main(argv):
+        logging.getLogger("pkwrap.test").warning("utterance u1: L o G is empty:\n  check G")
+        return 0
+
+    assert run_program(main, "prog", []) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["WARNING (prog): utterance u1: L o G is empty: check G"]
+    assert not logging.getLogger().handlers  # removed again
