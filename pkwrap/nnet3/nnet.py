@@ -367,8 +367,9 @@ class Nnet3(nn.Module):
                                        if k in plan.inputs})
         return self.compute_generic(inputs, outputs)
 
-    def _check_request(self, inputs, outputs) -> None:
-        """The checks of :meth:`compute_generic` on names, dims and computability."""
+    def _check_request(self, inputs, outputs) -> Dict[str, Tuple[float, float]]:
+        """Names, dims and computability of a :meth:`compute` request; returns the frames
+        each node can be computed at."""
         avail_in = {}
         for k, (t0, x) in inputs.items():
             n = self.nodes.get(k)
@@ -392,6 +393,7 @@ class Nnet3(nn.Module):
                 raise ValueError("%s: output %s frames %d..%d are not computable from the "
                                  "inputs given (computable: %s..%s)" % (self.name, k, a, b,
                                                                        lo, hi))
+        return av
 
     def compute_generic(self, inputs: Dict[str, Tuple[int, torch.Tensor]],
                         outputs: Dict[str, Tuple[int, int]]) -> Dict[str, torch.Tensor]:
@@ -399,18 +401,8 @@ class Nnet3(nn.Module):
         its readers need, each descriptor interpreted per call (the reference the compiled
         plan is tested against; it computes every frame of an interval, also those a
         subsampled output does not need)."""
-        avail_in = {}
-        like = None
-        for k, (t0, x) in inputs.items():
-            n = self.nodes.get(k)
-            if n is None or n.kind != "input":
-                raise ValueError("%s: no input node %r" % (self.name, k))
-            if x.dim() != 3 or x.shape[2] != n.dim:
-                raise ValueError("%s: input %s must be [B][L][%d], got %s"
-                                 % (self.name, k, n.dim, tuple(x.shape)))
-            avail_in[k] = (t0, t0 + x.shape[1] - 1)
-            like = x if like is None else like
-        av = self._avail(avail_in)
+        av = self._check_request(inputs, outputs)
+        like = next(iter(inputs.values()))[1] if inputs else None
         need: Dict[str, List[int]] = {}
 
         def add(k, a, b):
@@ -421,14 +413,6 @@ class Nnet3(nn.Module):
                 r[0], r[1] = min(r[0], a), max(r[1], b)
 
         for k, (a, b) in outputs.items():
-            n = self.nodes.get(k)
-            if n is None or n.kind != "output":
-                raise ValueError("%s: no output node %r" % (self.name, k))
-            lo, hi = av[k]
-            if not (lo <= a and b <= hi):
-                raise ValueError("%s: output %s frames %d..%d are not computable from the "
-                                 "inputs given (computable: %s..%s)" % (self.name, k, a, b,
-                                                                       lo, hi))
             add(k, a, b)
         for k in reversed(self._order):
             if k not in need:
