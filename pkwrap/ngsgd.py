@@ -132,7 +132,8 @@ TDNN layer's spliced frames :math:`[x(t + o_1); \dots; x(t + o_K)]` without form
 
 Large float32 CPU products go through oneDNN (:func:`mm`, :func:`linear`): on AMD
 processors torch's MKL runs AVX2 kernels where oneDNN runs AVX-512 ones (1.5-2.5x faster
-here); ``PKWRAP_ONEDNN=0`` in the environment turns this off.
+here); ``PKWRAP_ONEDNN=0`` in the environment turns this off.  The small R x R LAPACK
+calls (eigh, Cholesky) run on one thread whatever torch's setting (:func:`_one_thread`).
 
 Unlike Kaldi, the state (:math:`W_t, D_t, \rho_t, t`) is saved by :meth:`state_dict`, so that a
 resumed run continues exactly.  There is no randomness anywhere.
