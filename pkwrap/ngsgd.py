@@ -132,11 +132,13 @@ TDNN layer's spliced frames :math:`[x(t + o_1); \dots; x(t + o_K)]` without form
 
 Large float32 CPU products go through oneDNN (:func:`mm`, :func:`linear`): on AMD
 processors torch's MKL runs AVX2 kernels where oneDNN runs AVX-512 ones (1.5-2.5x faster
-here); ``PKWRAP_ONEDNN=0`` in the environment turns this off.
+here); ``PKWRAP_ONEDNN=0`` in the environment turns this off.  The small R x R LAPACK
+calls (eigh, Cholesky) run on one thread whatever torch's setting (:func:`_one_thread`).
 
 Unlike Kaldi, the state (:math:`W_t, D_t, \rho_t, t`) is saved by :meth:`state_dict`, so that a
 resumed run continues exactly.  There is no randomness anywhere.
 """
+import contextlib
 import logging
 import math
 import os
@@ -284,6 +286,24 @@ def spliced_linear(x: torch.Tensor, weight: torch.Tensor, offsets) -> torch.Tens
     for k in range(1, K):
         y.add_(P[:, offsets[k]:offsets[k] + T_out, k * M:(k + 1) * M])
     return y
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run the enclosed small (R x R, float64) LAPACK calls on one thread.
+
+    On a 2-core machine shared with other processes, a multi-threaded ``eigh`` of an 80 x 80
+    matrix costs about 100 times the CPU time of the single-threaded one (the threads spin
+    waiting for each other); it also makes the result independent of the thread count."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _orthonormal_special(rows: int, cols: int) -> torch.Tensor:
@@ -458,7 +478,7 @@ class OnlineNaturalGradient:
         X0 = X0.to(dtype)
         tr = torch.linalg.vector_norm(X0).square()
         for _ in range(num_iters):
-            tmp._precondition_internal(X0, tr, True, False)
+            tmp._precondition_internal(X0, tr, True, False, want_output=False)
             tmp.t += 1
         self.rank = tmp.rank
         self.W_t, self.d_t, self.rho_t = tmp.W_t, tmp.d_t, tmp.rho_t
@@ -470,7 +490,9 @@ class OnlineNaturalGradient:
         return e, sqrt_e, 1.0 / sqrt_e
 
     def _precondition_internal(self, X: torch.Tensor, tr_X_Xt: torch.Tensor,
-                               updating: bool, in_place: bool) -> torch.Tensor:
+                               updating: bool, in_place: bool, want_output: bool = True
+                               ) -> Optional[torch.Tensor]:
+        """X_hat (None when not ``want_output``: the passes of :meth:`_init` only update)."""
         N, D = X.shape
         W_t = self.W_t
         H_t = mm(X, W_t.t())  # (X-hat): H_t = X_t W_t^T, [N][R]
@@ -484,6 +506,8 @@ class OnlineNaturalGradient:
             else:
                 L_t = mm(H_t.t(), H_t)
             self._update(N, D, float(tr_X_Xt), J_t, L_t)
+        if not want_output:
+            return None
         # X_hat = X - H_t W_t with the W_t from before the update
         return X.addmm_(H_t, W_t, alpha=-1.0) if in_place else torch.addmm(X, H_t, W_t, alpha=-1.0)
 
@@ -675,7 +699,8 @@ class OnlineNaturalGradient:
             self.last_updated = False
             return
         z_scale = max(1.0, float(torch.trace(Z_t)))
-        c_t, U_t = torch.linalg.eigh(Z_t / z_scale)
+        with _one_thread():
+            c_t, U_t = torch.linalg.eigh(Z_t / z_scale)
         c_t, U_t = c_t.flip(0) * z_scale, U_t.flip(1)  # largest first
         must_reorthogonalize = bool(c_t[0] > _CONDITION_THRESHOLD * c_t[R - 1])
         c_floor = (rho_t * (1.0 - eta)) ** 2
@@ -717,10 +742,13 @@ class OnlineNaturalGradient:
         if float((O - torch.eye(R, dtype=torch.float64)).abs().tril().max()) <= _ORTHO_THRESHOLD:
             return W_t1
         self.last_reorthogonalized = True
-        C, info = torch.linalg.cholesky_ex(O)
+        with _one_thread():
+            C, info = torch.linalg.cholesky_ex(O)
         ok = int(info) == 0
         if ok:
-            Cinv = torch.linalg.solve_triangular(C, torch.eye(R, dtype=torch.float64), upper=False)
+            with _one_thread():
+                Cinv = torch.linalg.solve_triangular(C, torch.eye(R, dtype=torch.float64),
+                                                     upper=False)
             ok = bool(torch.isfinite(Cinv).all()) and bool(Cinv.max() < 100.0)
         if not ok:
             # Kaldi warns every time; this happens on (nearly) rank-deficient data, e.g. the
@@ -729,7 +757,8 @@ class OnlineNaturalGradient:
                 "Cholesky failed or out of range while re-orthogonalizing R_t (rank %d, dim %d); "
                 "using Gram-Schmidt", self.rank, W_t1.shape[1])
             self._warned_gram_schmidt = True
-            Q, Rq = torch.linalg.qr(W_t1.t().double().cpu())  # columns of Q: Gram-Schmidt of rows
+            with _one_thread():
+                Q, Rq = torch.linalg.qr(W_t1.t().double().cpu())  # columns of Q: Gram-Schmidt of rows
             Q = Q * torch.sign(torch.diagonal(Rq))[None, :]
             return (Q.t() * sqrt_e_t1[:, None]).to(W_t1)
         M = sqrt_e_t1[:, None] * Cinv * inv_sqrt_e_t1[None, :]  # E^{1/2} C^{-1} E^{-1/2}

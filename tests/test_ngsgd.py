@@ -164,3 +164,21 @@ def test_spliced_factors_equal_explicit_rows(ones):
     np.testing.assert_allclose(b.rho_t, a.rho_t, rtol=1e-5)
     with pytest.raises(ValueError):
         b.precondition_factors_spliced(torch.randn(2, 3, 6), (0, 3), ones_column=ones)
+
+
+def test_update_independent_of_thread_count():
+    # the small R x R LAPACK calls run on one thread: same estimate with 1 or 2 threads,
+    # and the caller's thread count is restored
+    _, _, _, inputs = _load("r20_128x64")
+    n = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ng = OnlineNaturalGradient(20, 4, 2000.0, 0.0, 4.0)
+            outs.append([ng.precondition_directions(X)[0] for X in inputs[:12]])
+            assert torch.get_num_threads() == threads
+        for a, b in zip(*outs):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(n)

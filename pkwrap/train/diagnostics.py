@@ -193,7 +193,9 @@ def compute_prob(model: nn.Module, ctx: ModelContext, loss_fn: nn.Module,
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     tracker = ObjfTracker()
-    with test_mode(model, batchnorm_test_mode, dropout_test_mode):
+    # no autograd: as nnet3-chain-compute-prob (no --compute-deriv), the loss then skips the
+    # denominator's backward pass and the forward keeps no graph
+    with test_mode(model, batchnorm_test_mode, dropout_test_mode), torch.no_grad():
         for batch in batches:
             res = compute_chain_loss(model, ctx, loss_fn, batch.to(device),
                                      apply_deriv_weights=False)
