@@ -130,7 +130,7 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
     old_term = _catch_sigterm()
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warning(prog)
-    log_handler = _one_line_log_handler(prog)
+    old_last_resort = _one_line_log_handler(prog)
     try:
         rc = main(argv)
         if rc not in (None, 0):
@@ -163,8 +163,7 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
         raise SystemExit("%s: %s" % (prog, describe_error(e))) from None
     finally:
         warnings.showwarning = old_show
-        if log_handler is not None:
-            logging.getLogger().removeHandler(log_handler)
+        logging.lastResort = old_last_resort
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 
@@ -178,12 +177,10 @@ def _one_line_warning(prog: str):
 
 
 def _one_line_log_handler(prog: str):
-    """Library warnings (``logging``) as one ``WARNING (prog): ...`` line each, as Kaldi
-    prints its own, unless the caller configured logging itself; returns the handler
-    installed (None if none was)."""
-    root = logging.getLogger()
-    if root.handlers:
-        return None
+    """Library warnings (``logging``) that reach no handler are printed as one
+    ``WARNING (prog): ...`` line each, as Kaldi prints its own: this replaces logging's
+    last-resort handler, so a program that configures logging itself (``basicConfig``) is
+    not affected. Returns the previous last-resort handler (restore it afterwards)."""
     h = logging.StreamHandler(sys.stderr)
     h.setLevel(logging.WARNING)
 
@@ -192,8 +189,9 @@ def _one_line_log_handler(prog: str):
             return "%s (%s): %s" % (record.levelname, prog,
                                     " ".join(record.getMessage().split()))
     h.setFormatter(_Fmt())
-    root.addHandler(h)
-    return h
+    old = logging.lastResort
+    logging.lastResort = h
+    return old
 
 
 class _Terminated(BaseException):

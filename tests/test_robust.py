@@ -798,4 +798,17 @@ def test_library_log_warnings_are_one_kaldi_style_line(capsys, monkeypatch):
     assert run_program(main, "prog", []) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["WARNING (prog): utterance u1: L o G is empty: check G"]
-    assert not logging.getLogger().handlers  # removed again
+    assert logging.lastResort is not None and "prog" not in logging.lastResort.format(
+        logging.makeLogRecord({"msg": "x", "levelname": "WARNING"}))  # restored
+
+    def main2(argv):  # a program that configures logging itself keeps its own format
+        logging.basicConfig(format="LOG %(message)s", level=logging.INFO, force=True)
+        logging.getLogger("pkwrap.test").info("combined")
+        return 0
+
+    try:
+        assert run_program(main2, "prog", []) == 0
+        assert "LOG combined" in capsys.readouterr().err
+    finally:
+        for h in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(h)
