@@ -205,43 +205,6 @@ def _r_token(r: KaldiReader):
     return r.read_token() if r.binary else _read_basic_text_eol(r, r._word())
 
 
-def _r_basic_int32_vector(r: KaldiReader) -> np.ndarray:
-    """Kaldi's Int32VectorHolder (BasicVectorHolder<int32>): binary, the size and then
-    every element as a basic type (size byte + int32 each); text, the integers up to the
-    end of the line. (Alignments, ``ali-to-phones`` output.)"""
-    if r.binary:
-        n = r.read_int32("vector size")
-        if n < 0:
-            raise r.error("negative vector size %d" % n)
-        return np.array([r.read_int32("vector element") for _ in range(n)], dtype=np.int32)
-    buf = r.buf
-    vals = []
-    while True:
-        while r.pos < r.end and buf[r.pos] in b" \t\r":
-            r.pos += 1
-        if r.pos >= r.end:
-            break
-        if buf[r.pos] == 10:
-            r.pos += 1
-            break
-        w = r._word("integer")
-        try:
-            vals.append(int(w))
-        except ValueError:
-            raise r.error("expected an integer, got %r" % w[:40])
-    return np.array(vals, dtype=np.int32)
-
-
-def _w_basic_int32_vector(w: KaldiWriter, v) -> None:
-    v = [int(x) for x in v]
-    if w.binary:
-        w.write_int32(len(v))
-        for x in v:
-            w.write_int32(x)
-    else:
-        w.write(("".join(" %d" % x for x in v) + "\n").encode())
-
-
 HOLDERS: Dict[str, Holder] = {
     "matrix": Holder(read_matrix, write_matrix),
     "vector": Holder(read_vector, write_vector),
@@ -252,7 +215,6 @@ HOLDERS: Dict[str, Holder] = {
     "token": Holder(_r_token, _w_token),
     "int32_vector": Holder(lambda r: r.read_int_vector(),
                            lambda w, v: w.write_int_vector(v)),
-    "basic_int32_vector": Holder(_r_basic_int32_vector, _w_basic_int32_vector),
 }
 
 

@@ -530,6 +530,7 @@ def _read_lm_opts(lm_opts: Optional[str]) -> Dict[str, int]:
 
 def _alignment_phone_seqs(tree_dir: str, trans_model):
     """``gunzip -c ali.*.gz | ali-to-phones final.mdl ark:- ark:-``: (key, phones)."""
+    from pkwrap.chain.supervision import INT_VECTOR_HOLDER
     from pkwrap.kaldi.table import SequentialTableReader
     n = None
     nj_path = os.path.join(tree_dir, "num_jobs")
@@ -544,7 +545,7 @@ def _alignment_phone_seqs(tree_dir: str, trans_model):
         if not os.path.isfile(p):
             raise FileNotFoundError("%s: missing (num_jobs says %s)" % (p, n))
         for key, ali in SequentialTableReader("ark:gunzip -c %s |" % shlex.quote(p),
-                                              "basic_int32_vector"):
+                                              INT_VECTOR_HOLDER):
             yield key, ali_to_phones(trans_model, [int(t) for t in ali], "%s: %s" % (p, key))
 
 
