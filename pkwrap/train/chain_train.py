@@ -284,26 +284,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     return args, notes
 
 
-def parse_egs_opts(egs_opts: Optional[str]) -> Dict[str, str]:
-    """``--egs.opts`` (get_egs.sh options, e.g. ``--frames-overlap-per-eg 0 --online-cmvn
-    true --num-utts-subset 60``) as ``{"frames_overlap_per_eg": "0", ...}``."""
-    out: Dict[str, str] = {}
-    toks = shlex.split(egs_opts or "")
+def _option_pairs(text: Optional[str], what: str) -> List[Tuple[str, str]]:
+    """A Kaldi program's options given as one string (``--a 1 --b=2``) as
+    ``[("a", "1"), ("b", "2")]``; ``what`` names the argument in errors."""
+    out: List[Tuple[str, str]] = []
+    toks = shlex.split(text or "")
     i = 0
     while i < len(toks):
         t = toks[i]
         if not t.startswith("--"):
-            raise ValueError("--egs.opts: expected an option, got %r" % t)
+            raise ValueError("%s: expected an option, got %r" % (what, t))
         if "=" in t:
             k, v = t[2:].split("=", 1)
             i += 1
         else:
             if i + 1 >= len(toks):
-                raise ValueError("--egs.opts: option %s has no value" % t)
+                raise ValueError("%s: option %s has no value" % (what, t))
             k, v = t[2:], toks[i + 1]
             i += 2
-        out[k.replace("-", "_")] = v
+        out.append((k, v))
     return out
+
+
+def parse_egs_opts(egs_opts: Optional[str]) -> Dict[str, str]:
+    """``--egs.opts`` (get_egs.sh options, e.g. ``--frames-overlap-per-eg 0 --online-cmvn
+    true --num-utts-subset 60``) as ``{"frames_overlap_per_eg": "0", ...}``."""
+    return {k.replace("-", "_"): v for k, v in _option_pairs(egs_opts, "--egs.opts")}
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -508,19 +514,7 @@ def _read_lm_opts(lm_opts: Optional[str]) -> Dict[str, int]:
     known = {"ngram-order": "ngram_order", "no-prune-ngram-order": "no_prune_ngram_order",
              "num-extra-lm-states": "num_extra_lm_states"}
     out = {}
-    toks = shlex.split(lm_opts or "")
-    i = 0
-    while i < len(toks):
-        t = toks[i]
-        if not t.startswith("--"):
-            raise ValueError("--chain.lm-opts: expected an option, got %r" % t)
-        k, v = (t[2:].split("=", 1) + [None])[:2]
-        if v is None:
-            if i + 1 >= len(toks):
-                raise ValueError("--chain.lm-opts: %s has no value" % t)
-            v = toks[i + 1]
-            i += 1
-        i += 1
+    for k, v in _option_pairs(lm_opts, "--chain.lm-opts"):
         if k not in known:
             raise ValueError("--chain.lm-opts: chain-est-phone-lm has no option --%s "
                              "(known: %s)" % (k, ", ".join("--" + x for x in known)))
