@@ -15,6 +15,7 @@ i-vectors, normalization.fst -- and compared:
   every sequence within 1e-4 (states may be numbered differently);
 * deriv weights, input and output indexes: equal.
 """
+import gzip
 import os
 import shutil
 import subprocess
@@ -468,3 +469,35 @@ def test_make_chain_egs_dir_jobs_in_parallel(tmp_path, monkeypatch):
         p1, p2 = tmp_path / "e1" / name, tmp_path / "e2" / name
         if p1.is_file():
             assert p1.read_bytes() == p2.read_bytes(), name
+
+
+def test_scripts_on_damaged_input(tmp_path):
+    """lattice-align-phones and apply-cmvn-online on a truncated lattice archive and a
+    damaged global_cmvn.stats: exit 1, one line naming the file, no output left."""
+    env = script_env()
+    py = sys.executable
+    sc = REPO / "scripts"
+    lat = tmp_path / "lat.1.gz"
+    data = gzip.open(SMALL / "exp/chain/lats/lat.1.gz").read()
+    with gzip.open(lat, "wb") as f:
+        f.write(data[:len(data) // 2])
+    out = tmp_path / "ali.ark"
+    r = subprocess.run([py, str(sc / "lattice-align-phones"), "--replace-output-symbols=true",
+                        "exp/chain/lats/final.mdl", "ark:gunzip -c %s |" % lat, "ark:%s" % out],
+                       cwd=SMALL, env=env, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("lattice-align-phones: ") and "lat.1.gz" in last, r.stderr
+    assert not out.exists() and not list(tmp_path.glob("ali.ark*"))
+    stats = tmp_path / "global_cmvn.stats"
+    stats.write_text("[ 1 2 nan\n 3 ]\n")
+    out = tmp_path / "cmvn.ark"
+    r = subprocess.run([py, str(sc / "apply-cmvn-online"), "--config=conf/online_cmvn.conf",
+                        "--spk2utt=ark:data/train_hires/spk2utt", str(stats),
+                        "scp:data/train_hires/feats.scp", "ark:%s" % out],
+                       cwd=SMALL, env=env, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("apply-cmvn-online: ") and \
+        "global_cmvn.stats" in lines[0], r.stderr
+    assert not out.exists() and not list(tmp_path.glob("cmvn.ark*"))
