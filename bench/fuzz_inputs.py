@@ -158,6 +158,10 @@ def build_base(base: Path) -> Dict[str, str]:
     with TableWriter("ark:%s" % (base / "ivec.ark"), "vector") as w:
         w.write_item("utt1", iv.reshape(-1).astype(np.float32))
     B["nfeats.ark"], B["ivec.ark"] = str(base / "nfeats.ark"), str(base / "ivec.ark")
+    # the lattice recipe (tests/fixtures/kaldi_recipe_small): online CMVN, phone-aligned
+    # lattices, supervision from lattices, egs with online i-vectors
+    _build_lattice_recipe(base, B)
+    _build_chain_train(base, B)
     # pkwrap models for compute-prob / combine (64 pdfs: the recipe egs and den.fst)
     import torch
     from pkwrap.nn import TDNNFModel
@@ -176,6 +180,112 @@ def build_base(base: Path) -> Dict[str, str]:
                    model_context=probe_model_context(m, 40))
         B["m%d.pt" % i] = str(base / ("m%d.pt" % i))
     return B
+
+
+def _build_lattice_recipe(base: Path, B: Dict[str, str]) -> None:
+    import numpy as np
+    from pkwrap.kaldi.lattice import COMPACT_LATTICE_HOLDER, read_compact_lattices
+    from pkwrap.kaldi.table import TableWriter, read_table
+    R = REPO / "tests" / "fixtures" / "kaldi_recipe_small"
+
+    def cp(name, src):
+        shutil.copyfile(src, base / name)
+        B[name] = str(base / name)
+
+    cp("global_cmvn.stats", R / "exp/chain/tdnn/egs/global_cmvn.stats")
+    cp("lat.mdl", R / "exp/chain/lats/final.mdl")
+    cp("rtree", R / "exp/chain/tdnn/tree")
+    cp("r0.trans_mdl", R / "exp/chain/tdnn/0.trans_mdl")
+    cp("rnorm.fst", R / "exp/chain/tdnn/normalization.fst")
+    (base / "cmvn.conf").write_text("--norm-means=true\n--norm-vars=false\n--cmn-window=600\n"
+                                    "--speaker-frames=600\n--global-frames=200\n")
+    B["cmvn.conf"] = str(base / "cmvn.conf")
+    # 4 utterances of 2 speakers (each speaker's second utterance backs off to the first)
+    spk = {"s019": ["s019-0000", "s019-0001"], "s021": ["s021-0000", "s021-0001"]}
+    utts = [u for us in spk.values() for u in us]
+    (base / "spk2utt").write_text("".join("%s %s\n" % (s, " ".join(us))
+                                          for s, us in spk.items()))
+    B["spk2utt"] = str(base / "spk2utt")
+    cwd = os.getcwd()
+    os.chdir(R)
+    try:
+        feats = read_table("scp:data/train_hires/feats.scp")
+        ivs = read_table("scp:exp/nnet3/ivectors_train_hires/ivector_online.scp")
+    finally:
+        os.chdir(cwd)
+    with TableWriter("ark:%s" % (base / "rfeats.ark"), "matrix") as w:
+        for u in utts:
+            w.write_item(u, np.asarray(feats[u], dtype=np.float32))
+    B["rfeats.ark"] = str(base / "rfeats.ark")
+    with TableWriter("ark,scp:%s,%s" % (base / "ivec_online.ark", base / "ivec_online.scp"),
+                     "matrix") as w:
+        for u in utts:
+            w.write_item(u, np.asarray(ivs[u], dtype=np.float32))
+    B["ivec_online.ark"], B["ivec_online.scp"] = (str(base / "ivec_online.ark"),
+                                                  str(base / "ivec_online.scp"))
+    lats = dict(read_compact_lattices("ark:gunzip -c %s |" % (R / "exp/chain/lats/lat.1.gz")))
+    with TableWriter("ark:%s" % (base / "lats.ark"), COMPACT_LATTICE_HOLDER) as w:
+        for u in utts:
+            w.write_item(u, lats[u])
+    B["lats.ark"] = str(base / "lats.ark")
+    with open(B["lats.ark"], "rb") as f, gzip.open(base / "lats.ark.gz", "wb") as g:
+        g.write(f.read())
+    B["lats.ark.gz"] = str(base / "lats.ark.gz")
+    _run_ok(["lattice-align-phones", "--replace-output-symbols=true", B["lat.mdl"],
+             "ark:" + B["lats.ark"], "ark:%s" % (base / "plats.ark")])
+    B["plats.ark"] = str(base / "plats.ark")
+    _run_ok(["chain-get-supervision", "--lattice-input=true", "--frame-subsampling-factor=3",
+             B["rtree"], B["r0.trans_mdl"], "ark:" + B["plats.ark"],
+             "ark:%s" % (base / "rsup.ark")])
+    B["rsup.ark"] = str(base / "rsup.ark")
+    _run_ok(["apply-cmvn-online", "--config=" + B["cmvn.conf"], "--spk2utt=ark:" + B["spk2utt"],
+             B["global_cmvn.stats"], "ark:" + B["rfeats.ark"],
+             "ark:%s" % (base / "cmvn_feats.ark")])
+    B["cmvn_feats.ark"] = str(base / "cmvn_feats.ark")
+
+
+# pkwrap-chain-train on tests/fixtures/kaldi_recipe_egs_small (as tests/test_chain_train.py)
+CHAIN_TRAIN_ARGS = [
+    "--stage=-10", "--chain.xent-regularize", "0.1", "--chain.leaky-hmm-coefficient=0.1",
+    "--chain.apply-deriv-weights=false", "--trainer.srand=0", "--trainer.num-epochs=0.5",
+    "--trainer.optimization.num-jobs-initial=1", "--trainer.optimization.num-jobs-final=1",
+    "--trainer.num-chunk-per-minibatch=4", "--egs.chunk-width=140,100,160",
+    "--cleanup.remove-egs=false", "--use-gpu=no", "--feat-dir=data/train_hires",
+    "--lat-dir=exp/chain/lats", "--pkwrap.num-threads=1", "--pkwrap.checkpoint-every=2",
+    "--egs.dir={egs_dir}", "--tree-dir={tree_dir}", "--dir={out}"]
+
+
+def _build_chain_train(base: Path, B: Dict[str, str]) -> None:
+    """tree dir, egs dir, a fresh exp dir (configs/ only) and an exp dir after iterations
+    0 and 1 (a run stopped by --exit-stage=2: the graphs, 0.mdl, 1.mdl, checkpoints;
+    resumed with --stage=0)."""
+    S = REPO / "tests" / "fixtures" / "kaldi_recipe_egs_small"
+    for name, src in (("tree_dir", S / "tree"), ("egs_dir", S / "egs")):
+        shutil.copytree(src, base / name)
+        B[name] = str(base / name)
+    exp = base / "exp"
+    shutil.copytree(S / "configs", exp / "configs")
+    # final.config names exp/chain/tdnn/configs/idct.mat: relative to the exp dir here
+    cfg = (exp / "configs" / "final.config").read_text()
+    (exp / "configs" / "final.config").write_text(
+        re.sub(r"matrix=\S*idct\.mat", "matrix=out/configs/idct.mat", cfg))
+    B["exp"] = str(exp)
+    done = base / "exp_it2"
+    shutil.copytree(exp, done)
+    args = [a.replace("{egs_dir}", B["egs_dir"]).replace("{tree_dir}", B["tree_dir"])
+            .replace("{out}", "out") for a in CHAIN_TRAIN_ARGS]
+    work = base / "ct_work"
+    work.mkdir()
+    shutil.copytree(exp, work / "out")
+    r = subprocess.run([sys.executable, "-m", "pkwrap.train.chain_train"] + args +
+                       ["--exit-stage=2"], capture_output=True, text=True, env=_env(),
+                       timeout=600, cwd=str(work))
+    if r.returncode != 0:
+        raise SystemExit("fuzz setup: pkwrap-chain-train failed:\n%s" % r.stderr[-3000:])
+    shutil.rmtree(done)
+    shutil.copytree(work / "out", done, ignore=shutil.ignore_patterns("tensorboard"))
+    shutil.rmtree(work)
+    B["exp_it2"] = str(done)
 
 
 def _run_ok(cmd, cwd=None):
@@ -380,6 +490,11 @@ class Prog:
     weight: float = 1.0                   # relative number of cases
     rspec: List[int] = field(default_factory=list)   # arg positions that are rspecifiers
     wspec: List[int] = field(default_factory=list)   # arg positions that are wspecifiers
+    module: str = ""                      # run as ``python -m module`` (not scripts/<name>)
+    seed_out: str = ""                    # a base dir copied into {out} before the run (an
+    #   exp dir that is input and output: its files are not "left"; on failure, files
+    #   the run completed may stay if they read back, and the seeded ones must stay)
+    outdirs: tuple = ("missing", "readonly", "full", "fsize")
 
 
 PROGS = [
@@ -454,6 +569,61 @@ PROGS = [
          ["sup.ark"], rspec=[3], wspec=[4]),
     Prog("compute-wer", ["--text", "--mode=strict", "ark:{ref.txt}", "ark:{hyp.txt}"],
          {"ref.txt": "text", "hyp.txt": "text"}, stdout_check=True, rspec=[2, 3]),
+    # --- programs of the lattice recipe (tests/fixtures/kaldi_recipe_small)
+    Prog("apply-cmvn-online", ["--config={cmvn.conf}", "--spk2utt=ark:{spk2utt}",
+                               "{global_cmvn.stats}", "ark:{rfeats.ark}", "ark:{out}/cmvn.ark"],
+         {"cmvn.conf": "text", "spk2utt": "text", "global_cmvn.stats": "text",
+          "rfeats.ark": "kbin"}, ["cmvn.ark"], {"cmvn.ark": "matrix"}, rspec=[3], wspec=[4]),
+    Prog("apply-cmvn-online", ["{global_cmvn.stats}", "ark:{rfeats.ark}", "ark:{out}/cmvn.ark"],
+         {"global_cmvn.stats": "text"}, ["cmvn.ark"], {"cmvn.ark": "matrix"}, weight=0.5),
+    Prog("lattice-align-phones", ["--replace-output-symbols=true", "{lat.mdl}",
+                                  "ark:{lats.ark}", "ark:{out}/plats.ark"],
+         {"lat.mdl": "kbin", "lats.ark": "kbin"}, ["plats.ark"], {"plats.ark": "lat"},
+         rspec=[2], wspec=[3], weight=1.5),
+    Prog("lattice-align-phones", ["{lat.mdl}", "ark:gunzip -c {lats.ark.gz} |",
+                                  "ark:{out}/plats.ark"],
+         {"lats.ark.gz": "gz"}, ["plats.ark"], {"plats.ark": "lat"}),
+    Prog("chain-get-supervision", ["--lattice-input=true", "--frame-subsampling-factor=3",
+                                   "{rtree}", "{r0.trans_mdl}", "ark:{plats.ark}",
+                                   "ark:{out}/sup.ark"],
+         {"plats.ark": "kbin", "rtree": "kbin", "r0.trans_mdl": "text"}, ["sup.ark"],
+         {"sup.ark": "sup"}, rspec=[4], wspec=[5], weight=1.5),
+    Prog("nnet3-chain-get-egs", ["--online-ivectors=ark:{ivec_online.ark}",
+                                 "--online-ivector-period=10", "--left-context=12",
+                                 "--right-context=12", "--num-frames=140,100,160",
+                                 "--frame-subsampling-factor=3", "{rnorm.fst}",
+                                 "ark:{cmvn_feats.ark}", "ark:{rsup.ark}", "ark:{out}/cegs.ark"],
+         {"ivec_online.ark": "kbin", "rnorm.fst": "ofst", "cmvn_feats.ark": "kbin",
+          "rsup.ark": "kbin"}, ["cegs.ark"], {"cegs.ark": "egs"}, rspec=[7, 8], wspec=[9],
+         weight=1.5),
+    Prog("nnet3-chain-get-egs", ["--online-ivectors=scp:{ivec_online.scp}",
+                                 "--online-ivector-period=10", "--left-context=12",
+                                 "--right-context=12", "--num-frames=140,100,160",
+                                 "--frame-subsampling-factor=3", "{rnorm.fst}",
+                                 "ark:{cmvn_feats.ark}", "ark:{rsup.ark}", "ark:{out}/cegs.ark"],
+         {"ivec_online.scp": "text"}, ["cegs.ark"], {"cegs.ark": "egs"}, weight=0.5),
+    # --- pkwrap-chain-train (Kaldi's steps/nnet3/chain/train.py): stages -6..0 on a fresh
+    # exp dir; the training iterations on a damaged egs dir; a resumed run (--stage=0)
+    Prog("pkwrap-chain-train", CHAIN_TRAIN_ARGS + ["--exit-stage=0"],
+         {"tree_dir/tree": "kbin", "tree_dir/final.mdl": "kbin", "tree_dir/ali.1.gz": "gz",
+          "tree_dir/num_jobs": "text", "tree_dir/phones.txt": "text",
+          "exp/configs/final.config": "text", "exp/configs/idct.mat": "text",
+          "egs_dir/info/feat_dim": "text", "egs_dir/info/left_context": "text",
+          "egs_dir/info/num_pdfs": "text", "egs_dir/global_cmvn.stats": "text"},
+         ["den.fst", "normalization.fst", "phone_lm.fst", "0.mdl", "0.trans_mdl"],
+         {"den.fst": "fst", "normalization.fst": "fst", "phone_lm.fst": "fst", "0.mdl": "nnet3"},
+         weight=0.5, module="pkwrap.train.chain_train", seed_out="exp", outdirs=("fsize",)),
+    Prog("pkwrap-chain-train", CHAIN_TRAIN_ARGS + ["--exit-stage=1"],
+         {"egs_dir/cegs.1.ark": "kbin", "egs_dir/valid_diagnostic.cegs": "kbin",
+          "egs_dir/info/num_archives": "text", "egs_dir/info/frames_per_eg": "text"},
+         ["0.mdl", "checkpoints"], {"0.mdl": "nnet3"}, weight=0.3,
+         module="pkwrap.train.chain_train", seed_out="exp", outdirs=()),
+    Prog("pkwrap-chain-train", [a.replace("--stage=-10", "--stage=0") for a in CHAIN_TRAIN_ARGS],
+         {"exp_it2/den.fst": "ofst", "exp_it2/0.mdl": "kbin", "exp_it2/1.mdl": "kbin",
+          "exp_it2/checkpoints/ckpt-00000009.pt": "pt", "exp_it2/num_iters": "text",
+          "exp_it2/0.trans_mdl": "text"},
+         ["final.mdl", "accuracy.report"], {"final.mdl": "nnet3"}, weight=0.3,
+         module="pkwrap.train.chain_train", seed_out="exp_it2", outdirs=("fsize",)),
 ]
 
 # ============================================================================ cases
@@ -473,6 +643,8 @@ class Case:
     must_fail: bool = False
     outdir: str = "normal"        # normal | missing | readonly | full | fsize
     names: List[str] = field(default_factory=list)  # strings an error should name
+    module: str = ""              # Prog.module
+    seed_out: str = ""            # Prog.seed_out
 
 
 def _fill(args, B, subst, case_dir="{case}"):
@@ -504,11 +676,15 @@ def make_cases(B: Dict[str, str], per_input: int, seed: int = 12) -> List[Case]:
             k = max(2, int(per_input * p.weight))
             src = B[top] if "/" not in inp else os.path.join(B[top], inp.split("/", 1)[1])
             variants = damage(kind, src, rng, k)
-            if kind == "gz":   # damaged gzip behind a pipe
+            if kind == "gz" and not p.module:   # damaged gzip behind a pipe
                 variants = [(a, b, True) for a, b, _ in variants]
+            if "/" in inp and p.module:  # a file of a directory input missing
+                variants = variants + [("missing", None, False)]
             for label, data, must in variants:
                 if inp == "lda.mat":  # named by the config, relative to the case dir
                     files, subst = {"lda.mat": data}, {"lda.mat": "lda.mat"}
+                elif top == p.seed_out:  # a file of the exp dir seeded into {out}
+                    files, subst = {"out/" + inp.split("/", 1)[1]: data}, {}
                 elif "/" in inp:  # a file inside a directory input: copy the directory
                     files = _copy_dir(B[top], "in_" + top, {inp.split("/", 1)[1]: data})
                     subst = {top: "in_" + top}
@@ -517,7 +693,8 @@ def make_cases(B: Dict[str, str], per_input: int, seed: int = 12) -> List[Case]:
                     subst = {inp: "in_" + inp}
                 cases.append(Case(new_id(p.name), p.name, p.args, files, subst, p.outputs,
                                   p.out_kind, p.stdout_check, "%s:%s" % (inp, label), must,
-                                  names=[os.path.basename(inp), "in_" + top]))
+                                  names=[os.path.basename(inp), "in_" + top],
+                                  module=p.module, seed_out=p.seed_out))
             # missing input, a directory in its place, the wrong kind of file
             if "/" not in inp:
                 cases.append(Case(new_id(p.name), p.name, p.args, {}, {inp: "missing_" + inp},
@@ -562,14 +739,16 @@ def make_cases(B: Dict[str, str], per_input: int, seed: int = 12) -> List[Case]:
                                   names=["w.ark", "ark", "nodir", "exit 3", "w.scp", ":"]))
         # output locations
         if p.outputs:
-            for od in ("missing", "readonly", "full", "fsize"):
+            for od in p.outdirs:
                 # a full disk may still hold a small output: then it must be complete
                 cases.append(Case(new_id(p.name), p.name, p.args, {}, {}, p.outputs,
                                   p.out_kind, p.stdout_check, "outdir:%s" % od,
                                   od == "readonly",  # a program may create a missing dir
-                                  outdir=od, names=["out/"]))
+                                  outdir=od, names=["out/"], module=p.module,
+                                  seed_out=p.seed_out))
         cases.append(Case(new_id(p.name), p.name, p.args, {}, {}, p.outputs, p.out_kind,
-                          p.stdout_check, "undamaged", False))
+                          p.stdout_check, "undamaged", False, module=p.module,
+                          seed_out=p.seed_out))
     return cases
 
 
@@ -606,7 +785,8 @@ def run_case(args) -> dict:
 
 
 # torch's thread pools in a forked training program can stall: these start fresh
-NO_FORK = {"nnet3-chain-combine", "nnet3-chain-compute-prob", "nnet3-compute"}
+NO_FORK = {"nnet3-chain-combine", "nnet3-chain-compute-prob", "nnet3-compute",
+           "pkwrap-chain-train"}
 
 
 def _run_case(case, B, root, timeout, unshare_ok, no_fork=False) -> dict:
@@ -616,16 +796,24 @@ def _run_case(case, B, root, timeout, unshare_ok, no_fork=False) -> dict:
     cdir.mkdir(parents=True)
     if case.prog == "nnet3-init" and "lda.mat" not in case.subst:
         shutil.copyfile(B["lda.mat"], cdir / "lda.mat")
+    outdir = cdir / "out"
+    if case.seed_out and case.outdir != "missing":
+        shutil.copytree(B[case.seed_out], outdir)
     for rel, data in case.files.items():
         f = cdir / rel
+        if data is None:  # a file of a directory input removed
+            if f.exists():
+                f.unlink()
+            continue
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(data)
-    outdir = cdir / "out"
+    seeded = _listdir(outdir) if case.seed_out and outdir.exists() else []
     if case.outdir != "missing":
-        outdir.mkdir()
+        outdir.mkdir(exist_ok=True)
     argv = [a.replace("{case}", str(cdir)) for a in _fill(case.argv, B, case.subst, str(cdir))]
     argv = [a.replace("{out}", str(outdir)) for a in argv]
-    cmd = [sys.executable, str(SCRIPTS / case.prog)] + argv
+    cmd = [sys.executable] + (["-m", case.module] if case.module else
+                              [str(SCRIPTS / case.prog)]) + argv
     listing = cdir / "listing.txt"
     pre = _limits
     if case.outdir in ("readonly", "full") and unshare_ok:
@@ -657,8 +845,17 @@ def _run_case(case, B, root, timeout, unshare_ok, no_fork=False) -> dict:
         outdir = cdir / "out_copy"
     else:
         left = _listdir(outdir) if outdir.exists() else []
+    lost: List[str] = []
+    if case.seed_out:  # the exp dir: what the run wrote, and seeded files it removed
+        now = set(left)
+        lost = [x for x in seeded if x not in now and not x.startswith("log/")]
+        if any(x.startswith("checkpoints/") for x in now):  # retention keeps newer ones
+            lost = [x for x in lost if not x.startswith("checkpoints/")]
+        seeded_set = set(seeded)
+        left = [x for x in left if x not in seeded_set
+                and not x.startswith(("log/", "tensorboard/"))]
     res = classify(case, rc, so.decode("utf-8", "replace"), se.decode("utf-8", "replace"),
-                   left, outdir, argv)
+                   left, outdir, argv, lost)
     res.update(id=case.id, prog=case.prog, what=case.what, seconds=round(dt, 2),
                cmd=cmd, rc=rc)
     if res["cls"] == "DEFECT":
@@ -779,7 +976,7 @@ LOGLINE = re.compile(r"^(LOG|WARNING|VLOG|INFO)\b|^\s*$|^[\w.-]+: (warning|note)
 
 
 def classify(case: Case, rc, so: str, se: str, left: List[str], outdir: Path,
-             argv: List[str]) -> dict:
+             argv: List[str], lost: Optional[List[str]] = None) -> dict:
     def D(kind, why):
         return {"cls": "DEFECT", "kind": kind, "why": why}
 
@@ -834,7 +1031,17 @@ def classify(case: Case, rc, so: str, se: str, left: List[str], outdir: Path,
     # before the error line; a second line that reads as an error may not
     others = [ln for ln in lines[:-1] if ERRORISH.search(ln) and not LOGLINE.search(ln)
               and not (pipe_cmds and ln.startswith(pipe_cmds))]
-    if left:
+    if lost:
+        return D("PARTIAL", "after a failure the exp dir lost %s" % lost[:4])
+    if left and case.seed_out:
+        # a resumable program keeps the stages it completed: each must be complete
+        for x in left:
+            if ".tmp" in x or os.path.basename(x).startswith("."):
+                return D("PARTIAL", "temporary file left: %s" % x)
+            bad = check_output(outdir / x, _kind_of(x))
+            if bad:
+                return D("PARTIAL", "after a failure %s is incomplete: %s" % (x, bad))
+    elif left:
         return D("PARTIAL", "after a failure the output dir holds %s" % left[:4])
     m = ERRLINE.match(last)
     if not m or not last.startswith(case.prog + ": "):
@@ -859,10 +1066,47 @@ def classify(case: Case, rc, so: str, se: str, left: List[str], outdir: Path,
     return {"cls": "OK-clean-error", "kind": "", "why": ""}
 
 
+def _kind_of(rel: str) -> Optional[str]:
+    """The output kind of a file a pkwrap-chain-train run leaves in its exp dir."""
+    if rel.endswith(".fst"):
+        return "fst"
+    if rel.endswith(".mdl"):
+        return "nnet3"
+    if rel.endswith("trans_mdl"):
+        return "trans"
+    if rel.endswith(".pt"):
+        return "ckpt"
+    if os.path.basename(rel) in ("online_cmvn",):
+        return "any"
+    return "nonempty"
+
+
 def check_output(path: Path, kind: Optional[str]) -> Optional[str]:
     """A problem with a written output, or None."""
     import numpy as np
     try:
+        if kind == "nonempty" and path.stat().st_size == 0:
+            return "empty file"
+        if kind == "nnet3":
+            from pkwrap.nnet3 import read_nnet3
+            read_nnet3(str(path))
+        elif kind == "trans":
+            from pkwrap.kaldi.hmm import read_transition_model
+            read_transition_model(str(path))
+        elif kind == "ckpt":
+            from pkwrap.train.checkpoint import load_checkpoint
+            load_checkpoint(str(path))
+        elif kind == "lat":
+            from pkwrap.kaldi.lattice import read_compact_lattices
+            n = 0
+            for _, lat in read_compact_lattices("ark:%s" % path):
+                n += 1
+            if n == 0:
+                return "no lattices written"
+        elif kind == "sup":
+            from pkwrap.chain.supervision import read_supervisions
+            if sum(1 for _ in read_supervisions("ark:%s" % path)) == 0:
+                return "no supervisions written"
         if kind == "fst":
             from pkwrap.kaldi.fst import read_fst
             f = read_fst(str(path))
