@@ -545,12 +545,30 @@ def test_trainer_counts_failed_minibatches_and_aborts(tmp_path):
                                        max_failed_fraction=0.5)
     tr = make(_Poisoned(model))
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match="training aborted at step 4: 4 of 4 minibatches "
-                                           "failed .* max_failed_fraction=0.5"):
+    with pytest.raises(RuntimeError, match=r"training aborted at step 4: 4 of 4 steps skipped "
+                                           r"\(4 of 4 minibatches over 1 rank\(s\) had a "
+                                           r"non-finite .* max_failed_fraction=0.5"):
         tr.train()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     log = (tmp_path / "exp" / "log" / "train.0.log").read_text()
     assert log.count("non-finite objective or gradient") == 4
+
+
+def test_nonfinite_minibatch_on_one_rank_skipped_by_both(tmp_path):
+    """2 ranks (torchrun, gloo on the CPU): NaN, +inf and -inf outputs on one rank's
+    minibatch; both ranks skip those steps together and stay identical, clean steps
+    still update, each failed minibatch is counted once (tests/ddp_scripts/
+    nonfinite_skip_worker.py has the checks)."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    worker = REPO / "tests" / "ddp_scripts" / "nonfinite_skip_worker.py"
+    env = dict(script_env(), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(worker), str(tmp_path / "exp")],
+                       capture_output=True, text=True, env=env, timeout=180)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "NONFINITE-DDP-OK skipped=3" in p.stdout
 
 
 def test_trainer_reports_unused_egs_inputs(tmp_path):

@@ -90,10 +90,11 @@ class TrainConfig:
       keep_freed_memory: on the CPU, have malloc keep freed memory for reuse
         (:func:`pkwrap.train.keep_freed_memory`: no page faults on every step's
         buffers; the process keeps its peak heap).
-      max_failed_fraction: abort training when more than this fraction of all
-        minibatches so far (over all ranks) failed (non-finite objective or gradient:
-        skipped, as Kaldi skips them); checked every ``log_every`` steps (10 when 0),
-        once at least ``min_minibatches_before_abort`` minibatches were done.
+      max_failed_fraction: abort training when more than this fraction of the steps so
+        far were skipped (a step is skipped, by every rank together, when the minibatch
+        of any rank failed: a non-finite objective or gradient, skipped as Kaldi skips
+        it); checked every ``log_every`` steps (10 when 0), once at least
+        ``min_minibatches_before_abort`` minibatches (over all ranks) were done.
       min_minibatches_before_abort: see ``max_failed_fraction``.
     """
 
@@ -290,8 +291,15 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.valid_objf: Dict[int, float] = {}
-        self.skipped = 0  # failed minibatches over all ranks (as of the last check)
-        self._failed_local = 0  # this rank's since then
+        # Non-finite minibatches (as of the last check, _count_failures): ``skipped`` is
+        # the number of failed minibatches over all ranks (a minibatch whose own objective
+        # or gradient was not finite), ``skipped_steps`` the steps not applied because
+        # of them (every rank skips such a step: with W ranks, one failed minibatch
+        # discards the other W-1 minibatches of that step too)
+        self.skipped = 0
+        self.skipped_steps = 0
+        self._failed_local = 0  # this rank's failed minibatches since the last check
+        self._skipped_local = 0  # steps this rank did not apply since the last check
         self.tb = None
         self._resumed_from: Optional[str] = None
         self._last_saved_step = -1
@@ -339,6 +347,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "skipped": self.skipped,
+            "skipped_steps": self.skipped_steps,
             "valid_objf": dict(self.valid_objf),
             "model_context": asdict(self.ctx),
             "model_spec": self.model_spec,
@@ -367,19 +376,27 @@ class Trainer:
             i += n
 
     def _count_failures(self) -> None:
-        """Add every rank's failed minibatches to ``skipped`` (collective, at the same
-        steps on every rank); abort when more than ``max_failed_fraction`` failed."""
+        """Add every rank's failed minibatches to ``skipped`` and the skipped steps to
+        ``skipped_steps`` (collective, at the same steps on every rank); abort when more
+        than ``max_failed_fraction`` of the steps were skipped."""
         t = torch.tensor([float(self._failed_local)], dtype=torch.float64, device=self.device)
         self.skipped += int(all_reduce_sum(t).item())
-        self._failed_local = 0
+        # every rank skips the same steps (the gradient allreduce carries the failure);
+        # with local steps (model averaging) a step lost on any rank counts
+        n = torch.tensor([float(self._skipped_local)], dtype=torch.float64, device=self.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        self.skipped_steps += int(n.item())
+        self._failed_local = self._skipped_local = 0
         total = self.step * self.dist.world_size
         if (total >= self.cfg.min_minibatches_before_abort
-                and self.skipped > self.cfg.max_failed_fraction * total):
+                and self.skipped_steps > self.cfg.max_failed_fraction * self.step):
             raise RuntimeError(
-                "training aborted at step %d: %d of %d minibatches failed (non-finite "
-                "objective or gradient), more than max_failed_fraction=%g; check the egs "
-                "and the learning rate" % (self.step, self.skipped, total,
-                                           self.cfg.max_failed_fraction))
+                "training aborted at step %d: %d of %d steps skipped (%d of %d minibatches "
+                "over %d rank(s) had a non-finite objective or gradient), more than "
+                "max_failed_fraction=%g; check the egs and the learning rate"
+                % (self.step, self.skipped_steps, self.step, self.skipped, total,
+                   self.dist.world_size, self.cfg.max_failed_fraction))
 
     def save(self) -> Optional[str]:
         """Checkpoint now (collective: every rank must call it)."""
@@ -425,6 +442,7 @@ class Trainer:
         self.step = int(st["step"])
         self.epoch = int(st["epoch"])
         self.skipped = int(st.get("skipped", 0))
+        self.skipped_steps = int(st.get("skipped_steps", self.skipped))
         self.valid_objf = {int(k): float(v) for k, v in st.get("valid_objf", {}).items()}
         by_rank = st.get("data") or [st["sampler"]]
         note = self.data.load_state_dict(by_rank[self.dist.rank % len(by_rank)])
@@ -532,8 +550,13 @@ class Trainer:
             else:  # every rank sees the same (all-reduced) gradient, so all skip together
                 opt.zero_grad(set_to_none=True)
         res = box["res"]
-        ok = bool(math.isfinite(float(res.loss.detach()))) and math.isfinite(grad_norm) and \
-            bool(getattr(res, "ok", True)) and getattr(opt, "num_skipped", 0) == skipped_before
+        # this rank's minibatch failed (its own objective), or the step was not applied
+        # (a non-finite gradient after the allreduce: some rank's minibatch failed)
+        own_ok = bool(math.isfinite(float(res.loss.detach()))) and bool(getattr(res, "ok", True))
+        applied = math.isfinite(grad_norm) and getattr(opt, "num_skipped", 0) == skipped_before
+        if self.dist.world_size == 1 or self.averager is not None:
+            own_ok = own_ok and applied  # the gradient is this rank's own
+        ok = (own_ok, applied)
         if self.averager is not None:
             # average after steps N, 2N, ... (global step count, so restarts keep the phase)
             self.averager.step = self.step + 1
@@ -599,10 +622,17 @@ class Trainer:
                 res, ok, grad_norm, change = self._train_step(batch)
                 self.step += 1
                 self.data.step_done()
-                if not ok:
+                own_ok, applied = ok
+                if not own_ok:
                     self._failed_local += 1
                     self.log.warning("step %d: non-finite objective or gradient "
                                      "(minibatch %d): skipped", self.step, batch.index)
+                if not applied:
+                    self._skipped_local += 1
+                    if own_ok:
+                        self.log.warning("step %d: skipped on every rank (another rank's "
+                                         "minibatch gave a non-finite objective or "
+                                         "gradient)", self.step)
                 if self.step % (cfg.log_every or 10) == 0:
                     self._count_failures()
                 tracker.add_result(res, batch.num_output_frames, xent=self.ctx.has_xent)
@@ -641,8 +671,8 @@ class Trainer:
         if self.dist.is_main:
             final = os.path.join(cfg.exp_dir, "final.pt")
             save_model(final, model, self.model_spec, self.ctx, step=self.step)
-            self.log.info("wrote %s after %d steps (%d skipped minibatches)", final,
-                          self.step, self.skipped)
+            self.log.info("wrote %s after %d steps (%d skipped minibatches; %d steps "
+                          "skipped)", final, self.step, self.skipped, self.skipped_steps)
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
@@ -673,9 +703,10 @@ class Trainer:
         fps = tr.get("frames", 0.0) / secs if secs > 0 else float("nan")
         ng = _ng_stats(_unwrap(self.model))
         self.log.info("step %d epoch %d: %s, lr %.4g, grad-norm %s, param-change %s, "
-                      "%.0f frames/s, %d skipped", self.step, self.epoch, tr, self._lr(),
-                      "%.4g" % grad_norm if grad_norm is not None else "-",
-                      "%.4g" % change if change is not None else "-", fps, self.skipped)
+                      "%.0f frames/s, %d skipped (%d steps)", self.step, self.epoch, tr,
+                      self._lr(), "%.4g" % grad_norm if grad_norm is not None else "-",
+                      "%.4g" % change if change is not None else "-", fps, self.skipped,
+                      self.skipped_steps)
         if self.tb is None:
             return
         tr.write_summary(self.tb, "train/", self.step)
@@ -686,5 +717,6 @@ class Trainer:
             self.tb.add_scalar("train/param_change", change, self.step)
         self.tb.add_scalar("train/frames_per_second", fps, self.step)
         self.tb.add_scalar("train/skipped_minibatches", self.skipped, self.step)
+        self.tb.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
         for k, v in ng.items():
             self.tb.add_scalar("train/ng_" + k, v, self.step)

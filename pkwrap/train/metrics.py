@@ -15,7 +15,7 @@ TensorBoard tags written by the trainer (rank 0, ``<exp>/tensorboard``)::
     train/objf  train/xent_objf  train/l2_term  train/objf_plus_l2          per frame
     valid/objf  valid/xent_objf  (and train_diag/* for the train subset)   compute-prob
     train/learning_rate  train/param_change  train/grad_norm  train/frames_per_second
-    train/skipped_minibatches
+    train/skipped_minibatches (failed, over all ranks)  train/skipped_steps
     train/ng_rho_mean  train/ng_floored  train/ng_reorthogonalized  natural-gradient state
     train/ng_scale_{mean,min,max}    (when the preconditioners record last_scale)
 """
