@@ -495,6 +495,7 @@ class Prog:
     #   exp dir that is input and output: its files are not "left"; on failure, files
     #   the run completed may stay if they read back, and the seeded ones must stay)
     outdirs: tuple = ("missing", "readonly", "full", "fsize")
+    empty_ok: tuple = ()                  # inputs that may be empty (a Kaldi config file)
 
 
 PROGS = [
@@ -573,7 +574,8 @@ PROGS = [
     Prog("apply-cmvn-online", ["--config={cmvn.conf}", "--spk2utt=ark:{spk2utt}",
                                "{global_cmvn.stats}", "ark:{rfeats.ark}", "ark:{out}/cmvn.ark"],
          {"cmvn.conf": "text", "spk2utt": "text", "global_cmvn.stats": "text",
-          "rfeats.ark": "kbin"}, ["cmvn.ark"], {"cmvn.ark": "matrix"}, rspec=[3], wspec=[4]),
+          "rfeats.ark": "kbin"}, ["cmvn.ark"], {"cmvn.ark": "matrix"}, rspec=[3], wspec=[4],
+         empty_ok=("cmvn.conf",)),
     Prog("apply-cmvn-online", ["{global_cmvn.stats}", "ark:{rfeats.ark}", "ark:{out}/cmvn.ark"],
          {"global_cmvn.stats": "text"}, ["cmvn.ark"], {"cmvn.ark": "matrix"}, weight=0.5),
     Prog("lattice-align-phones", ["--replace-output-symbols=true", "{lat.mdl}",
@@ -681,6 +683,8 @@ def make_cases(B: Dict[str, str], per_input: int, seed: int = 12) -> List[Case]:
             if "/" in inp and p.module:  # a file of a directory input missing
                 variants = variants + [("missing", None, False)]
             for label, data, must in variants:
+                if label == "empty" and inp in p.empty_ok:
+                    must = False
                 if inp == "lda.mat":  # named by the config, relative to the case dir
                     files, subst = {"lda.mat": data}, {"lda.mat": "lda.mat"}
                 elif top == p.seed_out:  # a file of the exp dir seeded into {out}

@@ -20,7 +20,9 @@ KaldiFormatError` already name their file). Other cases:
 
 - a failure (an exception, or ``main`` returning a non-zero status: Kaldi's "nothing was
   done") leaves no output: temporaries of :class:`~pkwrap.kaldi.io.AtomicFile` outputs
-  still open are removed, and so are the files committed during this run;
+  still open are removed, and so are the files committed during this run (a resumable
+  program, ``resumable=True``, such as ``pkwrap-chain-train``, keeps the files it
+  completed: each is whole, and they are what a rerun continues from);
 - SIGTERM unwinds like an error (temporaries removed): exit status 1, one line;
 - Python warnings are printed as one ``WARNING (<prog>): ...`` line each;
 - ``KeyboardInterrupt`` -> exit status 130, one line;
@@ -110,7 +112,7 @@ def _verbose_requested(argv: List[str]) -> bool:
 
 
 def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
-                keep_verbose: bool = False):
+                keep_verbose: bool = False, resumable: bool = False):
     """Call ``main(argv)`` under the one error path (see the module docstring).
 
     Args:
@@ -118,6 +120,8 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
       prog: the program's name for messages.
       argv: the arguments (default ``sys.argv[1:]``).
       keep_verbose: pass ``--verbose`` on to ``main`` (its parser defines it).
+      resumable: on failure, keep the outputs committed so far (a training program's
+        finished stages and checkpoints); temporaries are still removed.
     Returns:
       what ``main`` returned.
     """
@@ -126,7 +130,7 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
     if not keep_verbose:
         argv = [a for a in argv if a != "--verbose" and not a.startswith("--verbose=")]
     from pkwrap.kaldi import io as kio
-    first_output = len(kio._COMMITTED)
+    first_output = len(kio._COMMITTED) if not resumable else None
     old_term = _catch_sigterm()
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warning(prog)
@@ -210,11 +214,14 @@ def _catch_sigterm():
         return None
 
 
-def _remove_outputs(kio, first: int, prog: str) -> None:
+def _remove_outputs(kio, first: Optional[int], prog: str) -> None:
     """A failed program leaves no output: temporaries still open are removed, and so are
     the files it committed before it failed (a program that reports failure, e.g. Kaldi's
-    "nothing was done" exit status 1, must not leave an empty or partial archive)."""
+    "nothing was done" exit status 1, must not leave an empty or partial archive), unless
+    ``first`` is None (a resumable program: what it completed stays)."""
     kio.discard_open_outputs()
+    if first is None:
+        return
     for path in kio._COMMITTED[first:]:
         try:
             os.unlink(path)

@@ -5,10 +5,12 @@ Damaged inputs are made here from the Kaldi fixtures (truncations, bit flips, ab
 sizes, NaN/inf, negative ids, missing output directories, a full disk simulated by a
 writer that fails).
 """
+import copy
 import errno
 import io
 import itertools
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -830,3 +832,220 @@ def test_library_log_warnings_are_one_kaldi_style_line(capsys, monkeypatch):
     finally:
         for h in list(logging.getLogger().handlers):
             logging.getLogger().removeHandler(h)
+
+
+# ------------------------- classes found when the harness covered the lattice recipe and
+# pkwrap-chain-train (bench/fuzz_inputs.py --programs apply-cmvn-online,...)
+SMALL_EGS = REPO / "tests" / "fixtures" / "kaldi_recipe_egs_small"
+SMALL_LAT = REPO / "tests" / "fixtures" / "kaldi_recipe_small"
+
+
+@pytest.mark.parametrize("content, msg", [
+    (b"", r"empty \(expected a number\)"), (b"abc\n", "expected an integer number, got 'abc'"),
+    (b"\xff2\n", r"not UTF-8 text \(byte 0xff at offset 0\)"), (b"0\n", "0 is less than 1"),
+])
+def test_one_number_files_name_the_file(tmp_path, content, msg):
+    """num_jobs, ivector_period, frame_shift, an egs dir's info/*: one reader
+    (kio.read_number_file) whose errors name the file."""
+    p = tmp_path / "num_jobs"
+    p.write_bytes(content)
+    with pytest.raises(FileError, match="num_jobs: " + msg):
+        kio.read_number_file(p, int, minimum=1)
+    assert kio.read_number_file(_write(tmp_path / "fs", b"0.01\n"), float) == 0.01
+
+
+def _write(p, data):
+    p.write_bytes(data)
+    return p
+
+
+def test_text_inputs_of_online_cmvn_name_the_file(tmp_path):
+    """The online-CMVN config, spk2utt: bad bytes, bad options give one line naming
+    the file; an empty config is Kaldi's defaults."""
+    from pkwrap.kaldi.cmvn import OnlineCmvnOptions, read_spk2utt
+    conf = _write(tmp_path / "cmvn.conf", b"--cmn-window=600\n--speaker\xff-frames=6\n")
+    with pytest.raises(FileError, match=r"cmvn.conf: not UTF-8"):
+        OnlineCmvnOptions.from_string("--config=%s" % conf)
+    conf.write_text("--speaker-frames=6\n")  # global-frames 200 > speaker-frames 6
+    with pytest.raises(ValueError, match=r"cmvn.conf: online CMVN options need"):
+        OnlineCmvnOptions.from_string("--config=%s" % conf)
+    conf.write_text("")
+    assert OnlineCmvnOptions.from_string("--config=%s" % conf) == OnlineCmvnOptions()
+    with pytest.raises(FileError, match=r"spk2utt: not UTF-8"):
+        read_spk2utt(_write(tmp_path / "spk2utt", b"s1 u1\n\xfe u2\n"))
+    rc, err = _prog("apply-cmvn-online", "--spk2utt=ark:%s" % (tmp_path / "spk2utt"),
+                    SMALL_LAT / "exp/chain/tdnn/egs/global_cmvn.stats",
+                    "ark:%s" % EGS, "ark:%s" % (tmp_path / "o.ark"))
+    assert rc == 1 and err.strip().splitlines() == [
+        "apply-cmvn-online: %s: not UTF-8 text (byte 0xfe at offset 6)" % (tmp_path / "spk2utt")]
+
+
+def test_nothing_done_names_the_input_lattice_programs(tmp_path):
+    """apply-cmvn-online and lattice-align-phones with nothing to do: Kaldi's exit status
+    1, as one line naming the input, and no output left."""
+    empty = _write(tmp_path / "empty.ark", b"")
+    out = "ark:%s" % (tmp_path / "out.ark")
+    for args in (("apply-cmvn-online", SMALL_LAT / "exp/chain/tdnn/egs/global_cmvn.stats",
+                  "ark:%s" % empty, out),
+                 ("lattice-align-phones", SMALL_LAT / "exp/chain/lats/final.mdl",
+                  "ark:%s" % empty, out)):
+        rc, err = _prog(*args)
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and lines[0].startswith(
+            "%s: ark:%s: " % (args[0], empty)), err
+    assert _leftovers(tmp_path) == ["empty.ark"]
+
+
+def test_lattice_transition_ids_checked_against_the_model():
+    """A lattice whose transition-ids are not the model's (a flipped bit) is one
+    utterance's error (PhoneAlignError, reported and skipped), not an IndexError."""
+    from pkwrap.kaldi.hmm import read_transition_model
+    from pkwrap.kaldi.lattice import PhoneAlignError, phone_align_lattice, read_compact_lattices
+    tm = read_transition_model(SMALL_LAT / "exp/chain/lats/final.mdl")
+    key, lat = next(iter(read_compact_lattices(str(SMALL_LAT / "exp/chain/lats/lat.1.gz"))))
+    phone_align_lattice(lat, tm, key=key)
+    s = next(i for i, a in enumerate(lat.arcs) if a and len(a[0][3]))
+    lat.arcs[s][0][3][0] = tm.num_transition_ids + 1 << 20
+    with pytest.raises(PhoneAlignError, match="utterance %s: state %d: transition-id %d out "
+                       r"of range \[1, %d\]" % (key, s, tm.num_transition_ids + 1 << 20,
+                                               tm.num_transition_ids)):
+        phone_align_lattice(lat, tm, key=key)
+
+
+def test_gzipped_archives_read_in_process(tmp_path):
+    """ali.N.gz / lat.N.gz are decompressed in this process: a damaged one is one error
+    naming it (no gunzip message before it)."""
+    from pkwrap.chain.supervision import INT_VECTOR_HOLDER
+    from pkwrap.kaldi.table import read_archive_file
+    ali = (SMALL_EGS / "tree" / "ali.1.gz").read_bytes()
+    assert len(list(read_archive_file(SMALL_EGS / "tree" / "ali.1.gz", INT_VECTOR_HOLDER))) > 0
+    bad = bytearray(ali)
+    bad[len(bad) // 2] ^= 0x10
+    p = _write(tmp_path / "ali.1.gz", bytes(bad))
+    with pytest.raises(FileError, match="ali.1.gz: cannot decompress"):
+        list(read_archive_file(p, INT_VECTOR_HOLDER))
+    with pytest.raises(FileError, match="ali.1.gz: cannot decompress"):
+        list(read_archive_file(_write(p, ali[:len(ali) // 2]), INT_VECTOR_HOLDER))
+
+
+def test_config_without_input_or_output_node_refused(tmp_path):
+    """Kaldi's Nnet::Check: a network has input and output nodes; an empty config made an
+    empty network that was written and could not be read back."""
+    from pkwrap.nnet3 import nnet3_from_config
+    for text, what in (("", "input node (an empty config)"),
+                       ("input-node name=input dim=4\n", "output node (nodes: input)")):
+        with pytest.raises(KaldiFormatError,
+                           match=re.escape("final.config: the network has no " + what)):
+            nnet3_from_config(_write(tmp_path / "final.config", text.encode()))
+    rc, err = _prog("nnet3-init", tmp_path / "final.config", tmp_path / "0.raw")
+    assert rc == 1 and "final.config: the network has no output node" in err
+    assert not (tmp_path / "0.raw").exists()
+
+
+def test_normalization_fst_labels_within_the_supervision(tmp_path):
+    """A normalization FST with a label beyond the supervision's pdfs (another tree, or
+    a flipped bit) is an error, not silently dropped paths."""
+    from pkwrap.chain.supervision import add_weight_to_supervision, read_supervisions
+    norm = read_fst(MONO / "normalization.fst")
+    _, sup = next(iter(read_supervisions("ark:" + str(_sup_ark(tmp_path)))))
+    add_weight_to_supervision(sup, norm, "u")
+    norm = copy.deepcopy(norm)
+    norm.ilabel[-1] = norm.olabel[-1] = 2000000000
+    norm.name = "bad_norm.fst"
+    with pytest.raises(ValueError, match="bad_norm.fst: normalization FST has label "
+                       "2000000000 but the supervision has %d pdfs" % sup.label_dim):
+        add_weight_to_supervision(sup, norm, "u")
+
+
+def _sup_ark(tmp_path):
+    out = tmp_path / "sup.ark"
+    lines = (MONO / "data" / "phones_with_lengths.txt").read_text().splitlines()[:1]
+    (tmp_path / "pwl.txt").write_text(lines[0] + "\n")
+    rc, err = _prog("chain-get-supervision", "--frame-subsampling-factor=3", MONO / "tree",
+                    MONO / "trans.mdl", "ark,t:%s" % (tmp_path / "pwl.txt"), "ark:%s" % out)
+    assert rc == 0, err
+    return out
+
+
+def test_resumable_program_keeps_completed_outputs(tmp_path):
+    """A resumable program (pkwrap-chain-train) that fails keeps the files it completed
+    (stages, checkpoints: a rerun continues from them); temporaries are removed."""
+    done, tmp = tmp_path / "den.fst", tmp_path / "ckpt.pt"
+
+    def fails_late(argv):
+        with atomic_output(done) as f:
+            f.write(b"complete")
+        kio.AtomicFile(tmp).write(b"half")  # never committed
+        raise ValueError("egs/cegs.2.ark: truncated")
+
+    with pytest.raises(SystemExit, match="prog: egs/cegs.2.ark: truncated"):
+        run_program(fails_late, "prog", [], resumable=True)
+    assert _leftovers(tmp_path) == ["den.fst"]
+    with pytest.raises(SystemExit):
+        run_program(fails_late, "prog", [])  # an ordinary program leaves nothing
+    assert _leftovers(tmp_path) == []
+
+
+def _chain_train_dir(tmp_path):
+    import shutil
+    root = tmp_path / "recipe"
+    shutil.copytree(SMALL_EGS / "tree", root / "exp/chain/tree")
+    shutil.copytree(SMALL_EGS / "configs", root / "exp/chain/tdnn/configs")
+    shutil.copytree(SMALL_EGS / "egs", root / "egs")
+    return root
+
+
+def _chain_train(root, *extra):
+    args = ["--stage=-10", "--chain.xent-regularize", "0.1", "--trainer.srand=0",
+            "--trainer.num-epochs=0.5", "--trainer.optimization.num-jobs-final=1",
+            "--trainer.num-chunk-per-minibatch=4", "--egs.chunk-width=140,100,160",
+            "--egs.dir=egs", "--cleanup.remove-egs=false", "--use-gpu=no",
+            "--tree-dir=exp/chain/tree", "--dir=exp/chain/tdnn", "--pkwrap.num-threads=1",
+            "--feat-dir=data/train_hires", "--lat-dir=exp/chain/lats",
+            "--pkwrap.checkpoint-every=2"] + list(extra)
+    r = subprocess.run([sys.executable, "-m", "pkwrap.train.chain_train"] + args,
+                       cwd=str(root), capture_output=True, text=True, env=script_env(),
+                       timeout=300)
+    return r.returncode, [ln for ln in r.stderr.splitlines()
+                          if ln.startswith("pkwrap-chain-train: ")]
+
+
+@pytest.mark.parametrize("name, data, msg", [
+    ("exp/chain/tree/num_jobs", b"", "exp/chain/tree/num_jobs: empty (expected a number)"),
+    ("exp/chain/tree/phones.txt", b"", "exp/chain/tree/phones.txt: empty symbol table"),
+    ("exp/chain/tdnn/configs/final.config", b"",
+     "exp/chain/tdnn/configs/final.config: the network has no input node"),
+])
+def test_chain_train_damaged_exp_dir_one_line(tmp_path, name, data, msg):
+    """pkwrap-chain-train on a damaged tree/exp/egs dir: exit 1, one line naming the file,
+    and what stays in the exp dir reads back."""
+    root = _chain_train_dir(tmp_path)
+    _write(root / name, data)
+    rc, lines = _chain_train(root, "--exit-stage=0")
+    assert rc == 1 and len(lines) == 1 and msg in lines[0], lines
+    d = root / "exp/chain/tdnn"
+    assert not [p for p in d.rglob("*") if ".tmp" in p.name]
+    if (d / "0.mdl").exists():
+        from pkwrap.nnet3 import read_nnet3
+        read_nnet3(str(d / "0.mdl"))
+
+
+def test_chain_train_failure_keeps_checkpoints_and_resumes(tmp_path):
+    """A run that fails at its end (a truncated combine.cegs) keeps its graphs, models
+    and checkpoints (before, a failure deleted every file the run had written, so
+    nothing could be resumed); with the file repaired, the same command continues from
+    the last checkpoint and writes final.mdl."""
+    root = _chain_train_dir(tmp_path)
+    good = (root / "egs/combine.cegs").read_bytes()
+    _write(root / "egs/combine.cegs", good[:len(good) // 2])
+    rc, lines = _chain_train(root)
+    assert rc == 1 and len(lines) == 1 and "egs/combine.cegs" in lines[0], lines
+    d = root / "exp/chain/tdnn"
+    for name in ("den.fst", "normalization.fst", "phone_lm.fst", "0.mdl", "3.mdl"):
+        assert (d / name).is_file(), name
+    assert list((d / "checkpoints").glob("ckpt-*.pt")) and not (d / "final.mdl").exists()
+    _write(root / "egs/combine.cegs", good)
+    rc, lines = _chain_train(root, "--stage=0")
+    assert rc == 0, lines
+    assert (d / "final.mdl").is_file()
+    assert "resum" in (d / "log" / "train.0.log").read_text().lower()

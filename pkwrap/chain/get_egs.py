@@ -53,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..kaldi.chain_egs import write_chain_example
-from ..kaldi.io import KaldiWriter, atomic_output
+from ..kaldi.io import KaldiWriter, atomic_output, read_number_file
 from .egs import ExampleGenerationConfig, UtteranceSplitter, get_chain_egs
 from .supervision import (ErrorReport, SupervisionError, SupervisionOptions,
                           SupervisionSplitter, lattice_to_supervision)
@@ -107,10 +107,9 @@ def _num_frames(feat_dir: str, feats) -> int:
     if os.path.exists(dur):
         fs_path = os.path.join(feat_dir, "frame_shift")
         if os.path.exists(fs_path):
-            try:
-                shift = float(open(fs_path).read().split()[0])
-            except (ValueError, IndexError):
-                raise EgsDirError("%s: not a number" % fs_path) from None
+            shift = read_number_file(fs_path, float)
+            if not shift > 0:
+                raise EgsDirError("%s: frame shift %g must be > 0" % (fs_path, shift))
         else:
             shift = 0.01
         total = 0.0
@@ -447,10 +446,7 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
     norm_p = _need(j(chain_dir, "normalization.fst"), "normalization FST")
     lat_mdl_p = _need(j(lat_dir, "final.mdl"), "model of the lattices")
     nj_p = _need(j(lat_dir, "num_jobs"), "number of lattice archives")
-    try:
-        num_jobs = int(open(nj_p).read().split()[0])
-    except (ValueError, IndexError):
-        raise EgsDirError("%s: not a number" % nj_p) from None
+    num_jobs = read_number_file(nj_p, int, minimum=1)
     lat_paths = [_need(j(lat_dir, "lat.%d.gz" % n), "lattices of job %d" % n)
                  for n in range(1, num_jobs + 1)]
     cfg = ExampleGenerationConfig(left_context, right_context, left_context_initial,
@@ -478,10 +474,7 @@ def make_chain_egs_dir(egs_dir: str, feat_dir: str, lat_dir: str, chain_dir: str
     if online_ivector_dir:
         iv_scp = _need(j(online_ivector_dir, "ivector_online.scp"), "online i-vectors")
         per_p = _need(j(online_ivector_dir, "ivector_period"), "i-vector period")
-        try:
-            ivector_period = int(open(per_p).read().split()[0])
-        except (ValueError, IndexError):
-            raise EgsDirError("%s: not a number" % per_p) from None
+        ivector_period = read_number_file(per_p, int, minimum=1)
         ivectors = RandomAccessTableReader("scp:" + iv_scp, "matrix")
         first = next(iter(ivectors.keys()), None)
         if first is None:

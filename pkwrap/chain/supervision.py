@@ -909,8 +909,18 @@ class _Normalizer:
         if not fst.is_acceptor() or fst.has_epsilons():
             raise ValueError(where + "normalization FST must be an epsilon-free acceptor")
         self.fst = fst
+        self.where = where
+        self.max_label = int(fst.ilabel.max()) if fst.num_arcs else 0
         self.k = _to_kaldifst(fst)
         kaldifst.arcsort(self.k, sort_type="ilabel")
+
+    def check_labels(self, label_dim: int) -> None:
+        """Its labels (pdf-id + 1) must be pdfs of the supervision (``label_dim``): a
+        normalization FST of another tree would silently drop or reweight paths."""
+        if self.max_label > label_dim:
+            raise ValueError("%snormalization FST has label %d but the supervision has %d "
+                             "pdfs (labels are pdf-id + 1: made for another tree or model?)"
+                             % (self.where, self.max_label, label_dim))
 
 
 _NORMALIZERS: Dict[int, Tuple[Fst, _Normalizer]] = {}
@@ -955,6 +965,7 @@ def add_weight_to_supervision(supervision: Supervision, normalization_fst,
     norm = _normalizer(normalization_fst)
     if supervision.num_sequences != 1:
         raise ValueError("add_weight_to_supervision needs a one-sequence supervision")
+    norm.check_labels(supervision.label_dim)
     if supervision.e2e:
         if len(supervision.e2e_fsts) != 1:
             raise ValueError("e2e supervision must have exactly one FST")

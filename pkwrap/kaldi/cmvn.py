@@ -102,9 +102,10 @@ class OnlineCmvnOptions:
         other options override it, as Kaldi's ParseOptions does."""
         o = cls()
         items = shlex.split(opts or "")
+        configs = []
         for it in items:
             if it.startswith("--config="):
-                o._read_config(it[len("--config="):], base_dir)
+                configs.append(o._read_config(it[len("--config="):], base_dir))
         for it in items:
             if it.startswith("--config="):
                 continue
@@ -112,17 +113,19 @@ class OnlineCmvnOptions:
                 raise ValueError("online CMVN options: expected --name=value, got %r" % it)
             k, v = it[2:].split("=", 1)
             o.set_option(k, v)
-        o.check()
+        try:
+            o.check()
+        except ValueError as e:  # name the config file the options came from
+            if configs:
+                raise ValueError("%s: %s" % (", ".join(configs), e)) from None
+            raise
         return o
 
-    def _read_config(self, path: str, base_dir: Optional[str]) -> None:
+    def _read_config(self, path: str, base_dir: Optional[str]) -> str:
+        """Read the options of a config file; returns its path."""
+        from .io import read_text
         p = path if os.path.isabs(path) or base_dir is None else os.path.join(base_dir, path)
-        try:
-            with open(p) as f:
-                lines = f.read().splitlines()
-        except OSError as e:
-            raise ValueError("%s: cannot read the online CMVN config: %s"
-                             % (p, e.strerror or e)) from None
+        lines = read_text(p).splitlines()
         for i, line in enumerate(lines, 1):
             line = line.split("#", 1)[0].strip()
             if not line:
@@ -138,6 +141,7 @@ class OnlineCmvnOptions:
                 self._read_config(v, os.path.dirname(p))
                 continue
             self.set_option(k.strip(), v.strip(), where)
+        return p
 
 
 def read_global_cmvn_stats(path) -> np.ndarray:
@@ -298,39 +302,34 @@ def apply_online_cmvn_table(feats: Mapping[str, np.ndarray], spk2utt: Iterable[T
             yield u, out
 
 
-def read_spk2utt(path) -> List[Tuple[str, List[str]]]:
-    """``spk2utt`` lines ``spk utt1 utt2 ...`` in file order (one-line errors)."""
+def read_spk2utt(path, text: Optional[str] = None) -> List[Tuple[str, List[str]]]:
+    """``spk2utt`` lines ``spk utt1 utt2 ...`` in file order (one-line errors naming
+    ``path``); ``text``: its content, when already read (e.g. from an rspecifier)."""
+    from .io import read_text
     p = os.fspath(path)
     out = []
-    try:
-        with open(p) as f:
-            for i, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) < 2:
-                    raise ValueError("%s:%d: speaker %s has no utterances" % (p, i, parts[0]))
-                out.append((parts[0], parts[1:]))
-    except OSError as e:
-        raise ValueError("%s: cannot read: %s" % (p, e.strerror or e)) from None
+    for i, line in enumerate((read_text(p) if text is None else text).splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2:
+            raise ValueError("%s:%d: speaker %s has no utterances" % (p, i, parts[0]))
+        out.append((parts[0], parts[1:]))
     return out
 
 
 def read_utt2spk(path) -> Dict[str, str]:
     """``utt2spk`` lines ``utt spk`` (insertion order kept)."""
+    from .io import read_text
     p = os.fspath(path)
     out: Dict[str, str] = {}
-    try:
-        with open(p) as f:
-            for i, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) != 2:
-                    raise ValueError("%s:%d: expected 'utt speaker', got %r" % (p, i, line.strip()))
-                out[parts[0]] = parts[1]
-    except OSError as e:
-        raise ValueError("%s: cannot read: %s" % (p, e.strerror or e)) from None
+    for i, line in enumerate(read_text(p).splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise ValueError("%s:%d: expected 'utt speaker', got %r" % (p, i, line.strip()))
+        out[parts[0]] = parts[1]
     return out
 
 

@@ -940,6 +940,17 @@ class TransitionModel:
             raise ValueError("transition-id %d out of range [1, %d]"
                              % (tid, self.num_transition_ids))
 
+    def check_transition_ids(self, tids, what: str = "input") -> None:
+        """Raise ValueError (naming ``what``) unless every transition-id in ``tids`` (an
+        array or sequence) is in ``[1, num_transition_ids]``: labels read from a
+        lattice, alignment or graph are checked before they index the model's tables."""
+        a = np.asarray(tids)
+        if a.size and (int(a.min()) < 1 or int(a.max()) > self.num_transition_ids):
+            bad = a[(a < 1) | (a > self.num_transition_ids)].flat[0]
+            raise ValueError("%s: transition-id %d out of range [1, %d] (not made with this "
+                             "transition model, or corrupt)" % (what, int(bad),
+                                                                 self.num_transition_ids))
+
     @property
     def phones(self) -> List[int]:
         return list(self.topology.phones)

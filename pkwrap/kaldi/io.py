@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import stat
 import struct
@@ -383,6 +384,27 @@ def read_text(path) -> str:
         return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise file_error(path, e) from e
+
+
+def read_number_file(path, kind=int, minimum=None):
+    """The number in a one-number file of a Kaldi dir (``num_jobs``, ``frame_shift``,
+    ``ivector_period``, an egs dir's ``info/*``): the first token as ``kind`` (int or
+    float). Errors name the file (:class:`pkwrap.cli.FileError`): unreadable, not UTF-8,
+    empty, not a number, not finite, below ``minimum``."""
+    from pkwrap.cli import FileError
+    toks = read_text(path).split()
+    if not toks:
+        raise FileError(path, "empty (expected a number)")
+    try:
+        v = kind(toks[0])
+    except ValueError:
+        raise FileError(path, "expected %s number, got %r" % (
+            "an integer" if kind is int else "a", toks[0][:40])) from None
+    if kind is float and not math.isfinite(v):
+        raise FileError(path, "expected a finite number, got %r" % toks[0][:40])
+    if minimum is not None and v < minimum:
+        raise FileError(path, "%s is less than %s" % (toks[0][:40], minimum))
+    return v
 
 
 # ----------------------------------------------------------------------------- output

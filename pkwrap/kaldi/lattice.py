@@ -19,7 +19,6 @@ Read one with :func:`read_compact_lattices` (``"ark:gunzip -c lat.1.gz |"`` or a
 """
 from __future__ import annotations
 
-import gzip
 import struct
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple
@@ -156,13 +155,8 @@ def read_compact_lattices(spec: str) -> Iterator[Tuple[str, CompactLattice]]:
     """
     s = str(spec)
     if ":" not in s.split("/")[0] and s.endswith(".gz"):
-        with gzip.open(s, "rb") as f:
-            try:
-                data = f.read()
-            except (OSError, EOFError) as e:
-                raise OSError("%s: cannot decompress (%s)" % (s, e))
-        from .table import _iter_archive
-        return _iter_archive(data, s, COMPACT_LATTICE_HOLDER)
+        from .table import read_archive_file
+        return read_archive_file(s, COMPACT_LATTICE_HOLDER)
     return iter(SequentialTableReader(s, COMPACT_LATTICE_HOLDER))
 
 
@@ -262,6 +256,16 @@ def phone_align_lattice(lat: CompactLattice, trans_model, replace_output_symbols
     def bad(msg):
         return PhoneAlignError("utterance %s: %s (broken lattice or mismatched model?)"
                                % (key, msg))
+
+    try:
+        for s, arcs in enumerate(lat.arcs):
+            for arc in arcs:
+                trans_model.check_transition_ids(arc[3], "state %d" % s)
+        for s, f in enumerate(lat.final):
+            if f is not None:
+                trans_model.check_transition_ids(f[2], "final weight of state %d" % s)
+    except ValueError as e:
+        raise bad(str(e)) from None
 
     # output nodes: ("B", s) boundary at lattice state s; ("M", s, ai, k) boundary
     # inside arc ai of state s before its k-th transition-id; ("E",) the end.

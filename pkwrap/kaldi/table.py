@@ -28,7 +28,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -38,7 +38,8 @@ from .matrix import read_matrix, read_vector, write_matrix, write_vector
 
 __all__ = ["parse_rspecifier", "parse_wspecifier", "RSpecifier", "WSpecifier",
            "SequentialTableReader", "RandomAccessTableReader", "TableWriter", "Holder",
-           "HOLDERS", "read_table", "open_input_buffer", "read_archive_entry"]
+           "HOLDERS", "read_table", "open_input_buffer", "read_archive_entry",
+           "read_archive_file"]
 
 _R_OPTS = {"t", "b", "o", "no", "s", "ns", "cs", "ncs", "p", "np", "bg"}
 _W_OPTS = {"t", "b", "f", "nf", "p", "np"}
@@ -286,6 +287,26 @@ def read_archive_entry(buf, pos: int, name: str, holder) -> Tuple[Optional[str],
         p += 1
     obj, end = _read_object(buf, p, name, key, holder)
     return key, p, obj, end
+
+
+def read_archive_file(path, holder) -> Iterator[Tuple[str, Any]]:
+    """``(key, object)`` of the archive in the file ``path``, gzipped (``.gz``, as Kaldi
+    dirs keep ``ali.N.gz`` and ``lat.N.gz``) or not. Decompression runs in this process
+    (no ``gunzip`` pipe): a damaged file gives one error naming it."""
+    import gzip
+    from pkwrap.cli import FileError, file_error
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise file_error(p, e) from e
+    if p.endswith(".gz") or data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, ValueError, gzip.BadGzipFile) as e:
+            raise FileError(p, "cannot decompress (%s)" % e) from None
+    return _iter_archive(data, p, _holder(holder))
 
 
 def _iter_archive(buf, name: str, holder: Holder, start: int = 0,

@@ -781,6 +781,11 @@ def nnet3_from_config(config, existing: Optional[Nnet3] = None, srand: int = 0,
         if c.name in comps and c.name in {x.name for x in new_comps[:new_comps.index(c)]}:
             raise KaldiFormatError("%s: component %s is defined twice" % (name, c.name))
         comps[c.name] = c
+    for what in ("input", "output"):  # Kaldi's Nnet::Check: both kinds of node
+        if not any(n.kind == what for n in nodes.values()):
+            raise KaldiFormatError("%s: the network has no %s node (%s)" % (
+                name, what, "an empty config" if not nodes else
+                "nodes: %s" % ", ".join(list(nodes)[:8])))
     try:
         return Nnet3(list(nodes.values()), list(comps.values()), name=name)
     except ValueError as e:

@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import gzip
 import logging
 import math
 import os
@@ -525,11 +524,12 @@ def _read_lm_opts(lm_opts: Optional[str]) -> Dict[str, int]:
 def _alignment_phone_seqs(tree_dir: str, trans_model):
     """``gunzip -c ali.*.gz | ali-to-phones final.mdl ark:- ark:-``: (key, phones)."""
     from pkwrap.chain.supervision import INT_VECTOR_HOLDER
-    from pkwrap.kaldi.table import SequentialTableReader
+    from pkwrap.kaldi.io import read_number_file
+    from pkwrap.kaldi.table import read_archive_file
     n = None
     nj_path = os.path.join(tree_dir, "num_jobs")
     if os.path.isfile(nj_path):
-        n = int(open(nj_path).read().split()[0])
+        n = read_number_file(nj_path, int, minimum=1)
         files = [os.path.join(tree_dir, "ali.%d.gz" % j) for j in range(1, n + 1)]
     else:
         files = sorted(glob.glob(os.path.join(tree_dir, "ali.*.gz")))
@@ -538,8 +538,7 @@ def _alignment_phone_seqs(tree_dir: str, trans_model):
     for p in files:
         if not os.path.isfile(p):
             raise FileNotFoundError("%s: missing (num_jobs says %s)" % (p, n))
-        for key, ali in SequentialTableReader("ark:gunzip -c %s |" % shlex.quote(p),
-                                              INT_VECTOR_HOLDER):
+        for key, ali in read_archive_file(p, INT_VECTOR_HOLDER):
             yield key, ali_to_phones(trans_model, [int(t) for t in ali], "%s: %s" % (p, key))
 
 
@@ -652,9 +651,10 @@ def make_egs(args, dir_: str, egs_dir: str, model) -> None:
     if args.egs_nj > 0:
         procs = args.egs_nj
     else:
+        from pkwrap.kaldi.io import read_number_file
         try:
-            procs = int(open(os.path.join(args.lat_dir, "num_jobs")).read().split()[0])
-        except (OSError, ValueError, IndexError):
+            procs = read_number_file(os.path.join(args.lat_dir, "num_jobs"), int, minimum=1)
+        except (OSError, ValueError):
             procs = 1
         procs = max(1, min(procs, os.cpu_count() or 1))
     # train.py: egs context = model context + chunk context + frame_subsampling_factor // 2
@@ -685,38 +685,41 @@ def copy_egs_properties(egs_dir: str, dir_: str) -> None:
             _copy(src, os.path.join(dir_, os.path.basename(name)))
 
 
-def _egs_info(egs_dir: str, name: str) -> Optional[str]:
+def _egs_info(egs_dir: str, name: str) -> Optional[int]:
+    """An egs dir's ``info/<name>`` (a number; errors name the file), None if absent."""
+    from pkwrap.kaldi.io import read_number_file
     p = os.path.join(egs_dir, "info", name)
-    return open(p).read().strip() if os.path.isfile(p) else None
+    return read_number_file(p, int, minimum=0) if os.path.isfile(p) else None
 
 
 def verify_egs_dir(egs_dir: str, model, frame_subsampling_factor: int,
                    ivector_dir: Optional[str]) -> None:
     """train.py's verify_egs_dir: the egs fit the network (named errors)."""
+    from pkwrap.kaldi.io import read_text
     feat_dim = _egs_info(egs_dir, "feat_dim")
-    if feat_dim is not None and int(feat_dim) != model.input_dim("input"):
+    if feat_dim is not None and feat_dim != model.input_dim("input"):
         raise ValueError("%s/info/feat_dim is %s, the network's input dim %d"
                          % (egs_dir, feat_dim, model.input_dim("input")))
     iv = _egs_info(egs_dir, "ivector_dim")
     want = model.input_dim("ivector") if "ivector" in model.input_names else 0
-    if iv is not None and int(iv) != want:
+    if iv is not None and iv != want:
         raise ValueError("%s/info/ivector_dim is %s, the network reads %s" % (
             egs_dir, iv, "an i-vector of dim %d" % want if want else "no i-vector"))
     if ivector_dir is not None:
         a = os.path.join(ivector_dir, "final.ie.id")
         b = os.path.join(egs_dir, "info", "final.ie.id")
         if os.path.isfile(a) and os.path.isfile(b) and \
-                open(a).read().strip() != open(b).read().strip():
+                read_text(a).strip() != read_text(b).strip():
             raise ValueError("the i-vector extractor of %s (final.ie.id) is not the one the "
                              "egs in %s were made with" % (ivector_dir, egs_dir))
     for side, need in (("left_context", model.left_context),
                        ("right_context", model.right_context)):
         v = _egs_info(egs_dir, side)
-        if v is not None and int(v) < need:
+        if v is not None and v < need:
             raise ValueError("%s/info/%s is %s but the network needs %d frames"
                              % (egs_dir, side, v, need))
     n = _egs_info(egs_dir, "num_pdfs")
-    if n is not None and int(n) != model.output_dim("output"):
+    if n is not None and n != model.output_dim("output"):
         raise ValueError("%s/info/num_pdfs is %s, the network's output dim %d"
                          % (egs_dir, n, model.output_dim("output")))
 
@@ -747,10 +750,13 @@ def prepare(args, egs_dir: str) -> None:
     from pkwrap.kaldi.io import atomic_output
     d = args.dir
     os.makedirs(os.path.join(d, "log"), exist_ok=True)
-    for name in ("tree", "phones.txt"):
+    from pkwrap.kaldi.hmm import read_tree
+    from pkwrap.kaldi.symbol_table import SymbolTable
+    for name, check in (("tree", read_tree), ("phones.txt", SymbolTable.read)):
         src = os.path.join(args.tree_dir, name)
         if not os.path.isfile(src):
             raise FileNotFoundError("%s: missing (a chain tree dir from build_tree.sh)" % src)
+        check(src)  # what is copied must be readable (errors name the tree dir's file)
         _copy(src, os.path.join(d, name))
     tm = read_transition_model(os.path.join(args.tree_dir, "final.mdl"))
     if args.stage <= -6 or not os.path.isfile(os.path.join(d, "phone_lm.fst")):
@@ -960,7 +966,7 @@ def train(args, egs_dir: str, notes: Sequence[str]) -> None:
     ctx = ModelContext(model.left_context, model.right_context, args.frame_subsampling_factor,
                        False, "output-xent" in model.output_names, num_pdfs,
                        model.input_dim("ivector") if "ivector" in model.input_names else 0)
-    num_archives = int(_egs_info(egs_dir, "num_archives") or 0)
+    num_archives = _egs_info(egs_dir, "num_archives") or 0
     sched = KaldiSchedule(num_archives, args.frame_subsampling_factor, args.num_epochs,
                           args.num_jobs_initial, args.num_jobs_final,
                           args.initial_effective_lrate, args.final_effective_lrate,
@@ -1143,7 +1149,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point (``pkwrap-chain-train``): one-line errors (pkwrap.cli)."""
     from pkwrap.cli import run_program
-    return run_program(run, PROG, argv)
+    # a failure keeps the stages and checkpoints already completed (Kaldi's train.py
+    # leaves them too): running the command again continues from there
+    return run_program(run, PROG, argv, resumable=True)
 
 
 if __name__ == "__main__":

@@ -404,7 +404,8 @@ def read_egs_left_context(egs_dir: str) -> Optional[int]:
     """``info/left_context`` of a Kaldi egs dir (None if absent)."""
     p = os.path.join(egs_dir, "info", "left_context")
     if os.path.isfile(p):
-        return int(open(p).read().split()[0])
+        from pkwrap.kaldi.io import read_number_file
+        return read_number_file(p, int, minimum=0)
     return None
 
 
