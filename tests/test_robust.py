@@ -1049,3 +1049,20 @@ def test_chain_train_failure_keeps_checkpoints_and_resumes(tmp_path):
     assert rc == 0, lines
     assert (d / "final.mdl").is_file()
     assert "resum" in (d / "log" / "train.0.log").read_text().lower()
+
+
+def test_log_file_write_error_names_the_file(tmp_path):
+    """A training log that cannot be written (full disk) stops with one error naming the
+    log file, not logging's "--- Logging error ---" traceback and an unnamed OSError."""
+    from pkwrap.train.metrics import setup_logger
+    log = setup_logger(str(tmp_path / "log"), 0, console=False)
+    h = log.handlers[0]
+    h.stream = _FullDisk(h.stream, 0)
+    try:
+        with pytest.raises(FileError, match=r"log/train.0.log: No space left on device"):
+            log.info("step 1")
+    finally:
+        h.stream = h.stream.f
+        for x in list(log.handlers):
+            log.removeHandler(x)
+            x.close()

@@ -678,10 +678,13 @@ def make_egs(args, dir_: str, egs_dir: str, model) -> None:
 
 def copy_egs_properties(egs_dir: str, dir_: str) -> None:
     """train.py's copy_egs_properties_to_exp_dir."""
+    from pkwrap.kaldi.cmvn import read_global_cmvn_stats
     for name in ("cmvn_opts", "splice_opts", "info/final.ie.id", "final.mat",
                  "global_cmvn.stats", "online_cmvn"):
         src = os.path.join(egs_dir, name)
         if os.path.isfile(src):
+            if name == "global_cmvn.stats":  # decoding reads it: copy only a good one
+                read_global_cmvn_stats(src)
             _copy(src, os.path.join(dir_, os.path.basename(name)))
 
 
@@ -718,6 +721,12 @@ def verify_egs_dir(egs_dir: str, model, frame_subsampling_factor: int,
         if v is not None and v < need:
             raise ValueError("%s/info/%s is %s but the network needs %d frames"
                              % (egs_dir, side, v, need))
+    fpe = os.path.join(egs_dir, "info", "frames_per_eg")
+    if os.path.isfile(fpe):  # train.py: validate_chunk_width
+        from pkwrap.cli import FileError
+        v = read_text(fpe).strip()
+        if not v or not all(x.isdigit() and int(x) > 0 for x in v.split(",")):
+            raise FileError(fpe, "expected chunk widths such as 140,100,160, got %r" % v[:40])
     n = _egs_info(egs_dir, "num_pdfs")
     if n is not None and n != model.output_dim("output"):
         raise ValueError("%s/info/num_pdfs is %s, the network's output dim %d"
@@ -966,16 +975,20 @@ def train(args, egs_dir: str, notes: Sequence[str]) -> None:
     ctx = ModelContext(model.left_context, model.right_context, args.frame_subsampling_factor,
                        False, "output-xent" in model.output_names, num_pdfs,
                        model.input_dim("ivector") if "ivector" in model.input_names else 0)
-    num_archives = _egs_info(egs_dir, "num_archives") or 0
+    num_archives = _egs_info(egs_dir, "num_archives")
+    if num_archives is None:  # no info/num_archives: count cegs.N.ark as the reader does
+        from .stream import KaldiEgsDir
+        num_archives = KaldiEgsDir(egs_dir).num_archives
     sched = KaldiSchedule(num_archives, args.frame_subsampling_factor, args.num_epochs,
                           args.num_jobs_initial, args.num_jobs_final,
                           args.initial_effective_lrate, args.final_effective_lrate,
                           args.num_jobs_step, num_workers=W,
                           max_models_combine=args.max_models_combine)
     if W > sched.num_archives_expanded:
-        raise ValueError("%d workers but only %d archive passes per epoch (%d archives x "
-                         "frame subsampling %d)" % (W, sched.num_archives_expanded,
-                                                    num_archives, args.frame_subsampling_factor))
+        raise ValueError("%s: %d workers but only %d archive passes per epoch (%d archives "
+                         "x frame subsampling %d)" % (egs_dir, W, sched.num_archives_expanded,
+                                                      num_archives,
+                                                      args.frame_subsampling_factor))
     if sched.num_iters < 1:
         raise ValueError("%g epochs of %d archive passes with %d workers is no iteration"
                          % (args.num_epochs, sched.num_archives_expanded, W))

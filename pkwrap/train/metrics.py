@@ -103,6 +103,26 @@ def kaldi_objf_line(output_name: str, objf_per_frame: float, num_frames: float) 
         output_name, objf_per_frame, num_frames)
 
 
+class LogFileHandler(logging.FileHandler):
+    """A log file whose write errors (a full disk, a file-size limit) stop the program
+    with one error naming the file (:class:`pkwrap.cli.FileError`), instead of logging's
+    "--- Logging error ---" traceback on stderr and an unnamed OSError at close."""
+
+    def handleError(self, record):
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):
+            from pkwrap.cli import file_error
+            raise file_error(self.baseFilename, e) from e
+        super().handleError(record)
+
+    def close(self):
+        try:
+            super().close()
+        except OSError as e:
+            from pkwrap.cli import file_error
+            raise file_error(self.baseFilename, e) from e
+
+
 def setup_logger(log_dir: Optional[str], rank: int = 0, name: str = "train",
                  level=logging.INFO, console: bool = True) -> logging.Logger:
     """Logger ``pkwrap.train`` writing ``<log_dir>/<name>.<rank>.log`` (appending, so a
@@ -116,7 +136,7 @@ def setup_logger(log_dir: Optional[str], rank: int = 0, name: str = "train",
     fmt = logging.Formatter("%%(asctime)s %%(levelname)s [rank %d] %%(message)s" % rank)
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(log_dir, "%s.%d.log" % (name, rank)))
+        fh = LogFileHandler(os.path.join(log_dir, "%s.%d.log" % (name, rank)))
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     if console and rank == 0:
