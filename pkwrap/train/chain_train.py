@@ -51,7 +51,10 @@ nodes, start it yourself on every node::
 **Resume.** Checkpoints (``$dir/checkpoints``, every ``--pkwrap.checkpoint-every``
 minibatches and at epoch ends) hold the model, optimizer, data position and RNGs; running
 the same command again continues where the run stopped (stages already done are not
-redone: their outputs exist). TensorBoard: ``$dir/tensorboard``.
+redone: their outputs exist). A run that fails (a damaged input: one line naming the file,
+exit status 1) also keeps the stages, models and checkpoints it completed (each file is
+written whole or not at all); repair the input and run again. TensorBoard:
+``$dir/tensorboard``.
 
 Arguments that have no meaning here are accepted and reported once: ``--cmd``,
 ``--egs.cmd`` (no queue: the work runs in this process / under torchrun),
