@@ -1125,7 +1125,12 @@ def check_output(path: Path, kind: Optional[str]) -> Optional[str]:
                 return "empty FST written"
         elif kind == "egs":
             from pkwrap.kaldi.chain_egs import read_chain_egs
-            n = sum(1 for _ in read_chain_egs("ark:%s" % path))
+            n = 0
+            for k, eg in read_chain_egs("ark:%s" % path):
+                n += 1
+                for name, x in eg.inputs.items():
+                    if not np.isfinite(np.asarray(x)).all():
+                        return "eg %s: non-finite values in input %s" % (k, name)
             if n == 0:
                 return "no egs written"
         elif kind == "matrix":

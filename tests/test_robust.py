@@ -1066,3 +1066,25 @@ def test_log_file_write_error_names_the_file(tmp_path):
         for x in list(log.handlers):
             log.removeHandler(x)
             x.close()
+
+
+def test_egs_refuse_nonfinite_ivectors(tmp_path):
+    """Online i-vectors with NaN/inf are refused like such features (the utterance is
+    reported and skipped; with nothing left, one line naming the input)."""
+    sup = _sup_ark(tmp_path)
+    key = (tmp_path / "pwl.txt").read_text().split()[0]
+    feats = dict(np.load(MONO / "data" / "feats.npz"))[key].astype(np.float32)
+    with TableWriter("ark:%s" % (tmp_path / "feats.ark"), "matrix") as w:
+        w.write_item(key, feats)
+    iv = np.zeros((feats.shape[0] // 10 + 1, 4), np.float32)
+    for bad in (np.inf,):  # (NaN: the same np.isfinite check)
+        iv[1, 2] = bad
+        with TableWriter("ark:%s" % (tmp_path / "iv.ark"), "matrix") as w:
+            w.write_item(key, iv)
+        rc, err = _prog("nnet3-chain-get-egs", "--online-ivectors=ark:%s" % (tmp_path / "iv.ark"),
+                        "--online-ivector-period=10", "--left-context=10",
+                        "--right-context=10", "--num-frames=150", "--frame-subsampling-factor=3",
+                        MONO / "normalization.fst", "ark:%s" % (tmp_path / "feats.ark"),
+                        "ark:%s" % sup, "ark:%s" % (tmp_path / "egs.ark"))
+        assert rc == 1 and "online i-vectors contain NaN or inf" in err, err
+        assert not (tmp_path / "egs.ark").exists()

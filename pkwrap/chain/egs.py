@@ -467,6 +467,8 @@ def get_chain_egs(key: str, feats, supervision: Supervision, splitter: Utterance
                                    "[rows][dim] matrix, got shape %s" % (ivectors.shape,))
         if ivector_period <= 0:
             raise ValueError("--online-ivector-period must be > 0")
+        if not np.all(np.isfinite(ivectors)):  # as the features (_as_feats)
+            raise SupervisionError(key, "bad_input", "online i-vectors contain NaN or inf")
         if abs(feats.shape[0] - ivectors.shape[0] * ivector_period) > ivector_length_tolerance:
             raise SupervisionError(key, "bad_length", "%d feature frames but %d i-vector rows "
                                    "at period %d (more than --length-tolerance=%d apart)"
