@@ -926,6 +926,8 @@ def test_gzipped_archives_read_in_process(tmp_path):
         list(read_archive_file(p, INT_VECTOR_HOLDER))
     with pytest.raises(FileError, match="ali.1.gz: cannot decompress"):
         list(read_archive_file(_write(p, ali[:len(ali) // 2]), INT_VECTOR_HOLDER))
+    with pytest.raises(FileError, match=r"ali.1.gz: empty file \(not gzip data\)"):
+        list(read_archive_file(_write(p, b""), INT_VECTOR_HOLDER))
 
 
 def test_config_without_input_or_output_node_refused(tmp_path):

@@ -302,6 +302,8 @@ def read_archive_file(path, holder) -> Iterator[Tuple[str, Any]]:
     except OSError as e:
         raise file_error(p, e) from e
     if p.endswith(".gz") or data[:2] == b"\x1f\x8b":
+        if not data:  # gzip.decompress(b"") is b"": gunzip would fail
+            raise FileError(p, "empty file (not gzip data)")
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, ValueError, gzip.BadGzipFile) as e:
