@@ -7,7 +7,11 @@ in matrices and weights, negative/huge ids in text tables and FSTs, out-of-range
 bad rspecifiers/wspecifiers, missing inputs, missing/read-only/full output locations,
 empty files, the wrong binary/text form, damaged gzip behind ``ark:gunzip -c ...|``) and
 runs every program that reads those formats on them, each case in its own process with a
-timeout and RLIMIT_AS. Every outcome is classified:
+timeout and RLIMIT_AS. Also ``pkwrap-chain-train`` (``python -m pkwrap.train.chain_train``)
+on a damaged tree dir, egs dir and exp dir (configs, and a run stopped after iteration 1 that
+is resumed): its exp dir is input and output, so after a failure the files it completed may
+stay (each must read back), the files it was given must still be there, and log/ and
+tensorboard/ do not count. Every outcome is classified:
 
   OK-success      exit 0 and the outputs are there, non-empty, readable and finite
   OK-clean-error  exit 1 and the last stderr line is one ``prog: ...`` line naming a

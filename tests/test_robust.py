@@ -1091,3 +1091,17 @@ def test_egs_refuse_nonfinite_ivectors(tmp_path):
                         "ark:%s" % sup, "ark:%s" % (tmp_path / "egs.ark"))
         assert rc == 1 and "online i-vectors contain NaN or inf" in err, err
         assert not (tmp_path / "egs.ark").exists()
+
+
+def test_egs_with_nonfinite_inputs_refused_on_read(tmp_path):
+    """An eg whose input matrix holds NaN/inf is an error naming the file and key when
+    read (nnet3-chain-copy-egs copied it silently), as get-egs refuses such features."""
+    text = (MONO / "data" / "eg_text_example.txt").read_text()
+    lines = text.splitlines(True)
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("<NnetIo> input")) + 2
+    toks = lines[i].split(" ")
+    toks[2] = "inf"  # (the line starts with two spaces)
+    lines[i] = " ".join(toks)
+    bad = _write(tmp_path / "bad.ark", "".join(lines).encode())
+    with pytest.raises(KaldiFormatError, match=r"bad.ark.*input 'input' has NaN or infinite"):
+        list(read_chain_egs("ark,t:%s" % bad))

@@ -747,6 +747,8 @@ def read_chain_example(r: KaldiReader) -> NnetChainExample:
         else:
             arr = mat.to_numpy()
             stored[name] = mat
+        if not np.isfinite(arr).all():  # as get-egs refuses such features
+            raise r.error("input %r has NaN or infinite values" % name)
         inputs[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         input_indexes[name] = idx
     r.expect_token("<NumOutputs>")
