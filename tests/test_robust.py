@@ -556,6 +556,7 @@ def test_trainer_counts_failed_minibatches_and_aborts(tmp_path):
     assert log.count("non-finite objective or gradient") == 4
 
 
+@pytest.mark.slow
 def test_nonfinite_minibatch_on_one_rank_skipped_by_both(tmp_path):
     """2 ranks (torchrun, gloo on the CPU): NaN, +inf and -inf outputs on one rank's
     minibatch; both ranks skip those steps together and stay identical, clean steps
@@ -1032,6 +1033,7 @@ def test_chain_train_damaged_exp_dir_one_line(tmp_path, name, data, msg):
         read_nnet3(str(d / "0.mdl"))
 
 
+@pytest.mark.slow
 def test_chain_train_failure_keeps_checkpoints_and_resumes(tmp_path):
     """A run that fails at its end (a truncated combine.cegs) keeps its graphs, models
     and checkpoints (before, a failure deleted every file the run had written, so
