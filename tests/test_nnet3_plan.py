@@ -54,7 +54,7 @@ def _close(a, b, rtol):
         assert err <= rtol * scale, "%s: max abs diff %.3g (scale %.3g)" % (k, err, scale)
 
 
-@pytest.mark.parametrize("name", ["P1_tdnnf", "P3_lda_tdnn"])
+@pytest.mark.parametrize("name", ["P1_tdnnf", "P2_cnn_tdnnf", "P3_lda_tdnn"])
 @pytest.mark.parametrize("f", [1, 3])
 def test_plan_equals_interval_evaluation_in_eval_mode(name, f):
     m = _model(name).eval()
@@ -134,8 +134,8 @@ def test_tdnnf_model_as_nnet3_trains_identically():
 
 def test_plan_frames_and_fallback():
     """Kaldi's frame sets: a time-stride-1 layer under a subsampled one is computed at 2
-    of every 3 frames; networks with IfDefined (or convolutions with optional offsets) use
-    interval evaluation, with the same results."""
+    of every 3 frames; convolutions are planned; networks with IfDefined (or convolutions
+    with optional time offsets) use interval evaluation, with the same results."""
     cfg = ("input-node name=input dim=4\n"
            "component name=a type=TdnnComponent input-dim=4 output-dim=5 time-offsets=-1,0\n"
            "component name=b type=TdnnComponent input-dim=5 output-dim=3 time-offsets=0,1\n"
@@ -158,7 +158,19 @@ def test_plan_frames_and_fallback():
         n2(torch.randn(2, 2, 4))
     p2 = read_nnet3(fixture_path("nnet3_io", "P2_cnn_tdnnf", "final.mdl"))
     assert compile_plan(p2, {"input": np.arange(30), "ivector": np.arange(1)},
-                        {"output": np.arange(6, 24)}) is None
+                        {"output": np.arange(6, 24)}) is not None  # convolutions: planned
+    conv = ("input-node name=input dim=6\n"
+            "component name=c type=TimeHeightConvolutionComponent num-filters-in=2 "
+            "num-filters-out=1 height-in=3 height-out=3 time-offsets=-1,0,1 "
+            "height-offsets=-1,0,1 required-time-offsets=%s\n"
+            "component-node name=c component=c input=input\n"
+            "output-node name=output input=c\n")
+    p = compile_plan(nnet3_from_config(conv % "-1,0,1"), {"input": np.arange(0, 10)},
+                     {"output": np.arange(1, 9)})
+    assert p.times["input"].tolist() == list(range(10))
+    # an optional time offset reads zeros where not computable: interval evaluation
+    assert compile_plan(nnet3_from_config(conv % "0"), {"input": np.arange(0, 10)},
+                        {"output": np.arange(0, 10)}) is None
 
 
 def test_batchnorm_component_stats_as_kaldi_batchnorm():

@@ -458,6 +458,8 @@ class _AffineBase(Component):
                                                         int(update_period),
                                                         float(num_samples_history), 0.0,
                                                         float(alpha_out))
+        if getattr(self, "use_natural_gradient", False):
+            self._register_owner()  # known to NGSGD from construction (optimizer state)
 
 
 @_register
@@ -553,13 +555,49 @@ class TdnnComponent(_NaturalGradientMixin, _AffineBase):
         return out
 
 
+class _ConvNaturalFunction(torch.autograd.Function):
+    """``y = P W^T + b`` over the patch rows P ``[N][K*F_in]`` of a convolution, with the
+    gradient of the parameters preconditioned as Kaldi's
+    ``TimeHeightConvolutionComponent::UpdateNaturalGradient`` does it: the plain gradient
+    ``[dW | db]`` (``[F_out][K*F_in + 1]``, the bias as a last column) has its rows
+    preconditioned by the input preconditioner, then its columns (the rows of its transpose)
+    by the output preconditioner, and is multiplied by the product of the two scales. (An
+    affine layer instead preconditions every input row and output-derivative row.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, comp):
+        ctx.comp = comp
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        comp = ctx.comp
+        g = g.contiguous()
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        m = torch.cat([g.t() @ x, g.sum(0)[:, None]], dim=1)
+        m, s_in = comp.preconditioner_in.precondition_directions(m, in_place=True)
+        mt, s_out = comp.preconditioner_out.precondition_directions(m.t().contiguous(),
+                                                                    in_place=True)
+        mt.mul_((s_in * s_out).to(mt.dtype))
+        grad_w = mt[:-1].t().to(weight.dtype)
+        grad_b = mt[-1].to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
 @_register
-class TimeHeightConvolutionComponent(_AffineBase):
+class TimeHeightConvolutionComponent(_NaturalGradientMixin, _AffineBase):
     """2-D convolution over (time, height); features are ``height * num_filters`` with the
     filter index fastest. Output ``y[t][h][g] = b[g] + sum_k sum_f W[g][k*F_in + f]
     x[t + dt_k][h * s + dh_k][f]`` over the offsets ``(dt_k, dh_k)``, ``s`` =
     height-subsample-out; heights outside ``[0, H_in)`` are zero (padding), and so are
-    frames of non-required time offsets that are not computable."""
+    frames of non-required time offsets that are not computable.
+
+    Training uses Kaldi's natural gradient for convolutions (``UseNaturalGradient``, on by
+    default): see :class:`_ConvNaturalFunction`; the preconditioners forget with
+    ``NumMinibatchesHistory`` (a time constant in minibatches, 4 by default) and update on
+    every minibatch, as Kaldi's do."""
 
     TYPE = "TimeHeightConvolutionComponent"
 
@@ -575,6 +613,24 @@ class TimeHeightConvolutionComponent(_AffineBase):
             raise ValueError("TimeHeightConvolutionComponent %s: params %s, expected %s"
                              % (self.name, tuple(self.weight.shape),
                                 (self.nf_out, len(self.offs) * self.nf_in)))
+        if getattr(self, "bias", None) is None:
+            raise ValueError("TimeHeightConvolutionComponent %s: missing <BiasParams>"
+                             % self.name)
+        f = self.fields
+        self.use_natural_gradient = bool(f.get("UseNaturalGradient", True))
+        ri, ro = f.get("RankInOut", (min(80, (self.weight.shape[1] + 2) // 2),
+                                     min(80, (self.nf_out + 1) // 2)))
+        ai, ao = f.get("AlphaInOut", (4.0, 4.0))
+        nmh = float(f.get("NumMinibatchesHistory", 4.0))
+        if not 1.0 < nmh < 1.0e6:
+            raise ValueError("TimeHeightConvolutionComponent %s: <NumMinibatchesHistory> %g "
+                             "is not in (1, 1e6)" % (self.name, nmh))
+        self.preconditioner_in = OnlineNaturalGradient(max(1, int(ri)), 1, 2000.0, nmh,
+                                                       float(ai))
+        self.preconditioner_out = OnlineNaturalGradient(max(1, int(ro)), 1, 2000.0, nmh,
+                                                        float(ao))
+        if self.use_natural_gradient:
+            self._register_owner()
 
     @property
     def input_dim(self):
@@ -585,31 +641,43 @@ class TimeHeightConvolutionComponent(_AffineBase):
         return self.h_out * self.nf_out
 
     @property
+    def time_offsets(self) -> List[int]:
+        """The distinct time offsets of the filter, ascending."""
+        return sorted({a for a, _ in self.offs})
+
+    @property
     def context(self):
-        ts = [a for a, _ in self.offs]
-        return (min(ts), max(ts))
+        ts = self.time_offsets
+        return (ts[0], ts[-1])
 
     @property
     def required_context(self):
-        ts = self.required or [a for a, _ in self.offs]
+        ts = self.required or self.time_offsets
         return (min(ts), max(ts))
 
     def forward(self, x):
-        B, Lin, _ = x.shape
         lo, hi = self.context
-        L = Lin - (hi - lo)
-        xi = x.reshape(B, Lin, self.h_in, self.nf_in)
+        L = x.shape[1] - (hi - lo)
+        return self.convolve([x[:, dt - lo:dt - lo + L] for dt in self.time_offsets])
+
+    def convolve(self, xs: List[torch.Tensor]) -> torch.Tensor:
+        """The output at L frames t from ``xs[i]``, ``[B][L][H_in * F_in]``: the input at
+        frames ``t + time_offsets[i]``."""
+        B, L = xs[0].shape[:2]
         hs = [dh for _, dh in self.offs]
         pad_lo = max(0, -min(hs))
         pad_hi = max(0, self.sub * (self.h_out - 1) + max(hs) - (self.h_in - 1))
-        xp = F.pad(xi, (0, 0, pad_lo, pad_hi))
-        cols = []
-        for dt, dh in self.offs:
-            start = pad_lo + dh
-            rows = xp[:, dt - lo:dt - lo + L, start:start + self.sub * (self.h_out - 1) + 1:self.sub]
-            cols.append(rows)
-        patches = torch.cat(cols, dim=-1)  # [B][L][H_out][K*F_in]
-        y = F.linear(patches, self.weight, getattr(self, "bias", None))
+        xp = {dt: F.pad(x.reshape(B, L, self.h_in, self.nf_in), (0, 0, pad_lo, pad_hi))
+              for dt, x in zip(self.time_offsets, xs)}
+        span = self.sub * (self.h_out - 1) + 1
+        patches = torch.cat([xp[dt][:, :, pad_lo + dh:pad_lo + dh + span:self.sub]
+                             for dt, dh in self.offs], dim=-1)  # [B][L][H_out][K*F_in]
+        if self._natural():
+            self._register_owner()
+            y = _ConvNaturalFunction.apply(patches.reshape(-1, patches.shape[-1]),
+                                           self.weight, self.bias, self)
+        else:
+            y = F.linear(patches, self.weight, self.bias)
         return y.reshape(B, L, self.h_out * self.nf_out)
 
 

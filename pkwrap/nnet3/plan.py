@@ -23,9 +23,11 @@ on to the natural-gradient layer that reads them next. Elsewhere (evaluation, no
 another device or dtype) the same steps run component by component.
 
 Supported: descriptors made of node, Append, Sum, Scale, Offset, ReplaceIndex, Const,
-Round and Switch; components that work frame by frame or are a TdnnComponent. Networks
-with IfDefined / Failover or other components with time context (convolutions) use the
-interval evaluation instead (:func:`compile_plan` returns None for them).
+Round and Switch; components that work frame by frame, TdnnComponent, and
+TimeHeightConvolutionComponent whose time offsets are all required (the xconfig default; it
+gets the rows at each time offset, as Kaldi's convolution computation does). Networks with
+IfDefined / Failover or with optional convolution time offsets (those read zeros where not
+computable) use the interval evaluation instead (:func:`compile_plan` returns None for them).
 """
 from __future__ import annotations
 
@@ -298,7 +300,8 @@ class Plan:
 
     def __init__(self, nnet, inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray]):
         from pkwrap.nnet3.components import (BatchNormComponent, RectifiedLinearComponent,
-                                             TdnnComponent, NoOpComponent)
+                                             TdnnComponent, NoOpComponent,
+                                             TimeHeightConvolutionComponent)
         from pkwrap.nn.natural import _NaturalGradientMixin
         nodes = nnet.nodes
         need: Dict[str, List[np.ndarray]] = {}
@@ -323,6 +326,9 @@ class Plan:
                 c = nnet.component(n.component)
                 if isinstance(c, TdnnComponent):
                     offs = list(c.offsets)
+                elif isinstance(c, TimeHeightConvolutionComponent) and \
+                        set(c.required or c.time_offsets) == set(c.time_offsets):
+                    offs = c.time_offsets  # (optional offsets read zeros: interval evaluation)
                 elif c.context == (0, 0):
                     offs = [0]
                 else:
@@ -376,11 +382,15 @@ class Plan:
                 continue
             c = nnet.component(n.component)
             offs = offsets[k]
-            if isinstance(c, TdnnComponent):
+            if len(offs) > 1 or offs[0]:
                 reads = [_compile(n.descriptor, t + o, times, dims) for o in offs]
             else:
                 reads = [_compile(n.descriptor, t, times, dims)]
             st = _Step("component", k, comp=n.component, reads=reads, times=t)
+            if isinstance(c, TimeHeightConvolutionComponent):
+                st.kind = "convolution"
+                steps.append(st)
+                continue
             # the squared norms of the input rows, when the input is a plain node whose
             # writer may leave them (a fused step)
             src = _plain_node(n.descriptor)
@@ -465,6 +475,9 @@ class Plan:
                 out[st.name] = vals[st.name] = st.reads(vals, like)
                 continue
             comp = nnet.component(st.comp)
+            if st.kind == "convolution":
+                vals[st.name] = comp.convolve([r(vals, like) for r in st.reads])
+                continue
             if st.spliced is not None and st.kind != "fused":
                 y = _spliced_tdnn(comp, vals[st.src], st.spliced)
                 if y is not None:

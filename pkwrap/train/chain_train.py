@@ -906,19 +906,6 @@ class _IterationHook:
                                           trainer.step)
 
 
-def _register_natural_gradient_layers(model) -> None:
-    """Make every natural-gradient component known to NGSGD before the first forward.
-
-    pkwrap.nnet3's affine components register themselves as natural-gradient layers
-    (pkwrap.nn.natural) at their first training forward; an optimizer state saved after
-    training steps then lists layers that a freshly read model does not have yet, and
-    resuming fails. (This belongs in pkwrap.nnet3: registering when a component is made.)"""
-    for m in model.modules():
-        if getattr(m, "preconditioner_in", None) is not None and \
-                getattr(m, "use_natural_gradient", False) and hasattr(m, "_register_owner"):
-            m._register_owner()
-
-
 def _diag_batches(path: str, ctx, rule: str, rank: int, world: int,
                   egs_left_context: Optional[int]) -> list:
     from .data import ChainMinibatchSampler, EgsDataset, make_loader
@@ -982,7 +969,6 @@ def train(args, egs_dir: str, notes: Sequence[str]) -> None:
     loss = ChainLoss(den, ChainOptions(leaky_hmm_coefficient=args.leaky_hmm_coefficient,
                                        l2_regularize=args.l2_regularize,
                                        xent_regularize=args.xent_regularize))
-    _register_natural_gradient_layers(model)
     opt = NGSGD(kaldi_param_groups(model), lr=sched.learning_rate(0),
                 momentum=args.momentum, max_param_change=args.max_param_change,
                 l2_regularize_factor=1.0 / W,
