@@ -263,3 +263,45 @@ def test_chain_train_with_lda_network(tmp_path):
         text = (d / "log" / ("compute_prob_valid.%s.log" % it)).read_text()
         objf[it] = float(re.search(r"for 'output' is (\S+) per frame", text).group(1))
     assert objf["final"] > objf["0"]
+
+
+def test_chain_train_lda_egs_from_lattices(tmp_path):
+    """``--egs.dir=`` (empty): with init.config the egs are made before the network exists,
+    with the context of configs/vars (5 + frame_subsampling_factor // 2), then lda.mat is
+    estimated from them and 0.mdl built (--exit-stage=0: stages -6 .. -1 only)."""
+    from pkwrap.train import chain_train as ct
+    root = tmp_path / "recipe"
+    shutil.copytree(REPO / "tests" / "fixtures" / "kaldi_recipe_small", root,
+                    ignore=shutil.ignore_patterns("egs"))
+    shutil.rmtree(root / "exp/chain/tree")
+    shutil.rmtree(root / "exp/chain/tdnn")
+    shutil.copytree(SMALL / "tree", root / "exp/chain/tree")
+    shutil.copytree(FX / "configs", root / "exp/chain/tdnn/configs")
+    cmd = ["--stage=-10", "--chain.xent-regularize", "0.1", "--trainer.srand=0",
+           "--trainer.num-epochs=1", "--trainer.num-chunk-per-minibatch=4",
+           "--egs.chunk-width=140,100,160", "--egs.dir=",
+           "--feat.online-ivector-dir=exp/nnet3/ivectors_train_hires",
+           "--feat.cmvn-opts=--config=conf/online_cmvn.conf",
+           "--egs.opts=--frames-overlap-per-eg 0 --online-cmvn true --num-utts-subset 5",
+           "--trainer.frames-per-iter=4000", "--trainer.lda.max-lda-jobs=2",
+           "--cleanup.remove-egs=false", "--use-gpu=no", "--feat-dir=data/train_hires",
+           "--tree-dir=exp/chain/tree", "--lat-dir=exp/chain/lats", "--dir=exp/chain/tdnn",
+           "--exit-stage=0"]
+    old = os.getcwd()
+    threads = torch.get_num_threads()
+    os.chdir(root)
+    try:
+        torch.set_num_threads(1)
+        assert ct.main(cmd) == 0
+    finally:
+        torch.set_num_threads(threads)
+        os.chdir(old)
+    d = root / "exp/chain/tdnn"
+    assert (d / "egs/info/left_context").read_text().strip() == "6"
+    assert (d / "egs/info/right_context").read_text().strip() == "6"
+    assert int((d / "egs/info/num_archives").read_text()) > 2
+    # --trainer.lda.max-lda-jobs=2: two jobs
+    assert sorted(p.name for p in (d / "log").glob("get_lda_stats.*.log")) == [
+        "get_lda_stats.1.log", "get_lda_stats.2.log"]
+    assert (d / "lda.mat").is_file() and (d / "0.mdl").is_file()
+    assert not (d / "log" / "train.0.1.log").exists()

@@ -76,6 +76,29 @@ __all__ = ["LdaStats", "rand_prune", "supervision_posteriors",
 log = logging.getLogger("pkwrap.chain.lda")
 
 
+class _one_thread:
+    """Linear algebra here runs in torch with one thread: the matrices are small (the
+    input dim, a few hundred), and BLAS thread pools cost far more than they give on
+    them, worst on a loaded machine (numpy's OpenBLAS pool cannot be sized at run time)."""
+
+    def __enter__(self):
+        import torch
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+        torch.set_num_threads(self.threads)
+
+
+def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 matrix product (torch: see :class:`_one_thread`)."""
+    import torch
+    with _one_thread():
+        return (torch.from_numpy(np.ascontiguousarray(a, np.float64))
+                @ torch.from_numpy(np.ascontiguousarray(b, np.float64))).numpy()
+
+
 # ----------------------------------------------------------------------------- stats
 class LdaStats:
     """Kaldi's ``LdaEstimate`` accumulators (float64), read and written in its format.
@@ -127,7 +150,7 @@ class LdaStats:
         per_row = np.bincount(rows, weights=w, minlength=x.shape[0])
         used = per_row != 0
         xu = x[used]
-        self.second += (xu * per_row[used][:, None]).T @ xu
+        self.second += _mm((xu * per_row[used][:, None]).T, xu)
 
     def add(self, other: "LdaStats") -> None:
         if other.num_classes != self.num_classes or other.dim != self.dim:
@@ -142,7 +165,7 @@ class LdaStats:
     def _scatter_terms(self, zero: np.ndarray, first: np.ndarray) -> np.ndarray:
         nz = zero != 0
         f = first[nz]
-        return (f / zero[nz][:, None]).T @ f
+        return _mm((f / zero[nz][:, None]).T, f)
 
     def write(self, path_or_file, binary: bool = True) -> None:
         """``LdaEstimate::Write`` (to a path, atomically, or a binary file object)."""
@@ -351,46 +374,73 @@ def acc_chain_lda_stats(nnet, egs: Iterable, rand_prune_threshold: float = 0.0,
     """
     rng = np.random.default_rng(1) if rng is None else rng
     n = 0
-    for key, eg in egs:
-        try:
-            sup = eg.supervision
-            if eg.output_name != "output":
-                raise ValueError("expected the example's output to be named 'output', got %r"
-                                 % eg.output_name)
-            if sup.num_sequences != 1:
-                raise ValueError("%d sequences in one example: this program expects one "
-                                 "sequence per eg (unmerged egs)" % sup.num_sequences)
-            x = nnet_output_at_supervision(nnet, eg)
-            T = int(sup.frames_per_sequence)
-            if x.shape[0] != T:
-                raise ValueError("%d output frames for a supervision of %d frames"
-                                 % (x.shape[0], T))
-            if sup.fst is not None and sup.fst.num_states > 0:
-                frames, pdfs, post = supervision_posteriors(sup)
-            else:
-                ali = sup.alignment_pdfs
-                if ali is None or len(ali) != T:
-                    raise ValueError("end-to-end supervision without a pdf alignment of %d "
-                                     "frames" % T)
-                frames = np.arange(T)
-                pdfs = np.asarray(ali, np.int64)
-                post = np.ones(T, np.float32)
-            if stats is None:
-                stats = LdaStats(int(sup.label_dim), x.shape[1])
-            elif stats.num_classes != int(sup.label_dim) or stats.dim != x.shape[1]:
-                raise ValueError("%d pdfs and output dim %d, after examples with %d and %d"
-                                 % (sup.label_dim, x.shape[1], stats.num_classes, stats.dim))
-            w = rand_prune(post, rand_prune_threshold, rng)
-            keep = w != 0
-            stats.accumulate(x, pdfs[keep], w[keep], rows=frames[keep])
-        except ValueError as e:
-            raise ValueError("example %s: %s" % (key, e)) from None
-        n += 1
-        if progress is not None:
-            progress(n)
+    pending: list = []  # (data, classes, weights, rows) not yet added: added in batches
+    pending_rows = 0
+
+    def flush():
+        nonlocal pending, pending_rows
+        if not pending:
+            return
+        base = np.cumsum([0] + [len(p[0]) for p in pending[:-1]])
+        stats.accumulate(np.concatenate([p[0] for p in pending]),
+                         np.concatenate([p[1] for p in pending]),
+                         np.concatenate([p[2] for p in pending]),
+                         rows=np.concatenate([p[3] + b for p, b in zip(pending, base)]))
+        pending, pending_rows = [], 0
+
+    with _one_thread():  # the work per example is small
+        for key, eg in egs:
+            n += 1
+            stats = _acc_one(nnet, key, eg, rand_prune_threshold, stats, rng, pending)
+            pending_rows += len(pending[-1][0])
+            if pending_rows >= 8192:
+                flush()
+            if progress is not None:
+                progress(n)
+        if stats is not None:
+            flush()
     if stats is None:
         stats = LdaStats()
     return stats, n
+
+
+def _acc_one(nnet, key, eg, rand_prune_threshold, stats, rng, pending):
+    """One example of :func:`acc_chain_lda_stats`: appends its (data, classes, weights,
+    rows) to ``pending``; returns the stats (made at the first example)."""
+    try:
+        sup = eg.supervision
+        if eg.output_name != "output":
+            raise ValueError("expected the example's output to be named 'output', got %r"
+                             % eg.output_name)
+        if sup.num_sequences != 1:
+            raise ValueError("%d sequences in one example: this program expects one "
+                             "sequence per eg (unmerged egs)" % sup.num_sequences)
+        x = nnet_output_at_supervision(nnet, eg)
+        T = int(sup.frames_per_sequence)
+        if x.shape[0] != T:
+            raise ValueError("%d output frames for a supervision of %d frames"
+                             % (x.shape[0], T))
+        if sup.fst is not None and sup.fst.num_states > 0:
+            frames, pdfs, post = supervision_posteriors(sup)
+        else:
+            ali = sup.alignment_pdfs
+            if ali is None or len(ali) != T:
+                raise ValueError("end-to-end supervision without a pdf alignment of %d "
+                                 "frames" % T)
+            frames = np.arange(T)
+            pdfs = np.asarray(ali, np.int64)
+            post = np.ones(T, np.float32)
+        if stats is None:
+            stats = LdaStats(int(sup.label_dim), x.shape[1])
+        elif stats.num_classes != int(sup.label_dim) or stats.dim != x.shape[1]:
+            raise ValueError("%d pdfs and output dim %d, after examples with %d and %d"
+                             % (sup.label_dim, x.shape[1], stats.num_classes, stats.dim))
+        w = rand_prune(post, rand_prune_threshold, rng)
+        keep = w != 0
+        pending.append((x, pdfs[keep], w[keep], frames[keep]))
+    except ValueError as e:
+        raise ValueError("example %s: %s" % (key, e)) from None
+    return stats
 
 
 # ----------------------------------------------------------------------------- transform
@@ -398,13 +448,14 @@ class FeatureTransformResult:
     """What :func:`estimate_feature_transform` found (Kaldi logs these)."""
 
     def __init__(self, matrix, count, singular_values, smoothed, num_ceiled, max_singular,
-                 cholesky):
+                 ceiling, cholesky):
         self.matrix = matrix
         self.count = count
         self.singular_values = singular_values
         self.smoothed = smoothed
         self.num_ceiled = num_ceiled
         self.max_singular = max_singular
+        self.ceiling = ceiling
         self.cholesky = cholesky
 
     def log_lines(self, target_dim: int) -> List[str]:
@@ -429,33 +480,43 @@ def estimate_feature_transform(stats: LdaStats, dim: int = -1,
                                remove_offset: bool = True) -> FeatureTransformResult:
     """``nnet-get-feature-transform`` (Kaldi's ``FeatureTransformEstimate::Estimate``): the
     preconditioning transform of the module docstring, ``[dim][D(+1)]`` float32."""
-    total, between, mean, count = stats.get_stats()
+    with _one_thread():
+        total, between, mean, count = stats.get_stats()
     D = total.shape[0]
     target = D if dim <= 0 else int(dim)
     if target > D:
         raise ValueError("--dim=%d is more than the data dimension %d" % (target, D))
     within = total - between
+    with _one_thread():
+        return _estimate(within, between, mean, count, target, within_class_factor,
+                         max_singular_value, remove_offset)
+
+
+def _cholesky(a: np.ndarray) -> Optional[np.ndarray]:
+    import torch
+    l, info = torch.linalg.cholesky_ex(torch.from_numpy(a))
+    return l.numpy() if int(info) == 0 else None
+
+
+def _estimate(within, between, mean, count, target, within_class_factor, max_singular_value,
+              remove_offset) -> "FeatureTransformResult":
+    import torch
+    D = within.shape[0]
     smoothed = 0.0
-    try:
-        chol = np.linalg.cholesky(within)
-    except np.linalg.LinAlgError:
+    chol = chol_s = _cholesky(within)
+    if chol is None:
         smoothed = float(np.float32(1.0e-3 * np.trace(within) / D))
-        within = within + smoothed * np.eye(D)
-        try:
-            chol_s = np.linalg.cholesky(within)
-        except np.linalg.LinAlgError:
+        chol_s = _cholesky(within + smoothed * np.eye(D))
+        if chol_s is None:
             raise ValueError("the within-class covariance is not positive definite, even "
-                             "with %g added to its diagonal" % smoothed) from None
-        chol = None
-    else:
-        chol_s = chol
-    linv = np.linalg.inv(np.tril(chol_s))
-    tmp = linv @ between @ linv.T
+                             "with %g added to its diagonal" % smoothed)
+    linv = torch.linalg.inv(torch.from_numpy(np.tril(chol_s))).numpy()
+    tmp = _mm(_mm(linv, between), linv.T)
     tmp = (tmp + tmp.T) * 0.5
-    u, s, _ = np.linalg.svd(tmp)
+    u, s, _ = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(tmp)))
     order = np.argsort(-s, kind="stable")
     s, u = s[order], u[:, order]
-    lda = u.T @ linv
+    lda = _mm(u.T, linv)
     m = lda[:target].astype(np.float32)
     if within_class_factor != 1.0:
         old = (1.0 + s[:target]).astype(np.float32)
@@ -463,21 +524,20 @@ def estimate_feature_transform(stats: LdaStats, dim: int = -1,
         m *= np.sqrt(new / old).astype(np.float32)[:, None]
     num_ceiled, max_s = 0, 0.0
     if max_singular_value > 0.0:
-        uu, ss, vt = np.linalg.svd(m.astype(np.float64), full_matrices=False)
+        uu, ss, vt = (t.numpy() for t in torch.linalg.svd(
+            torch.from_numpy(m.astype(np.float64)), full_matrices=False))
         max_s = float(ss.max()) if ss.size else 0.0
         big = ss > np.float32(max_singular_value)
         num_ceiled = int(big.sum())
         if num_ceiled:
             ss = np.where(big, np.float64(np.float32(max_singular_value)), ss)
-            m = ((uu * ss) @ vt).astype(np.float32)
+            m = _mm(uu * ss, vt).astype(np.float32)
     if remove_offset:
         mf = mean.astype(np.float32)
-        neg = -(m.astype(np.float64) @ mf.astype(np.float64))
+        neg = -_mm(m, mf.astype(np.float64)[:, None])[:, 0]
         m = np.concatenate([m, neg.astype(np.float32)[:, None]], axis=1)
-    res = FeatureTransformResult(m, count, s, smoothed, num_ceiled, max_s,
-                                 None if chol is None else chol.astype(np.float32))
-    res.ceiling = max_singular_value
-    return res
+    return FeatureTransformResult(m, count, s, smoothed, num_ceiled, max_s, max_singular_value,
+                                  None if chol is None else chol.astype(np.float32))
 
 
 # ----------------------------------------------------------------------------- stage -2
