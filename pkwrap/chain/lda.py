@@ -40,7 +40,7 @@ within_class_factor), singular values of M above ``max_singular_value`` set to i
 the column ``-M mean`` appended. Where several s_i are equal (in particular the D - C + 1
 zeros when there are fewer classes than dimensions), the rows of M within that group
 are defined only up to a rotation, which the next layer absorbs; any two correct
-implementations (here numpy's SVD, in Kaldi LAPACK's) agree on ``M'M`` and up to sign on
+implementations (here torch's SVD, in Kaldi LAPACK's) agree on ``M'M`` and up to sign on
 the other rows, not element by element in those rows.
 
 **rand-prune** (Kaldi's ``RandPrune``, default 4.0 in train.py): a posterior ``p`` below the
@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
@@ -71,7 +70,8 @@ from ..kaldi.matrix import (read_matrix, read_packed_matrix, read_vector, write_
 
 __all__ = ["LdaStats", "rand_prune", "supervision_posteriors",
            "nnet_output_at_supervision", "acc_chain_lda_stats", "estimate_feature_transform",
-           "FeatureTransformResult", "read_lda_stats", "compute_preconditioning_matrix"]
+           "FeatureTransformResult", "read_lda_stats", "compute_preconditioning_matrix",
+           "write_kaldi_matrix"]
 
 log = logging.getLogger("pkwrap.chain.lda")
 
@@ -232,12 +232,12 @@ class LdaStats:
         st = cls(nc, dim)
         st.zero, st.first = z, f
         st.second = s + st._scatter_terms(z, f)
-        if into is None or (into.num_classes == 0 and into.dim == 0):
-            if into is not None:
-                into.zero, into.first, into.second = st.zero, st.first, st.second
-                return into
+        if into is None:
             return st
-        into.add(st)
+        if into.num_classes == 0 and into.dim == 0:  # empty: takes the shape read
+            into.zero, into.first, into.second = st.zero, st.first, st.second
+        else:
+            into.add(st)
         return into
 
     def get_stats(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, float]:
