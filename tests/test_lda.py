@@ -305,3 +305,22 @@ def test_chain_train_lda_egs_from_lattices(tmp_path):
         "get_lda_stats.1.log", "get_lda_stats.2.log"]
     assert (d / "lda.mat").is_file() and (d / "0.mdl").is_file()
     assert not (d / "log" / "train.0.1.log").exists()
+
+
+def test_feature_transform_options_equal_kaldis(tmp_path):
+    """nnet-get-feature-transform --dim=40 --within-class-factor=1.0 --max-singular-value=0
+    --remove-offset=false --write-within-covar (Kaldi's outputs of the same command): the 40
+    rows of largest between-class variance (distinct: equal up to sign) and the within-class
+    covariance."""
+    out, wc = tmp_path / "m", tmp_path / "wc"
+    assert _script("nnet-get-feature-transform")([
+        "--dim=40", "--within-class-factor=1.0", "--max-singular-value=0",
+        "--remove-offset=false", "--write-within-covar=%s" % wc, str(out),
+        str(FX / "lda_stats")]) == 0
+    m, k = _read(out, read_matrix), _read(FX / "lda.dim40.mat", read_matrix)
+    assert m.shape == k.shape == (40, 160)
+    sign = np.sign((m * k).sum(axis=1))
+    assert _rel(m * sign[:, None], k) < 2e-5
+    assert _rel(_read(wc, read_packed_matrix), _read(FX / "within_covar", read_packed_matrix)) < 1e-5
+    with pytest.raises(SystemExit, match="--dim=200 is more than the data dimension 160"):
+        _script("nnet-get-feature-transform")(["--dim=200", str(out), str(FX / "lda_stats")])
