@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pkwrap.chain.lda import (LdaStats, acc_chain_lda_stats, estimate_feature_transform,
-                              rand_prune, read_lda_stats)
+                              rand_prune, read_lda_stats, supervision_posteriors)
 from pkwrap.kaldi.chain_egs import read_chain_egs
 from pkwrap.kaldi.io import KaldiFormatError, KaldiReader
 from pkwrap.kaldi.matrix import read_matrix, read_packed_matrix
@@ -172,8 +172,9 @@ def test_rand_prune_stats_close_to_kaldis(kaldi):
     assert gdist(m, kaldi["mat_rp4"]) < 2 * gdist(kaldi["mat"], kaldi["mat_rp4"])
 
 
-def test_acc_errors(tmp_path):
-    """Merged egs (two sequences) and egs the network cannot read are named errors."""
+def test_acc_errors_and_e2e(tmp_path):
+    """Merged egs (two sequences) and egs the network cannot read are named errors;
+    end-to-end egs give their stored pdf alignment (weight 1), and an error without one."""
     from pkwrap.kaldi.chain_egs import merge_chain_egs, write_chain_egs
     from pkwrap.nnet3 import nnet3_from_config, read_nnet3
     nnet = read_nnet3(str(FX / "init.raw"))
@@ -186,6 +187,22 @@ def test_acc_errors(tmp_path):
                               "output-node name=output input=Append(Offset(input, -1), input)\n")
     with pytest.raises(ValueError, match="has an input 'ivector'.*no such input node"):
         acc_chain_lda_stats(other, egs[:1])
+    # end-to-end supervision (no regular FST): the stored pdf alignment, weight 1 each
+    import dataclasses
+    key, eg = egs[0]
+    frames, pdfs, post = supervision_posteriors(eg.supervision)
+    T = eg.supervision.frames_per_sequence
+    best = np.zeros(T, np.int64)
+    for t in range(T):
+        best[t] = pdfs[frames == t][np.argmax(post[frames == t])]
+    e2e = eg.copy()
+    e2e.supervision = dataclasses.replace(eg.supervision, fst=None,
+                                          e2e_fsts=[eg.supervision.fst], alignment_pdfs=best)
+    st, _ = acc_chain_lda_stats(nnet, [(key, e2e)])
+    assert st.tot_count() == T and np.array_equal(st.zero, np.bincount(best, minlength=64))
+    e2e.supervision = dataclasses.replace(e2e.supervision, alignment_pdfs=None)
+    with pytest.raises(ValueError, match="end-to-end supervision without a pdf alignment"):
+        acc_chain_lda_stats(nnet, [(key, e2e)])
     write_chain_egs("ark:%s" % (tmp_path / "m.ark"), [("m", merged)])
     with pytest.raises(SystemExit, match="nnet3-chain-acc-lda-stats: example m: 2 sequences"):
         _script("nnet3-chain-acc-lda-stats")([str(FX / "init.raw"), "ark:%s" % (tmp_path / "m.ark"),
