@@ -44,10 +44,11 @@ def _gram(m):
     return m.T @ m
 
 
-def _check_transform(m, k, tol=2e-5):
+def _check_transform(m, k, tol):
     """lda.mat m equals Kaldi's k: rows of distinct between-class variances up to sign,
     the others (a degenerate group: here the 97 zero variances of 64 classes in 160 dims)
-    through M'M (they are defined up to a rotation among themselves)."""
+    through M'M (they are defined up to a rotation among themselves). Measured: 2e-5 of
+    the largest element from pkwrap's stats (which differ from Kaldi's by 4e-8)."""
     assert m.shape == k.shape
     res = estimate_feature_transform(read_lda_stats([str(FX / "lda_stats")]))
     r = int((res.singular_values > 1e-8).sum())
@@ -88,7 +89,7 @@ def test_stats_and_matrix_equal_kaldis(tmp_path, kaldi):
     mat = str(tmp_path / "lda.mat")
     assert get(["--write-within-covar=%s" % (tmp_path / "wc"), mat,
                 str(tmp_path / "lda_stats")]) == 0
-    _check_transform(_read(mat, read_matrix), kaldi["mat"])
+    _check_transform(_read(mat, read_matrix), kaldi["mat"], tol=1e-4)
     total, between, _, _ = st.get_stats()
     assert _rel(_read(tmp_path / "wc", read_packed_matrix), total - between) < 1e-5
 

@@ -322,11 +322,17 @@ def supervision_posteriors(sup) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     return uniq // P, uniq % P, sums
 
 
-def nnet_output_at_supervision(nnet, eg) -> np.ndarray:
-    """The network's ``output`` for one example at the example's chain output frames
-    (Kaldi's ``GetChainComputationRequest``: the inputs at their indexes, the output at
-    the supervision's), ``[T][D]`` float32."""
+def _request(nnet, eg):
+    """Kaldi's ``GetChainComputationRequest`` for one example: the inputs at their
+    indexes ``{name: (first t, [L][D] tensor)}`` and the output frames (its chain
+    supervision's)."""
     import torch
+    if eg.output_name != "output":
+        raise ValueError("expected the example's output to be named 'output', got %r"
+                         % eg.output_name)
+    if eg.supervision.num_sequences != 1:
+        raise ValueError("%d sequences in one example: this program expects one sequence "
+                         "per eg (unmerged egs)" % eg.supervision.num_sequences)
     if "output" not in nnet.output_names:
         raise ValueError("%s has no output node 'output'" % nnet.name)
     inputs = {}
@@ -342,17 +348,42 @@ def nnet_output_at_supervision(nnet, eg) -> np.ndarray:
                 np.any(np.diff(t) != 1):
             raise ValueError("input %r of the example is not one run of consecutive frames "
                              "of one sequence (merged egs?)" % name)
-        xt = torch.as_tensor(x, dtype=torch.float32)
-        inputs[name] = (int(t[0]), xt.reshape(1, xt.shape[0], xt.shape[1]))
+        inputs[name] = (int(t[0]), torch.as_tensor(x, dtype=torch.float32))
     missing = [n for n in nnet.input_names if n not in inputs]
     if missing:
         raise ValueError("%s reads input %s, which the example does not have"
                          % (nnet.name, ", ".join(missing)))
-    out_t = np.asarray(eg.output_indexes)[:, 1].astype(np.int64)
-    lo, hi = int(out_t.min()), int(out_t.max())
-    with torch.no_grad():
-        y = nnet.compute(inputs, {"output": (lo, hi)})["output"][0]
-    return y[torch.as_tensor(out_t - lo)].numpy().astype(np.float32, copy=False)
+    return inputs, np.asarray(eg.output_indexes)[:, 1].astype(np.int64)
+
+
+def _outputs(nnet, requests) -> List[np.ndarray]:
+    """The network's ``output`` for each request of :func:`_request`, ``[T][D]`` float32;
+    requests of the same shape are computed together (as one minibatch)."""
+    import torch
+    groups: dict = {}
+    for i, (inputs, out_t) in enumerate(requests):
+        sig = (tuple((k, t0) + tuple(x.shape) for k, (t0, x) in sorted(inputs.items())),
+               out_t.tobytes())
+        groups.setdefault(sig, []).append(i)
+    result: List[Optional[np.ndarray]] = [None] * len(requests)
+    for members in groups.values():
+        first, out_t = requests[members[0]]
+        batch = {k: (t0, torch.stack([requests[i][0][k][1] for i in members]))
+                 for k, (t0, _) in first.items()}
+        lo, hi = int(out_t.min()), int(out_t.max())
+        with torch.no_grad():
+            y = nnet.compute(batch, {"output": (lo, hi)})["output"]
+        y = y[:, torch.as_tensor(out_t - lo)].numpy().astype(np.float32, copy=False)
+        for j, i in enumerate(members):
+            result[i] = y[j]
+    return result
+
+
+def nnet_output_at_supervision(nnet, eg) -> np.ndarray:
+    """The network's ``output`` for one example at the example's chain output frames
+    (Kaldi's ``GetChainComputationRequest``: the inputs at their indexes, the output at
+    the supervision's), ``[T][D]`` float32."""
+    return _outputs(nnet, [_request(nnet, eg)])[0]
 
 
 def acc_chain_lda_stats(nnet, egs: Iterable, rand_prune_threshold: float = 0.0,
@@ -388,15 +419,32 @@ def acc_chain_lda_stats(nnet, egs: Iterable, rand_prune_threshold: float = 0.0,
                          rows=np.concatenate([p[3] + b for p, b in zip(pending, base)]))
         pending, pending_rows = [], 0
 
-    with _one_thread():  # the work per example is small
-        for key, eg in egs:
+    def run(chunk):
+        nonlocal stats, n, pending_rows
+        requests = []
+        for key, eg in chunk:
+            try:
+                requests.append(_request(nnet, eg))
+            except ValueError as e:
+                raise ValueError("example %s: %s" % (key, e)) from None
+        for (key, eg), x in zip(chunk, _outputs(nnet, requests)):
             n += 1
-            stats = _acc_one(nnet, key, eg, rand_prune_threshold, stats, rng, pending)
+            stats = _acc_one(key, eg, x, rand_prune_threshold, stats, rng, pending)
             pending_rows += len(pending[-1][0])
             if pending_rows >= 8192:
                 flush()
             if progress is not None:
                 progress(n)
+
+    with _one_thread():  # the work per example is small
+        chunk = []
+        for item in egs:
+            chunk.append(item)
+            if len(chunk) == 64:
+                run(chunk)
+                chunk = []
+        if chunk:
+            run(chunk)
         if stats is not None:
             flush()
     if stats is None:
@@ -404,18 +452,12 @@ def acc_chain_lda_stats(nnet, egs: Iterable, rand_prune_threshold: float = 0.0,
     return stats, n
 
 
-def _acc_one(nnet, key, eg, rand_prune_threshold, stats, rng, pending):
-    """One example of :func:`acc_chain_lda_stats`: appends its (data, classes, weights,
-    rows) to ``pending``; returns the stats (made at the first example)."""
+def _acc_one(key, eg, x, rand_prune_threshold, stats, rng, pending):
+    """One example of :func:`acc_chain_lda_stats` (``x``: the network's output at its
+    chain output frames): appends its (data, classes, weights, rows) to ``pending``;
+    returns the stats (made at the first example)."""
     try:
         sup = eg.supervision
-        if eg.output_name != "output":
-            raise ValueError("expected the example's output to be named 'output', got %r"
-                             % eg.output_name)
-        if sup.num_sequences != 1:
-            raise ValueError("%d sequences in one example: this program expects one "
-                             "sequence per eg (unmerged egs)" % sup.num_sequences)
-        x = nnet_output_at_supervision(nnet, eg)
         T = int(sup.frames_per_sequence)
         if x.shape[0] != T:
             raise ValueError("%d output frames for a supervision of %d frames"
