@@ -342,3 +342,25 @@ def test_feature_transform_options_equal_kaldis(tmp_path):
     assert _rel(_read(wc, read_packed_matrix), _read(FX / "within_covar", read_packed_matrix)) < 1e-5
     with pytest.raises(SystemExit, match="--dim=200 is more than the data dimension 160"):
         _script("nnet-get-feature-transform")(["--dim=200", str(out), str(FX / "lda_stats")])
+
+
+def test_preconditioning_jobs_in_parallel_processes(tmp_path):
+    """train.py's stage -2 with its 4 jobs in 2 processes (as run.pl runs JOB=1:4) gives the
+    same bytes as one after the other (each job's rand-prune draws are its own), Kaldi's
+    log files, and the configs/lda.mat link."""
+    from pkwrap.chain.lda import compute_preconditioning_matrix
+    out = {}
+    for procs in (1, 2):
+        d = tmp_path / ("p%d" % procs)
+        (d / "configs").mkdir(parents=True)
+        shutil.copy(FX / "init.raw", d / "init.raw")
+        compute_preconditioning_matrix(str(d), str(EGS), 4, max_lda_jobs=10,
+                                       rand_prune_threshold=4.0, num_processes=procs)
+        out[procs] = d
+        assert os.readlink(d / "configs" / "lda.mat") == "../lda.mat"
+        assert not list(d.glob("*.lda_stats"))
+        logs = sorted(p.name for p in (d / "log").iterdir())
+        assert logs == ["get_lda_stats.%d.log" % j for j in range(1, 5)] + [
+            "get_transform.log", "sum_transform_stats.log"]
+    for name in ("lda_stats", "lda.mat"):
+        assert (out[1] / name).read_bytes() == (out[2] / name).read_bytes()

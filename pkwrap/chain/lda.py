@@ -71,7 +71,7 @@ from ..kaldi.matrix import (read_matrix, read_packed_matrix, read_vector, write_
 __all__ = ["LdaStats", "rand_prune", "supervision_posteriors",
            "nnet_output_at_supervision", "acc_chain_lda_stats", "estimate_feature_transform",
            "FeatureTransformResult", "read_lda_stats", "compute_preconditioning_matrix",
-           "write_kaldi_matrix"]
+           "write_kaldi_matrix", "PARALLEL_BYTES"]
 
 log = logging.getLogger("pkwrap.chain.lda")
 
@@ -588,31 +588,54 @@ def _log_file(path: str, lines: Sequence[str]) -> None:
         f.write("".join(l.rstrip("\n") + "\n" for l in lines))
 
 
+def _acc_archive(nnet, ark: str, out: str, rand_prune_threshold: float):
+    """One job of :func:`compute_preconditioning_matrix`: ``nnet3-chain-acc-lda-stats`` on
+    one archive (``nnet``: the network or its file); returns (examples, count, seconds)."""
+    import time
+    from ..kaldi.chain_egs import read_chain_egs
+    from ..nnet3 import read_nnet3
+    t0 = time.time()
+    if isinstance(nnet, str):
+        nnet = read_nnet3(nnet)
+    st, n = acc_chain_lda_stats(nnet, read_chain_egs("ark:" + ark), rand_prune_threshold)
+    if st.tot_count() == 0:
+        raise ValueError("%s: accumulated no LDA stats (%d examples)" % (ark, n))
+    st.write(out)
+    return n, st.tot_count(), time.time() - t0
+
+
+#: archives to process (bytes in all) from which the jobs run in parallel processes
+PARALLEL_BYTES = 64 << 20
+
+
 def compute_preconditioning_matrix(dir_: str, egs_dir: str, num_archives: int,
                                    max_lda_jobs: Optional[int] = 10,
                                    rand_prune_threshold: float = 4.0,
                                    nnet=None, dim: int = -1,
                                    within_class_factor: float = 0.001,
-                                   max_singular_value: float = 5.0) -> str:
+                                   max_singular_value: float = 5.0,
+                                   num_processes: Optional[int] = None) -> str:
     """train.py's stage -2 (``compute_preconditioning_matrix``): ``JOB.lda_stats`` from
     ``egs_dir/cegs.JOB.ark`` for the first ``min(num_archives, max_lda_jobs)`` archives
     with ``dir_/init.raw`` (or ``nnet``), their sum ``dir_/lda_stats`` (the job files are
     removed, as Kaldi does), ``dir_/lda.mat`` and the link ``dir_/configs/lda.mat ->
-    ../lda.mat``; logs in ``dir_/log/`` under Kaldi's names. Returns the lda.mat path."""
-    import time
-    from ..kaldi.chain_egs import read_chain_egs
-    from ..nnet3 import read_nnet3
+    ../lda.mat``; logs in ``dir_/log/`` under Kaldi's names. Returns the lda.mat path.
+
+    The jobs run in ``num_processes`` processes at once (as Kaldi's ``run.pl JOB=1:N``
+    does), by default as many as there are CPUs (at most one per job) when the archives
+    hold :data:`PARALLEL_BYTES` or more, else one after the other in this process (a new
+    process costs seconds to start). Each job's rand-prune draws are its own (seeded as
+    in :func:`acc_chain_lda_stats`), so the result does not depend on the number of
+    processes."""
     jobs = int(num_archives)
     if max_lda_jobs is not None and jobs > max_lda_jobs:
         jobs = int(max_lda_jobs)
     if jobs < 1:
         raise ValueError("%s: no egs archives (num_archives %d)" % (egs_dir, num_archives))
     raw = os.path.join(dir_, "init.raw")
-    if nnet is None:
-        nnet = read_nnet3(raw)
     logdir = os.path.join(dir_, "log")
     os.makedirs(logdir, exist_ok=True)
-    paths = []
+    arks = []
     for j in range(1, jobs + 1):
         ark = os.path.join(egs_dir, "cegs.%d.ark" % j)
         if not os.path.isfile(ark):
@@ -621,20 +644,32 @@ def compute_preconditioning_matrix(dir_: str, egs_dir: str, num_archives: int,
                                  "supported by the LDA stage" % (ark, j))
             raise FileNotFoundError("%s: missing (the egs dir has %d archives)"
                                     % (ark, num_archives))
-        t0 = time.time()
-        st, n = acc_chain_lda_stats(nnet, read_chain_egs("ark:" + ark), rand_prune_threshold)
-        if st.tot_count() == 0:
-            raise ValueError("%s: accumulated no LDA stats (%d examples)" % (ark, n))
-        out = os.path.join(dir_, "%d.lda_stats" % j)
-        st.write(out)
-        paths.append(out)
+        arks.append(ark)
+    if num_processes is None:
+        big = sum(os.path.getsize(a) for a in arks) >= PARALLEL_BYTES
+        num_processes = min(jobs, os.cpu_count() or 1) if big else 1
+    paths = [os.path.join(dir_, "%d.lda_stats" % j) for j in range(1, jobs + 1)]
+    if num_processes > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(num_processes, jobs),
+                                 mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = [ex.submit(_acc_archive, raw, ark, out, rand_prune_threshold)
+                       for ark, out in zip(arks, paths)]
+            results = [f.result() for f in futures]
+    else:
+        from ..nnet3 import read_nnet3
+        net = read_nnet3(raw) if nnet is None else nnet
+        results = [_acc_archive(net, ark, out, rand_prune_threshold)
+                   for ark, out in zip(arks, paths)]
+    for j, (ark, out, (n, count, secs)) in enumerate(zip(arks, paths, results), 1):
         _log_file(os.path.join(logdir, "get_lda_stats.%d.log" % j), [
             "# nnet3-chain-acc-lda-stats --rand-prune=%g %s ark:%s %s" % (
                 rand_prune_threshold, raw, ark, out),
             "LOG (nnet3-chain-acc-lda-stats): Processed %d examples." % n,
             "LOG (nnet3-chain-acc-lda-stats): Accumulated stats, soft frame count = %g.  "
-            "Wrote to %s" % (st.tot_count(), out),
-            "# Accounting: time=%d threads=1" % round(time.time() - t0)])
+            "Wrote to %s" % (count, out),
+            "# Accounting: time=%d threads=1" % round(secs)])
     # sum-lda-accs: the sum of the files as read back (Kaldi's rounding)
     total = read_lda_stats(paths)
     summed = os.path.join(dir_, "lda_stats")
