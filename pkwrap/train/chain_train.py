@@ -22,7 +22,8 @@ stage   what (Kaldi's train.py did it with)
         ``--trainer.lda.rand-prune``, ``--trainer.lda.max-lda-jobs``), linked as
         ``configs/lda.mat``: :func:`pkwrap.chain.lda.compute_preconditioning_matrix`
 -1      the network from ``configs/final.config`` (nnet3-init, on top of ``init.raw`` when
-        there is one), ``0.mdl``
+        there is one), ``0.mdl``; with ``--trainer.input-model`` (transfer learning) that
+        network as it is instead, and no stages -4 / -2 (the egs get its context)
 0..N-1  training iterations (nnet3-chain-train + model averaging), see below
 N       final combination (nnet3-chain-combine) -> ``final.mdl``; compute-prob ``final``
 ======  ===================================================================================
@@ -255,8 +256,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     if args.deriv_truncate_margin is not None or args.left_deriv_truncate is not None:
         p.error("--trainer.deriv-truncate-margin / --chain.left-deriv-truncate (recurrent "
                 "models) are not supported by pkwrap-chain-train")
-    if args.input_model is not None:
-        p.error("--trainer.input-model is not supported by pkwrap-chain-train yet")
     if args.compute_per_dim_accuracy:
         notes.append("--trainer.compute-per-dim-accuracy ignored")
     if args.combine_sum_to_one_penalty != 0.0:
@@ -730,15 +729,20 @@ def verify_egs_dir(egs_dir: str, model, frame_subsampling_factor: int,
 
 def init_model(args, dir_: str, existing: Optional[str] = None):
     """train.py stage -1: the network of ``configs/final.config`` (``nnet3-init [init.raw]
-    final.config``) and ``0.mdl`` (nnet3-am-init with ``0.trans_mdl``)."""
+    final.config``), or ``--trainer.input-model`` as it is, and ``0.mdl`` (nnet3-am-init
+    with ``0.trans_mdl``)."""
     from pkwrap.nn.kaldi_import import save_kaldi_nnet3
     from pkwrap.nnet3 import nnet3_from_config, read_nnet3
-    cfg = os.path.join(dir_, "configs", "final.config")
-    if not os.path.isfile(cfg):
-        raise FileNotFoundError("%s: missing (make it with steps/nnet3/xconfig_to_configs.py)"
-                                % cfg)
-    model = nnet3_from_config(cfg, srand=args.srand,
-                              existing=read_nnet3(existing) if existing else None)
+    if args.input_model is not None:  # transfer learning: the given network, as it is
+        cfg = args.input_model
+        model = read_nnet3(cfg)
+    else:
+        cfg = os.path.join(dir_, "configs", "final.config")
+        if not os.path.isfile(cfg):
+            raise FileNotFoundError("%s: missing (make it with "
+                                    "steps/nnet3/xconfig_to_configs.py)" % cfg)
+        model = nnet3_from_config(cfg, srand=args.srand,
+                                  existing=read_nnet3(existing) if existing else None)
     model.priors = __import__("numpy").zeros(0, dtype="float32")
     from pkwrap.kaldi.hmm import read_transition_model
     tm = read_transition_model(os.path.join(dir_, "0.trans_mdl"))
@@ -839,7 +843,14 @@ def prepare(args, egs_dir: str) -> None:
     from pkwrap.nnet3 import read_nnet3
     need_egs = args.egs_dir is None and (args.stage <= -3 or not os.path.isfile(
         os.path.join(egs_dir, "info", "num_archives")))
-    raw = prepare_preconditioning(args, d, egs_dir, need_egs)
+    if args.input_model is not None:
+        # train.py: no init.config / LDA stages; the context comes from the input model
+        if not os.path.isfile(args.input_model):
+            raise FileNotFoundError("--trainer.input-model %s: no such file"
+                                    % args.input_model)
+        raw = None
+    else:
+        raw = prepare_preconditioning(args, d, egs_dir, need_egs)
     if args.stage <= -1 or not os.path.isfile(os.path.join(d, "0.mdl")):
         log.info("Preparing the initial acoustic model.")
         model = init_model(args, d, existing=raw)
