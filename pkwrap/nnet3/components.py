@@ -458,6 +458,9 @@ class _AffineBase(Component):
                                                         int(update_period),
                                                         float(num_samples_history), 0.0,
                                                         float(alpha_out))
+        # an optimizer made before the first forward finds the layer of each weight
+        # (NGSGD's state of a checkpoint is loaded before training resumes)
+        self._register_owner()
 
 
 @_register
@@ -697,7 +700,7 @@ class BatchNormComponent(Component):
     def forward(self, x):
         shape = x.shape
         if self.training and self.block_dim == self.dim and x.shape[-1] == self.dim:
-            # the C++ kernels of pkwrap.nn.tdnnf (CPU float32), as KaldiBatchNorm uses them
+            # the fused C++ kernels of pkwrap.nn.tdnnf (CPU float32)
             from pkwrap.nn.tdnnf import _ReluBatchNormFunction, _fused_ok
             if _fused_ok(x) and x.numel() >= 2 * self.dim:
                 return _ReluBatchNormFunction.apply(x.contiguous(), None, self, False, 0.0,

@@ -17,7 +17,7 @@ normalization sees the rows Kaldi's sees (the interval evaluation of
 Fused training steps: a natural-gradient affine, linear or TDNN component followed by
 RectifiedLinear and BatchNorm (or by BatchNorm only), optionally followed by the TDNN-F
 bypass ``Sum(Scale(a, x), bn)``, runs as one autograd node with the C++ kernels of
-:mod:`pkwrap.nn.tdnnf` (the same ones :class:`pkwrap.nn.TDNNFModel` uses), when every
+:mod:`pkwrap.nn.tdnnf` (:class:`pkwrap.nn.TDNNFModel` is one such network), when every
 intermediate node has that one reader. The squared norms of the rows it writes are passed
 on to the natural-gradient layer that reads them next. Elsewhere (evaluation, no grad,
 another device or dtype) the same steps run component by component.
