@@ -217,6 +217,10 @@ def test_fused_batchnorm_checks_rows_and_falls_back():
     from pkwrap.nn.tdnnf import _ReluBatchNormFunction
     with pytest.raises(ValueError, match="at least 2 rows"):
         _ReluBatchNormFunction.apply(torch.randn(1, 1, 4), None, _bn(4), False, 0.0, None)
+    # bypass rows 2..6 of a 6-frame input: one too many
+    with pytest.raises(ValueError, match="bypass map does not fit"):
+        _ReluBatchNormFunction.apply(torch.randn(2, 5, 4), torch.randn(2, 6, 4), _bn(4), True,
+                                     0.5, (2, 1))
     # float64 (no C++ kernel) takes the torch path and gives the same numbers and statistics
     y = torch.randn(2, 5, 4, dtype=torch.float64) * 2 + 1
     bn64, bn32 = _bn(4).double(), _bn(4)
@@ -525,3 +529,36 @@ def test_spliced_tdnn_equals_splice_then_affine(natural, dims, offsets, bias):
                                    rtol=1e-4, atol=1e-5)
         for p in (a.preconditioner_in, a.preconditioner_out):
             assert isinstance(p.last_scale, float) and p.last_scale >= 1.0
+
+
+def test_digits_decode_names_a_checkpoint_that_does_not_fit(tmp_path):
+    """egs/digits/decode.py rebuilds the TDNNFModel of model.json: a checkpoint of the
+    older layout (its own layer modules, before TDNNFModel became an nnet3 network) or of
+    another model is one clear error naming the file; a fitting one loads."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    from pkwrap.train import save_checkpoint
+    path = Path(__file__).resolve().parents[1] / "egs" / "digits" / "decode.py"
+    spec = importlib.util.spec_from_file_location("digits_decode", path)
+    dec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dec)
+    cfg = dict(num_pdfs=7, feat_dim=8, tdnn_dim=8, tdnnf_dim=8, bottleneck_dim=4,
+               time_strides=[1, 3], prefinal_dim=4, prefinal_big_dim=8, use_idct=False,
+               xent_head=False)
+    (tmp_path / "model.json").write_text(json.dumps(cfg))
+    model = TDNNFModel(**cfg)
+    old = {"batchnorm0.stats_count": torch.zeros(()), "tdnn1.weight": torch.zeros(8, 24),
+           "tdnnfs.0.linear.weight": torch.zeros(4, 16)}
+    save_checkpoint(str(tmp_path / "old.pt"), {"model": old})
+    with pytest.raises(SystemExit, match="old.pt does not fit the model of .*model.json: it "
+                                         "is a checkpoint of the older TDNNFModel layout"):
+        dec.load_model(tmp_path, tmp_path / "old.pt")
+    other = TDNNFModel(**dict(cfg, time_strides=[1])).state_dict()
+    save_checkpoint(str(tmp_path / "other.pt"), {"model": other})
+    with pytest.raises(SystemExit, match="other.pt does not fit .* unexpected"):
+        dec.load_model(tmp_path, tmp_path / "other.pt")
+    save_checkpoint(str(tmp_path / "final.pt"), {"model": model.state_dict()})
+    got = dec.load_model(tmp_path, tmp_path / "final.pt")
+    assert not got.training and all(torch.equal(a, b) for a, b in
+                                    zip(got.state_dict().values(), model.state_dict().values()))
