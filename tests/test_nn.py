@@ -562,3 +562,24 @@ def test_digits_decode_names_a_checkpoint_that_does_not_fit(tmp_path):
     got = dec.load_model(tmp_path, tmp_path / "final.pt")
     assert not got.training and all(torch.equal(a, b) for a, b in
                                     zip(got.state_dict().values(), model.state_dict().values()))
+
+
+def test_tdnnf_model_written_for_kaldi_and_read_back(tmp_path):
+    """A trained TDNNFModel is an nnet3 network: save_kaldi_nnet3 writes it (Kaldi's
+    format, training settings kept) and load_kaldi_nnet3 reads back the same network."""
+    from pkwrap.nn import load_kaldi_nnet3, save_kaldi_nnet3
+    m = _small_model(3)
+    m.train()(torch.randn(2, 60, 8))  # batchnorm statistics
+    m.eval()
+    save_kaldi_nnet3(m, tmp_path / "m.raw")
+    back = load_kaldi_nnet3(tmp_path / "m.raw")
+    back.frame_subsampling_factor = 3
+    assert back.config_lines() == m.config_lines()
+    for a, b in zip(back.components, m.components):  # (as float32 in the file)
+        assert a.training_options() == pytest.approx(b.training_options(), rel=1e-6), a.name
+    x = torch.randn(2, 60, 8)
+    with torch.no_grad():
+        a, b = m(x), back.eval()(x)
+    assert set(a) == set(b) == {"output", "output-xent"}
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)

@@ -3,13 +3,12 @@
 ``load_kaldi_nnet3(path)`` reads any nnet3 model file (raw nnet or ``final.mdl``, binary
 or text, plain or gzipped) with :func:`pkwrap.nnet3.read_nnet3` and returns the
 :class:`pkwrap.nnet3.Nnet3` module that evaluates its graph; :func:`save_kaldi_nnet3`
-writes such a module back for Kaldi.
-
+writes such a module back for Kaldi. (A TDNNFModel is such a module already:
+``pkwrap.nn.TDNNFModel`` is a :class:`pkwrap.nnet3.Nnet3`.)
 """
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-import numpy as np
 import torch
 
 from pkwrap.kaldi.hmm import TransitionModel
