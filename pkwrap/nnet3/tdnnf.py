@@ -39,6 +39,11 @@ Frame subsampling f (3 for chain models): ``forward(x)`` returns output frames `
 the frames those outputs need (:mod:`pkwrap.nnet3.plan`). Output frame j depends on
 input frames ``j f .. j f + l + r``.
 
+State dict: the components' tensors in config order (``components.<i>.weight``, ``.bias``,
+a batchnorm's ``count``, ``stats_mean``, ``stats_var``), as for any :class:`Nnet3`; the
+hand-built TDNNFModel of pkwrap before this module (keys ``tdnn1.weight``,
+``tdnnfs.0.linear.weight``, ...) had another layout, and its checkpoints do not load.
+
 Why a subclass of :class:`~pkwrap.nnet3.Nnet3` and not a function returning one: the
 constructor arguments are the model's description (egs/digits saves them as
 ``model.json`` and rebuilds the model from them), ``TDNNFModel.tdnn_1j(...)`` and
