@@ -46,12 +46,13 @@ class _Sel:
     """Rows ``pos`` (numpy ints, in order) of a ``[B][N][...]`` tensor along dim 1: the whole
     tensor, a slice ``start:stop:step`` or an index tensor."""
 
-    __slots__ = ("kind", "a", "b", "c", "idx", "n")
+    __slots__ = ("kind", "a", "b", "c", "idx", "n", "dev_idx")
 
     def __init__(self, pos: np.ndarray, n_src: int):
         pos = np.asarray(pos, dtype=np.int64)
         self.n = len(pos)
         self.idx = None
+        self.dev_idx = None  # idx on the device of the last call (a GPU: copied once)
         if self.n == n_src and (n_src == 0 or (pos[0] == 0 and
                                                (np.diff(pos) == 1).all())):
             self.kind = "all"
@@ -80,7 +81,11 @@ class _Sel:
             return t
         if self.kind == "slice":
             return t[:, self.a:self.b:self.c]
-        idx = self.idx if t.device.type == "cpu" else self.idx.to(t.device)
+        idx = self.idx
+        if t.device.type != "cpu":
+            if self.dev_idx is None or self.dev_idx.device != t.device:
+                self.dev_idx = self.idx.to(t.device)
+            idx = self.dev_idx
         return t.index_select(1, idx)
 
 
