@@ -583,3 +583,29 @@ def test_tdnnf_model_written_for_kaldi_and_read_back(tmp_path):
     assert set(a) == set(b) == {"output", "output-xent"}
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+def test_tdnnf_model_initial_parameters_come_from_the_global_generator():
+    """TDNNFModel draws its initial parameters from torch's global generator, in config
+    order with Kaldi's default distributions (weights N(0, 1/inputs), biases N(0, 1)); the
+    idct layer takes no draws. The same seed gives the same model (every DDP rank)."""
+    kw = dict(num_pdfs=11, feat_dim=8, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=6,
+              time_strides=(1, 0), prefinal_dim=6, prefinal_big_dim=16)
+    torch.manual_seed(7)
+    m = TDNNFModel(**kw)
+    torch.manual_seed(7)
+    f32 = np.float32
+    w1 = torch.randn(16, 24).numpy() * f32(24 ** -0.5)  # tdnn1.affine on the 3 x 8 deltas
+    b1 = torch.randn(16).numpy() * f32(1.0)
+    w2 = torch.randn(6, 32).numpy() * f32(32 ** -0.5)  # tdnnf2.linear, offsets -1,0, no bias
+    assert np.array_equal(m.component("tdnn1.affine").weight.detach().numpy(), w1)
+    assert np.array_equal(m.component("tdnn1.affine").bias.detach().numpy(), b1)
+    assert np.array_equal(m.component("tdnnf2.linear").weight.detach().numpy(), w2)
+    torch.manual_seed(7)
+    again = TDNNFModel(**kw)
+    torch.manual_seed(8)
+    other = TDNNFModel(**kw)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    assert not torch.equal(m.component("tdnn1.affine").weight,
+                           other.component("tdnn1.affine").weight)

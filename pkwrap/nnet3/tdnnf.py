@@ -272,11 +272,18 @@ class TDNNFModel(Nnet3):
                     l2_regularize=l2_regularize, xent_head=xent_head,
                     spec_augment=_spec_augment_options(spec_augment))
         config = tdnnf_config(**args)
-        # the global generator decides the initial parameters (torch.manual_seed)
-        g = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+        # the initial parameters come from torch's global generator (torch.manual_seed), in
+        # config order with the distributions of Kaldi's config defaults (the draws of
+        # pkwrap's earlier hand-built TDNNFModel: the same seed gives the same model); the
+        # idct matrix, set below, takes none of them
+        lines = config.split("\n")
+        is_idct = [ln.startswith("component name=idct ") for ln in lines]
         comps: list = []
         try:
-            nodes = _parse_config(config.split("\n"), "TDNNFModel", "config", comps, g)
+            _parse_config([ln for ln, i in zip(lines, is_idct) if i], "TDNNFModel", "config",
+                          comps, torch.Generator())
+            nodes = _parse_config([ln for ln, i in zip(lines, is_idct) if not i], "TDNNFModel",
+                                  "config", comps, None)
         except KaldiFormatError as e:
             raise ValueError(str(e)) from None
         super().__init__(nodes, comps, name="TDNNFModel")
