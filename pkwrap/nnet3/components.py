@@ -42,6 +42,7 @@ from pkwrap.kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter
 from pkwrap.kaldi.matrix import read_matrix, read_vector, write_matrix, write_vector
 from pkwrap.ngsgd import OnlineNaturalGradient
 from pkwrap.nn.natural import _NaturalAffineFunction, _NaturalGradientMixin
+from pkwrap.nn.spec_augment import spec_augment_freq_mask, spec_augment_time_mask
 
 __all__ = ["Component", "COMPONENT_TYPES", "read_component", "FIELD_KINDS"]
 
@@ -458,8 +459,10 @@ class _AffineBase(Component):
                                                         int(update_period),
                                                         float(num_samples_history), 0.0,
                                                         float(alpha_out))
+        # an optimizer made before the first forward finds the layer of each weight
+        # (NGSGD's state of a checkpoint is loaded before training resumes)
         if getattr(self, "use_natural_gradient", False):
-            self._register_owner()  # known to NGSGD from construction (optimizer state)
+            self._register_owner()
 
 
 @_register
@@ -765,7 +768,7 @@ class BatchNormComponent(Component):
     def forward(self, x):
         shape = x.shape
         if self.training and self.block_dim == self.dim and x.shape[-1] == self.dim:
-            # the C++ kernels of pkwrap.nn.tdnnf (CPU float32), as KaldiBatchNorm uses them
+            # the fused C++ kernels of pkwrap.nn.tdnnf (CPU float32)
             from pkwrap.nn.tdnnf import _ReluBatchNormFunction, _fused_ok
             if _fused_ok(x) and x.numel() >= 2 * self.dim:
                 return _ReluBatchNormFunction.apply(x.contiguous(), None, self, False, 0.0,
@@ -927,18 +930,14 @@ class DropoutComponent(Component):
         return x * mask
 
 
-def _randint(lo: int, hi: int) -> int:
-    """Uniform integer in ``[lo, hi]`` (both included, as Kaldi's RandInt)."""
-    return int(torch.randint(lo, hi + 1, ()))
-
-
 @_register
 class GeneralDropoutComponent(Component):
     """Eval (Kaldi's test mode): identity. Train, one mask row of ``BlockDim`` values per
     sequence (per sequence and ``t // TimePeriod`` when TimePeriod > 0), applied to every
     block of the row:
 
-    * SpecAugmentMaxProportion ``m`` > 0 (SpecAugment's frequency mask): ``k`` uniform in
+    * SpecAugmentMaxProportion ``m`` > 0 (SpecAugment's frequency mask, drawn by
+      :func:`pkwrap.nn.spec_augment.spec_augment_freq_mask`): ``k`` uniform in
       ``0..round(m * BlockDim)`` consecutive bins from a uniform start are zeroed, wrapping
       around; with SpecAugmentMaxRegions ``r`` > 1, ``r - 1`` times a random half of the
       (circular) spectrum has its first quarter swapped with its mirror image;
@@ -954,21 +953,8 @@ class GeneralDropoutComponent(Component):
     frames = None
 
     def _mask_row(self, bd: int) -> torch.Tensor:
+        """One dropout mask row (not spec-augment)."""
         f = self.fields
-        m = float(f.get("SpecAugmentMaxProportion", 0.0))
-        if m != 0:
-            row = torch.ones(bd)
-            k = _randint(0, int(bd * m + 0.5))
-            if k:
-                start = _randint(0, bd - 1)
-                row[[(start + i) % bd for i in range(k)]] = 0
-                for _ in range(1, int(f.get("SpecAugmentMaxRegions", 1))):
-                    half = bd // 2
-                    s0 = _randint(0, bd - 1)
-                    for i in range(half // 2):
-                        a, b = (s0 + i) % bd, (s0 + half - i) % bd
-                        row[a], row[b] = row[b].clone(), row[a].clone()
-            return row
         p = float(f.get("DropoutProportion", 0.5))
         u = torch.rand(bd)
         if f.get("Continuous"):
@@ -991,8 +977,14 @@ class GeneralDropoutComponent(Component):
         else:
             groups = [0] * L
         uniq = sorted(set(groups))
-        masks = torch.stack([torch.stack([self._mask_row(bd) for _ in uniq])
-                             for _ in range(B)])  # [B][G][bd]
+        m = float(f.get("SpecAugmentMaxProportion", 0.0))
+        if m != 0:  # the frequency mask of pkwrap.nn.SpecAugment, one row per group
+            masks = spec_augment_freq_mask(B * len(uniq), bd, m,
+                                           int(f.get("SpecAugmentMaxRegions", 1)))
+            masks = masks.view(B, len(uniq), bd)
+        else:
+            masks = torch.stack([torch.stack([self._mask_row(bd) for _ in uniq])
+                                 for _ in range(B)])  # [B][G][bd]
         idx = torch.tensor([uniq.index(g) for g in groups])
         mask = masks[:, idx].to(x.device, x.dtype)  # [B][L][bd]
         return (x.reshape(B, L, -1, bd) * mask.unsqueeze(2)).reshape(B, L, D)
@@ -1000,7 +992,8 @@ class GeneralDropoutComponent(Component):
 
 @_register
 class SpecAugmentTimeMaskComponent(Component):
-    """Eval: identity. Train (SpecAugment's time mask), per sequence: alternating kept
+    """Eval: identity. Train (SpecAugment's time mask, drawn by
+    :func:`pkwrap.nn.spec_augment.spec_augment_time_mask`), per sequence: alternating kept
     and zeroed spans of frames, kept spans ``1..floor(M (1-z) / z)`` frames, zeroed spans
     ``1..M`` frames (uniform; M = TimeMaskMaxFrames, z = ZeroedProportion); the first span
     is a kept one with probability z."""
@@ -1012,18 +1005,9 @@ class SpecAugmentTimeMaskComponent(Component):
         if not self.training or self.fields.get("TestMode") or z == 0:
             return x
         B, L, D = x.shape
-        maxz = int(self.fields.get("TimeMaskMaxFrames", 10))
-        maxnz = int(maxz * (1 - z) / z)
-        mask = torch.ones(B, L, 1)
-        for b in range(B):
-            t = 0
-            while t < L:
-                if t > 0 or float(torch.rand(())) < z:
-                    t += _randint(1, maxnz)
-                n = _randint(1, maxz)
-                mask[b, t:t + n] = 0
-                t += n
-        return x * mask.to(x.device, x.dtype)
+        # the time mask of pkwrap.nn.SpecAugment
+        mask = spec_augment_time_mask(B, L, z, int(self.fields.get("TimeMaskMaxFrames", 10)))
+        return x * mask[:, :, None].to(x.device, x.dtype)
 
 
 # ----------------------------------------------------------------------------- reshaping

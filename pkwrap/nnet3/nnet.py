@@ -465,6 +465,13 @@ class Nnet3(nn.Module):
         return {k: result[k][:, a - need[k][0]:b - need[k][0] + 1]
                 for k, (a, b) in outputs.items()}
 
+    def num_output_frames(self, num_input_frames: int, output: Optional[str] = None) -> int:
+        """The frames :meth:`forward` returns for an input of ``num_input_frames`` frames:
+        ``(T - 1 - left - right) // f + 1``, 0 when T is not more than the context."""
+        l, r = self._contexts(output or self._main_output())
+        n = num_input_frames - l - r
+        return 0 if n <= 0 else (n - 1) // self.frame_subsampling_factor + 1
+
     @property
     def left_context(self) -> int:
         """Input frames before an ``output`` frame that its computation reads."""

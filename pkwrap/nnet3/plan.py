@@ -17,7 +17,7 @@ normalization sees the rows Kaldi's sees (the interval evaluation of
 Fused training steps: a natural-gradient affine, linear or TDNN component followed by
 RectifiedLinear and BatchNorm (or by BatchNorm only), optionally followed by the TDNN-F
 bypass ``Sum(Scale(a, x), bn)``, runs as one autograd node with the C++ kernels of
-:mod:`pkwrap.nn.tdnnf` (the same ones :class:`pkwrap.nn.TDNNFModel` uses), when every
+:mod:`pkwrap.nn.tdnnf` (:class:`pkwrap.nn.TDNNFModel` is one such network), when every
 intermediate node has that one reader. The squared norms of the rows it writes are passed
 on to the natural-gradient layer that reads them next. Elsewhere (evaluation, no grad,
 another device or dtype) the same steps run component by component.
@@ -48,12 +48,13 @@ class _Sel:
     """Rows ``pos`` (numpy ints, in order) of a ``[B][N][...]`` tensor along dim 1: the whole
     tensor, a slice ``start:stop:step`` or an index tensor."""
 
-    __slots__ = ("kind", "a", "b", "c", "idx", "n")
+    __slots__ = ("kind", "a", "b", "c", "idx", "n", "dev_idx")
 
     def __init__(self, pos: np.ndarray, n_src: int):
         pos = np.asarray(pos, dtype=np.int64)
         self.n = len(pos)
         self.idx = None
+        self.dev_idx = None  # idx on the device of the last call (a GPU: copied once)
         if self.n == n_src and (n_src == 0 or (pos[0] == 0 and
                                                (np.diff(pos) == 1).all())):
             self.kind = "all"
@@ -82,7 +83,11 @@ class _Sel:
             return t
         if self.kind == "slice":
             return t[:, self.a:self.b:self.c]
-        idx = self.idx if t.device.type == "cpu" else self.idx.to(t.device)
+        idx = self.idx
+        if t.device.type != "cpu":
+            if self.dev_idx is None or self.dev_idx.device != t.device:
+                self.dev_idx = self.idx.to(t.device)
+            idx = self.dev_idx
         return t.index_select(1, idx)
 
 
