@@ -68,7 +68,7 @@ def make_data(num_batches, seed=0):
 
 
 def xent_loss(model, x, y):
-    _, logp = model(x)
+    logp = model(x, output="output-xent")
     return -logp.gather(-1, y.unsqueeze(-1)).sum()  # sum over frames, as Kaldi
 
 
@@ -208,7 +208,8 @@ def overhead_tdnn_1j(args):
 
     def step():
         model.zero_grad(set_to_none=True)
-        chain, xent = model(x)
+        out = model(x)
+        chain, xent = out["output"], out["output-xent"]
         (chain.square().mean() - xent.mean()).backward()
 
     for _ in range(12):  # past the 11 initial updates of every preconditioner

@@ -122,7 +122,7 @@ def worker(threads: int, natural: bool, steps: int, warmup: int) -> dict:
 
     torch.manual_seed(0)
     model = TDNNFModel.tdnn_1j(P, feat_dim=F)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not natural:
         for m in model.modules():
             if hasattr(m, "use_natural_gradient"):

@@ -6,7 +6,8 @@ optional dependency only matters when the feature that needs it is used.
   pkwrap.kaldi   Kaldi file formats (FSTs, chain egs, tables, tree/topology)
   pkwrap.chain   LF-MMI objective: DenominatorGraph, ChainOptions, ChainLoss
   pkwrap.ngsgd   Kaldi's OnlineNaturalGradient
-  pkwrap.nn      NG layers, TDNN-F, natural_gradient(model)
+  pkwrap.nn      NG layers, natural_gradient(model), TDNNFModel, the fused TDNN-F kernels
+  pkwrap.nnet3   Kaldi nnet3 networks (TDNNFModel is one), model files, nnet3-compute
   pkwrap.optim   NG-SGD optimizer and Kaldi's learning-rate schedule
   pkwrap.train   torchrun training loop, checkpoints, TensorBoard, diagnostics
 """

@@ -254,3 +254,32 @@ def test_console_script_help():
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0
     assert "--trainer.optimization.num-jobs-initial" in r.stdout and "--egs.dir" in r.stdout
+
+
+def test_input_model(tmp_path):
+    """--trainer.input-model (transfer learning, as train.py): no configs needed; 0.mdl is
+    the given network as it is (its learning-rate factors too) with the chain transition
+    model, and the egs must fit its context."""
+    from pkwrap.nnet3 import nnet3_from_config, read_nnet3, write_nnet3
+    root = _recipe_dir(tmp_path)
+    d = root / "exp/chain/tdnn"
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        src = nnet3_from_config("exp/chain/tdnn/configs/final.config", srand=7)
+    finally:
+        os.chdir(old)
+    src.component("tdnn1.affine").learning_rate_factor = 0.25
+    write_nnet3(src, str(tmp_path / "input.raw"))
+    shutil.rmtree(d / "configs")
+    assert _run(root, ["--trainer.input-model=%s" % (tmp_path / "input.raw"),
+                       "--exit-stage=1"]) == 0
+    m0 = read_nnet3(str(d / "0.mdl"))
+    assert m0.trans_model is not None and m0.trans_model.num_pdfs == 64
+    assert m0.component("tdnn1.affine").learning_rate_factor == 0.25
+    for (n, p), q in zip(src.named_parameters(), m0.parameters()):
+        assert torch.equal(p, q), n
+    assert (d / "log" / "train.0.1.log").is_file() and not (d / "init.raw").exists()
+    with pytest.raises(SystemExit) as e:  # a missing input model is one named error
+        _run(_recipe_dir(tmp_path / "b"), ["--trainer.input-model=%s" % (tmp_path / "no.raw")])
+    assert e.value.code != 0

@@ -1,15 +1,18 @@
-"""pkwrap.nn: natural-gradient layers, model conversion, TDNN-F model semantics."""
+"""pkwrap.nn: natural-gradient layers, model conversion, the fused batchnorm kernels, TDNN-F
+model semantics (TDNNFModel is a pkwrap.nnet3 network: tests/test_nnet3_plan.py trains it
+with and without the fused kernels)."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from pkwrap.ngsgd import OnlineNaturalGradient
-from pkwrap.nn import (TDNNF, KaldiBatchNorm, NaturalAffine, NaturalConv1d, TDNNFModel,
-                       compute_idct_matrix, constrain_orthonormal_, natural_gradient,
-                       natural_gradient_state_dict, load_natural_gradient_state_dict,
-                       scale_batchnorm_stats)
+from pkwrap.nn import (NaturalAffine, NaturalConv1d, TDNNFModel, compute_idct_matrix,
+                       constrain_orthonormal_, natural_gradient, natural_gradient_state_dict,
+                       load_natural_gradient_state_dict, scale_batchnorm_stats)
+from pkwrap.nnet3.components import component_from_config
 
 torch.set_num_threads(1)
 
@@ -105,71 +108,91 @@ def test_natural_gradient_converts_in_place():
     assert torch.equal(fresh[0].preconditioner_in.W_t, model[0].preconditioner_in.W_t)
 
 
+def _bn(dim, target_rms=1.0):
+    """Kaldi's BatchNormComponent (pkwrap.nnet3), as TDNNFModel's config makes it."""
+    line = "component name=bn type=BatchNormComponent dim=%d target-rms=%g" % (dim, target_rms)
+    return component_from_config(line, {"name": "bn", "type": "BatchNormComponent",
+                                        "dim": str(dim), "target-rms": str(target_rms)})
+
+
 def test_kaldi_batchnorm():
-    bn = KaldiBatchNorm(4, target_rms=2.0)
+    bn = _bn(4, target_rms=2.0)
     x = torch.randn(3, 50, 4) * 3 + 1
     y = bn(x)
     rows = y.reshape(-1, 4)
     torch.testing.assert_close(rows.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(rows.pow(2).mean(0), torch.full((4,), 4.0), rtol=1e-3, atol=0)
-    assert float(bn.stats_count) == 150
+    assert float(bn.count) == 150
     bn.eval()
     xr = x.reshape(-1, 4).double()
     want = (x - xr.mean(0).float()) * 2.0 / (xr.var(0, unbiased=False).float() + 1e-3).sqrt()
     torch.testing.assert_close(bn(x), want, rtol=1e-4, atol=1e-4)
     scale_batchnorm_stats(nn.Sequential(bn), 0.8)
-    assert abs(float(bn.stats_count) - 120) < 1e-9
+    assert abs(float(bn.count) - 120) < 1e-9
     with pytest.raises(RuntimeError):
-        KaldiBatchNorm(4).eval()(x)
+        _bn(4).eval()(x)
 
 
-
-def _relu_bn_bypass_reference(y, bn, x, c, scale, pick):
-    """The elementwise tail of a TDNN-F layer as separate torch operations."""
-    from pkwrap.nn.tdnnf import _BypassAddFunction
-    out = bn._forward(torch.relu(y))
-    return out if x is None else _BypassAddFunction.apply(out, x, c, scale, pick)
+def _relu_bn_bypass_reference(y, bn, x, offset, step, scale):
+    """``bn(relu(y)) + scale * x[:, offset::step]`` as plain torch operations (training-mode
+    batchnorm: the minibatch's mean and biased variance), and the rows' sum and sum of
+    squares that the statistics accumulate."""
+    r = torch.relu(y).reshape(-1, y.shape[-1]).double()
+    mean, var = r.mean(0), r.var(0, unbiased=False)
+    out = ((r - mean) * bn.target_rms / (var + bn.epsilon).sqrt()).reshape(y.shape).float()
+    if x is not None:
+        out = out + scale * x[:, offset::step][:, :y.shape[1]]
+    return out, r.sum(0).detach(), r.square().sum(0).detach()
 
 
 @pytest.mark.parametrize("pick,target_rms,bypass", [(None, 1.0, True), ((1, 3), 1.0, True),
                                                      ((2, 3), 0.5, True), (None, 2.0, False)])
 def test_fused_relu_batchnorm_equals_separate_ops(pick, target_rms, bypass):
-    from pkwrap.nn.tdnnf import _fused_ok, relu_batchnorm
+    """The fused kernel (ReLU, batchnorm, TDNN-F bypass rows ``c + j0, c + j0 + f, ...``)
+    against torch operations: outputs, gradients, statistics added to existing ones."""
+    from pkwrap.nn.tdnnf import _ReluBatchNormFunction, _fused_ok
     assert _fused_ok(torch.zeros(2, 2)), "the C++ kernels are not built"
     torch.manual_seed(0)
     B, Tx, D, c = 3, 23, 9, 2
-    J = Tx - 2 * c if pick is None else len(range(pick[0], Tx - 2 * c, pick[1]))
+    j0, f = pick if pick is not None else (0, 1)
+    J = len(range(j0, Tx - 2 * c, f))
     x0 = torch.randn(B, Tx, D)
     y0 = torch.randn(B, J, D) * 2 + 0.3
     w = torch.randn(B, J, D)
+    m0, v0 = torch.randn(D).double(), torch.rand(D).double() + 0.5
     res = []
     for fused in (True, False):
-        bn = KaldiBatchNorm(D, target_rms=target_rms)
-        bn.stats_count += 5.0  # existing statistics are added to
+        bn = _bn(D, target_rms=target_rms)
+        bn.add_stats(5, m0 * 5, (v0 + m0 * m0) * 5)  # existing statistics are added to
         y = y0.clone().requires_grad_(True)
         x = x0.clone().requires_grad_(True)
-        args = (y * 1.0, bn, x if bypass else None, c, 0.66, pick)
-        out = relu_batchnorm(*args) if fused else _relu_bn_bypass_reference(*args)
+        if fused:
+            out = _ReluBatchNormFunction.apply(y * 1.0, x if bypass else None, bn, True, 0.66,
+                                               (c + j0, f) if bypass else None)
+        else:
+            out, rs, rq = _relu_bn_bypass_reference(y, bn, x if bypass else None, c + j0, f,
+                                                    0.66)
+            bn.add_stats(B * J, rs, rq)
         (out * w).sum().backward()
-        res.append((out.detach(), y.grad, x.grad, bn.stats_count.clone(), bn.stats_sum.clone(),
-                    bn.stats_sumsq.clone()))
+        res.append((out.detach(), y.grad, x.grad, float(bn.count), bn.stats_mean.clone(),
+                    bn.stats_var.clone()))
     (o1, gy1, gx1, n1, s1, q1), (o2, gy2, gx2, n2, s2, q2) = res
     torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gy1, gy2, rtol=1e-4, atol=1e-5)
     if bypass:
-        torch.testing.assert_close(gx1, gx2, rtol=0, atol=0)
+        torch.testing.assert_close(gx1, gx2, rtol=1e-6, atol=1e-7)
         assert bool((gx1[:, :c] == 0).all()) and bool((gx1[:, Tx - c:] == 0).all())
     else:
         assert gx1 is None and gx2 is None
-    assert float(n1) == float(n2) == 5.0 + B * J
+    assert n1 == n2 == 5.0 + B * J
     torch.testing.assert_close(s1, s2, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(q1, q2, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(q1, q2, rtol=1e-5, atol=1e-5)
     # a ReLU'd-away unit gets no gradient
     assert bool((gy1[y0 <= 0] == 0).all())
 
 
 def test_fused_batchnorm_is_the_same_with_any_thread_count():
-    from pkwrap.nn.tdnnf import relu_batchnorm
+    from pkwrap.nn.tdnnf import _ReluBatchNormFunction
     torch.manual_seed(1)
     x = torch.randn(2, 700, 16)  # rows over several of the kernel's 256-row blocks
     y0 = torch.randn(2, 698, 16)
@@ -179,31 +202,32 @@ def test_fused_batchnorm_is_the_same_with_any_thread_count():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            bn = KaldiBatchNorm(16)
+            bn = _bn(16)
             y = y0.clone().requires_grad_(True)
-            out = relu_batchnorm(y * 1.0, bn, x, 1, 0.5)
+            out = _ReluBatchNormFunction.apply(y * 1.0, x, bn, True, 0.5, (1, 1))
             (out * w).sum().backward()
-            outs.append((out.detach(), y.grad, bn.stats_sum.clone()))
+            outs.append((out.detach(), y.grad, bn.stats_mean.clone(), bn.stats_var.clone()))
     finally:
         torch.set_num_threads(nt)
     for o in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], o))
 
 
-def test_fused_batchnorm_checks_shapes_and_falls_back():
-    from pkwrap.nn.tdnnf import relu_batchnorm
-    bn = KaldiBatchNorm(4)
-    with pytest.raises(ValueError, match="bypass input"):
-        relu_batchnorm(torch.randn(2, 5, 4), bn, torch.randn(2, 6, 4), 1, 0.5)
+def test_fused_batchnorm_checks_rows_and_falls_back():
+    from pkwrap.nn.tdnnf import _ReluBatchNormFunction
     with pytest.raises(ValueError, match="at least 2 rows"):
-        bn(torch.randn(1, 4))
-    # float64 (no C++ kernel) takes the torch path and gives the same numbers
-    y = torch.randn(2, 5, 4, dtype=torch.float64)
-    x = torch.randn(2, 7, 4, dtype=torch.float64)
-    bn64 = KaldiBatchNorm(4)
-    got = relu_batchnorm(y.clone(), bn64, x, 1, 0.5)
-    want = relu_batchnorm(y.float(), KaldiBatchNorm(4), x.float(), 1, 0.5)
+        _ReluBatchNormFunction.apply(torch.randn(1, 1, 4), None, _bn(4), False, 0.0, None)
+    # bypass rows 2..6 of a 6-frame input: one too many
+    with pytest.raises(ValueError, match="bypass map does not fit"):
+        _ReluBatchNormFunction.apply(torch.randn(2, 5, 4), torch.randn(2, 6, 4), _bn(4), True,
+                                     0.5, (2, 1))
+    # float64 (no C++ kernel) takes the torch path and gives the same numbers and statistics
+    y = torch.randn(2, 5, 4, dtype=torch.float64) * 2 + 1
+    bn64, bn32 = _bn(4).double(), _bn(4)
+    got, want = bn64(y), bn32(y.float())
     torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
+    assert float(bn64.count) == float(bn32.count) == 10
+    torch.testing.assert_close(bn64.stats_var.float(), bn32.stats_var, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_batchnorm_kernel_statistics():
@@ -214,7 +238,7 @@ def test_fused_batchnorm_kernel_statistics():
     B, Tx, J, D = 2, 530, 526, 7  # several 256-row blocks
     x = torch.randn(B, Tx, D)
     y = torch.randn(B, J, D)
-    bn = KaldiBatchNorm(D)
+    bn = _bn(D)
     bmap = _bypass_map((B, J), x, (2, 1))
     out, osq, mean, sc = _bn_forward(y, x, bn, True, 0.66, bmap, True)
     assert osq.dtype == torch.float64 and tuple(osq.shape) == (B * J,)
@@ -240,105 +264,6 @@ def test_row_sqnorm_is_dropped_when_stale():
 def _assert_close_to_max(a, b, rel, what):
     err = float((a - b).abs().max())
     assert err <= rel * float(b.abs().max()) + 1e-7, (what, err, float(b.abs().max()))
-
-
-def _separate_affine_relu_batchnorm(x, affine, bn, bypass=None, c=0, bypass_scale=0.0,
-                                    pick=None, row_norms=False):
-    from pkwrap.nn.tdnnf import relu_batchnorm
-    return relu_batchnorm(NaturalAffine.forward(affine, x), bn, bypass, c, bypass_scale, pick)
-
-
-@pytest.mark.parametrize("stride,pick", [(1, (0, 3)), (1, (2, 3)), (2, (1, 3))])
-def test_tdnnf_picked_layer_evaluates_linear_at_needed_frames_only(stride, pick):
-    """With pick (j0, f) and stride s < f, a TDNN-F layer evaluates its linear half only at
-    the 2 of f frames the picked outputs read, as nnet3 does: outputs, gradients and
-    natural-gradient statistics equal those of the linear half applied to exactly those
-    spliced rows."""
-    from pkwrap.nn.tdnnf import relu_batchnorm, splice
-    torch.manual_seed(0)
-    layer = TDNNF(12, 5, stride, bypass_scale=0.66)
-    ref = copy.deepcopy(layer)
-    B, T = 3, 31
-    j0, f = pick
-    picked = list(range(j0, T - 2 * stride, f))
-    need = sorted({j + d for j in picked for d in (0, stride)})
-    assert len(need) == 2 * len(picked) < (T - stride) * 0.7
-    for step in range(13):
-        x0 = torch.randn(B, T, 12, generator=_gen(step))
-        xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
-        out = layer(xa, 1, pick)
-        rows = splice(xb, (0, stride))[:, need]  # [x(i), x(i + s)] at the needed i only
-        h = NaturalAffine.forward(ref.linear, rows).reshape(B, len(picked), 10)
-        want = relu_batchnorm(NaturalAffine.forward(ref.affine, h), ref.batchnorm, xb, stride,
-                              0.66, pick)
-        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-        w = torch.randn(out.shape, generator=_gen(50 + step))
-        (out * w).sum().backward()
-        (want * w).sum().backward()
-        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
-        for (n, p), q in zip(layer.named_parameters(), ref.parameters()):
-            _assert_close_to_max(p.grad, q.grad, 1e-4, f"{n} step {step}")
-            with torch.no_grad():
-                q.copy_(p.sub_(0.01 * p.grad))
-            p.grad = q.grad = None
-    assert layer.linear.preconditioner_in.t == ref.linear.preconditioner_in.t == 13
-    W1, W2 = layer.linear.preconditioner_in.W_t, ref.linear.preconditioner_in.W_t
-    torch.testing.assert_close(W1.t() @ W1, W2.t() @ W2, rtol=1e-3, atol=1e-5)
-
-
-@pytest.mark.parametrize("use_ng", [True, False])
-def test_fused_affine_batchnorm_equals_separate_layers(monkeypatch, use_ng):
-    """A TDNN-F model trained a few steps with the fused affine + ReLU + batchnorm (+ bypass)
-    nodes and the row norms they pass on gives the outputs, gradients, batchnorm statistics
-    and natural-gradient state of the same model built from separate layers."""
-    from pkwrap.nn import natural_gradient_modules, tdnnf
-    torch.manual_seed(0)
-    model = TDNNFModel(13, feat_dim=10, tdnn_dim=24, tdnnf_dim=24, bottleneck_dim=8,
-                       time_strides=(1, 0, 3, 3), prefinal_dim=12, prefinal_big_dim=20)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0.0, 0.1)  # the zero output layers would hide gradients
-    for _, m in natural_gradient_modules(model):
-        m.use_natural_gradient = use_ng
-    ref = copy.deepcopy(model)
-    calls = []
-    fused_fn = tdnnf._AffineReluBatchNormFunction.apply
-    monkeypatch.setattr(tdnnf._AffineReluBatchNormFunction, "apply",
-                        lambda *a: calls.append(1) or fused_fn(*a))
-    for step in range(14):  # past the preconditioners' updating calls
-        x = torch.randn(4, 45, 10, generator=_gen(step))
-        res = []
-        for m in (model, ref):
-            with monkeypatch.context() as mp:
-                if m is ref:
-                    mp.setattr(tdnnf, "affine_relu_batchnorm", _separate_affine_relu_batchnorm)
-                m.zero_grad()
-                chain, xent = m(x)
-                (chain.square().sum() - xent.sum()).backward()
-            res.append((chain.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
-        with torch.no_grad():  # both take the fused model's step (rounding would compound)
-            for p, q in zip(model.parameters(), ref.parameters()):
-                q.copy_(p.sub_(0.01 * p.grad))
-        (c1, g1), (c2, g2) = res
-        # float rounding differs: errors relative to each tensor's largest entry
-        _assert_close_to_max(c1, c2, 1e-4, f"output step {step}")
-        for n in g1:
-            _assert_close_to_max(g1[n], g2[n], 1e-4, f"{n} step {step}")
-    monkeypatch.undo()
-    assert len(calls) == 14 * 7  # tdnn1, 4 TDNN-F layers, 2 prefinal layers per step
-    for (n, b1), b2 in zip(model.named_buffers(), ref.buffers()):
-        torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6, msg=n)
-    if use_ng:
-        for (_, m1), (_, m2) in zip(natural_gradient_modules(model),
-                                    natural_gradient_modules(ref)):
-            for p1, p2 in ((m1.preconditioner_in, m2.preconditioner_in),
-                           (m1.preconditioner_out, m2.preconditioner_out)):
-                assert p1.t == p2.t > 10
-                # W's rows are eigenvectors (signs arbitrary): compare W^T W, which the
-                # preconditioning uses
-                torch.testing.assert_close(p1.W_t.t() @ p1.W_t, p2.W_t.t() @ p2.W_t,
-                                           rtol=1e-3, atol=1e-5)
 
 
 def test_keep_freed_memory(monkeypatch):
@@ -373,13 +298,18 @@ def test_constrain_orthonormal_floating_scale():
 
 def test_idct_and_tdnn_1j_size():
     m = TDNNFModel.tdnn_1j(2051)
-    assert sum(p.numel() for p in m.parameters()) == 5024134  # nnet3-info of Kaldi's tdnn_1j
+    # nnet3-info of Kaldi's tdnn_1j (the trainable parameters; the idct layer is fixed)
+    assert m.num_parameters() == sum(p.numel() for p in m.parameters() if p.requires_grad) \
+        == 5024134
     assert (m.left_context, m.right_context, m.frame_subsampling_factor) == (29, 29, 3)
     assert m.num_output_frames(208) == 50
     from conftest import fixture_path
     txt = fixture_path("bench", "tdnn_1j.idct.mat").read_text().replace("[", "").replace("]", "")
     kaldi = torch.tensor([float(v) for v in txt.split()]).reshape(40, 41)
     torch.testing.assert_close(compute_idct_matrix(40, 22.0), kaldi[:, :40], atol=1e-6, rtol=0)
+    idct = m.component("idct")  # the model's idct layer: Kaldi's matrix, zero bias, fixed
+    torch.testing.assert_close(idct.weight, kaldi[:, :40], atol=1e-6, rtol=0)
+    assert not idct.bias.abs().sum() and not any(p.requires_grad for p in idct.parameters())
 
 
 def _small_model(fsf, strides=(1, 0, 3, 3), use_delta=True):
@@ -401,31 +331,37 @@ def test_tdnnf_model_frame_alignment(strides, use_delta):
     m3(x)  # accumulate batchnorm stats
     m1.load_state_dict(m3.state_dict())
     m3.eval(), m1.eval()
-    c3, x3 = m3(x)
-    c1, x1 = m1(x)
+    o3, o1 = m3(x), m1(x)
+    c3, x3, c1, x1 = o3["output"], o3["output-xent"], o1["output"], o1["output-xent"]
     assert c3.shape == (2, m3.num_output_frames(60), 11) and c1.shape[1] == 60 - 2 * ctx
     torch.testing.assert_close(c3, c1[:, ::3], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x3, x1[:, ::3], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(x3.exp().sum(-1), torch.ones(2, c3.shape[1]))
     # output frame j depends on input frames 3j .. 3j + 2 ctx only
-    for mod in m3.modules():  # give the zero-initialized output layers some weight
-        if mod is m3.output:
-            torch.nn.init.normal_(mod.weight)
+    # (give the zero-initialized output layer some weight)
+    torch.nn.init.normal_(m3.component("output.affine").weight)
     xi = x.clone().requires_grad_(True)
-    m3(xi)[0][0, 4].sum().backward()
+    m3(xi, output="output")[0, 4].sum().backward()
     nz = (xi.grad[0].abs().sum(-1) > 0).nonzero().flatten()
     assert int(nz.min()) >= 12 and int(nz.max()) <= 12 + 2 * ctx
 
 
 def test_tdnnf_layer_bypass_and_bad_input():
-    layer = TDNNF(8, 4, time_stride=2, bypass_scale=0.5)
-    x = torch.randn(1, 10, 8)
-    y = layer(x)
-    assert y.shape == (1, 6, 8)
-    with pytest.raises(ValueError):
+    # one TDNN-F layer of stride 2, bypass 0.5: 2 frames of context each side; at init
+    # (zero output layers) the output is the output bias, 0
+    torch.manual_seed(1)
+    m = TDNNFModel(5, feat_dim=8, tdnn_dim=8, tdnnf_dim=8, bottleneck_dim=4, time_strides=(2,),
+                   bypass_scale=0.5, frame_subsampling_factor=1, use_idct=False,
+                   use_delta=False)
+    assert "Sum(Scale(0.5, tdnn1.batchnorm), tdnnf2.batchnorm)" in m.nnet3_config()
+    y = m(torch.randn(2, 10, 8), output="output")
+    assert y.shape == (2, 6, 5) and not y.abs().sum()
+    with pytest.raises(ValueError, match="needs more than"):
         _small_model(3)(torch.randn(1, 10, 8))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be"):
         _small_model(3)(torch.randn(1, 40, 7))
+    with pytest.raises(ValueError, match="unknown spec_augment"):
+        _small_model(3).__class__(5, feat_dim=8, spec_augment={"freq_max_proportions": 0.5})
 
 
 def test_nan_gradient_does_not_crash_and_optimizer_skips():
@@ -451,49 +387,92 @@ def test_nan_gradient_does_not_crash_and_optimizer_skips():
 def _kaldi_small(fsf):
     return TDNNFModel(329, feat_dim=40, tdnn_dim=256, tdnnf_dim=256, bottleneck_dim=64,
                       time_strides=(1, 1, 1, 0, 3, 3), prefinal_dim=64, prefinal_big_dim=256,
-                      frame_subsampling_factor=fsf)
+                      frame_subsampling_factor=fsf,
+                      spec_augment=dict(freq_max_proportion=0.5, time_zeroed_proportion=0.2,
+                                        time_mask_max_frames=20))
+
+
+def _untrained_fields(c):
+    from pkwrap.nnet3.components import _TensorRef
+    skip = {"LearningRate", "Count", "StatsMean", "StatsVar", "ValueAvg", "DerivAvg",
+            "OderivRms", "OderivCount", "NumDimsSelfRepaired", "NumDimsProcessed"}
+    return {k: (v.attr if isinstance(v, _TensorRef) else np.asarray(v, dtype=np.float32).tolist())
+            for k, v in c.fields.items() if k not in skip}
+
+
+def test_tdnnf_model_is_kaldis_tdnn_1j_graph():
+    """TDNNFModel's network equals Kaldi's xconfig tdnn_1j-like model (the fixture's
+    final.raw, made by Kaldi from its xconfig): the same nodes and descriptors, the same
+    components in the same order, with the same types, dims and training options
+    (l2-regularize, max-change, learning-rate-factor, orthonormal-constraint, ranks,
+    time offsets, batchnorm and spec-augment settings); a model with other strides does
+    not."""
+    from conftest import fixture_path
+    from pkwrap.nn import load_kaldi_nnet3
+    k = load_kaldi_nnet3(fixture_path("nnet3", "model", "final.raw"))
+    m = _kaldi_small(3)
+    assert m.config_lines() == k.config_lines()
+    assert [(c.name, c.TYPE) for c in m.components] == [(c.name, c.TYPE) for c in k.components]
+    for a, b in zip(m.components, k.components):
+        assert _untrained_fields(a) == _untrained_fields(b), a.name
+        assert {n: p.shape for n, p in a.state_dict().items()} == \
+            {n: p.shape for n, p in b.state_dict().items()}, a.name
+    assert m.num_parameters() == k.num_parameters() == 518162  # nnet3-info num-parameters
+    other = TDNNFModel(329, feat_dim=40, tdnn_dim=256, tdnnf_dim=256, bottleneck_dim=64,
+                       time_strides=(1, 1, 1, 0, 3, 1), prefinal_dim=64, prefinal_big_dim=256)
+    assert _untrained_fields(other.component("tdnnf7.linear"))["TimeOffsets"] != \
+        _untrained_fields(k.component("tdnnf7.linear"))["TimeOffsets"]
 
 
 def test_kaldi_nnet3_import_matches_nnet3_compute():
-    """Kaldi's trained TDNN-F (tests/fixtures/kaldi/nnet3) loaded into TDNNFModel gives
-    nnet3-compute's outputs (edge-replicated context, test-mode batchnorm) to 1e-4."""
-    import numpy as np
+    """Kaldi's trained TDNN-F (tests/fixtures/kaldi/nnet3) as a TDNNFModel (its trained
+    parameters and statistics in the model's state dict) gives nnet3-compute's outputs
+    (edge-replicated context, test-mode batchnorm) to 1e-4; so does load_kaldi_nnet3's
+    module."""
     from conftest import fixture_path
-    from pkwrap.nn.kaldi_import import load_kaldi_nnet3
+    from pkwrap.nn import load_kaldi_nnet3
     d = fixture_path("nnet3")
-    m3 = load_kaldi_nnet3(_kaldi_small(3), d / "model" / "final.txt.gz").eval()
+    kaldi = load_kaldi_nnet3(d / "model" / "final.txt.gz")
+    m3 = _kaldi_small(3)
+    m3.load_state_dict(kaldi.state_dict())  # the same components in the same order
+    m3.eval()
+    kaldi.frame_subsampling_factor = 3
+    kaldi.eval()
     assert (m3.left_context, m3.right_context) == (11, 11)
-    assert sum(p.numel() for p in m3.parameters()) == 518162  # nnet3-info num-parameters
+    assert m3.num_parameters() == 518162  # nnet3-info num-parameters
     m1 = _kaldi_small(1)
     m1.load_state_dict(m3.state_dict())
     m1.eval()
     x = np.load(d / "compute" / "feats_utt0_97.npy")
     xp = np.concatenate([np.repeat(x[:1], 11, 0), x, np.repeat(x[-1:], 11, 0)])
     with torch.no_grad():
-        for fsf, m in ((3, m3), (1, m1)):
-            chain, xent = m(torch.from_numpy(xp)[None])
-            for out, tag in ((chain, "output"), (xent, "output_xent")):
+        for fsf, m in ((3, m3), (1, m1), (3, kaldi)):
+            out = m(torch.from_numpy(xp)[None])
+            for key, tag in (("output", "output"), ("output-xent", "output_xent")):
                 ref = np.load(d / "compute" / f"{tag}_fsf{fsf}_utt0_97.npy")
-                assert out.shape[1:] == ref.shape
-                err = np.abs(out[0].numpy() - ref).max()
+                assert out[key].shape[1:] == ref.shape
+                err = np.abs(out[key][0].numpy() - ref).max()
                 assert err < 1e-4, f"{tag} fsf={fsf}: max abs diff {err:.2e}"
         # the merged chain eg: 8 sequences x 174 rows (t = -12..161, n-major), outputs t-major
         eg = np.load(d / "egs" / "dump_cegs_merged8" / "eg0_input_input.npy").reshape(8, 174, 40)
-        chain, xent = m3(torch.from_numpy(eg[:, 1:-1]))  # model context is 11, egs carry 12
-        assert chain.shape == (8, 50, 329)
-        for out, name in ((chain, "eg_nnet_output.npy"), (xent, "eg_xent_output.npy")):
+        out = m3(torch.from_numpy(eg[:, 1:-1]))  # model context is 11, egs carry 12
+        assert out["output"].shape == (8, 50, 329)
+        for key, name in (("output", "eg_nnet_output.npy"),
+                          ("output-xent", "eg_xent_output.npy")):
             ref = np.load(d / "egs" / name)
-            got = out.transpose(0, 1).reshape(400, 329).numpy()  # row = t * 8 + n
+            got = out[key].transpose(0, 1).reshape(400, 329).numpy()  # row = t * 8 + n
             assert np.abs(got - ref).max() < 1e-4
 
 
-def test_load_kaldi_nnet3_rejects_mismatch():
+def test_load_kaldi_nnet3_rejects_a_model_to_fill():
+    """load_kaldi_nnet3(path) returns the model; the older form that filled a given
+    TDNNFModel says so."""
     from conftest import fixture_path
-    from pkwrap.nn.kaldi_import import load_kaldi_nnet3
-    bad = TDNNFModel(329, feat_dim=40, tdnn_dim=256, tdnnf_dim=256, bottleneck_dim=64,
-                     time_strides=(1, 1, 1, 0, 3, 1), prefinal_dim=64, prefinal_big_dim=256)
-    with pytest.raises(ValueError, match="time offsets"):
-        load_kaldi_nnet3(bad, fixture_path("nnet3", "model", "final.txt.gz"))
+    from pkwrap.nn import load_kaldi_nnet3
+    with pytest.raises(TypeError, match="returns the model"):
+        load_kaldi_nnet3(_kaldi_small(3))
+    with pytest.raises(TypeError):
+        load_kaldi_nnet3(_kaldi_small(3), fixture_path("nnet3", "model", "final.txt.gz"))
 
 
 def test_autocast_bfloat16():
@@ -511,19 +490,27 @@ def test_autocast_bfloat16():
 @pytest.mark.parametrize("dims,offsets,bias", [((40, 12), (-1, 0, 2), True),
                                                ((768, 96), (-3, 0), False)])
 def test_spliced_tdnn_equals_splice_then_affine(natural, dims, offsets, bias):
-    # the wide-input TDNN path (row-shifted products, no spliced copy) against splice() +
-    # NaturalAffine: outputs, input and parameter gradients, through preconditioner updates
-    from pkwrap.nn import TDNN
-    from pkwrap.nn.tdnnf import splice
+    # the wide-input TDNN path of the plan (row-shifted products, no spliced copy) against
+    # the TdnnComponent's natural-gradient affine map of the spliced frames: outputs, input
+    # and parameter gradients, through preconditioner updates
+    from pkwrap.nnet3.plan import _spliced_tdnn
     torch.manual_seed(3)
-    a = TDNN(dims[0], dims[1], offsets, bias=bias)
+    line = "component name=t type=TdnnComponent input-dim=%d output-dim=%d time-offsets=%s " \
+        "use-bias=%s" % (dims[0], dims[1], ",".join(map(str, offsets)), str(bias).lower())
+    a = component_from_config(line, {"name": "t", "type": "TdnnComponent",
+                                     "input-dim": str(dims[0]), "output-dim": str(dims[1]),
+                                     "time-offsets": ",".join(map(str, offsets)),
+                                     "use-bias": str(bias).lower()})
     a.use_natural_gradient = natural
     b = copy.deepcopy(a)
+    rel = tuple(o - offsets[0] for o in offsets)
     for step in range(12):
         x = torch.randn(6, 40, dims[0], generator=_gen(step), requires_grad=True)
         x2 = x.detach().clone().requires_grad_(True)
-        y = a(x)
-        want = NaturalAffine.forward(b, splice(x2, list(offsets)))
+        L = 40 - rel[-1]
+        y = _spliced_tdnn(a, x, (0, 40, rel))
+        assert y is not None
+        want = b._affine(torch.cat([x2[:, r:r + L] for r in rel], dim=-1))
         assert y.shape == (6, 40 - (offsets[-1] - offsets[0]), dims[1])
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
         g = torch.randn(y.shape, generator=_gen(50 + step))
@@ -542,3 +529,83 @@ def test_spliced_tdnn_equals_splice_then_affine(natural, dims, offsets, bias):
                                    rtol=1e-4, atol=1e-5)
         for p in (a.preconditioner_in, a.preconditioner_out):
             assert isinstance(p.last_scale, float) and p.last_scale >= 1.0
+
+
+def test_digits_decode_names_a_checkpoint_that_does_not_fit(tmp_path):
+    """egs/digits/decode.py rebuilds the TDNNFModel of model.json: a checkpoint of the
+    older layout (its own layer modules, before TDNNFModel became an nnet3 network) or of
+    another model is one clear error naming the file; a fitting one loads."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    from pkwrap.train import save_checkpoint
+    path = Path(__file__).resolve().parents[1] / "egs" / "digits" / "decode.py"
+    spec = importlib.util.spec_from_file_location("digits_decode", path)
+    dec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dec)
+    cfg = dict(num_pdfs=7, feat_dim=8, tdnn_dim=8, tdnnf_dim=8, bottleneck_dim=4,
+               time_strides=[1, 3], prefinal_dim=4, prefinal_big_dim=8, use_idct=False,
+               xent_head=False)
+    (tmp_path / "model.json").write_text(json.dumps(cfg))
+    model = TDNNFModel(**cfg)
+    old = {"batchnorm0.stats_count": torch.zeros(()), "tdnn1.weight": torch.zeros(8, 24),
+           "tdnnfs.0.linear.weight": torch.zeros(4, 16)}
+    save_checkpoint(str(tmp_path / "old.pt"), {"model": old})
+    with pytest.raises(SystemExit, match="old.pt does not fit the model of .*model.json: it "
+                                         "is a checkpoint of the older TDNNFModel layout"):
+        dec.load_model(tmp_path, tmp_path / "old.pt")
+    other = TDNNFModel(**dict(cfg, time_strides=[1])).state_dict()
+    save_checkpoint(str(tmp_path / "other.pt"), {"model": other})
+    with pytest.raises(SystemExit, match="other.pt does not fit .* unexpected"):
+        dec.load_model(tmp_path, tmp_path / "other.pt")
+    save_checkpoint(str(tmp_path / "final.pt"), {"model": model.state_dict()})
+    got = dec.load_model(tmp_path, tmp_path / "final.pt")
+    assert not got.training and all(torch.equal(a, b) for a, b in
+                                    zip(got.state_dict().values(), model.state_dict().values()))
+
+
+def test_tdnnf_model_written_for_kaldi_and_read_back(tmp_path):
+    """A trained TDNNFModel is an nnet3 network: save_kaldi_nnet3 writes it (Kaldi's
+    format, training settings kept) and load_kaldi_nnet3 reads back the same network."""
+    from pkwrap.nn import load_kaldi_nnet3, save_kaldi_nnet3
+    m = _small_model(3)
+    m.train()(torch.randn(2, 60, 8))  # batchnorm statistics
+    m.eval()
+    save_kaldi_nnet3(m, tmp_path / "m.raw")
+    back = load_kaldi_nnet3(tmp_path / "m.raw")
+    back.frame_subsampling_factor = 3
+    assert back.config_lines() == m.config_lines()
+    for a, b in zip(back.components, m.components):  # (as float32 in the file)
+        assert a.training_options() == pytest.approx(b.training_options(), rel=1e-6), a.name
+    x = torch.randn(2, 60, 8)
+    with torch.no_grad():
+        a, b = m(x), back.eval()(x)
+    assert set(a) == set(b) == {"output", "output-xent"}
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+def test_tdnnf_model_initial_parameters_come_from_the_global_generator():
+    """TDNNFModel draws its initial parameters from torch's global generator, in config
+    order with Kaldi's default distributions (weights N(0, 1/inputs), biases N(0, 1)); the
+    idct layer takes no draws. The same seed gives the same model (every DDP rank)."""
+    kw = dict(num_pdfs=11, feat_dim=8, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=6,
+              time_strides=(1, 0), prefinal_dim=6, prefinal_big_dim=16)
+    torch.manual_seed(7)
+    m = TDNNFModel(**kw)
+    torch.manual_seed(7)
+    f32 = np.float32
+    w1 = torch.randn(16, 24).numpy() * f32(24 ** -0.5)  # tdnn1.affine on the 3 x 8 deltas
+    b1 = torch.randn(16).numpy() * f32(1.0)
+    w2 = torch.randn(6, 32).numpy() * f32(32 ** -0.5)  # tdnnf2.linear, offsets -1,0, no bias
+    assert np.array_equal(m.component("tdnn1.affine").weight.detach().numpy(), w1)
+    assert np.array_equal(m.component("tdnn1.affine").bias.detach().numpy(), b1)
+    assert np.array_equal(m.component("tdnnf2.linear").weight.detach().numpy(), w2)
+    torch.manual_seed(7)
+    again = TDNNFModel(**kw)
+    torch.manual_seed(8)
+    other = TDNNFModel(**kw)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    assert not torch.equal(m.component("tdnn1.affine").weight,
+                           other.component("tdnn1.affine").weight)

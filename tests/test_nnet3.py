@@ -672,3 +672,32 @@ def test_other_components_against_their_formulas(tmp_path):
 def math_log(v):
     import math
     return math.log(v)
+
+
+def test_context_over_all_shifts_and_failover_requests():
+    """Found by bench/nnet3_heldout_kaldi.py against real Kaldi: (1) with Round(x, 3) an
+    output at t = 3k + 2 reads x at 3k, so Kaldi's left context is 2 (it takes the largest
+    context over input start frames 0..modulus-1), not 0; (2) Failover(Offset(c, -4), c)
+    must not read c where the first part already covers the request (interval evaluation
+    asked for c's frames only where needed, then read others)."""
+    from pkwrap.nnet3 import nnet3_from_config
+    head = ("input-node name=input dim=4\n"
+            "component name=a type=AffineComponent input-dim=4 output-dim=3\n"
+            "component-node name=a component=a input=input\n"
+            "component name=n type=NoOpComponent dim=3\n")
+    r = nnet3_from_config(head + "component-node name=n component=n input=Round(a, 3)\n"
+                          "output-node name=output input=n\n")
+    assert r.modulus() == 3 and r.context() == (2, 0)
+    f = nnet3_from_config(
+        head.replace("input=input", "input=Append(Offset(input, -1), input)")
+        .replace("input-dim=4", "input-dim=8")
+        + "component-node name=n component=n input=Failover(Offset(a, -4), a)\n"
+        "output-node name=output input=n\n").eval()
+    x = torch.randn(1, 60, 4)
+    with torch.no_grad():
+        y = f.compute({"input": (-7, x)}, {"output": (0, 45)})["output"]
+    assert y.shape == (1, 46, 3)
+    # frames t >= -2: a(t - 4) exists (a needs input t-1 >= -7)
+    with torch.no_grad():
+        full = f.compute_generic({"input": (-7, x)}, {"output": (-2, 45)})["output"]
+    assert torch.allclose(y, full[:, 2:], atol=1e-6)

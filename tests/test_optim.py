@@ -125,7 +125,7 @@ def _train(model, opt, sched, batches):
     out = []
     for x, y in batches:
         opt.zero_grad()
-        chain, xent = model(x)
+        xent = model(x, output="output-xent")
         loss = -xent.gather(-1, y[:, None, None].expand(-1, xent.shape[1], 1)).sum()
         loss.backward()
         opt.step(num_sequences=x.shape[0])
@@ -163,7 +163,7 @@ def test_checkpoint_round_trip_continues_exactly():
     m2.load_state_dict(ck["model"])
     o2.load_state_dict(ck["opt"])
     s2.load_state_dict(ck["sched"])
-    assert o2.num_steps == 9 and m2.tdnn1.preconditioner_in.t == 9
+    assert o2.num_steps == 9 and m2.component("tdnn1.affine").preconditioner_in.t == 9
     rest = _train(m2, o2, s2, batches[9:])
     assert rest == full[9:]
     for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
@@ -188,22 +188,22 @@ def test_backstitch_and_orthonormal_constraint():
 
     def closure():
         opt.zero_grad()
-        loss = -m(x)[1][..., 0].sum()
+        loss = -m(x, output="output-xent")[..., 0].sum()
         loss.backward()
         return loss
 
     closure()
     with pytest.raises(ValueError):
         opt.step()
-    W = m.prefinal_l.weight.detach().clone()
+    W = m.component("prefinal-l").weight.detach().clone()
     l0 = float(closure().detach())
-    t0 = m.tdnn1.preconditioner_in.t
+    t0 = m.component("tdnn1.affine").preconditioner_in.t
     opt.step(closure)
     # two passes, the first with frozen preconditioners (t still counts both calls)
-    assert m.tdnn1.preconditioner_in.t == t0 + 2
+    assert m.component("tdnn1.affine").preconditioner_in.t == t0 + 2
     assert float(closure().detach()) < l0
-    # step 0 applied the orthonormal constraint to prefinal_l: rows closer to orthogonal
+    # step 0 applied the orthonormal constraint to prefinal-l: rows closer to orthogonal
     def off(M):
         P = M @ M.t()
         return float((P / P.diagonal().mean() - torch.eye(P.shape[0])).abs().max())
-    assert off(m.prefinal_l.weight.detach()) < off(W)
+    assert off(m.component("prefinal-l").weight.detach()) < off(W)

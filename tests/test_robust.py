@@ -538,7 +538,7 @@ class _Poisoned(torch.nn.Module):
 
     def forward(self, x):
         y = self.m(x)
-        y = y[0] if isinstance(y, tuple) else y
+        y = y["output"] if isinstance(y, dict) else y[0] if isinstance(y, tuple) else y
         return y + torch.where(torch.arange(y.shape[-1]) == 3, float("inf"), 0.0)
 
 

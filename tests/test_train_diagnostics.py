@@ -130,7 +130,8 @@ def test_recompute_batchnorm_stats():
             self.m, self.bn = m, bn2
 
         def forward(self, x):
-            c, xe = self.m(x)
+            out = self.m(x)
+            c, xe = out["output"], out["output-xent"]
             return self.bn(c[..., :3].transpose(1, 2)).transpose(1, 2), xe
 
     w = Wrap()
@@ -146,12 +147,14 @@ def test_recompute_batchnorm_stats():
 
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(2, ctx.num_input_frames(4), 8, generator=g) * 3 + 1 for _ in range(3)]
-    m.batchnorm0.stats_count.fill_(123.0)  # stale statistics are replaced
+    bn0 = m.component("batchnorm0")
+    bn0.count.fill_(123.0)  # stale statistics are replaced
     assert recompute_batchnorm_stats(w, ctx, [B(x) for x in xs]) == len(
         [mod for mod in w.modules() if "BatchNorm" in type(mod).__name__])
     rows = torch.cat([x.reshape(-1, 8) for x in xs]).double()
-    assert float(m.batchnorm0.stats_count) == rows.shape[0]
-    assert torch.allclose(m.batchnorm0.stats_sum, rows.sum(0))
+    assert float(bn0.count) == rows.shape[0]
+    assert torch.allclose(bn0.stats_mean.double(), rows.mean(0), atol=1e-5)
+    assert torch.allclose(bn0.stats_var.double(), rows.var(0, unbiased=False), rtol=1e-4)
     assert bn2.momentum == 0.1 and int(bn2.num_batches_tracked) == 3
     assert w.training  # modes restored
 
@@ -203,11 +206,10 @@ def test_trainer_on_the_fly_egs_single_process(tmp_path):
 
 
 def _kaldi_trained_model():
-    from pkwrap.nn import TDNNFModel
-    from pkwrap.nn.kaldi_import import load_kaldi_nnet3
-    m = TDNNFModel(329, feat_dim=40, tdnn_dim=256, tdnnf_dim=256, bottleneck_dim=64,
-                   time_strides=(1, 1, 1, 0, 3, 3), prefinal_dim=64, prefinal_big_dim=256)
-    return load_kaldi_nnet3(m, fixture_path("nnet3", "model", "final.txt.gz"))
+    from pkwrap.nn import load_kaldi_nnet3
+    m = load_kaldi_nnet3(fixture_path("nnet3", "model", "final.txt.gz"))
+    m.frame_subsampling_factor = 3  # chain outputs, as it was trained
+    return m
 
 
 def test_kaldi_model_compute_prob_and_nnet3_compute(tmp_path):

@@ -199,13 +199,13 @@ def test_probe_padded_model_and_tdnnf():
     ctx = probe_model_context(PaddedCnn(), 4)
     # output j at input 2j depends on inputs 2j-3 .. 2j+3
     assert ctx == ModelContext(3, 3, 2, True, False, 6)
-    from pkwrap.nn.tdnnf import TDNNFModel
+    from pkwrap.nn import TDNNFModel
     m = TDNNFModel(30, feat_dim=12, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=4,
                    time_strides=(1, 0, 3), prefinal_dim=8, prefinal_big_dim=16)
     ctx = probe_model_context(m, 12)  # Kaldi batchnorm has no stats yet: probed in train mode
     assert (ctx.left_context, ctx.right_context) == (m.left_context, m.right_context) == (6, 6)
     assert ctx.frame_subsampling_factor == 3 and ctx.has_xent and ctx.num_outputs == 30
-    assert float(m.batchnorm0.stats_count) == 0, "probing changed the model's statistics"
+    assert float(m.component("batchnorm0").count) == 0, "probing changed the model's statistics"
 
 
 def test_select_model_input_frame_shift():

@@ -59,7 +59,20 @@ def load_model(exp: Path, path: Path) -> TDNNFModel:
     ckpt = load_checkpoint(str(path))
     if "model" not in ckpt:
         sys.exit("decode.py: %s holds no 'model' state dict" % path)
-    model.load_state_dict(ckpt["model"])
+    state = ckpt["model"]
+    want = set(model.state_dict())
+    if set(state) != want:
+        old = any(k.startswith(("tdnnfs.", "batchnorm0.", "tdnn1.")) for k in state)
+        sys.exit("decode.py: %s does not fit the model of %s: %s" % (
+            path, cfg_path, "it is a checkpoint of the older TDNNFModel layout (before the "
+            "model became an nnet3 network); retrain with this version" if old else
+            "missing %s, unexpected %s" % (sorted(want - set(state))[:3],
+                                           sorted(set(state) - want)[:3])))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # same names, other shapes
+        sys.exit("decode.py: %s does not fit the model of %s: %s"
+                 % (path, cfg_path, str(e).splitlines()[-1].strip()))
     model.eval()
     return model
 

@@ -9,10 +9,12 @@ Binary layouts (``src/matrix/kaldi-matrix.cc``, ``compressed-matrix.cc``,
                    float min_value, float range, int32 num_rows, int32 num_cols,
                    then the payload (raw, no size bytes)
     "SM "  int32 rows, then per row "SV " int32 dim, int32 n, n x (int32 col, float value)
+    "FP " | "DP "  int32 n, then n(n+1)/2 float32 | float64: a packed lower triangle,
+                   row by row (SpMatrix, TpMatrix)
 
 Text mode: a matrix is ``" [\\n  a b \\n  c d ]\\n"``, a vector ``" [ a b ]\\n"``, a
-sparse matrix ``"rows=R dim=D [ i v ... ] ..."``; a compressed matrix is written
-uncompressed.
+sparse matrix ``"rows=R dim=D [ i v ... ] ..."``, a packed matrix ``"[\\n a \\n b c ]\\n"``
+(row i has i+1 values); a compressed matrix is written uncompressed.
 
 CompressedMatrix formats. With ``u16(q) = min + range * (1/65535 as float) * q``:
 
@@ -33,6 +35,7 @@ keeps its bytes, so writing it back is byte-identical.
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
@@ -53,7 +56,8 @@ except ImportError:  # pragma: no cover - exercised only on a broken build
 
 __all__ = ["CompressedMatrix", "SparseMatrix", "read_matrix", "write_matrix",
            "read_vector", "write_vector", "read_general_matrix", "write_general_matrix",
-           "decompress_numpy", "compress_numpy", "GeneralMatrix"]
+           "decompress_numpy", "compress_numpy", "GeneralMatrix", "read_packed_matrix",
+           "write_packed_matrix"]
 
 K_ONE_BYTE_WITH_COL_HEADERS = 1
 K_TWO_BYTE = 2
@@ -497,6 +501,87 @@ def write_vector(w: KaldiWriter, vec: np.ndarray) -> None:
         w.write(np.ascontiguousarray(v, dtype="<f8" if dbl else "<f4").tobytes())
     else:
         w.write((" [ " + "".join(format_float(x) + " " for x in v.tolist()) + "]\n").encode())
+
+
+# ----------------------------------------------------------------------------- packed
+def read_packed_matrix(r: KaldiReader) -> np.ndarray:
+    """PackedMatrix<Real>::Read (Kaldi's SpMatrix / TpMatrix): ``FP``/``DP`` (binary) or
+    text; returns the full symmetric matrix ``[n][n]`` (for a TpMatrix take
+    ``np.tril``) in the stored dtype."""
+    start = r.pos
+    if r.binary:
+        tok = r.read_token()
+        if tok not in ("FP", "DP"):
+            raise r.error("expected a packed matrix (FP or DP), got token %r" % tok[:40], start)
+        n = r.read_int32()
+        if n < 0:
+            raise r.error("negative packed-matrix size %d" % n, start)
+        dt = "<f4" if tok == "FP" else "<f8"
+        vals = r.take_array(dt, n * (n + 1) // 2, "packed matrix data (%d x %d)" % (n, n))
+        vals = vals.astype(_F if tok == "FP" else _D)
+    else:
+        w = r._word()
+        if w in ("FP", "DP"):  # the old text form: token, size, values
+            n = r.read_int32()
+            if n < 0:
+                raise r.error("negative packed-matrix size %d" % n, start)
+            vals = np.array([r.read_float() for _ in range(n * (n + 1) // 2)], dtype=_F)
+        elif w == "[]":
+            return np.zeros((0, 0), dtype=_F)
+        elif w == "[":
+            items = []
+            while True:
+                w = r._word("a packed matrix")
+                if w == "]":
+                    break
+                if w.endswith("]"):
+                    items.append(w[:-1])
+                    break
+                items.append(w)
+            try:
+                vals = np.array([float(x) for x in items], dtype=_F)
+            except ValueError as e:
+                raise r.error("bad text packed matrix (%s)" % e, start)
+            n = int(round((math.sqrt(8 * len(vals) + 1) - 1) / 2))
+            if n * (n + 1) // 2 != len(vals):
+                raise r.error("text packed matrix has %d values, not n(n+1)/2 for any n"
+                              % len(vals), start)
+            if r.pos < r.end and r.buf[r.pos] == 10:
+                r.pos += 1
+        else:
+            raise r.error("expected '[' to start a text packed matrix, got %r" % w[:40], start)
+    out = np.zeros((n, n), dtype=vals.dtype)
+    rows, cols = np.tril_indices(n)
+    out[rows, cols] = vals
+    out[cols, rows] = vals
+    return out
+
+
+def write_packed_matrix(w: KaldiWriter, mat: np.ndarray) -> None:
+    """PackedMatrix<Real>::Write of the lower triangle of ``mat`` ``[n][n]``: ``DP`` for
+    float64, ``FP`` otherwise, or Kaldi's text form."""
+    m = np.asarray(mat)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError("write_packed_matrix: expected a square matrix, got shape %s"
+                         % (m.shape,))
+    n = m.shape[0]
+    vals = m[np.tril_indices(n)]
+    if w.binary:
+        dbl = m.dtype == _D
+        w.write_token("DP" if dbl else "FP")
+        w.write_int32(n)
+        w.write(np.ascontiguousarray(vals, dtype="<f8" if dbl else "<f4").tobytes())
+        return
+    if n == 0:
+        w.write(b"[ ]\n")
+        return
+    parts = ["[\n"]
+    i = 0
+    for j in range(n):
+        parts.append("".join(format_float(x) + " " for x in vals[i:i + j + 1].tolist()))
+        i += j + 1
+        parts.append("]\n" if j == n - 1 else "\n")
+    w.write("".join(parts).encode())
 
 
 # ----------------------------------------------------------------------------- general

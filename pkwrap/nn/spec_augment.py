@@ -18,6 +18,9 @@ time-mask-max-frames=M`` is two components applied in training only:
    ``N = floor(M (1 - z) / z)`` (so about a proportion z of frames is zeroed).  The first
    segment is a kept one with probability z and a zeroed one otherwise, as in Kaldi.
 
+The masks are drawn here for both: :class:`SpecAugment` (for any model) and the two nnet3
+components (:mod:`pkwrap.nnet3.components`, which Kaldi models and TDNNFModel use).
+
 Both multiply the input by a 0/1 mask (and so the gradient by the same mask); in
 evaluation mode the layer is the identity.  Input ``[B][T][D]``: each of the B sequences
 gets its own masks.  Kaldi's defaults are p = 0.5, z = 0.2, M = 20.

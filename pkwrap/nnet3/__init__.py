@@ -14,6 +14,8 @@
   (cached per input shape): each node only at the frames Kaldi computes it at, descriptor
   reads precomputed as slices / index tensors, and in training the fused C++ kernels of
   :mod:`pkwrap.nn.tdnnf` for affine/TDNN + ReLU + batchnorm (+ TDNN-F bypass) chains.
+* :mod:`pkwrap.nnet3.tdnnf`: :class:`TDNNFModel`, Kaldi's TDNN-F chain model (``tdnn_1j``
+  family) as an :class:`Nnet3` built from its arguments (:func:`tdnnf_config`).
 * :mod:`pkwrap.nnet3.compute`: :func:`nnet3_compute`, Kaldi's ``nnet3-compute`` on one
   utterance (chunking, online / utterance i-vectors, frame subsampling, edge padding).
 """
@@ -22,7 +24,9 @@ from pkwrap.nnet3.compute import chunk_plan, nnet3_compute, online_ivector_row
 from pkwrap.nnet3.descriptor import Descriptor, DescriptorError, parse_descriptor
 from pkwrap.nnet3.nnet import (Nnet3, Node, nnet3_from_config, parse_config_line, read_nnet3,
                                write_nnet3)
+from pkwrap.nnet3.tdnnf import TDNNFModel, tdnnf_config
 
 __all__ = ["Component", "COMPONENT_TYPES", "Descriptor", "DescriptorError",
            "parse_descriptor", "Nnet3", "Node", "parse_config_line", "read_nnet3",
-           "write_nnet3", "nnet3_from_config", "nnet3_compute", "online_ivector_row", "chunk_plan"]
+           "write_nnet3", "nnet3_from_config", "nnet3_compute", "online_ivector_row", "chunk_plan",
+           "TDNNFModel", "tdnnf_config"]

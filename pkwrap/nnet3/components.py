@@ -42,6 +42,7 @@ from pkwrap.kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter
 from pkwrap.kaldi.matrix import read_matrix, read_vector, write_matrix, write_vector
 from pkwrap.ngsgd import OnlineNaturalGradient
 from pkwrap.nn.natural import _NaturalAffineFunction, _NaturalGradientMixin
+from pkwrap.nn.spec_augment import spec_augment_freq_mask, spec_augment_time_mask
 
 __all__ = ["Component", "COMPONENT_TYPES", "read_component", "FIELD_KINDS"]
 
@@ -458,6 +459,10 @@ class _AffineBase(Component):
                                                         int(update_period),
                                                         float(num_samples_history), 0.0,
                                                         float(alpha_out))
+        # an optimizer made before the first forward finds the layer of each weight
+        # (NGSGD's state of a checkpoint is loaded before training resumes)
+        if getattr(self, "use_natural_gradient", False):
+            self._register_owner()
 
 
 @_register
@@ -553,13 +558,49 @@ class TdnnComponent(_NaturalGradientMixin, _AffineBase):
         return out
 
 
+class _ConvNaturalFunction(torch.autograd.Function):
+    """``y = P W^T + b`` over the patch rows P ``[N][K*F_in]`` of a convolution, with the
+    gradient of the parameters preconditioned as Kaldi's
+    ``TimeHeightConvolutionComponent::UpdateNaturalGradient`` does it: the plain gradient
+    ``[dW | db]`` (``[F_out][K*F_in + 1]``, the bias as a last column) has its rows
+    preconditioned by the input preconditioner, then its columns (the rows of its transpose)
+    by the output preconditioner, and is multiplied by the product of the two scales. (An
+    affine layer instead preconditions every input row and output-derivative row.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, comp):
+        ctx.comp = comp
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        comp = ctx.comp
+        g = g.contiguous()
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        m = torch.cat([g.t() @ x, g.sum(0)[:, None]], dim=1)
+        m, s_in = comp.preconditioner_in.precondition_directions(m, in_place=True)
+        mt, s_out = comp.preconditioner_out.precondition_directions(m.t().contiguous(),
+                                                                    in_place=True)
+        mt.mul_((s_in * s_out).to(mt.dtype))
+        grad_w = mt[:-1].t().to(weight.dtype)
+        grad_b = mt[-1].to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
 @_register
-class TimeHeightConvolutionComponent(_AffineBase):
+class TimeHeightConvolutionComponent(_NaturalGradientMixin, _AffineBase):
     """2-D convolution over (time, height); features are ``height * num_filters`` with the
     filter index fastest. Output ``y[t][h][g] = b[g] + sum_k sum_f W[g][k*F_in + f]
     x[t + dt_k][h * s + dh_k][f]`` over the offsets ``(dt_k, dh_k)``, ``s`` =
     height-subsample-out; heights outside ``[0, H_in)`` are zero (padding), and so are
-    frames of non-required time offsets that are not computable."""
+    frames of non-required time offsets that are not computable.
+
+    Training uses Kaldi's natural gradient for convolutions (``UseNaturalGradient``, on by
+    default): see :class:`_ConvNaturalFunction`; the preconditioners forget with
+    ``NumMinibatchesHistory`` (a time constant in minibatches, 4 by default) and update on
+    every minibatch, as Kaldi's do."""
 
     TYPE = "TimeHeightConvolutionComponent"
 
@@ -575,6 +616,24 @@ class TimeHeightConvolutionComponent(_AffineBase):
             raise ValueError("TimeHeightConvolutionComponent %s: params %s, expected %s"
                              % (self.name, tuple(self.weight.shape),
                                 (self.nf_out, len(self.offs) * self.nf_in)))
+        if getattr(self, "bias", None) is None:
+            raise ValueError("TimeHeightConvolutionComponent %s: missing <BiasParams>"
+                             % self.name)
+        f = self.fields
+        self.use_natural_gradient = bool(f.get("UseNaturalGradient", True))
+        ri, ro = f.get("RankInOut", (min(80, (self.weight.shape[1] + 2) // 2),
+                                     min(80, (self.nf_out + 1) // 2)))
+        ai, ao = f.get("AlphaInOut", (4.0, 4.0))
+        nmh = float(f.get("NumMinibatchesHistory", 4.0))
+        if not 1.0 < nmh < 1.0e6:
+            raise ValueError("TimeHeightConvolutionComponent %s: <NumMinibatchesHistory> %g "
+                             "is not in (1, 1e6)" % (self.name, nmh))
+        self.preconditioner_in = OnlineNaturalGradient(max(1, int(ri)), 1, 2000.0, nmh,
+                                                       float(ai))
+        self.preconditioner_out = OnlineNaturalGradient(max(1, int(ro)), 1, 2000.0, nmh,
+                                                        float(ao))
+        if self.use_natural_gradient:
+            self._register_owner()
 
     @property
     def input_dim(self):
@@ -585,31 +644,43 @@ class TimeHeightConvolutionComponent(_AffineBase):
         return self.h_out * self.nf_out
 
     @property
+    def time_offsets(self) -> List[int]:
+        """The distinct time offsets of the filter, ascending."""
+        return sorted({a for a, _ in self.offs})
+
+    @property
     def context(self):
-        ts = [a for a, _ in self.offs]
-        return (min(ts), max(ts))
+        ts = self.time_offsets
+        return (ts[0], ts[-1])
 
     @property
     def required_context(self):
-        ts = self.required or [a for a, _ in self.offs]
+        ts = self.required or self.time_offsets
         return (min(ts), max(ts))
 
     def forward(self, x):
-        B, Lin, _ = x.shape
         lo, hi = self.context
-        L = Lin - (hi - lo)
-        xi = x.reshape(B, Lin, self.h_in, self.nf_in)
+        L = x.shape[1] - (hi - lo)
+        return self.convolve([x[:, dt - lo:dt - lo + L] for dt in self.time_offsets])
+
+    def convolve(self, xs: List[torch.Tensor]) -> torch.Tensor:
+        """The output at L frames t from ``xs[i]``, ``[B][L][H_in * F_in]``: the input at
+        frames ``t + time_offsets[i]``."""
+        B, L = xs[0].shape[:2]
         hs = [dh for _, dh in self.offs]
         pad_lo = max(0, -min(hs))
         pad_hi = max(0, self.sub * (self.h_out - 1) + max(hs) - (self.h_in - 1))
-        xp = F.pad(xi, (0, 0, pad_lo, pad_hi))
-        cols = []
-        for dt, dh in self.offs:
-            start = pad_lo + dh
-            rows = xp[:, dt - lo:dt - lo + L, start:start + self.sub * (self.h_out - 1) + 1:self.sub]
-            cols.append(rows)
-        patches = torch.cat(cols, dim=-1)  # [B][L][H_out][K*F_in]
-        y = F.linear(patches, self.weight, getattr(self, "bias", None))
+        xp = {dt: F.pad(x.reshape(B, L, self.h_in, self.nf_in), (0, 0, pad_lo, pad_hi))
+              for dt, x in zip(self.time_offsets, xs)}
+        span = self.sub * (self.h_out - 1) + 1
+        patches = torch.cat([xp[dt][:, :, pad_lo + dh:pad_lo + dh + span:self.sub]
+                             for dt, dh in self.offs], dim=-1)  # [B][L][H_out][K*F_in]
+        if self._natural():
+            self._register_owner()
+            y = _ConvNaturalFunction.apply(patches.reshape(-1, patches.shape[-1]),
+                                           self.weight, self.bias, self)
+        else:
+            y = F.linear(patches, self.weight, self.bias)
         return y.reshape(B, L, self.h_out * self.nf_out)
 
 
@@ -697,7 +768,7 @@ class BatchNormComponent(Component):
     def forward(self, x):
         shape = x.shape
         if self.training and self.block_dim == self.dim and x.shape[-1] == self.dim:
-            # the C++ kernels of pkwrap.nn.tdnnf (CPU float32), as KaldiBatchNorm uses them
+            # the fused C++ kernels of pkwrap.nn.tdnnf (CPU float32)
             from pkwrap.nn.tdnnf import _ReluBatchNormFunction, _fused_ok
             if _fused_ok(x) and x.numel() >= 2 * self.dim:
                 return _ReluBatchNormFunction.apply(x.contiguous(), None, self, False, 0.0,
@@ -859,18 +930,14 @@ class DropoutComponent(Component):
         return x * mask
 
 
-def _randint(lo: int, hi: int) -> int:
-    """Uniform integer in ``[lo, hi]`` (both included, as Kaldi's RandInt)."""
-    return int(torch.randint(lo, hi + 1, ()))
-
-
 @_register
 class GeneralDropoutComponent(Component):
     """Eval (Kaldi's test mode): identity. Train, one mask row of ``BlockDim`` values per
     sequence (per sequence and ``t // TimePeriod`` when TimePeriod > 0), applied to every
     block of the row:
 
-    * SpecAugmentMaxProportion ``m`` > 0 (SpecAugment's frequency mask): ``k`` uniform in
+    * SpecAugmentMaxProportion ``m`` > 0 (SpecAugment's frequency mask, drawn by
+      :func:`pkwrap.nn.spec_augment.spec_augment_freq_mask`): ``k`` uniform in
       ``0..round(m * BlockDim)`` consecutive bins from a uniform start are zeroed, wrapping
       around; with SpecAugmentMaxRegions ``r`` > 1, ``r - 1`` times a random half of the
       (circular) spectrum has its first quarter swapped with its mirror image;
@@ -886,21 +953,8 @@ class GeneralDropoutComponent(Component):
     frames = None
 
     def _mask_row(self, bd: int) -> torch.Tensor:
+        """One dropout mask row (not spec-augment)."""
         f = self.fields
-        m = float(f.get("SpecAugmentMaxProportion", 0.0))
-        if m != 0:
-            row = torch.ones(bd)
-            k = _randint(0, int(bd * m + 0.5))
-            if k:
-                start = _randint(0, bd - 1)
-                row[[(start + i) % bd for i in range(k)]] = 0
-                for _ in range(1, int(f.get("SpecAugmentMaxRegions", 1))):
-                    half = bd // 2
-                    s0 = _randint(0, bd - 1)
-                    for i in range(half // 2):
-                        a, b = (s0 + i) % bd, (s0 + half - i) % bd
-                        row[a], row[b] = row[b].clone(), row[a].clone()
-            return row
         p = float(f.get("DropoutProportion", 0.5))
         u = torch.rand(bd)
         if f.get("Continuous"):
@@ -923,8 +977,14 @@ class GeneralDropoutComponent(Component):
         else:
             groups = [0] * L
         uniq = sorted(set(groups))
-        masks = torch.stack([torch.stack([self._mask_row(bd) for _ in uniq])
-                             for _ in range(B)])  # [B][G][bd]
+        m = float(f.get("SpecAugmentMaxProportion", 0.0))
+        if m != 0:  # the frequency mask of pkwrap.nn.SpecAugment, one row per group
+            masks = spec_augment_freq_mask(B * len(uniq), bd, m,
+                                           int(f.get("SpecAugmentMaxRegions", 1)))
+            masks = masks.view(B, len(uniq), bd)
+        else:
+            masks = torch.stack([torch.stack([self._mask_row(bd) for _ in uniq])
+                                 for _ in range(B)])  # [B][G][bd]
         idx = torch.tensor([uniq.index(g) for g in groups])
         mask = masks[:, idx].to(x.device, x.dtype)  # [B][L][bd]
         return (x.reshape(B, L, -1, bd) * mask.unsqueeze(2)).reshape(B, L, D)
@@ -932,7 +992,8 @@ class GeneralDropoutComponent(Component):
 
 @_register
 class SpecAugmentTimeMaskComponent(Component):
-    """Eval: identity. Train (SpecAugment's time mask), per sequence: alternating kept
+    """Eval: identity. Train (SpecAugment's time mask, drawn by
+    :func:`pkwrap.nn.spec_augment.spec_augment_time_mask`), per sequence: alternating kept
     and zeroed spans of frames, kept spans ``1..floor(M (1-z) / z)`` frames, zeroed spans
     ``1..M`` frames (uniform; M = TimeMaskMaxFrames, z = ZeroedProportion); the first span
     is a kept one with probability z."""
@@ -944,18 +1005,9 @@ class SpecAugmentTimeMaskComponent(Component):
         if not self.training or self.fields.get("TestMode") or z == 0:
             return x
         B, L, D = x.shape
-        maxz = int(self.fields.get("TimeMaskMaxFrames", 10))
-        maxnz = int(maxz * (1 - z) / z)
-        mask = torch.ones(B, L, 1)
-        for b in range(B):
-            t = 0
-            while t < L:
-                if t > 0 or float(torch.rand(())) < z:
-                    t += _randint(1, maxnz)
-                n = _randint(1, maxz)
-                mask[b, t:t + n] = 0
-                t += n
-        return x * mask.to(x.device, x.dtype)
+        # the time mask of pkwrap.nn.SpecAugment
+        mask = spec_augment_time_mask(B, L, z, int(self.fields.get("TimeMaskMaxFrames", 10)))
+        return x * mask[:, :, None].to(x.device, x.dtype)
 
 
 # ----------------------------------------------------------------------------- reshaping

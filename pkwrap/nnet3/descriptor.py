@@ -347,7 +347,8 @@ class Descriptor:
             else:
                 lo2, hi2 = _inter((a, b), p[1].avail(node_avail))
                 out = like.new_zeros((like.shape[0], n, dim))
-                if lo2 <= hi2:
+                # the second part only where the first does not cover (what request() asked)
+                if lo2 <= hi2 and (lo > hi or lo > a or hi < b):
                     lo2, hi2 = int(lo2), int(hi2)
                     out[:, lo2 - a:hi2 - a + 1] = p[1].evaluate(lo2, hi2, value, node_avail,
                                                                 like, node_dim)

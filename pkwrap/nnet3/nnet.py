@@ -297,13 +297,19 @@ class Nnet3(nn.Module):
         frame its computation reads from the input nodes (i-vectors at any frame)."""
         if output not in self.nodes or self.nodes[output].kind != "output":
             raise KeyError("%s: no output node %r" % (self.name, output))
+        # as Kaldi's ComputeSimpleNnetContext: the largest context over the input start
+        # frames 0..modulus-1 (with Round or Switch, t mod the modulus matters)
         big = 100000
-        inputs = {k: (0, big) for k in self.input_names}
-        lo, hi = self._avail(inputs)[output]
-        if lo > hi:
-            raise ValueError("%s: output %s is not computable from the inputs"
-                             % (self.name, output))
-        return int(max(lo, 0)), int(max(big - hi, 0))
+        left = right = 0
+        for shift in range(self.modulus()):
+            inputs = {k: (shift, big + shift) if k == "input" else (0, big)
+                      for k in self.input_names}
+            lo, hi = self._avail(inputs)[output]
+            if lo > hi:
+                raise ValueError("%s: output %s is not computable from the inputs"
+                                 % (self.name, output))
+            left, right = max(left, lo - shift), max(right, big + shift - hi)
+        return int(left), int(right)
 
     def modulus(self) -> int:
         """Kaldi's shift-invariance modulus: lcm of Round moduli and Switch sizes."""
@@ -458,6 +464,13 @@ class Nnet3(nn.Module):
                 result[k] = y
         return {k: result[k][:, a - need[k][0]:b - need[k][0] + 1]
                 for k, (a, b) in outputs.items()}
+
+    def num_output_frames(self, num_input_frames: int, output: Optional[str] = None) -> int:
+        """The frames :meth:`forward` returns for an input of ``num_input_frames`` frames:
+        ``(T - 1 - left - right) // f + 1``, 0 when T is not more than the context."""
+        l, r = self._contexts(output or self._main_output())
+        n = num_input_frames - l - r
+        return 0 if n <= 0 else (n - 1) // self.frame_subsampling_factor + 1
 
     @property
     def left_context(self) -> int:

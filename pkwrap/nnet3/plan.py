@@ -17,15 +17,17 @@ normalization sees the rows Kaldi's sees (the interval evaluation of
 Fused training steps: a natural-gradient affine, linear or TDNN component followed by
 RectifiedLinear and BatchNorm (or by BatchNorm only), optionally followed by the TDNN-F
 bypass ``Sum(Scale(a, x), bn)``, runs as one autograd node with the C++ kernels of
-:mod:`pkwrap.nn.tdnnf` (the same ones :class:`pkwrap.nn.TDNNFModel` uses), when every
+:mod:`pkwrap.nn.tdnnf` (:class:`pkwrap.nn.TDNNFModel` is one such network), when every
 intermediate node has that one reader. The squared norms of the rows it writes are passed
 on to the natural-gradient layer that reads them next. Elsewhere (evaluation, no grad,
 another device or dtype) the same steps run component by component.
 
 Supported: descriptors made of node, Append, Sum, Scale, Offset, ReplaceIndex, Const,
-Round and Switch; components that work frame by frame or are a TdnnComponent. Networks
-with IfDefined / Failover or other components with time context (convolutions) use the
-interval evaluation instead (:func:`compile_plan` returns None for them).
+Round and Switch; components that work frame by frame, TdnnComponent, and
+TimeHeightConvolutionComponent whose time offsets are all required (the xconfig default; it
+gets the rows at each time offset, as Kaldi's convolution computation does). Networks with
+IfDefined / Failover or with optional convolution time offsets (those read zeros where not
+computable) use the interval evaluation instead (:func:`compile_plan` returns None for them).
 """
 from __future__ import annotations
 
@@ -46,12 +48,13 @@ class _Sel:
     """Rows ``pos`` (numpy ints, in order) of a ``[B][N][...]`` tensor along dim 1: the whole
     tensor, a slice ``start:stop:step`` or an index tensor."""
 
-    __slots__ = ("kind", "a", "b", "c", "idx", "n")
+    __slots__ = ("kind", "a", "b", "c", "idx", "n", "dev_idx")
 
     def __init__(self, pos: np.ndarray, n_src: int):
         pos = np.asarray(pos, dtype=np.int64)
         self.n = len(pos)
         self.idx = None
+        self.dev_idx = None  # idx on the device of the last call (a GPU: copied once)
         if self.n == n_src and (n_src == 0 or (pos[0] == 0 and
                                                (np.diff(pos) == 1).all())):
             self.kind = "all"
@@ -80,7 +83,11 @@ class _Sel:
             return t
         if self.kind == "slice":
             return t[:, self.a:self.b:self.c]
-        idx = self.idx if t.device.type == "cpu" else self.idx.to(t.device)
+        idx = self.idx
+        if t.device.type != "cpu":
+            if self.dev_idx is None or self.dev_idx.device != t.device:
+                self.dev_idx = self.idx.to(t.device)
+            idx = self.dev_idx
         return t.index_select(1, idx)
 
 
@@ -298,7 +305,8 @@ class Plan:
 
     def __init__(self, nnet, inputs: Dict[str, np.ndarray], outputs: Dict[str, np.ndarray]):
         from pkwrap.nnet3.components import (BatchNormComponent, RectifiedLinearComponent,
-                                             TdnnComponent, NoOpComponent)
+                                             TdnnComponent, NoOpComponent,
+                                             TimeHeightConvolutionComponent)
         from pkwrap.nn.natural import _NaturalGradientMixin
         nodes = nnet.nodes
         need: Dict[str, List[np.ndarray]] = {}
@@ -323,6 +331,9 @@ class Plan:
                 c = nnet.component(n.component)
                 if isinstance(c, TdnnComponent):
                     offs = list(c.offsets)
+                elif isinstance(c, TimeHeightConvolutionComponent) and \
+                        set(c.required or c.time_offsets) == set(c.time_offsets):
+                    offs = c.time_offsets  # (optional offsets read zeros: interval evaluation)
                 elif c.context == (0, 0):
                     offs = [0]
                 else:
@@ -376,11 +387,15 @@ class Plan:
                 continue
             c = nnet.component(n.component)
             offs = offsets[k]
-            if isinstance(c, TdnnComponent):
+            if len(offs) > 1 or offs[0]:
                 reads = [_compile(n.descriptor, t + o, times, dims) for o in offs]
             else:
                 reads = [_compile(n.descriptor, t, times, dims)]
             st = _Step("component", k, comp=n.component, reads=reads, times=t)
+            if isinstance(c, TimeHeightConvolutionComponent):
+                st.kind = "convolution"
+                steps.append(st)
+                continue
             # the squared norms of the input rows, when the input is a plain node whose
             # writer may leave them (a fused step)
             src = _plain_node(n.descriptor)
@@ -465,6 +480,9 @@ class Plan:
                 out[st.name] = vals[st.name] = st.reads(vals, like)
                 continue
             comp = nnet.component(st.comp)
+            if st.kind == "convolution":
+                vals[st.name] = comp.convolve([r(vals, like) for r in st.reads])
+                continue
             if st.spliced is not None and st.kind != "fused":
                 y = _spliced_tdnn(comp, vals[st.src], st.spliced)
                 if y is not None:

@@ -12,10 +12,18 @@ stage   what (Kaldi's train.py did it with)
 -6      ``tree``, ``phones.txt`` copied from ``--tree-dir``; ``phone_lm.fst`` from the tree
         dir's ``ali.*.gz`` (ali-to-phones | chain-est-phone-lm ``--chain.lm-opts``)
 -5      ``0.trans_mdl``, ``den.fst``, ``normalization.fst`` (chain-make-den-fst)
+-4      with ``configs/init.config`` (networks whose first layer is a ``fixed-affine-layer``
+        reading ``configs/lda.mat``): ``init.raw`` from it (nnet3-init)
 -3      the egs (get_egs.sh) unless ``--egs.dir`` is given:
-        :func:`pkwrap.chain.get_egs.make_chain_egs_dir`
--2      ``configs/init.config`` (an LDA-like input transform): not supported yet, an error
--1      the network from ``configs/final.config`` (nnet3-init), ``0.mdl``
+        :func:`pkwrap.chain.get_egs.make_chain_egs_dir` (with ``init.config``, the model
+        context comes from ``configs/vars``, as in Kaldi: the network needs ``lda.mat``)
+-2      with ``configs/init.config``: the LDA-like preconditioning matrix ``lda.mat``
+        from the egs (nnet3-chain-acc-lda-stats, sum-lda-accs, nnet-get-feature-transform;
+        ``--trainer.lda.rand-prune``, ``--trainer.lda.max-lda-jobs``), linked as
+        ``configs/lda.mat``: :func:`pkwrap.chain.lda.compute_preconditioning_matrix`
+-1      the network from ``configs/final.config`` (nnet3-init, on top of ``init.raw`` when
+        there is one), ``0.mdl``; with ``--trainer.input-model`` (transfer learning) that
+        network as it is instead, and no stages -4 / -2 (the egs get its context)
 0..N-1  training iterations (nnet3-chain-train + model averaging), see below
 N       final combination (nnet3-chain-combine) -> ``final.mdl``; compute-prob ``final``
 ======  ===================================================================================
@@ -250,8 +258,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     if args.deriv_truncate_margin is not None or args.left_deriv_truncate is not None:
         p.error("--trainer.deriv-truncate-margin / --chain.left-deriv-truncate (recurrent "
                 "models) are not supported by pkwrap-chain-train")
-    if args.input_model is not None:
-        p.error("--trainer.input-model is not supported by pkwrap-chain-train yet")
     if args.compute_per_dim_accuracy:
         notes.append("--trainer.compute-per-dim-accuracy ignored")
     if args.combine_sum_to_one_penalty != 0.0:
@@ -736,16 +742,22 @@ def verify_egs_dir(egs_dir: str, model, frame_subsampling_factor: int,
                          % (egs_dir, n, model.output_dim("output")))
 
 
-def init_model(args, dir_: str):
-    """train.py stage -1: the network of ``configs/final.config`` (nnet3-init) and
-    ``0.mdl`` (nnet3-am-init with ``0.trans_mdl``)."""
+def init_model(args, dir_: str, existing: Optional[str] = None):
+    """train.py stage -1: the network of ``configs/final.config`` (``nnet3-init [init.raw]
+    final.config``), or ``--trainer.input-model`` as it is, and ``0.mdl`` (nnet3-am-init
+    with ``0.trans_mdl``)."""
     from pkwrap.nn.kaldi_import import save_kaldi_nnet3
-    from pkwrap.nnet3 import nnet3_from_config
-    cfg = os.path.join(dir_, "configs", "final.config")
-    if not os.path.isfile(cfg):
-        raise FileNotFoundError("%s: missing (make it with steps/nnet3/xconfig_to_configs.py)"
-                                % cfg)
-    model = nnet3_from_config(cfg, srand=args.srand)
+    from pkwrap.nnet3 import nnet3_from_config, read_nnet3
+    if args.input_model is not None:  # transfer learning: the given network, as it is
+        cfg = args.input_model
+        model = read_nnet3(cfg)
+    else:
+        cfg = os.path.join(dir_, "configs", "final.config")
+        if not os.path.isfile(cfg):
+            raise FileNotFoundError("%s: missing (make it with "
+                                    "steps/nnet3/xconfig_to_configs.py)" % cfg)
+        model = nnet3_from_config(cfg, srand=args.srand,
+                                  existing=read_nnet3(existing) if existing else None)
     model.priors = __import__("numpy").zeros(0, dtype="float32")
     from pkwrap.kaldi.hmm import read_transition_model
     tm = read_transition_model(os.path.join(dir_, "0.trans_mdl"))
@@ -754,6 +766,73 @@ def init_model(args, dir_: str):
               % (cfg, sum(p.numel() for p in model.parameters()), model.left_context,
                  model.right_context))
     return model
+
+
+class _ConfigContext:
+    """The model context of ``configs/vars`` (``model_left_context=N``, what
+    xconfig_to_configs.py writes), for making egs before the network can be built."""
+
+    def __init__(self, path: str):
+        vals = {}
+        try:
+            with open(path) as f:
+                for i, line in enumerate(f):
+                    line = line.strip()
+                    if not line:
+                        continue
+                    k, sep, v = line.partition("=")
+                    if not sep:
+                        raise ValueError("%s line %d: expected name=value, got %r"
+                                         % (path, i + 1, line))
+                    vals[k.strip()] = v.strip()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                "%s: missing (xconfig_to_configs.py writes it): with configs/init.config the "
+                "egs are made before the network exists, from the model context given there"
+                % path) from None
+        try:
+            self.left_context = int(vals["model_left_context"])
+            self.right_context = int(vals["model_right_context"])
+        except KeyError as e:
+            raise ValueError("%s: no %s= line" % (path, e.args[0])) from None
+        except ValueError as e:
+            raise ValueError("%s: %s" % (path, e)) from None
+
+
+def prepare_preconditioning(args, dir_: str, egs_dir: str, need_egs: bool) -> Optional[str]:
+    """train.py stages -4, -3 and -2 for a network with ``configs/init.config``
+    (``init.raw``, the egs, ``lda.mat``); returns the ``init.raw`` path, or None (and
+    does nothing) without ``init.config``."""
+    init_cfg = os.path.join(dir_, "configs", "init.config")
+    if not os.path.isfile(init_cfg):
+        return None
+    from pkwrap.nnet3 import nnet3_from_config, read_nnet3, write_nnet3
+    raw = os.path.join(dir_, "init.raw")
+    if args.stage <= -4 or not os.path.isfile(raw):
+        log.info("Initializing a basic network for estimating preconditioning matrix")
+        nnet = nnet3_from_config(init_cfg, srand=-2)
+        write_nnet3(nnet, raw)
+        _log_file(dir_, "nnet_init.log", "nnet3-init --srand=-2 %s %s: inputs %s, output "
+                  "dim %d" % (init_cfg, raw, ", ".join(nnet.input_names),
+                              nnet.output_dim("output")))
+    if need_egs:
+        log.info("Generating egs")
+        make_egs(args, dir_, egs_dir, _ConfigContext(os.path.join(dir_, "configs", "vars")))
+    lda_mat = os.path.join(dir_, "lda.mat")
+    if args.stage <= -2 or not os.path.isfile(lda_mat) or \
+            not os.path.exists(os.path.join(dir_, "configs", "lda.mat")):
+        from pkwrap.chain.lda import compute_preconditioning_matrix
+        log.info("Computing the preconditioning matrix for input features")
+        num_archives = int(_egs_info(egs_dir, "num_archives") or 0)
+        t0 = time.time()
+        compute_preconditioning_matrix(dir_, egs_dir, num_archives,
+                                       max_lda_jobs=args.max_lda_jobs,
+                                       rand_prune_threshold=args.rand_prune,
+                                       nnet=read_nnet3(raw))
+        log.info("lda.mat from %d of %d archives in %.1f s (see %s/log/get_transform.log)",
+                 min(num_archives, args.max_lda_jobs), num_archives, time.time() - t0,
+                 dir_)
+    return raw
 
 
 def prepare(args, egs_dir: str) -> None:
@@ -779,19 +858,23 @@ def prepare(args, egs_dir: str) -> None:
         with atomic_output(os.path.join(d, "0.trans_mdl")) as f:
             write_transition_model(tm, f, binary=False)  # as train.py (text)
         make_den_fst(d)
-    if os.path.isfile(os.path.join(d, "configs", "init.config")):
-        raise RuntimeError(
-            "%s/configs/init.config exists: this network wants an input transform estimated "
-            "from the egs (Kaldi's stage -2, lda.mat), which pkwrap-chain-train does not "
-            "compute yet" % d)
     from pkwrap.nnet3 import read_nnet3
+    need_egs = args.egs_dir is None and (args.stage <= -3 or not os.path.isfile(
+        os.path.join(egs_dir, "info", "num_archives")))
+    if args.input_model is not None:
+        # train.py: no init.config / LDA stages; the context comes from the input model
+        if not os.path.isfile(args.input_model):
+            raise FileNotFoundError("--trainer.input-model %s: no such file"
+                                    % args.input_model)
+        raw = None
+    else:
+        raw = prepare_preconditioning(args, d, egs_dir, need_egs)
     if args.stage <= -1 or not os.path.isfile(os.path.join(d, "0.mdl")):
         log.info("Preparing the initial acoustic model.")
-        model = init_model(args, d)
+        model = init_model(args, d, existing=raw)
     else:
         model = read_nnet3(os.path.join(d, "0.mdl"))
-    if args.egs_dir is None and (args.stage <= -3 or not os.path.isfile(
-            os.path.join(egs_dir, "info", "num_archives"))):
+    if need_egs and raw is None:
         log.info("Generating egs")
         make_egs(args, d, egs_dir, model)
     verify_egs_dir(egs_dir, model, args.frame_subsampling_factor, args.online_ivector_dir)
@@ -924,19 +1007,6 @@ class _IterationHook:
                                           trainer.step)
 
 
-def _register_natural_gradient_layers(model) -> None:
-    """Make every natural-gradient component known to NGSGD before the first forward.
-
-    pkwrap.nnet3's affine components register themselves as natural-gradient layers
-    (pkwrap.nn.natural) at their first training forward; an optimizer state saved after
-    training steps then lists layers that a freshly read model does not have yet, and
-    resuming fails. (This belongs in pkwrap.nnet3: registering when a component is made.)"""
-    for m in model.modules():
-        if getattr(m, "preconditioner_in", None) is not None and \
-                getattr(m, "use_natural_gradient", False) and hasattr(m, "_register_owner"):
-            m._register_owner()
-
-
 def _diag_batches(path: str, ctx, rule: str, rank: int, world: int,
                   egs_left_context: Optional[int]) -> list:
     from .data import ChainMinibatchSampler, EgsDataset, make_loader
@@ -1004,7 +1074,6 @@ def train(args, egs_dir: str, notes: Sequence[str]) -> None:
     loss = ChainLoss(den, ChainOptions(leaky_hmm_coefficient=args.leaky_hmm_coefficient,
                                        l2_regularize=args.l2_regularize,
                                        xent_regularize=args.xent_regularize))
-    _register_natural_gradient_layers(model)
     opt = NGSGD(kaldi_param_groups(model), lr=sched.learning_rate(0),
                 momentum=args.momentum, max_param_change=args.max_param_change,
                 l2_regularize_factor=1.0 / W,

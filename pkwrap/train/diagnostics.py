@@ -56,8 +56,8 @@ _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alpha
 
 def scale_batchnorm_stats(m: nn.Module, scale: float) -> bool:
     """Scale a Kaldi-style batchnorm's accumulated statistics (Kaldi's
-    ``ScaleBatchnormStats``; 0 forgets them) through its ``scale_stats`` (pkwrap.nn's
-    KaldiBatchNorm, pkwrap.nnet3's BatchNormComponent). Returns False when ``m`` keeps no
+    ``ScaleBatchnormStats``; 0 forgets them) through its ``scale_stats`` (pkwrap.nnet3's
+    BatchNormComponent, which TDNNFModel uses too). Returns False when ``m`` keeps no
     such statistics."""
     if hasattr(m, "scale_stats"):
         m.scale_stats(scale)
@@ -67,7 +67,7 @@ def scale_batchnorm_stats(m: nn.Module, scale: float) -> bool:
 
 def is_batchnorm(m: nn.Module) -> bool:
     """Torch batchnorm, or a module that says so (``is_batchnorm = True`` or a class name
-    containing "BatchNorm", as pkwrap.nn's Kaldi batchnorm)."""
+    containing "BatchNorm", as pkwrap.nnet3's BatchNormComponent)."""
     return isinstance(m, nn.modules.batchnorm._BatchNorm) or \
         bool(getattr(m, "is_batchnorm", False)) or "BatchNorm" in type(m).__name__
 
@@ -303,8 +303,8 @@ def recompute_batchnorm_stats(model: nn.Module, ctx: ModelContext, batches: Iter
 
     Torch batchnorm: ``reset_running_stats()`` and ``momentum=None`` (cumulative
     average) while the batches run in train mode, dropout in test mode. Kaldi batchnorm
-    (pkwrap.nn.KaldiBatchNorm, whose statistics are sums): ``scale_stats(0)``, then the
-    same. Other batchnorm modules are handled if they expose ``reset_running_stats()``.
+    (pkwrap.nnet3's BatchNormComponent, count-weighted statistics): ``scale_stats(0)``,
+    then the same. Other batchnorm modules are handled if they expose ``reset_running_stats()``.
 
     Returns:
       The number of batchnorm modules updated (0: nothing to do, no forward run).

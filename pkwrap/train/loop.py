@@ -79,7 +79,7 @@ class TrainConfig:
       progress_bar: tqdm bar on rank 0.
       tensorboard: write TensorBoard on rank 0.
       batchnorm_stats_scale: after every step, scale the statistics of Kaldi batchnorm
-        layers (pkwrap.nn.KaldiBatchNorm) by this, as nnet3-chain-train does (0.8).
+        layers (pkwrap.nnet3's BatchNormComponent) by this, as nnet3-chain-train does (0.8).
       model_averaging_period: 0: gradients are allreduced every step (DDP, with the
         ``comm_hook`` given). N > 0: Kaldi's own scheme instead, local steps and the
         parameters averaged every N steps (``comm_hooks.kaldi_model_averaging``), and

@@ -56,7 +56,8 @@ def check_same_on_all_ranks(t, what):
 
 def train_step(model, ddp, opt, sched, x, y):
     opt.zero_grad()
-    chain, xent = ddp(x)
+    out = ddp(x)
+    chain, xent = out["output"], out["output-xent"]
     loss = -xent.gather(-1, y[:, None, None].expand(-1, xent.shape[1], 1)).sum() \
         - 0.1 * chain.logsumexp(-1).sum()
     loss.backward()
@@ -86,7 +87,7 @@ def main():
                            ckpt)
             dist.barrier()
     assert state.num_buckets >= NUM_STEPS and state.num_nonfinite_buckets == 0
-    W = model.tdnn1.preconditioner_in.W_t.contiguous()
+    W = model.component("tdnn1.affine").preconditioner_in.W_t.contiguous()
     gathered = [torch.empty_like(W) for _ in range(world)]
     dist.all_gather(gathered, W)
     assert not torch.equal(gathered[0], gathered[1]), "ranks should precondition with own state"
@@ -104,7 +105,7 @@ def main():
     if not torch.equal(flat(model2), final):
         raise AssertionError("resumed run differs from the uninterrupted one "
                              f"(max diff {float((flat(model2) - final).abs().max())})")
-    assert torch.equal(model2.tdnn1.preconditioner_in.W_t, W)
+    assert torch.equal(model2.component("tdnn1.affine").preconditioner_in.W_t, W)
 
     # 3. Kaldi's scheme: local steps, parameters averaged every 2 steps
     model3, ddp3, opt3, sched3 = make(rank, world)
