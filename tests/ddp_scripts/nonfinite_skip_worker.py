@@ -43,10 +43,16 @@ class Poisoned(torch.nn.Module):
         y = self.m(x)
         if self.value is None:
             return y
-        chain, xent = y if isinstance(y, tuple) else (y, None)
-        bad = torch.zeros_like(chain)
-        bad[..., 0, 3] = self.value
-        return (chain + bad, xent) if xent is not None else chain + bad
+
+        def poison(chain):
+            bad = torch.zeros_like(chain)
+            bad[..., 0, 3] = self.value
+            return chain + bad
+        if isinstance(y, dict):  # an nnet3 network: outputs by name
+            return dict(y, output=poison(y["output"]))
+        if isinstance(y, tuple):  # (chain, xent)
+            return (poison(y[0]),) + tuple(y[1:])
+        return poison(y)
 
 
 def flat(model):
