@@ -29,6 +29,7 @@ Usage:
       [--keep DIR]
 """
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -263,10 +264,15 @@ def main():
     ap.add_argument("--keep", default=None)
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    import torch
     from pkwrap.kaldi.hmm import read_transition_model
     from pkwrap.kaldi.table import TableWriter
     from pkwrap.nn import load_kaldi_nnet3, save_kaldi_nnet3
+    # the perturbation of tests/fixtures/kaldi/nnet3_roundtrip (one definition)
+    spec = importlib.util.spec_from_file_location(
+        "roundtrip_make", ROOT / "tests" / "fixtures" / "kaldi" / "nnet3_roundtrip" / "make.py")
+    roundtrip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roundtrip)
+    perturb = roundtrip.perturb
     K = Path(a.kaldi_src)
     kenv = dict(os.environ, PATH=os.pathsep.join(
         [str(K / d) for d in ("nnet3bin", "chainbin", "bin")] + [os.environ["PATH"]]))
@@ -379,16 +385,7 @@ def main():
                     failures.append("net%03d %s: max abs diff %.3g" % (i, tag, diff))
         # perturb, write, Kaldi reads
         model = load_kaldi_nnet3(d / "k.raw")
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters()):
-                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-                p.add_(0.01 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-            for name, b in sorted(model.named_buffers()):
-                if name.endswith("stats_mean"):
-                    b.add_(0.1 * torch.randn(b.shape, generator=g, dtype=b.dtype))
-                elif name.endswith("stats_var"):
-                    b.mul_(0.8 + 0.4 * torch.rand(b.shape, generator=g, dtype=b.dtype))
+        perturb(model, seed)
         binary = bool(seed % 2)
         as_mdl = bool((seed // 2) % 2)
         wname = "w.mdl" if as_mdl else "w.raw"

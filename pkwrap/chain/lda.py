@@ -64,7 +64,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter, atomic_output
+from ..kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter, atomic_output, write_whole
 from ..kaldi.matrix import (read_matrix, read_packed_matrix, read_vector, write_matrix,
                             write_packed_matrix, write_vector)
 
@@ -186,11 +186,7 @@ class LdaStats:
         write_packed_matrix(w, within.astype(np.float32))
         w.write_token("</LDAACCS>")
         data = buf.getvalue()
-        if isinstance(path_or_file, (str, os.PathLike)):
-            with atomic_output(path_or_file) as f:
-                f.write(data)
-        else:
-            path_or_file.write(data)
+        write_whole(path_or_file, data)
 
     @classmethod
     def read(cls, r: KaldiReader, into: Optional["LdaStats"] = None) -> "LdaStats":
@@ -705,8 +701,4 @@ def write_kaldi_matrix(path_or_file, mat: np.ndarray, binary: bool = True) -> No
     w.write_header()
     write_matrix(w, np.asarray(mat, np.float32))
     data = buf.getvalue()
-    if isinstance(path_or_file, (str, os.PathLike)):
-        with atomic_output(path_or_file) as f:
-            f.write(data)
-    else:
-        path_or_file.write(data)
+    write_whole(path_or_file, data)

@@ -54,7 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .io import KaldiFormatError, KaldiReader, KaldiWriter, atomic_output, format_float
+from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float, write_whole
 from .matrix import read_vector, write_vector
 from .symbol_table import SymbolTable
 
@@ -107,11 +107,7 @@ def _save(obj, binary: bool, path_or_file) -> Optional[bytes]:
     data = buf.getvalue()
     if path_or_file is None:
         return data
-    if isinstance(path_or_file, (str, os.PathLike)):
-        with atomic_output(path_or_file) as f:
-            f.write(data)
-    else:
-        path_or_file.write(data)
+    write_whole(path_or_file, data)
     return None
 
 

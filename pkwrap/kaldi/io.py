@@ -595,6 +595,16 @@ def atomic_output(path, mode: str = "wb", fsync: bool = False) -> Iterator[Atomi
     f.commit()
 
 
+def write_whole(path_or_file, data: bytes) -> None:
+    """Write a whole object's bytes to a path (atomically: the file appears complete or not
+    at all) or to an open binary stream."""
+    if isinstance(path_or_file, (str, os.PathLike)):
+        with atomic_output(path_or_file) as f:
+            f.write(data)
+    else:
+        path_or_file.write(data)
+
+
 @contextlib.contextmanager
 def atomic_outputs(*paths, mode: str = "wb") -> Iterator[List[AtomicFile]]:
     """Several outputs of one program: all appear or none (a failure while writing any
