@@ -122,17 +122,21 @@ def _cmd(extra=()):
             "--pkwrap.checkpoint-every=2"] + list(extra)
 
 
-def _run(root, extra=()):
+def _run_cmd(root, cmd):
+    """``pkwrap-chain-train cmd`` in the recipe dir ``root`` (one torch thread)."""
     old = os.getcwd()
+    threads = torch.get_num_threads()
     os.chdir(root)
     try:
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)  # small minibatches: one thread is fastest
-        rc = ct.main(_cmd(extra))
-        torch.set_num_threads(threads)
+        return ct.main(cmd)
     finally:
+        torch.set_num_threads(threads)
         os.chdir(old)
-    return rc
+
+
+def _run(root, extra=()):
+    return _run_cmd(root, _cmd(extra))
 
 
 def test_end_to_end_and_resume(tmp_path):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pkwrap.chain.lda import (LdaStats, acc_chain_lda_stats, estimate_feature_transform,
                               rand_prune, read_lda_stats, supervision_posteriors)
 from pkwrap.kaldi.chain_egs import read_chain_egs
 from pkwrap.kaldi.io import KaldiFormatError, KaldiReader
 from pkwrap.kaldi.matrix import read_matrix, read_packed_matrix
+from test_chain_train import _run, _run_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 FX = REPO / "tests" / "fixtures" / "kaldi_lda"
@@ -231,32 +231,11 @@ def test_chain_train_with_lda_network(tmp_path):
     log names, job stats removed), 0.mdl whose lda component holds lda.mat, and train 3
     iterations; the objective improves."""
     from pkwrap.nnet3 import read_nnet3
-    from pkwrap.train import chain_train as ct
     root = tmp_path / "recipe"
     shutil.copytree(SMALL / "tree", root / "exp/chain/tree")
     shutil.copytree(FX / "configs", root / "exp/chain/tdnn/configs")
     d = root / "exp/chain/tdnn"
-    cmd = ["--stage=-10", "--cmd=run.pl", "--chain.xent-regularize", "0.1",
-           "--chain.leaky-hmm-coefficient=0.1", "--chain.l2-regularize=0.0",
-           "--chain.apply-deriv-weights=false", "--chain.lm-opts=--num-extra-lm-states=2000",
-           "--trainer.srand=0", "--trainer.max-param-change=2.0", "--trainer.num-epochs=0.5",
-           "--trainer.optimization.num-jobs-initial=1",
-           "--trainer.optimization.num-jobs-final=1",
-           "--trainer.optimization.initial-effective-lrate=0.002",
-           "--trainer.optimization.final-effective-lrate=0.0002",
-           "--trainer.num-chunk-per-minibatch=4", "--egs.chunk-width=140,100,160",
-           "--egs.dir=%s" % (SMALL / "egs"), "--cleanup.remove-egs=false", "--use-gpu=no",
-           "--reporting.email=", "--feat-dir=data/train_hires", "--tree-dir=exp/chain/tree",
-           "--lat-dir=exp/chain/lats", "--dir=exp/chain/tdnn"]
-    old = os.getcwd()
-    threads = torch.get_num_threads()
-    os.chdir(root)
-    try:
-        torch.set_num_threads(1)
-        assert ct.main(cmd) == 0
-    finally:
-        torch.set_num_threads(threads)
-        os.chdir(old)
+    assert _run(root) == 0  # test_chain_train's command (--egs.dir given)
     for name in ("init.raw", "lda.mat", "lda_stats", "0.mdl", "final.mdl"):
         assert (d / name).is_file(), name
     assert os.readlink(d / "configs" / "lda.mat") == "../lda.mat"
@@ -287,7 +266,6 @@ def test_chain_train_lda_egs_from_lattices(tmp_path):
     """``--egs.dir=`` (empty): with init.config the egs are made before the network exists,
     with the context of configs/vars (5 + frame_subsampling_factor // 2), then lda.mat is
     estimated from them and 0.mdl built (--exit-stage=0: stages -6 .. -1 only)."""
-    from pkwrap.train import chain_train as ct
     root = tmp_path / "recipe"
     shutil.copytree(REPO / "tests" / "fixtures" / "kaldi_recipe_small", root,
                     ignore=shutil.ignore_patterns("egs"))
@@ -305,15 +283,7 @@ def test_chain_train_lda_egs_from_lattices(tmp_path):
            "--cleanup.remove-egs=false", "--use-gpu=no", "--feat-dir=data/train_hires",
            "--tree-dir=exp/chain/tree", "--lat-dir=exp/chain/lats", "--dir=exp/chain/tdnn",
            "--exit-stage=0"]
-    old = os.getcwd()
-    threads = torch.get_num_threads()
-    os.chdir(root)
-    try:
-        torch.set_num_threads(1)
-        assert ct.main(cmd) == 0
-    finally:
-        torch.set_num_threads(threads)
-        os.chdir(old)
+    assert _run_cmd(root, cmd) == 0
     d = root / "exp/chain/tdnn"
     assert (d / "egs/info/left_context").read_text().strip() == "6"
     assert (d / "egs/info/right_context").read_text().strip() == "6"
