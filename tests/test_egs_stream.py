@@ -311,3 +311,38 @@ def test_scp_egs_dir_streams_like_its_archives(tmp_path):
     got = first + _run(again)
     want = _run(ref)
     assert [_sig(x) for x in got] == [_sig(x) for x in want]
+
+
+def test_trainer_resume_on_a_changed_egs_dir_says_what_to_do(tmp_path):
+    """A checkpoint whose egs dir changed since (e.g. a damaged archive repaired) cannot be
+    resumed: one error naming the checkpoint, the reason, and the checkpoints dir to remove
+    to start again."""
+    from pkwrap.chain import ChainLoss, ChainOptions, DenominatorGraph
+    from pkwrap.nn import TDNNFModel
+    from pkwrap.optim import NGSGD, kaldi_param_groups
+    from pkwrap.train import TrainConfig, Trainer
+
+    d = tmp_path / "egs"
+    shutil.copytree(_egs_dir(), d)
+    den = DenominatorGraph.from_fst(str(fixture_path("kaldi_recipe", "den.fst")), 64)
+
+    def trainer(max_steps):
+        torch.manual_seed(0)
+        model = TDNNFModel(64, feat_dim=40, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=4,
+                           time_strides=(1, 3), prefinal_dim=8, prefinal_big_dim=16,
+                           use_idct=False)
+        return Trainer(model, ChainLoss(den, ChainOptions(xent_regularize=0.1)),
+                       NGSGD(kaldi_param_groups(model), lr=0.002),
+                       StreamingEgs(str(d), "4", 3, shuffle_buffer_size=4, seed=2),
+                       TrainConfig(str(tmp_path / "exp"), num_epochs=1, checkpoint_every=2,
+                                   max_steps=max_steps, progress_bar=False,
+                                   tensorboard=False, log_every=0, seed=2))
+
+    trainer(2).train()
+    with open(d / "cegs.2.ark", "ab") as f:
+        f.write(b" ")
+    with pytest.raises(ValueError) as e:
+        trainer(None).train()
+    msg = str(e.value)
+    assert "ckpt-00000002.pt: cannot resume" in msg and "changed since the checkpoint" in msg
+    assert "remove %s" % (tmp_path / "exp" / "checkpoints") in msg

@@ -445,7 +445,12 @@ class Trainer:
         self.skipped_steps = int(st.get("skipped_steps", self.skipped))
         self.valid_objf = {int(k): float(v) for k, v in st.get("valid_objf", {}).items()}
         by_rank = st.get("data") or [st["sampler"]]
-        note = self.data.load_state_dict(by_rank[self.dist.rank % len(by_rank)])
+        try:
+            note = self.data.load_state_dict(by_rank[self.dist.rank % len(by_rank)])
+        except ValueError as e:  # e.g. the egs dir changed since the checkpoint
+            raise ValueError("%s: cannot resume from this checkpoint: %s; to train on the "
+                             "data as it is now from the start, remove %s (or use another "
+                             "exp dir)" % (path, e, self.ckpt_dir)) from None
         if note:
             self.log.info("checkpoint was written by %s workers, now %d: %s",
                           st.get("world_size"), self.dist.world_size, note)
