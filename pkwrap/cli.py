@@ -130,7 +130,7 @@ def run_program(main: Callable, prog: str, argv: Optional[List[str]] = None,
     if not keep_verbose:
         argv = [a for a in argv if a != "--verbose" and not a.startswith("--verbose=")]
     from pkwrap.kaldi import io as kio
-    first_output = len(kio._COMMITTED) if not resumable else None
+    first_output = kio.num_committed_outputs() if not resumable else None
     old_term = _catch_sigterm()
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warning(prog)
@@ -220,14 +220,8 @@ def _remove_outputs(kio, first: Optional[int], prog: str) -> None:
     "nothing was done" exit status 1, must not leave an empty or partial archive), unless
     ``first`` is None (a resumable program: what it completed stays)."""
     kio.discard_open_outputs()
-    if first is None:
-        return
-    for path in kio._COMMITTED[first:]:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    del kio._COMMITTED[first:]
+    if first is not None:
+        kio.remove_committed_outputs(first)
 
 
 def program(prog: str, keep_verbose: bool = False):

@@ -53,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..kaldi.chain_egs import write_chain_example
-from ..kaldi.io import KaldiWriter, atomic_output, read_number_file
+from ..kaldi.io import atomic_output, read_number_file, write_kaldi_object
 from .egs import ExampleGenerationConfig, UtteranceSplitter, get_chain_egs
 from .supervision import (ErrorReport, SupervisionError, SupervisionOptions,
                           SupervisionSplitter, lattice_to_supervision)
@@ -205,12 +205,7 @@ _REC = struct.Struct("<II")
 
 
 def _eg_bytes(eg, compress: bool = True) -> bytes:
-    import io
-    b = io.BytesIO()
-    w = KaldiWriter(b, True)
-    w.write_header()
-    write_chain_example(w, eg, compress=compress)
-    return b.getvalue()
+    return write_kaldi_object(None, lambda w: write_chain_example(w, eg, compress=compress))
 
 
 @dataclass

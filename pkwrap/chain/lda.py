@@ -57,38 +57,24 @@ stats that differ by the sampling noise of the pruning only; with ``rand_prune=0
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter, atomic_output, write_whole
-from ..kaldi.matrix import (read_matrix, read_packed_matrix, read_vector, write_matrix,
-                            write_packed_matrix, write_vector)
+from ..kaldi.io import (KaldiFormatError, KaldiReader, KaldiWriter, atomic_output,
+                        write_kaldi_object)
+from ..kaldi.matrix import (read_matrix, read_packed_matrix, read_vector, write_kaldi_matrix,
+                            write_matrix, write_packed_matrix, write_vector)
+from ..ngsgd import _one_thread
 
 __all__ = ["LdaStats", "rand_prune", "supervision_posteriors",
            "nnet_output_at_supervision", "acc_chain_lda_stats", "estimate_feature_transform",
            "FeatureTransformResult", "read_lda_stats", "compute_preconditioning_matrix",
-           "write_kaldi_matrix", "PARALLEL_BYTES"]
+           "PARALLEL_BYTES"]
 
 log = logging.getLogger("pkwrap.chain.lda")
-
-
-class _one_thread:
-    """Linear algebra here runs in torch with one thread: the matrices are small (the
-    input dim, a few hundred), and BLAS thread pools cost far more than they give on
-    them, worst on a loaded machine (numpy's OpenBLAS pool cannot be sized at run time)."""
-
-    def __enter__(self):
-        import torch
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        import torch
-        torch.set_num_threads(self.threads)
 
 
 def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -169,9 +155,9 @@ class LdaStats:
 
     def write(self, path_or_file, binary: bool = True) -> None:
         """``LdaEstimate::Write`` (to a path, atomically, or a binary file object)."""
-        buf = io.BytesIO()
-        w = KaldiWriter(buf, binary)
-        w.write_header()
+        write_kaldi_object(path_or_file, self._write, binary)
+
+    def _write(self, w: KaldiWriter) -> None:
         w.write_token("<LDAACCS>")
         w.write_token("<VECSIZE>")
         w.write_int32(self.dim)
@@ -185,8 +171,6 @@ class LdaStats:
         within = self.second - self._scatter_terms(self.zero, self.first)
         write_packed_matrix(w, within.astype(np.float32))
         w.write_token("</LDAACCS>")
-        data = buf.getvalue()
-        write_whole(path_or_file, data)
 
     @classmethod
     def read(cls, r: KaldiReader, into: Optional["LdaStats"] = None) -> "LdaStats":
@@ -691,14 +675,3 @@ def compute_preconditioning_matrix(dir_: str, egs_dir: str, num_archives: int,
     os.symlink("../lda.mat", tmp)
     os.replace(tmp, link)
     return mat
-
-
-def write_kaldi_matrix(path_or_file, mat: np.ndarray, binary: bool = True) -> None:
-    """A float matrix as Kaldi's ``WriteKaldiObject`` writes it (a path is written
-    atomically)."""
-    buf = io.BytesIO()
-    w = KaldiWriter(buf, binary)
-    w.write_header()
-    write_matrix(w, np.asarray(mat, np.float32))
-    data = buf.getvalue()
-    write_whole(path_or_file, data)

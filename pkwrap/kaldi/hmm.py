@@ -47,14 +47,13 @@ All three objects read and write Kaldi's binary and text forms byte-compatibly w
 from __future__ import annotations
 
 import bisect
-import io
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float, write_whole
+from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float, write_kaldi_object
 from .matrix import read_vector, write_vector
 from .symbol_table import SymbolTable
 
@@ -100,15 +99,7 @@ def _open_reader(path_or_file, what: str) -> KaldiReader:
 def _save(obj, binary: bool, path_or_file) -> Optional[bytes]:
     """Write ``obj`` (with a ``_write(KaldiWriter)`` method) after the binary header to
     ``path_or_file``, or return the bytes if it is None."""
-    buf = io.BytesIO()
-    w = KaldiWriter(buf, binary)
-    w.write_header()
-    obj._write(w)
-    data = buf.getvalue()
-    if path_or_file is None:
-        return data
-    write_whole(path_or_file, data)
-    return None
+    return write_kaldi_object(path_or_file, obj._write, binary)
 
 
 def _read_prob(r: KaldiReader) -> float:

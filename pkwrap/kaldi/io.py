@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io as _io
 import math
 import os
 import stat
 import struct
-from typing import BinaryIO, Iterator, List, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -414,9 +415,19 @@ _OPEN_OUTPUTS: "set[AtomicFile]" = set()  # strong: an abandoned one is still cl
 _COMMITTED: List[str] = []
 
 
-def committed_outputs() -> List[str]:
-    """The files this process has committed so far (in order)."""
-    return list(_COMMITTED)
+def num_committed_outputs() -> int:
+    """How many files this process has committed so far (a mark for
+    :func:`remove_committed_outputs`)."""
+    return len(_COMMITTED)
+
+
+def remove_committed_outputs(since: int) -> None:
+    """Remove the files committed after the mark ``since`` (a failed program leaves no
+    output)."""
+    for path in _COMMITTED[since:]:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    del _COMMITTED[since:]
 
 
 def discard_open_outputs() -> None:
@@ -595,14 +606,24 @@ def atomic_output(path, mode: str = "wb", fsync: bool = False) -> Iterator[Atomi
     f.commit()
 
 
-def write_whole(path_or_file, data: bytes) -> None:
-    """Write a whole object's bytes to a path (atomically: the file appears complete or not
-    at all) or to an open binary stream."""
+def write_kaldi_object(path_or_file, write_body: Callable[["KaldiWriter"], None],
+                       binary: bool = True) -> Optional[bytes]:
+    """Kaldi's ``WriteKaldiObject``: the binary header (in binary mode), then
+    ``write_body(writer)``; to a path (atomically: the file appears complete or not at
+    all), to an open binary stream, or, with ``path_or_file`` None, returned as bytes."""
+    buf = _io.BytesIO()
+    w = KaldiWriter(buf, binary)
+    w.write_header()
+    write_body(w)
+    data = buf.getvalue()
+    if path_or_file is None:
+        return data
     if isinstance(path_or_file, (str, os.PathLike)):
         with atomic_output(path_or_file) as f:
             f.write(data)
     else:
         path_or_file.write(data)
+    return None
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ import warnings
 
 import numpy as np
 
-from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float
+from .io import KaldiFormatError, KaldiReader, KaldiWriter, format_float, write_kaldi_object
 
 try:  # the C++ core; the numpy fallback is used (and tested) without it
     from .. import _pkwrap as _native
@@ -458,6 +458,13 @@ def write_matrix(w: KaldiWriter, mat: np.ndarray) -> None:
         parts.append("\n  " + "".join(format_float(x) + " " for x in row.tolist()))
     parts.append("]\n")
     w.write("".join(parts).encode())
+
+
+def write_kaldi_matrix(path_or_file, mat: np.ndarray, binary: bool = True) -> None:
+    """A float matrix file as Kaldi's ``WriteKaldiObject`` writes one (``lda.mat``,
+    ``copy-matrix`` output); a path is written atomically."""
+    write_kaldi_object(path_or_file, lambda w: write_matrix(w, np.asarray(mat, np.float32)),
+                       binary)
 
 
 def read_vector(r: KaldiReader) -> np.ndarray:

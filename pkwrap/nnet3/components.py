@@ -451,13 +451,15 @@ class _AffineBase(Component):
         return self._affine(x)
 
     def _init_preconditioners(self, rank_in, rank_out, update_period, num_samples_history,
-                              alpha_in, alpha_out) -> None:
+                              alpha_in, alpha_out, num_minibatches_history=0.0) -> None:
         self.preconditioner_in = OnlineNaturalGradient(max(1, int(rank_in)), int(update_period),
-                                                       float(num_samples_history), 0.0,
+                                                       float(num_samples_history),
+                                                       float(num_minibatches_history),
                                                        float(alpha_in))
         self.preconditioner_out = OnlineNaturalGradient(max(1, int(rank_out)),
                                                         int(update_period),
-                                                        float(num_samples_history), 0.0,
+                                                        float(num_samples_history),
+                                                        float(num_minibatches_history),
                                                         float(alpha_out))
         # an optimizer made before the first forward finds the layer of each weight
         # (NGSGD's state of a checkpoint is loaded before training resumes)
@@ -628,12 +630,8 @@ class TimeHeightConvolutionComponent(_NaturalGradientMixin, _AffineBase):
         if not 1.0 < nmh < 1.0e6:
             raise ValueError("TimeHeightConvolutionComponent %s: <NumMinibatchesHistory> %g "
                              "is not in (1, 1e6)" % (self.name, nmh))
-        self.preconditioner_in = OnlineNaturalGradient(max(1, int(ri)), 1, 2000.0, nmh,
-                                                       float(ai))
-        self.preconditioner_out = OnlineNaturalGradient(max(1, int(ro)), 1, 2000.0, nmh,
-                                                        float(ao))
-        if self.use_natural_gradient:
-            self._register_owner()
+        # Kaldi's convolution: update period 1, forgetting by minibatches
+        self._init_preconditioners(ri, ro, 1, 2000.0, ai, ao, num_minibatches_history=nmh)
 
     @property
     def input_dim(self):

@@ -28,7 +28,6 @@ the component's own time context.
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import os
 import re
@@ -40,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from pkwrap.kaldi.hmm import TransitionModel
-from pkwrap.kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter
+from pkwrap.kaldi.io import KaldiFormatError, KaldiReader, KaldiWriter, write_kaldi_object
 from pkwrap.kaldi.matrix import read_vector, write_vector
 from pkwrap.nnet3.components import Component, component_from_config, read_component
 from pkwrap.nnet3.descriptor import INF, Descriptor, DescriptorError, parse_descriptor
@@ -364,14 +363,18 @@ class Nnet3(nn.Module):
           ValueError: unknown node, wrong dim, or frames that are not computable from the
             inputs given.
         """
-        if self.compiled:
-            self._check_request(inputs, outputs)
-            plan = self._plan({k: (t0, x.shape[1]) for k, (t0, x) in inputs.items()},
-                              {k: (a, b, 1) for k, (a, b) in outputs.items()})
-            if plan is not None:
-                return plan.run(self, {k: x for k, (t0, x) in inputs.items()
-                                       if k in plan.inputs})
-        return self.compute_generic(inputs, outputs)
+        out = self._compute_compiled(inputs, outputs, 1) if self.compiled else None
+        return out if out is not None else self.compute_generic(inputs, outputs)
+
+    def _compute_compiled(self, inputs, outputs, step: int):
+        """:meth:`compute` of every ``step``-th frame of each output range through a cached
+        plan, or None when the plan does not handle this network."""
+        self._check_request(inputs, outputs)
+        plan = self._plan({k: (t0, x.shape[1]) for k, (t0, x) in inputs.items()},
+                          {k: (a, b, step) for k, (a, b) in outputs.items()})
+        if plan is None:
+            return None
+        return plan.run(self, {k: x for k, (t0, x) in inputs.items() if k in plan.inputs})
 
     def _check_request(self, inputs, outputs) -> Dict[str, Tuple[float, float]]:
         """Names, dims and computability of a :meth:`compute` request; returns the frames
@@ -529,15 +532,8 @@ class Nnet3(nn.Module):
                                  "right context)" % (self.name, x.shape[1], k, l + r))
             reqs[k] = (l, x.shape[1] - 1 - r)
         f = self.frame_subsampling_factor
-        out = None
-        if self.compiled:
-            self._check_request(inputs, reqs)
-            # only the output frames kept are computed (and what they need)
-            plan = self._plan({k: (t0, v.shape[1]) for k, (t0, v) in inputs.items()},
-                              {k: (a, b, f) for k, (a, b) in reqs.items()})
-            if plan is not None:
-                out = plan.run(self, {k: v for k, (t0, v) in inputs.items()
-                                      if k in plan.inputs})
+        # only the output frames kept are computed (and what they need)
+        out = self._compute_compiled(inputs, reqs, f) if self.compiled else None
         if out is None:
             out = {k: v[:, ::f] if f > 1 else v
                    for k, v in self.compute_generic(inputs, reqs).items()}
@@ -882,40 +878,30 @@ def write_nnet3(nnet: Nnet3, path=None, binary: bool = True,
       trans_model: write an acoustic model with this transition model.
       priors: the AmNnetSimple priors (default: empty).
     """
-    buf = io.BytesIO()
-    w = KaldiWriter(buf, binary)
-    w.write_header()
-    if trans_model is not None:
-        trans_model._write(w)
-    w.write_token("<Nnet3>")
-    w.write(b"\n" + "".join(l + "\n" for l in nnet.config_lines()).encode() + b"\n")
-    w.write_token("<NumComponents>")
-    w.write_int32(len(nnet.components))
-    w.newline()
-    for c in nnet.components:
-        w.write_token("<ComponentName>")
-        w.write_token(c.name)
-        c.write(w)
+    def body(w: KaldiWriter) -> None:
+        if trans_model is not None:
+            trans_model._write(w)
+        w.write_token("<Nnet3>")
+        w.write(b"\n" + "".join(l + "\n" for l in nnet.config_lines()).encode() + b"\n")
+        w.write_token("<NumComponents>")
+        w.write_int32(len(nnet.components))
         w.newline()
-    w.write_token("</Nnet3>")
-    if trans_model is not None:
-        l, r = nnet.context("output") if "output" in nnet.nodes else (0, 0)
-        w.write_token("<LeftContext>")
-        w.write_int32(l)
-        w.write_token("<RightContext>")
-        w.write_int32(r)
-        w.write_token("<Priors>")
-        write_vector(w, np.asarray(priors if priors is not None else np.zeros(0),
-                                   dtype=np.float32))
-    data = buf.getvalue()
-    if path is None:
-        return data
+        for c in nnet.components:
+            w.write_token("<ComponentName>")
+            w.write_token(c.name)
+            c.write(w)
+            w.newline()
+        w.write_token("</Nnet3>")
+        if trans_model is not None:
+            l, r = nnet.context("output") if "output" in nnet.nodes else (0, 0)
+            w.write_token("<LeftContext>")
+            w.write_int32(l)
+            w.write_token("<RightContext>")
+            w.write_int32(r)
+            w.write_token("<Priors>")
+            write_vector(w, np.asarray(priors if priors is not None else np.zeros(0),
+                                       dtype=np.float32))
+
     if path == "-":
         path = __import__("sys").stdout.buffer
-    if hasattr(path, "write"):
-        path.write(data)
-    else:
-        from ..kaldi.io import atomic_output
-        with atomic_output(path) as f:  # complete or not at all
-            f.write(data)
-    return None
+    return write_kaldi_object(path, body, binary)  # a file: complete or not at all

@@ -704,6 +704,16 @@ def _egs_info(egs_dir: str, name: str) -> Optional[int]:
     return read_number_file(p, int, minimum=0) if os.path.isfile(p) else None
 
 
+def _num_archives(egs_dir: str) -> int:
+    """The egs dir's ``info/num_archives``, or, without it, the ``cegs.N.ark`` counted as
+    the reader does."""
+    n = _egs_info(egs_dir, "num_archives")
+    if n is None:
+        from .stream import KaldiEgsDir
+        n = KaldiEgsDir(egs_dir).num_archives
+    return n
+
+
 def verify_egs_dir(egs_dir: str, model, frame_subsampling_factor: int,
                    ivector_dir: Optional[str]) -> None:
     """train.py's verify_egs_dir: the egs fit the network (named errors)."""
@@ -806,7 +816,7 @@ def prepare_preconditioning(args, dir_: str, egs_dir: str, need_egs: bool) -> Op
     init_cfg = os.path.join(dir_, "configs", "init.config")
     if not os.path.isfile(init_cfg):
         return None
-    from pkwrap.nnet3 import nnet3_from_config, read_nnet3, write_nnet3
+    from pkwrap.nnet3 import nnet3_from_config, write_nnet3
     raw = os.path.join(dir_, "init.raw")
     if args.stage <= -4 or not os.path.isfile(raw):
         log.info("Initializing a basic network for estimating preconditioning matrix")
@@ -823,12 +833,11 @@ def prepare_preconditioning(args, dir_: str, egs_dir: str, need_egs: bool) -> Op
             not os.path.exists(os.path.join(dir_, "configs", "lda.mat")):
         from pkwrap.chain.lda import compute_preconditioning_matrix
         log.info("Computing the preconditioning matrix for input features")
-        num_archives = int(_egs_info(egs_dir, "num_archives") or 0)
+        num_archives = _num_archives(egs_dir)
         t0 = time.time()
-        compute_preconditioning_matrix(dir_, egs_dir, num_archives,
+        compute_preconditioning_matrix(dir_, egs_dir, num_archives,  # reads init.raw
                                        max_lda_jobs=args.max_lda_jobs,
-                                       rand_prune_threshold=args.rand_prune,
-                                       nnet=read_nnet3(raw))
+                                       rand_prune_threshold=args.rand_prune)
         log.info("lda.mat from %d of %d archives in %.1f s (see %s/log/get_transform.log)",
                  min(num_archives, args.max_lda_jobs), num_archives, time.time() - t0,
                  dir_)
@@ -1048,10 +1057,7 @@ def train(args, egs_dir: str, notes: Sequence[str]) -> None:
     ctx = ModelContext(model.left_context, model.right_context, args.frame_subsampling_factor,
                        False, "output-xent" in model.output_names, num_pdfs,
                        model.input_dim("ivector") if "ivector" in model.input_names else 0)
-    num_archives = _egs_info(egs_dir, "num_archives")
-    if num_archives is None:  # no info/num_archives: count cegs.N.ark as the reader does
-        from .stream import KaldiEgsDir
-        num_archives = KaldiEgsDir(egs_dir).num_archives
+    num_archives = _num_archives(egs_dir)
     sched = KaldiSchedule(num_archives, args.frame_subsampling_factor, args.num_epochs,
                           args.num_jobs_initial, args.num_jobs_final,
                           args.initial_effective_lrate, args.final_effective_lrate,
