@@ -39,7 +39,8 @@ def run_recipe(workdir, *args, check=True):
 
 TINY = ["--train-utts-per-voice", "2", "--valid-utts-per-voice", "2",
         "--test-utts-per-voice", "2", "--num-valid-voices", "2", "--num-test-voices", "3",
-        "--recorded-utts-per-voice", "1", "--recorded-talkers", "kal,ked,slt,awb,rms"]
+        "--recorded-utts-per-voice", "1", "--recorded-talkers", "kal,ked,slt,awb,rms,allison",
+        "--num-test-talkers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,10 @@ def test_split_by_voice(prepared):
     # 3 espeak-ng voices and 1 recorded talker (flite/festival) in test
     assert len(spks["test"]) == 4 and len(spks["valid"]) == 2 and len(spks["train"]) > 10
     assert sum(s.startswith("r") for s in spks["test"]) == 1
-    assert sum(s.startswith("r") for s in spks["train"]) == 4
+    assert sum(s.startswith("r") for s in spks["train"]) == 5
+    # the real talker's recordings (Asterisk's prompts) are one of the recorded talkers
+    info = read_table(wd / "data" / ("test" if "rallison" in spks["test"] else "train") / "utt2info")
+    assert any(v.startswith("prompts:allison ") for v in info.values())
     assert not spks["train"] & spks["test"], "a test voice was also in training"
     assert not spks["train"] & spks["valid"] and not spks["valid"] & spks["test"]
 

@@ -8,6 +8,7 @@
 #   ./run.sh                               # everything (under 10 minutes on 2 CPU cores)
 #   ./run.sh --stage 4                     # retrain from scratch, then decode and evaluate
 #   ./run.sh --stage 6 --extra-test /path/to/kaldi_data_dir   # score real recordings too
+#   local/prepare_fsdd.py <free-spoken-digit-dataset>/recordings data/fsdd   # such a dir
 #   ./run.sh --sample-rate 8000            # a telephone-band (8 kHz) model
 #
 # Each stage leaves a marker <exp>/.done.<stage>; a later call skips finished stages,
@@ -29,10 +30,11 @@ valid_utts_per_voice=25
 test_utts_per_voice=30
 num_valid_voices=4
 num_test_voices=10
-recorded_talkers=""     # flite/festival talkers, e.g. kal,ked,slt,awb,rms (RESULTS.md)
-num_test_talkers=1
+recorded_talkers=kal,ked,slt,awb,rms  # flite/festival talkers (RESULTS.md); allison: a real talker's prompts
+num_test_talkers=0     # recorded talkers held out for test instead of training
 recorded_utts_per_voice=80
 sample_rate=16000       # 8000 or 16000, for the whole recipe
+fbank_opts=""           # extra local/compute_fbank.py options for every part, e.g. "--cmn speaker"
 # augmentation of the training data (stage 1; local/augment_data.py, pkwrap.data.augment)
 speed_perturb=false     # 3-way 0.9/1.0/1.1 copies (triples the training time)
 aug_copies=1            # augmented copies per utterance (1 and no clean copy: in place)
@@ -44,7 +46,8 @@ volume_perturb=true     # gain uniform in [1/8, 2]
 spec_augment=""         # Kaldi spec-augment-layer in training, e.g. 0.5,0.2,20 (Kaldi's defaults; off: it cost clean and degraded WER at 6 epochs, RESULTS.md)
 # evaluation (stage 6)
 eval_conditions=telephone,reverb,noise0,noise5,noise10
-extra_test=""           # comma-separated Kaldi data dirs (wav.scp, text) of recordings
+extra_test=""           # comma-separated Kaldi data dirs (wav.scp, text, utt2spk) of recordings
+extra_test_cmn=utterance  # their mean normalization: utterance, or speaker (RESULTS.md)
 # model and training (train.py)
 train_opts=""
 decode_opts=""
@@ -59,11 +62,13 @@ usage() {
   echo "  --valid-utts-per-voice ($valid_utts_per_voice) --test-utts-per-voice ($test_utts_per_voice)"
   echo "  --num-valid-voices ($num_valid_voices) --num-test-voices ($num_test_voices)"
   echo "  --recorded-talkers ($recorded_talkers) --num-test-talkers ($num_test_talkers)"
-  echo "  --recorded-utts-per-voice ($recorded_utts_per_voice) --sample-rate ($sample_rate)"
+  echo "  --recorded-utts-per-voice ($recorded_utts_per_voice)"
+  echo "  --sample-rate ($sample_rate) --fbank-opts '$fbank_opts'"
   echo "  augmentation: --speed-perturb ($speed_perturb) --aug-copies ($aug_copies)"
   echo "  --aug-keep-clean ($aug_keep_clean) --reverb-prob ($reverb_prob) --noise-prob ($noise_prob)"
   echo "  --channel-prob ($channel_prob) --volume-perturb ($volume_perturb) --spec-augment ($spec_augment)"
   echo "  evaluation: --eval-conditions ($eval_conditions) --extra-test ('$extra_test')"
+  echo "  --extra-test-cmn ($extra_test_cmn)"
   echo "  --train-opts '<extra train.py options>' --decode-opts '<extra decode.py options>'"
   echo "  graphs (conf/chain.conf): --tree-type ($tree_type) --ngram-order ($ngram_order)"
   echo "  --no-prune-ngram-order ($no_prune_ngram_order) --num-extra-lm-states ($num_extra_lm_states)"
@@ -86,7 +91,7 @@ test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts|tree
 ngram_order|no_prune_ngram_order|num_extra_lm_states|edge_silprob|between_silprob|lm_copies|\
 recorded_talkers|num_test_talkers|recorded_utts_per_voice|sample_rate|speed_perturb|aug_copies|\
 aug_keep_clean|reverb_prob|noise_prob|channel_prob|volume_perturb|spec_augment|\
-eval_conditions|extra_test)
+eval_conditions|extra_test|extra_test_cmn|fbank_opts)
       printf -v "$var" '%s' "$value" ;;
     *) echo "run.sh: unknown option $name (see --help)" >&2; exit 1 ;;
   esac
@@ -151,7 +156,7 @@ if $speed_perturb || $aug_keep_clean || [ "$aug_copies" != 1 ] || $volume_pertur
 fi
 train_part=train; $augment && train_part=train_aug
 fbank() { python3 "$recipe/local/compute_fbank.py" --config "$recipe/conf/fbank.conf" \
-            --sample-frequency "$sample_rate" "$@"; }
+            --sample-frequency "$sample_rate" $fbank_opts "$@"; }
 
 if run_stage 1; then
   if $augment; then
@@ -225,7 +230,7 @@ if run_stage 6; then
     rm -rf "$data/$name" "$corpus/wav_$name"
     python3 "$recipe/local/augment_data.py" --sample-rate "$sample_rate" --nj "$nj" \
       --condition resample "$dir" "$data/$name" "$corpus/wav_$name"
-    fbank "$data/$name"
+    fbank "$data/$name" --cmn "$extra_test_cmn"
     parts="$parts,$name"
   done
   if [ -n "$parts" ]; then

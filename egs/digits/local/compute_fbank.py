@@ -10,7 +10,10 @@ with w_m the m-th triangular mel filter, exactly Kaldi's ``compute-fbank-feats``
 (kaldi-native-fbank reimplements it). Options come from ``conf/fbank.conf`` in
 Kaldi's flag spelling. Per-utterance mean normalization (Kaldi's
 ``apply-cmvn --norm-vars=false`` with utterance-level stats) is applied unless
-``--no-cmn``, since test voices are unseen and their spectral tilt differs.
+``--cmn none``, since test voices are unseen and their spectral tilt differs.
+``--cmn speaker`` subtracts the mean over all utterances of the utterance's speaker
+(``utt2spk``), as Kaldi's ``compute-cmvn-stats --spk2utt`` + ``apply-cmvn --utt2spk``
+(means only): better estimated than one short utterance's mean, whose words move it.
 
 Writes ``<data>/feats.ark`` + ``<data>/feats.scp`` (kaldiio, float32 matrices
 ``[T][40]``) and ``<data>/utt2num_frames``.
@@ -90,7 +93,9 @@ def compute_fbank(samples, opts):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="conf/fbank.conf")
-    p.add_argument("--no-cmn", action="store_true", help="keep raw log filterbanks")
+    p.add_argument("--cmn", choices=("utterance", "speaker", "none"), default="utterance",
+                   help="mean normalization: over the utterance, over all utterances of its "
+                        "speaker (utt2spk), or none (raw log filterbanks)")
     p.add_argument("--sample-frequency", type=float, default=None,
                    help="override the config's --sample-frequency (run.sh --sample-rate)")
     p.add_argument("data_dir", type=Path)
@@ -101,28 +106,48 @@ def main():
     wav_scp = args.data_dir / "wav.scp"
     if not wav_scp.is_file():
         sys.exit("compute_fbank.py: %s not found" % wav_scp)
+    utt2spk = None
+    if args.cmn == "speaker":
+        path = args.data_dir / "utt2spk"
+        if not path.is_file():
+            sys.exit("compute_fbank.py: --cmn speaker needs %s" % path)
+        utt2spk = dict(line.split()[:2] for line in path.read_text().splitlines() if line.strip())
+    feats_of = {}
+    for lineno, line in enumerate(wav_scp.read_text().splitlines(), 1):
+        parts = line.split()
+        if len(parts) != 2:
+            sys.exit("compute_fbank.py: %s:%d: expected '<utt> <wav path>'" % (wav_scp, lineno))
+        utt, path = parts
+        if utt2spk is not None and utt not in utt2spk:
+            sys.exit("compute_fbank.py: %s: utterance %s has no speaker in utt2spk" % (wav_scp, utt))
+        rate, pcm = wavfile.read(path)
+        if rate != opts.frame_opts.samp_freq or pcm.ndim != 1 or pcm.dtype != np.int16:
+            sys.exit("compute_fbank.py: %s: need 16-bit mono at %d Hz, got %s %s at %d Hz"
+                     % (path, opts.frame_opts.samp_freq, pcm.dtype, pcm.shape, rate))
+        feats = compute_fbank(pcm.astype(np.float32), opts)
+        if feats.shape[0] == 0:
+            sys.exit("compute_fbank.py: %s (%s) is too short for one frame" % (utt, path))
+        feats_of[utt] = feats
+    if utt2spk is not None:
+        # Kaldi's compute-cmvn-stats --spk2utt + apply-cmvn --utt2spk (means only)
+        sums = {}
+        for utt, feats in feats_of.items():
+            acc = sums.setdefault(utt2spk[utt], [0.0, 0])
+            acc[0] = acc[0] + feats.sum(axis=0, dtype=np.float64)
+            acc[1] += feats.shape[0]
+        mean = {spk: (s / n).astype(np.float32) for spk, (s, n) in sums.items()}
+        for utt in feats_of:
+            feats_of[utt] = feats_of[utt] - mean[utt2spk[utt]]
+    elif args.cmn == "utterance":
+        for utt in feats_of:
+            feats_of[utt] = feats_of[utt] - feats_of[utt].mean(axis=0, keepdims=True)
     # absolute ark path in feats.scp, so the scp works from any directory
     ark, scp = (args.data_dir / "feats.ark").resolve(), args.data_dir / "feats.scp"
-    n_done, n_frames, lens = 0, 0, []
+    lens = [(utt, feats.shape[0]) for utt, feats in feats_of.items()]
     with kaldiio.WriteHelper("ark,scp:%s,%s" % (ark, scp)) as writer:
-        for lineno, line in enumerate(wav_scp.read_text().splitlines(), 1):
-            parts = line.split()
-            if len(parts) != 2:
-                sys.exit("compute_fbank.py: %s:%d: expected '<utt> <wav path>'" % (wav_scp, lineno))
-            utt, path = parts
-            rate, pcm = wavfile.read(path)
-            if rate != opts.frame_opts.samp_freq or pcm.ndim != 1 or pcm.dtype != np.int16:
-                sys.exit("compute_fbank.py: %s: need 16-bit mono at %d Hz, got %s %s at %d Hz"
-                         % (path, opts.frame_opts.samp_freq, pcm.dtype, pcm.shape, rate))
-            feats = compute_fbank(pcm.astype(np.float32), opts)
-            if feats.shape[0] == 0:
-                sys.exit("compute_fbank.py: %s (%s) is too short for one frame" % (utt, path))
-            if not args.no_cmn:
-                feats = feats - feats.mean(axis=0, keepdims=True)
+        for utt, feats in feats_of.items():
             writer(utt, feats)
-            lens.append((utt, feats.shape[0]))
-            n_done += 1
-            n_frames += feats.shape[0]
+    n_done, n_frames = len(lens), sum(n for _, n in lens)
     with open(args.data_dir / "utt2num_frames", "w") as f:
         for utt, n in lens:
             f.write("%s %d\n" % (utt, n))

@@ -9,7 +9,10 @@ alternative reading of 0), spoken by one voice (the speaker) with random prosody
   slt, and kal at 8 kHz): a random duration stretch, F0 mean and F0 range
   (``--setf duration_stretch=, int_f0_target_mean=, int_f0_target_stddev=``);
 * festival (``festvox-kallpc16k``, ``festvox-kdlpc16k``, ``festvox-us-slt-hts``): a random
-  duration stretch; one festival process per voice synthesizes all its utterances.
+  duration stretch; one festival process per voice synthesizes all its utterances;
+* talker ``allison`` is no synthesizer but a real person: the digit prompts of Asterisk
+  (``asterisk-core-sounds-en-wav``, 8 kHz, one recording per word) joined into strings
+  with random pauses and per-word gains.
 
 Voices of the same recorded talker (flite's kal / kal16 and festival's kal_diphone,
 flite's slt and festival's HTS slt) are one speaker, so the split by speaker never puts
@@ -83,6 +86,9 @@ DEFAULT_VARIANTS = [
     "kaukovalta",
 ]
 
+PROMPTS_DIR = "/usr/share/asterisk/sounds/en_US_f_Allison/digits"
+PROMPT_FILES = dict({w: "%d.wav" % d for d, w in enumerate(DIGIT_WORDS)}, oh="oh.wav")
+
 # Recorded talkers of the Debian synthesizers: speaker -> [(engine, voice, package)].
 RECORDED_TALKERS = {
     "kal": [("flite", "kal16", "flite"), ("flite", "kal", "flite"),
@@ -91,6 +97,9 @@ RECORDED_TALKERS = {
     "slt": [("flite", "slt", "flite"), ("festival", "cmu_us_slt_arctic_hts", "festvox-us-slt-hts")],
     "awb": [("flite", "awb", "flite")],
     "rms": [("flite", "rms", "flite")],
+    # not a synthesizer: Asterisk's US-English prompts, recorded by a real talker (Allison
+    # Smith), one recording of each digit and of "oh" (asterisk-core-sounds-en-wav)
+    "allison": [("prompts", PROMPTS_DIR, "asterisk-core-sounds-en-wav")],
 }
 
 ESPEAK_RATE = 22050
@@ -180,6 +189,14 @@ def check_recorded(talkers):
                 if e == "flite" and v not in out:
                     sys.exit("synth_corpus.py: flite has no voice %s (flite -lv: %s)"
                              % (v, " ".join(out[2:])))
+    for t in talkers:
+        for e, v, pkg in RECORDED_TALKERS[t]:
+            if e != "prompts":
+                continue
+            missing = [f for f in PROMPT_FILES.values() if not os.path.isfile(os.path.join(v, f))]
+            if missing:
+                sys.exit("synth_corpus.py: %s: no %s (talker %s): apt-get install %s"
+                         % (v, ", ".join(missing), t, pkg))
     fest = [(v, pkg) for t in talkers for e, v, pkg in RECORDED_TALKERS[t] if e == "festival"]
     if fest:
         if shutil.which("festival") is None:
@@ -211,6 +228,24 @@ def synthesize_flite(text, voice, stretch, f0_mean, f0_std, tmp):
     if r.returncode != 0:
         raise RuntimeError("flite failed (%s): %s" % (" ".join(cmd), r.stderr.decode(errors="replace")))
     return read_pcm_wav(tmp)
+
+
+def join_prompts(words, folder, stretch, rng):
+    """A digit string from one recording per word: each word's recording (trimmed of its
+    own silence) with a gain of +-3 dB, joined by pauses of 0..0.25 s times ``stretch``."""
+    parts, rate = [], None
+    for i, w in enumerate(words):
+        x, r = read_pcm_wav(os.path.join(folder, PROMPT_FILES[w]))
+        if rate is not None and r != rate:
+            raise RuntimeError("%s: sample rate %d differs from %d" % (folder, r, rate))
+        rate = r
+        active = np.flatnonzero(np.abs(x) > 3e-3)
+        if active.size:
+            x = x[max(0, active[0] - r // 200):active[-1] + r // 200]
+        if i:
+            parts.append(np.zeros(int(rng.uniform(0.0, 0.25) * stretch * r), dtype=np.float32))
+        parts.append(x * np.float32(10 ** (rng.uniform(-3, 3) / 20)))
+    return np.concatenate(parts), rate
 
 
 def synthesize_festival_batch(voice, items, out_dir):
@@ -280,6 +315,8 @@ def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
     if engine == "espeak":
         x, src_rate = synthesize(text, spec["accent"], spec["variant"], spec["speed"],
                                  spec["pitch"], spec["gap"]), ESPEAK_RATE
+    elif engine == "prompts":
+        x, src_rate = join_prompts(spec["words"], spec["variant"], spec["stretch"], rng)
     elif engine == "flite":
         x, src_rate = synthesize_flite(text, spec["variant"], spec["stretch"], spec["f0_mean"],
                                        spec["f0_std"], raw_dir / (spec["utt"] + ".flite.wav"))
@@ -354,11 +391,12 @@ def plan_recorded(rng, talkers, n_utts, args):
                 f0_base = 170.0 if t == "slt" else 110.0
                 f0_mean = round(f0_base * rng.uniform(*f0), 1)
                 f0_std = round(rng.uniform(0.05, 0.25) * f0_base, 1)
-                if engine != "flite":  # festival: only the duration stretch is varied
+                if engine != "flite":  # festival, prompts: only the duration stretch is varied
                     f0_mean = f0_std = "-"
                 specs.append(dict(
-                    utt="%s-%s-%04d" % (spk, voice.replace("_", ""), i), spk=spk, engine=engine,
-                    variant=voice, words=random_words(rng, args), accent="%s:%s" % (engine, voice),
+                    utt="%s-%s-%04d" % (spk, engine if engine == "prompts" else
+                                        voice.replace("_", ""), i), spk=spk, engine=engine,
+                    variant=voice, words=random_words(rng, args), accent="%s:%s" % (engine, t if engine == "prompts" else voice),
                     stretch=round(rng.uniform(*stretch), 3),
                     f0_mean=f0_mean, f0_std=f0_std,
                     snr=None if rng.random() < args.clean_prob else round(rng.uniform(
