@@ -609,3 +609,50 @@ def test_tdnnf_model_initial_parameters_come_from_the_global_generator():
         assert torch.equal(v, again.state_dict()[k]), k
     assert not torch.equal(m.component("tdnn1.affine").weight,
                            other.component("tdnn1.affine").weight)
+
+
+def test_tdnnf_model_dropout_is_kaldis_tdnnf_layer_dropout():
+    """dropout=True puts a continuous GeneralDropoutComponent between each TDNN-F layer's
+    batchnorm and its bypass sum (xconfig tdnnf-layer with a dropout proportion): no
+    parameters, so the same seed gives the same parameters; evaluation and proportion 0
+    are the network without it; proportion p scales each dimension of a sequence by
+    1 - 2p + 4pu, one factor for all its frames."""
+    kw = dict(num_pdfs=11, feat_dim=8, tdnn_dim=16, tdnnf_dim=16, bottleneck_dim=6,
+              time_strides=(1, 0, 3), prefinal_dim=6, prefinal_big_dim=16, use_idct=False,
+              xent_head=False)
+    torch.manual_seed(3)
+    plain = TDNNFModel(**kw)
+    torch.manual_seed(3)
+    m = TDNNFModel(dropout=True, **kw)
+    assert [c.name for c in m.components if c.TYPE == "GeneralDropoutComponent"] == \
+        ["tdnnf2.dropout", "tdnnf3.dropout", "tdnnf4.dropout"]
+    assert "component-node name=tdnnf3.noop component=tdnnf3.noop " \
+           "input=Sum(Scale(0.66, tdnnf2.noop), tdnnf3.dropout)" in m._config
+    assert m.state_dict().keys() != plain.state_dict().keys()  # component indices moved
+    assert [v.shape for v in m.state_dict().values()] == \
+        [v.shape for v in plain.state_dict().values()]
+    for a, b in zip(m.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+    w = torch.randn_like(m.component("output.affine").weight)  # Kaldi initializes it to 0
+    with torch.no_grad():
+        m.component("output.affine").weight.copy_(w)
+        plain.component("output.affine").weight.copy_(w)
+    x = torch.randn(3, 40, 8)
+    plain.train(), m.train()
+    m.apply_edits("set-dropout-proportion name=* proportion=0")
+    # (the plain network's bypass sum runs fused, this one's not: another summation order)
+    torch.testing.assert_close(m(x)["output"], plain(x)["output"], rtol=1e-3, atol=1e-3)
+    plain.eval(), m.eval()                       # (batchnorm statistics from the pass above)
+    m.apply_edits("set-dropout-proportion name=* proportion=0.5")
+    torch.testing.assert_close(m(x)["output"], plain(x)["output"], rtol=1e-3, atol=1e-3)
+    plain.train(), m.train()
+    m.apply_edits("set-dropout-proportion name=* proportion=0")
+    m.apply_edits("set-dropout-proportion name=tdnnf3.* proportion=0.5")
+    assert m.component("tdnnf2.dropout").fields["DropoutProportion"] == 0
+    assert m.component("tdnnf3.dropout").fields["DropoutProportion"] == 0.5
+    d = m.component("tdnnf3.dropout")
+    y = torch.randn(3, 20, 16)
+    z = d(y) / y                                   # the factors: per sequence and dimension
+    assert torch.allclose(z, z[:, :1].expand_as(z), atol=1e-5)
+    assert z.min() >= 0 - 1e-6 and z.max() <= 2 + 1e-6 and z.std() > 0.1
+    assert (m(x)["output"] - plain(x)["output"]).abs().max() > 0.1

@@ -59,6 +59,7 @@ from pkwrap.nn import TDNNFModel
 from pkwrap.optim import NGSGD, KaldiLRScheduler, kaldi_param_groups
 from pkwrap.train import (ChainMinibatchSampler, EgsDataset, TrainConfig, Trainer,
                           cleanup_distributed, setup_distributed)
+from pkwrap.train.chain_train import dropout_proportions
 from pkwrap.train.comm_hooks import NGSGDState, ngsgd_hook
 from pkwrap.train.dist import all_gather_object
 
@@ -77,6 +78,10 @@ def get_parser():
                    help="Kaldi spec-augment-layer on the input features in training: "
                         "'freq-max-proportion,time-zeroed-proportion,time-mask-max-frames' "
                         "(Kaldi's defaults: 0.5,0.2,20); empty: off")
+    p.add_argument("--dropout-schedule", default="",
+                   help="Kaldi's --trainer.dropout-schedule for dropout in the TDNN-F layers, "
+                        "e.g. '0,0@0.20,0.5@0.50,0' (proportion against the fraction of "
+                        "training done); empty: no dropout components")
     p.add_argument("--num-epochs", type=int, default=6)
     p.add_argument("--minibatch-size", default="1:32",
                    help="Kaldi rule string (nnet3-chain-merge-egs --minibatch-size)")
@@ -136,7 +141,7 @@ def model_config(args, params, num_pdfs: int) -> Dict:
                 prefinal_big_dim=args.tdnnf_dim,
                 frame_subsampling_factor=params["frame_subsampling_factor"],
                 use_idct=False, use_delta=True, l2_regularize=args.layer_l2_regularize,
-                xent_head=args.xent_regularize > 0)
+                xent_head=args.xent_regularize > 0, dropout=bool(args.dropout_schedule))
 
 
 def read_text(path: Path) -> Dict[str, List[str]]:
@@ -273,9 +278,16 @@ def run(args) -> None:
                          checkpoint_every=args.checkpoint_every, keep_last=max(3, args.combine_last),
                          valid_every=args.valid_every, log_every=10, max_steps=args.max_steps, combine_last=args.combine_last,
                          progress_bar=not args.no_progress_bar)
+    before_step = None
+    if args.dropout_schedule:
+        def before_step(trainer, batch):
+            # Kaldi sets the proportions at each iteration from the fraction of data seen
+            frac = trainer.step / max(1, num_steps)
+            for pat, prop in dropout_proportions(args.dropout_schedule, frac):
+                model.apply_edits("set-dropout-proportion name=%s proportion=%r" % (pat, prop))
     trainer = Trainer(model, loss_fn, optimizer, train_data, config, scheduler=scheduler,
                       valid_data=valid_data, train_diag_data=train_diag_data, dist_info=info,
-                      comm_hook=comm_hook, feat_dim=params["feat_dim"])
+                      comm_hook=comm_hook, feat_dim=params["feat_dim"], before_step=before_step)
     trainer.train()
     if info.is_main:
         log.info("done: %s/final.pt", exp)
@@ -283,7 +295,13 @@ def run(args) -> None:
 
 
 def main():
-    args = get_parser().parse_args()
+    p = get_parser()
+    args = p.parse_args()
+    if args.dropout_schedule:
+        try:
+            dropout_proportions(args.dropout_schedule, 0.0)
+        except ValueError as e:
+            p.error("--dropout-schedule %r: %s" % (args.dropout_schedule, e))
     run(args)
     return 0
 

@@ -95,7 +95,7 @@ def tdnnf_config(num_pdfs: int, feat_dim: int = 40, tdnn_dim: int = 768,
                  prefinal_dim: int = 192, prefinal_big_dim: int = 768,
                  bypass_scale: float = 0.66, use_idct: bool = True, use_delta: bool = True,
                  l2_regularize: float = 0.03, xent_head: bool = True,
-                 spec_augment: Optional[Dict] = None) -> str:
+                 spec_augment: Optional[Dict] = None, dropout: bool = False) -> str:
     """The nnet3 config lines of a :class:`TDNNFModel` (its arguments; see there), as
     ``xconfig_to_configs.py`` expands the tdnn_1j xconfig into ``final.config``
     (``nnet3-init`` reads them; the ``idct`` component gets random parameters there,
@@ -169,9 +169,15 @@ def tdnnf_config(num_pdfs: int, feat_dim: int = 40, tdnn_dim: int = 768,
                hidden + " time-offsets=%s" % ("0,%d" % s if s else "0"), n + ".linear")
         relu(n + ".relu", tdnnf_dim, n + ".affine")
         bn(n + ".batchnorm", tdnnf_dim, n + ".relu")
+        out = n + ".batchnorm"
+        if dropout:  # Kaldi's tdnnf-layer with dropout: continuous, one mask per sequence
+            line("component name=%s.dropout type=GeneralDropoutComponent dim=%d "
+                 "dropout-proportion=0.5 continuous=true" % (n, tdnnf_dim))
+            node(n + ".dropout", out)
+            out = n + ".dropout"
         line("component name=%s.noop type=NoOpComponent dim=%d" % (n, tdnnf_dim))
-        node(n + ".noop", "Sum(Scale(%g, %s), %s.batchnorm)" % (bypass_scale, prev, n)
-             if bypass_scale != 0 else n + ".batchnorm")
+        node(n + ".noop", "Sum(Scale(%g, %s), %s)" % (bypass_scale, prev, out)
+             if bypass_scale != 0 else out)
         prev, dim = n + ".noop", tdnnf_dim
     affine("prefinal-l", "LinearComponent", dim, prefinal_dim, hidden + orth, prev)
     heads = [("prefinal-chain", "output", "")]
@@ -236,6 +242,12 @@ class TDNNFModel(Nnet3):
         Kaldi's ``spec-augment-layer`` after batchnorm0, in training only: a dict of
         :data:`SPEC_AUGMENT_DEFAULTS`' keys (missing ones take Kaldi's defaults); None:
         none.
+      dropout:
+        Put Kaldi's dropout in every TDNN-F layer, as the xconfig ``tdnnf-layer`` with a
+        dropout proportion does: a ``GeneralDropoutComponent`` (``continuous=true``: each
+        dimension of a sequence scaled by ``1 - 2p + 4pu``, u uniform) after the batchnorm,
+        named ``tdnnfN.dropout``. Its proportion is set during training by a schedule
+        (:func:`pkwrap.train.chain_train.dropout_proportions`); evaluation is unaffected.
 
     The random initial parameters are drawn from torch's global generator (seed it with
     ``torch.manual_seed`` for the same model on every rank). The ReLUs carry Kaldi's
@@ -255,7 +267,8 @@ class TDNNFModel(Nnet3):
                  prefinal_dim: int = 192, prefinal_big_dim: int = 768,
                  bypass_scale: float = 0.66, frame_subsampling_factor: int = 3,
                  use_idct: bool = True, use_delta: bool = True, l2_regularize: float = 0.03,
-                 xent_head: bool = True, spec_augment: Optional[Dict] = None):
+                 xent_head: bool = True, spec_augment: Optional[Dict] = None,
+                 dropout: bool = False):
         if num_pdfs <= 0 or feat_dim <= 0:
             raise ValueError(f"TDNNFModel: bad num_pdfs={num_pdfs} or feat_dim={feat_dim}")
         if frame_subsampling_factor < 1:
@@ -270,7 +283,7 @@ class TDNNFModel(Nnet3):
                     prefinal_dim=prefinal_dim, prefinal_big_dim=prefinal_big_dim,
                     bypass_scale=bypass_scale, use_idct=use_idct, use_delta=use_delta,
                     l2_regularize=l2_regularize, xent_head=xent_head,
-                    spec_augment=_spec_augment_options(spec_augment))
+                    spec_augment=_spec_augment_options(spec_augment), dropout=bool(dropout))
         config = tdnnf_config(**args)
         # the initial parameters come from torch's global generator (torch.manual_seed), in
         # config order with the distributions of Kaldi's config defaults (the draws of
