@@ -155,6 +155,12 @@ def build_base(base: Path) -> Dict[str, str]:
     B["final.config"] = str(base / "final.config")
     _run_ok(["nnet3-init", "--srand=1", B["final.config"], str(base / "init.raw")], cwd=base)
     B["init.raw"] = str(base / "init.raw")
+    # LDA stage (train.py stages -4/-2): tests/fixtures/kaldi_lda (Kaldi's stats and init.raw,
+    # 40-dim input + 40-dim i-vector, 64 pdfs: it reads cegs.ark)
+    lda = REPO / "tests" / "fixtures" / "kaldi_lda"
+    cp("lda_init.raw", lda / "init.raw")
+    cp("lda_stats", lda / "lda_stats")
+    cp("lda_stats.rp4", lda / "lda_stats.rp4")
     f = np.load(FIX / "nnet3_io" / "inputs" / "feats_utt1_95.npy")
     iv = np.load(FIX / "nnet3_io" / "inputs" / "ivector_utt_utt1_95.npy")
     with TableWriter("ark:%s" % (base / "nfeats.ark"), "matrix") as w:
@@ -570,6 +576,14 @@ PROGS = [
          {"out.ark": "matrix"}, rspec=[2], wspec=[3]),
     Prog("nnet3-init", ["--srand=1", "{final.config}", "{out}/0.raw"],
          {"final.config": "text", "lda.mat": "text"}, ["0.raw"]),
+    Prog("nnet3-chain-acc-lda-stats", ["--rand-prune=0", "{lda_init.raw}", "ark:{cegs.ark}",
+                                       "{out}/1.lda_stats"],
+         {"lda_init.raw": "kbin", "cegs.ark": "kbin"}, ["1.lda_stats"], rspec=[2]),
+    Prog("sum-lda-accs", ["{out}/lda_stats", "{lda_stats}", "{lda_stats.rp4}"],
+         {"lda_stats": "kbin", "lda_stats.rp4": "kbin"}, ["lda_stats"]),
+    Prog("nnet-get-feature-transform", ["--write-within-covar={out}/within_covar",
+                                        "{out}/lda.mat", "{lda_stats}"],
+         {"lda_stats": "kbin"}, ["lda.mat", "within_covar"]),
     Prog("chain-get-supervision", ["--frame-subsampling-factor=3", "{tree}", "{trans.mdl}",
                                    "ark,t:{phones_with_lengths.txt}", "ark:{out}/sup.ark"],
          {"tree": "kbin", "trans.mdl": "kbin", "phones_with_lengths.txt": "text"},
