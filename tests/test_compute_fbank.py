@@ -65,3 +65,8 @@ def test_speaker_cmn_needs_utt2spk(data_dir, tmp_path):
                         "--cmn", "speaker", str(d)], capture_output=True, text=True)
     assert r.returncode != 0 and "needs" in r.stderr and "utt2spk" in r.stderr
     assert not (d / "feats.scp").exists()
+    (d / "utt2spk").write_text("a-0 a\na-1\n")          # damaged: a line without speaker
+    r = subprocess.run([sys.executable, str(SCRIPT), "--config", str(RECIPE / "conf" / "fbank.conf"),
+                        "--cmn", "speaker", str(d)], capture_output=True, text=True)
+    assert r.returncode != 0 and "utt2spk:2: expected 'utt speaker'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (d / "feats.scp").exists()

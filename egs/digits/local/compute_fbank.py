@@ -30,6 +30,8 @@ import kaldiio
 import numpy as np
 from scipy.io import wavfile
 
+from pkwrap.kaldi.cmvn import read_utt2spk
+
 _FLAGS = {
     "--sample-frequency": ("frame_opts", "samp_freq", float),
     "--frame-length": ("frame_opts", "frame_length_ms", float),
@@ -111,42 +113,52 @@ def main():
         path = args.data_dir / "utt2spk"
         if not path.is_file():
             sys.exit("compute_fbank.py: --cmn speaker needs %s" % path)
-        utt2spk = dict(line.split()[:2] for line in path.read_text().splitlines() if line.strip())
-    feats_of = {}
-    for lineno, line in enumerate(wav_scp.read_text().splitlines(), 1):
-        parts = line.split()
-        if len(parts) != 2:
-            sys.exit("compute_fbank.py: %s:%d: expected '<utt> <wav path>'" % (wav_scp, lineno))
-        utt, path = parts
-        if utt2spk is not None and utt not in utt2spk:
-            sys.exit("compute_fbank.py: %s: utterance %s has no speaker in utt2spk" % (wav_scp, utt))
-        rate, pcm = wavfile.read(path)
-        if rate != opts.frame_opts.samp_freq or pcm.ndim != 1 or pcm.dtype != np.int16:
-            sys.exit("compute_fbank.py: %s: need 16-bit mono at %d Hz, got %s %s at %d Hz"
-                     % (path, opts.frame_opts.samp_freq, pcm.dtype, pcm.shape, rate))
-        feats = compute_fbank(pcm.astype(np.float32), opts)
-        if feats.shape[0] == 0:
-            sys.exit("compute_fbank.py: %s (%s) is too short for one frame" % (utt, path))
-        feats_of[utt] = feats
+        try:
+            utt2spk = read_utt2spk(path)
+        except (ValueError, OSError) as e:  # one line naming the file
+            sys.exit("compute_fbank.py: %s" % e)
+
+    def utterances():
+        """``(utt, log filterbanks)`` of wav.scp, in its order."""
+        for lineno, line in enumerate(wav_scp.read_text().splitlines(), 1):
+            parts = line.split()
+            if len(parts) != 2:
+                sys.exit("compute_fbank.py: %s:%d: expected '<utt> <wav path>'"
+                         % (wav_scp, lineno))
+            utt, path = parts
+            if utt2spk is not None and utt not in utt2spk:
+                sys.exit("compute_fbank.py: %s: utterance %s has no speaker in utt2spk"
+                         % (wav_scp, utt))
+            rate, pcm = wavfile.read(path)
+            if rate != opts.frame_opts.samp_freq or pcm.ndim != 1 or pcm.dtype != np.int16:
+                sys.exit("compute_fbank.py: %s: need 16-bit mono at %d Hz, got %s %s at %d Hz"
+                         % (path, opts.frame_opts.samp_freq, pcm.dtype, pcm.shape, rate))
+            feats = compute_fbank(pcm.astype(np.float32), opts)
+            if feats.shape[0] == 0:
+                sys.exit("compute_fbank.py: %s (%s) is too short for one frame" % (utt, path))
+            yield utt, feats
+
+    normalized = utterances()
     if utt2spk is not None:
-        # Kaldi's compute-cmvn-stats --spk2utt + apply-cmvn --utt2spk (means only)
+        # Kaldi's compute-cmvn-stats --spk2utt + apply-cmvn --utt2spk (means only): the
+        # speaker means need every utterance first, so only this mode holds them all
+        feats_of = list(normalized)
         sums = {}
-        for utt, feats in feats_of.items():
+        for utt, feats in feats_of:
             acc = sums.setdefault(utt2spk[utt], [0.0, 0])
             acc[0] = acc[0] + feats.sum(axis=0, dtype=np.float64)
             acc[1] += feats.shape[0]
         mean = {spk: (s / n).astype(np.float32) for spk, (s, n) in sums.items()}
-        for utt in feats_of:
-            feats_of[utt] = feats_of[utt] - mean[utt2spk[utt]]
+        normalized = ((u, f - mean[utt2spk[u]]) for u, f in feats_of)
     elif args.cmn == "utterance":
-        for utt in feats_of:
-            feats_of[utt] = feats_of[utt] - feats_of[utt].mean(axis=0, keepdims=True)
+        normalized = ((u, f - f.mean(axis=0, keepdims=True)) for u, f in normalized)
     # absolute ark path in feats.scp, so the scp works from any directory
     ark, scp = (args.data_dir / "feats.ark").resolve(), args.data_dir / "feats.scp"
-    lens = [(utt, feats.shape[0]) for utt, feats in feats_of.items()]
+    lens = []
     with kaldiio.WriteHelper("ark,scp:%s,%s" % (ark, scp)) as writer:
-        for utt, feats in feats_of.items():
+        for utt, feats in normalized:
             writer(utt, feats)
+            lens.append((utt, feats.shape[0]))
     n_done, n_frames = len(lens), sum(n for _, n in lens)
     with open(args.data_dir / "utt2num_frames", "w") as f:
         for utt, n in lens:
