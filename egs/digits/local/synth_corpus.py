@@ -56,6 +56,7 @@ Usage:
       --train-utts-per-voice 60 --test-utts-per-voice 30
 """
 import argparse
+import functools
 import os
 import random
 import shutil
@@ -230,12 +231,18 @@ def synthesize_flite(text, voice, stretch, f0_mean, f0_std, tmp):
     return read_pcm_wav(tmp)
 
 
+@functools.lru_cache(maxsize=None)
+def _read_prompt(path):
+    """A prompt recording, read once for all the utterances that use it (not modified)."""
+    return read_pcm_wav(path)
+
+
 def join_prompts(words, folder, stretch, rng):
     """A digit string from one recording per word: each word's recording (trimmed of its
     own silence) with a gain of +-3 dB, joined by pauses of 0..0.25 s times ``stretch``."""
     parts, rate = [], None
     for i, w in enumerate(words):
-        x, r = read_pcm_wav(os.path.join(folder, PROMPT_FILES[w]))
+        x, r = _read_prompt(os.path.join(folder, PROMPT_FILES[w]))
         if rate is not None and r != rate:
             raise RuntimeError("%s: sample rate %d differs from %d" % (folder, r, rate))
         rate = r
@@ -387,6 +394,9 @@ def plan_recorded(rng, talkers, n_utts, args):
     for t in talkers:
         spk = "r" + t
         for engine, voice, _ in RECORDED_TALKERS[t]:
+            # the prompts' "voice" is a folder: their ids and utt2info name the talker instead
+            vid, vname = (("prompts", t) if engine == "prompts" else
+                          (voice.replace("_", ""), voice))
             for i in range(n_utts):
                 f0_base = 170.0 if t == "slt" else 110.0
                 f0_mean = round(f0_base * rng.uniform(*f0), 1)
@@ -394,9 +404,8 @@ def plan_recorded(rng, talkers, n_utts, args):
                 if engine != "flite":  # festival, prompts: only the duration stretch is varied
                     f0_mean = f0_std = "-"
                 specs.append(dict(
-                    utt="%s-%s-%04d" % (spk, engine if engine == "prompts" else
-                                        voice.replace("_", ""), i), spk=spk, engine=engine,
-                    variant=voice, words=random_words(rng, args), accent="%s:%s" % (engine, t if engine == "prompts" else voice),
+                    utt="%s-%s-%04d" % (spk, vid, i), spk=spk, engine=engine,
+                    variant=voice, words=random_words(rng, args), accent="%s:%s" % (engine, vname),
                     stretch=round(rng.uniform(*stretch), 3),
                     f0_mean=f0_mean, f0_std=f0_std,
                     snr=None if rng.random() < args.clean_prob else round(rng.uniform(
