@@ -6,8 +6,8 @@ HCLG = H o C o L o G as Kaldi's ``utils/mkgraph.sh`` builds it for chain models
 words, uniform), L the espeak-ng lexicon with optional silence, C from the tree's
 context, H from the transition model. For each utterance the network's output
 ``y[t][p]`` (log-likelihood-like scores, no prior subtraction in chain models) is
-decoded with acoustic scale 0.5 (``--acoustic-scale``), and the hypotheses are scored against the
-references: WER = (substitutions + deletions + insertions) / reference words.
+decoded with acoustic scale 0.5 (``--acoustic-scale``), and the hypotheses are scored
+against the references: WER = (substitutions + deletions + insertions) / reference words.
 
 Writes ``<exp>/graph/`` (HCLG.fst, words.txt, phones.txt) and
 ``<exp>/decode_<part>/`` with ``loglikes.{ark,scp}`` (Kaldi matrices: feed them to
