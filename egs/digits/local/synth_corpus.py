@@ -628,19 +628,18 @@ def main():
     test_v = shuffled[:args.num_test_voices]
     valid_v = shuffled[args.num_test_voices:args.num_test_voices + args.num_valid_voices]
     train_v = shuffled[args.num_test_voices + args.num_valid_voices:]
-    plans = {
-        "train": plan_split(rng, train_v, args.train_utts_per_voice, accents, args),
-        "valid": plan_split(rng, valid_v, args.valid_utts_per_voice, accents, args),
-        "test": plan_split(rng, test_v, args.test_utts_per_voice, accents, args),
-    }
+    # test and valid first: their utterances do not depend on the size of the training set
+    plans = {"test": plan_split(rng, test_v, args.test_utts_per_voice, accents, args)}
+    plans["valid"] = plan_split(rng, valid_v, args.valid_utts_per_voice, accents, args)
+    plans["train"] = plan_split(rng, train_v, args.train_utts_per_voice, accents, args)
     # the recorded talkers: their own random stream, so the espeak-ng part of the corpus
     # is the same with or without them
     rrng = random.Random("recorded-%d" % args.seed)
     shuffled_t = sorted(talkers)
     rrng.shuffle(shuffled_t)
     test_t, train_t = shuffled_t[:args.num_test_talkers], shuffled_t[args.num_test_talkers:]
-    plans["train"] += plan_recorded(rrng, train_t, args.recorded_utts_per_voice, args)
     plans["test"] += plan_recorded(rrng, test_t, args.test_utts_per_voice, args)
+    plans["train"] += plan_recorded(rrng, train_t, args.recorded_utts_per_voice, args)
     # Kokoro speakers (training only): their own random stream too
     krng = random.Random("kokoro-%d" % args.seed)
     if args.kokoro_speakers > 0:
