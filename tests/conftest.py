@@ -49,3 +49,14 @@ def all_cases():
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def synth_corpus():
+    """The digits recipe's corpus generator, egs/digits/local/synth_corpus.py, as a module."""
+    import importlib.util
+    path = REPO / "egs" / "digits" / "local" / "synth_corpus.py"
+    spec = importlib.util.spec_from_file_location("synth_corpus", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

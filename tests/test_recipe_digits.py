@@ -101,6 +101,13 @@ def test_split_by_voice(prepared):
     assert len(mixes) == 2 and all(m.startswith("kokoro:jf_") or m.startswith("kokoro:jm_")
                                    for m in mixes)
     assert not spks["train"] & spks["test"], "a test voice was also in training"
+    # words cut at the edges by an endpointer (--tight-edge-prob 0.4): train/valid only
+    edges = read_table(wd / "data" / "train" / "utt2edges")
+    assert set(edges) == set(read_table(wd / "data" / "train" / "text"))
+    sides = [side for v in edges.values() for side in v.split()]
+    assert {side == "silence" for side in sides} == {True, False}
+    assert all(side == "silence" or -35 <= float(side) <= -15 for side in sides)
+    assert not (wd / "data" / "test" / "utt2edges").exists()
     assert not spks["train"] & spks["valid"] and not spks["valid"] & spks["test"]
 
 

@@ -8,21 +8,15 @@ give different audio (a model fed nothing useful would not), that the same seed 
 same waveform (Piper draws noise inside its network), and that damaged package files
 give a one-line error naming the file.
 """
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "egs" / "digits" / "local" / "synth_corpus.py"
 
 
 @pytest.fixture(scope="module")
-def sc():
-    spec = importlib.util.spec_from_file_location("synth_corpus", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def sc(synth_corpus):
+    return synth_corpus
 
 
 def active_seconds(x, rate):

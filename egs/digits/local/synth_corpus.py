@@ -290,6 +290,13 @@ def get_parser():
                    help="speed/formant warp factor range of training utterances (1,1: off)")
     p.add_argument("--clean-prob", type=float, default=0.1,
                    help="probability that an utterance gets no added noise")
+    p.add_argument("--tight-edge-prob", type=float, default=0.0,
+                   help="probability that a train/valid utterance starts (and, independently, "
+                        "ends) with its first (last) word, with no silence, as recordings "
+                        "cut by an energy endpointer; listed in utt2edges")
+    p.add_argument("--tight-edge-db", default="15,35",
+                   help="range of the endpointer's level below the loudest 10-ms frame, dB "
+                        "(weak onsets and codas below it are cut)")
     p.add_argument("--allowed-length-factor", type=float, default=1.08,
                    help="ratio of consecutive allowed lengths (train/valid padding)")
     p.add_argument("--recorded-talkers", default=",".join(RECORDED_TALKERS),
@@ -478,6 +485,20 @@ def num_frames(num_samples, rate):
     return 0 if num_samples < win else 1 + (num_samples - win) // shift
 
 
+def endpoint(x, rate, lead_db, trail_db):
+    """``x`` without the 10-ms frames before the first (after the last) frame whose energy
+    is within ``lead_db`` (``trail_db``) dB of the loudest frame's; None: that side kept."""
+    n = rate // 100
+    frames = x[: len(x) // n * n].reshape(-1, n)
+    if len(frames) == 0:
+        return x
+    db = 10 * np.log10((frames ** 2).mean(axis=1) + 1e-20)
+    db -= db.max()
+    start = 0 if lead_db is None else int(np.argmax(db >= -lead_db)) * n
+    end = len(x) if trail_db is None else (len(db) - int(np.argmax(db[::-1] >= -trail_db))) * n
+    return x[start:end]
+
+
 def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
     """Synthesize, resample, pad (to an allowed length if ``lengths``), add noise, write."""
     rng = np.random.default_rng(spec["seed"])
@@ -508,15 +529,35 @@ def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
     if active.size:
         x = x[max(0, active[0] - rate // 100):active[-1] + rate // 100]
     lead, trail = (int(rng.uniform(0.1, 0.5) * rate) for _ in range(2))
+    # words at the very start / end of the recording (--tight-edge-prob), as in
+    # recordings cut by an energy endpointer: the 10-ms frames before the first (after
+    # the last) one within <level> dB of the loudest are cut, and with them the weak
+    # onset (coda) of a word; the other side takes the padding
+    tight_lead, tight_trail = (lvl is not None for lvl in spec.get("tight", (None, None)))
+    if tight_lead or tight_trail:
+        x = endpoint(x, rate, *spec["tight"])
+    lead, trail = (0 if tight_lead else lead), (0 if tight_trail else trail)
     if lengths is not None:
         n = num_frames(len(x) + lead + trail, rate)
         target = next((m for m in lengths if m >= n), None)
         if target is None:
             raise RuntimeError("utterance %s (%d frames) is longer than every allowed length"
                                % (spec["utt"], n))
-        extra = max(0, rate // 40 + (target - 1) * (rate // 100) - (len(x) + lead + trail))
-        add_lead = int(rng.integers(0, extra + 1))
-        lead, trail = lead + add_lead, trail + extra - add_lead
+        want = rate // 40 + (target - 1) * (rate // 100)
+        extra = max(0, want - (len(x) + lead + trail))
+        if tight_lead and tight_trail and n < target:
+            # no silence to pad with: slow the words down to the allowed length instead
+            # (as Kaldi's perturb_speed_to_allowed_lengths.py), at most the length factor
+            ratio = Fraction(want, len(x)).limit_denominator(2000)
+            x = resample_poly(x, ratio.numerator, ratio.denominator)[:want]
+            x = np.concatenate([x, np.zeros(want - len(x))])
+        elif tight_lead:
+            trail += extra
+        elif tight_trail:
+            lead += extra
+        else:
+            add_lead = int(rng.integers(0, extra + 1))
+            lead, trail = lead + add_lead, trail + extra - add_lead
     x = np.concatenate([np.zeros(lead), x, np.zeros(trail)])
     x *= rng.uniform(0.3, 0.9) / (np.max(np.abs(x)) + 1e-9)
     if spec["snr"] is not None:
@@ -645,6 +686,13 @@ def write_data_dir(d, specs, wav_dir):
             f.write("%s %s %s %s %s\n" % (s["utt"], s["accent"], prosody,
                                            "clean" if s["snr"] is None else s["snr"],
                                            s.get("warp", 1.0)))
+    if any("tight" in s for s in specs):
+        # per side: "silence" (padded), or the endpointer's level in dB below the peak
+        with open(d / "utt2edges", "w") as f:
+            for s in specs:
+                f.write("%s %s\n" % (s["utt"], " ".join(
+                    "silence" if lvl is None else "-%g" % lvl
+                    for lvl in s.get("tight", (None, None)))))
 
 
 def main():
@@ -700,6 +748,14 @@ def main():
     for specs in (plans["train"], plans["valid"]):
         for s in specs:
             s["pad_to_allowed"] = True
+    if args.tight_edge_prob > 0:
+        # own random stream: the rest of the corpus is the same with or without
+        erng = random.Random("edges-%d" % args.seed)
+        levels = _range(args.tight_edge_db)
+        for s in plans["train"] + plans["valid"]:
+            s["tight"] = tuple(round(erng.uniform(*levels), 1)
+                               if erng.random() < args.tight_edge_prob else None
+                               for _ in range(2))
     warp = _range(args.warp_range)
     for s in plans["train"]:
         engine = s.get("engine", "espeak")
