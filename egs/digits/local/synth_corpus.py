@@ -27,8 +27,9 @@ Voices of the same recorded talker (flite's kal / kal16 and festival's kal_dipho
 flite's slt and festival's HTS slt) are one speaker, so the split by speaker never puts
 a talker on both sides.  Every waveform is resampled to ``--sample-rate`` (8000 or
 16000) with a polyphase filter (``scipy.signal.resample_poly``), padded with 0.1-0.5 s
-of silence on each side, scaled by a random gain and corrupted by additive noise at a
-random SNR:
+of silence on each side (train/valid: or, with ``--tight-edge-prob``, cut on that side as
+by an energy endpointer, see ``endpoint``), scaled by a random gain and corrupted by
+additive noise at a random SNR:
 
     y[n] = g * x[n] + sigma * e[n],   sigma^2 = P_x / 10^(SNR / 10),
 
