@@ -6,10 +6,14 @@ trimmed to the words do: the padding then goes to the other side, or (both sides
 the words are slowed down to the allowed length.
 """
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy.io import wavfile
+
+from conftest import REPO
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng")
 
@@ -66,3 +70,18 @@ def test_endpoint_cuts_weak_onsets_and_codas(sc):
     assert len(sc.endpoint(x, rate, None, 20.0)) == b[1]
     # a 35-dB one keeps them (10-ms frames: the weak parts are whole frames here)
     assert len(sc.endpoint(x, rate, 35.0, 35.0)) == b[2]
+
+
+@pytest.mark.parametrize("opts, msg", [
+    (["--tight-edge-prob", "1.5"], "--tight-edge-prob must be in [0, 1]"),
+    (["--tight-edge-db", "30,10"], "--tight-edge-db: bad range"),
+    (["--tight-edge-db", "0,20"], "--tight-edge-db: levels are dB below the peak"),
+])
+def test_bad_edge_options(tmp_path, opts, msg):
+    script = REPO / "egs" / "digits" / "local" / "synth_corpus.py"
+    r = subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path / "data"),
+                        "--wav-dir", str(tmp_path / "wav"), "--accents",
+                        str(script.parent.parent / "conf" / "accents.txt"), *opts],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()

@@ -711,6 +711,16 @@ def main():
                                               args.num_test_voices))
     if not 1 <= args.min_digits <= args.max_digits:
         sys.exit("synth_corpus.py: need 1 <= --min-digits <= --max-digits")
+    if not 0.0 <= args.tight_edge_prob <= 1.0:
+        sys.exit("synth_corpus.py: --tight-edge-prob must be in [0, 1], got %g"
+                 % args.tight_edge_prob)
+    try:
+        levels = _range(args.tight_edge_db)
+    except ValueError as e:
+        sys.exit("synth_corpus.py: --tight-edge-db: %s" % e)
+    if levels[0] <= 0:
+        sys.exit("synth_corpus.py: --tight-edge-db: levels are dB below the peak, > 0; got %r"
+                 % args.tight_edge_db)
     talkers = [t for t in args.recorded_talkers.split(",") if t]
     unknown = [t for t in talkers if t not in RECORDED_TALKERS]
     if unknown:
@@ -750,9 +760,8 @@ def main():
         for s in specs:
             s["pad_to_allowed"] = True
     if args.tight_edge_prob > 0:
-        # own random stream: the rest of the corpus is the same with or without
+        # own random stream: the plan of everything else is the same with or without
         erng = random.Random("edges-%d" % args.seed)
-        levels = _range(args.tight_edge_db)
         for s in plans["train"] + plans["valid"]:
             s["tight"] = tuple(round(erng.uniform(*levels), 1)
                                if erng.random() < args.tight_edge_prob else None
