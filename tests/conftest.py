@@ -51,12 +51,14 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+SYNTH_CORPUS = REPO / "egs" / "digits" / "local" / "synth_corpus.py"
+
+
 @pytest.fixture(scope="module")
 def synth_corpus():
-    """The digits recipe's corpus generator, egs/digits/local/synth_corpus.py, as a module."""
+    """The digits recipe's corpus generator, ``SYNTH_CORPUS``, as a module."""
     import importlib.util
-    path = REPO / "egs" / "digits" / "local" / "synth_corpus.py"
-    spec = importlib.util.spec_from_file_location("synth_corpus", path)
+    spec = importlib.util.spec_from_file_location("synth_corpus", SYNTH_CORPUS)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from conftest import REPO
+from conftest import SYNTH_CORPUS
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng")
 
@@ -78,10 +78,9 @@ def test_endpoint_cuts_weak_onsets_and_codas(sc):
     (["--tight-edge-db", "0,20"], "--tight-edge-db: levels are dB below the peak"),
 ])
 def test_bad_edge_options(tmp_path, opts, msg):
-    script = REPO / "egs" / "digits" / "local" / "synth_corpus.py"
-    r = subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path / "data"),
+    r = subprocess.run([sys.executable, str(SYNTH_CORPUS), "--out-dir", str(tmp_path / "data"),
                         "--wav-dir", str(tmp_path / "wav"), "--accents",
-                        str(script.parent.parent / "conf" / "accents.txt"), *opts],
+                        str(SYNTH_CORPUS.parent.parent / "conf" / "accents.txt"), *opts],
                        capture_output=True, text=True)
     assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists()

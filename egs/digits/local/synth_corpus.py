@@ -591,9 +591,17 @@ def random_pauses(rng, words):
     return [rng.random() < PAUSE_PROB for _ in words]
 
 
+def random_snr(rng, args):
+    """An utterance's added-noise SNR in dB (``--snr-range``), or None (clean) with
+    probability ``--clean-prob``."""
+    if rng.random() < args.clean_prob:
+        return None
+    return round(rng.uniform(*_range(args.snr_range)), 1)
+
+
 def plan_split(rng, variants, n_utts, accents, args):
-    speed, pitch, gap, snr = (_range(args.speed_range, int), _range(args.pitch_range, int),
-                              _range(args.gap_range, int), _range(args.snr_range))
+    speed, pitch, gap = (_range(args.speed_range, int), _range(args.pitch_range, int),
+                         _range(args.gap_range, int))
     specs = []
     for v in variants:
         spk = "v" + v.lower()
@@ -602,7 +610,7 @@ def plan_split(rng, variants, n_utts, accents, args):
                 utt="%s-%04d" % (spk, i), spk=spk, variant=v, words=random_words(rng, args),
                 accent=rng.choice(accents), speed=rng.randint(*speed),
                 pitch=rng.randint(*pitch), gap=rng.randint(*gap),
-                snr=None if rng.random() < args.clean_prob else round(rng.uniform(*snr), 1),
+                snr=random_snr(rng, args),
                 seed=rng.getrandbits(32)))
     return specs
 
@@ -629,8 +637,7 @@ def plan_recorded(rng, talkers, n_utts, args):
                     variant=voice, words=random_words(rng, args), accent="%s:%s" % (engine, vname),
                     stretch=round(rng.uniform(*stretch), 3),
                     f0_mean=f0_mean, f0_std=f0_std,
-                    snr=None if rng.random() < args.clean_prob else round(rng.uniform(
-                        *_range(args.snr_range)), 1),
+                    snr=random_snr(rng, args),
                     seed=rng.getrandbits(32)))
                 if engine == "piper":  # and Piper's noise scales, and pauses between words
                     specs[-1].update(pauses=random_pauses(rng, specs[-1]["words"]),
@@ -642,7 +649,7 @@ def plan_recorded(rng, talkers, n_utts, args):
 def plan_kokoro(rng, n_speakers, n_utts, args):
     """Utterances of ``n_speakers`` Kokoro speakers, each a Dirichlet(0.5) mix of its voices."""
     names = sorted(kokoro_load()[2])
-    speed, snr = _range(args.kokoro_speed_range), _range(args.snr_range)
+    speed = _range(args.kokoro_speed_range)
     specs = []
     for k in range(n_speakers):
         g = [rng.gammavariate(0.5, 1.0) for _ in names]
@@ -655,7 +662,7 @@ def plan_kokoro(rng, n_speakers, n_utts, args):
                 utt="%s-%04d" % (spk, i), spk=spk, engine="kokoro", variant="kokoro",
                 mix=mix, words=words, pauses=random_pauses(rng, words),
                 accent=desc, stretch=round(rng.uniform(*speed), 3), f0_mean="-", f0_std="-",
-                snr=None if rng.random() < args.clean_prob else round(rng.uniform(*snr), 1),
+                snr=random_snr(rng, args),
                 seed=rng.getrandbits(32)))
     return specs
 
