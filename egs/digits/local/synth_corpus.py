@@ -74,6 +74,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
@@ -136,6 +137,9 @@ PIPER_PHONES = {"zero": "zˈiəɹoʊ", "one": "wˈʌn", "two": "tˈuː", "three"
                 "five": "fˈaɪv", "six": "sˈɪks", "seven": "sˈɛvən", "eight": "ˈeɪt",
                 "nine": "nˈaɪn", "oh": "ˈoʊ"}
 _piper = {}
+# onnxruntime's seed is process-wide: set_seed and the session it seeds must not
+# interleave with another job thread's (--nj), or that utterance gets the other's noise
+_piper_seed_lock = threading.Lock()
 
 
 def import_onnxruntime():
@@ -192,10 +196,11 @@ def synthesize_piper(words, module, stretch, pauses, noise_scale, noise_w, seed)
     phoneme ids ^ _ p1 _ p2 _ ... $ as Piper's own front end writes them. Piper draws
     Gaussian noise inside the network; onnxruntime seeds those draws when a session is
     made, so each utterance gets a session of its own made after ``set_seed(seed)`` (0.3 s),
-    and the same seed gives the same waveform in any process."""
+    and the same seed gives the same waveform in any process and any job thread."""
     model, ids, rate, path = piper_load(module)
-    import_onnxruntime().set_seed(seed)
-    session = onnx_session(model, path)
+    with _piper_seed_lock:
+        import_onnxruntime().set_seed(seed)
+        session = onnx_session(model, path)
     phones = " ".join(PIPER_PHONES[w] + ("," if p else "") for w, p in zip(words, pauses))
     seq = ids["^"] + ids["_"]
     for ch in phones:
