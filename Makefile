@@ -15,10 +15,12 @@ install: sysdeps
 	$(PIP) install -q -e ".[full,test,digits]"
 
 # Debian packages: egs/digits synthesizes its corpus with espeak-ng, flite and festival
-# (festvox-* voices built from recordings of real talkers); asterisk-core-sounds-en-wav has
-# a real talker's digit recordings (run.sh --recorded-talkers ...,allison). Needs root (CI
-# and dev machines are).
+# (festvox-* voices built from recordings of real talkers: English, and Italian, Czech,
+# Finnish and Telugu ones reading the digits respelled, i.e. accented English);
+# asterisk-core-sounds-en-wav has a real talker's digit recordings (run.sh
+# --recorded-talkers ...,allison). Needs root (CI and dev machines are).
 DIGITS_DEBS = espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
+	festvox-itapc16k festvox-czech-machac festvox-czech-ph festvox-suopuhe-mv festival-te \
 	asterisk-core-sounds-en-wav
 sysdeps:
 	@missing=""; for p in $(DIGITS_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

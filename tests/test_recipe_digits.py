@@ -42,7 +42,8 @@ def run_recipe(workdir, *args, check=True):
 
 TINY = ["--train-utts-per-voice", "2", "--valid-utts-per-voice", "2",
         "--test-utts-per-voice", "2", "--num-valid-voices", "2", "--num-test-voices", "3",
-        "--recorded-utts-per-voice", "1", "--recorded-talkers", "kal,ked,slt,awb,rms,allison,joe",
+        "--recorded-utts-per-voice", "1", "--recorded-talkers",
+        "kal,ked,slt,awb,rms,allison,joe,pc,machac,ph,mv,nsk",
         "--num-test-talkers", "1", "--kokoro-speakers", "2", "--kokoro-utts-per-speaker", "1"]
 
 
@@ -88,7 +89,7 @@ def test_split_by_voice(prepared):
     # 3 espeak-ng voices and 1 recorded talker (flite/festival) in test
     assert len(spks["test"]) == 4 and len(spks["valid"]) == 2 and len(spks["train"]) > 10
     assert sum(s.startswith("r") for s in spks["test"]) == 1
-    assert sum(s.startswith("r") for s in spks["train"]) == 6
+    assert sum(s.startswith("r") for s in spks["train"]) == 11
     # the real talker's recordings (Asterisk's prompts) and the Piper voice are recorded talkers
     for talker, engine in (("allison", "prompts"), ("joe", "piper")):
         info = read_table(wd / "data" / ("test" if "r" + talker in spks["test"] else "train")
@@ -101,6 +102,15 @@ def test_split_by_voice(prepared):
     assert len(mixes) == 2 and all(m.startswith("kokoro:jf_") or m.startswith("kokoro:jm_")
                                    for m in mixes)
     assert not spks["train"] & spks["test"], "a test voice was also in training"
+    # accented English (--foreign-accent-prob 0.3): espeak-ng voices of other languages
+    # in training, English accents only in test
+    foreign = {"de", "fr-fr", "el", "es", "ru", "pl", "hi"}
+    accents = {v.split()[0] for k, v in info.items() if k.startswith("v")}
+    assert accents & foreign and accents - foreign
+    test_info = read_table(wd / "data" / "test" / "utt2info")
+    assert not {v.split()[0] for v in test_info.values()} & foreign
+    # the festival voices of other languages are recorded talkers of their own
+    assert {"rpc", "rmachac", "rph", "rmv", "rnsk"} <= spks["train"] | spks["test"]
     # words cut at the edges by an endpointer (--tight-edge-prob 0.4): train/valid only
     edges = read_table(wd / "data" / "train" / "utt2edges")
     assert set(edges) == set(read_table(wd / "data" / "train" / "text"))
@@ -255,3 +265,37 @@ def test_stages_resume_and_bad_options(prepared):
     assert r.stdout.count("already done") == 3
     r = run_recipe(wd, "--no-such-option", "1", check=False)
     assert r.returncode != 0 and "unknown option --no-such-option" in r.stderr
+
+
+def test_extra_test_dir_speaker_cmn(trained, tmp_path):
+    """--extra-test DIR: recordings of a Kaldi data dir are scored too; their features
+    are mean-normalized per speaker (utt2spk) by default, per utterance on request."""
+    wd, _ = trained
+    src = wd / "data" / "test"
+    utts = sorted(read_table(src / "wav.scp"))[:4]
+    d = tmp_path / "people"
+    d.mkdir()
+    wav, text = read_table(src / "wav.scp"), read_table(src / "text")
+    spk = {u: ("alice" if i % 2 else "bob") for i, u in enumerate(utts)}
+    (d / "wav.scp").write_text("".join("%s-%s %s\n" % (spk[u], u, wav[u]) for u in utts))
+    (d / "text").write_text("".join("%s-%s %s\n" % (spk[u], u, text[u]) for u in utts))
+    (d / "utt2spk").write_text("".join("%s-%s %s\n" % (spk[u], u, spk[u]) for u in utts))
+    for cmn in ("speaker", "utterance"):
+        opts = ["--extra-test-cmn", cmn] if cmn == "utterance" else []
+        r = run_recipe(wd, "--stage", "6", "--eval-conditions", "", "--extra-test", str(d),
+                       *TINY, *opts)
+        assert "| extra1_people |" in r.stdout
+        feats = kaldiio.load_scp(str(wd / "data" / "extra1_people" / "feats.scp"))
+        assert len(feats) == 4
+        for s in ("alice", "bob"):
+            mine = [feats[k] for k in feats if k.startswith(s + "-")]
+            spk_mean = np.concatenate(mine).mean(axis=0)
+            utt_means = [m.mean(axis=0) for m in mine]
+            if cmn == "speaker":
+                np.testing.assert_allclose(spk_mean, 0, atol=1e-3)
+                assert max(np.abs(m).max() for m in utt_means) > 0.05
+            else:
+                for m in utt_means:
+                    np.testing.assert_allclose(m, 0, atol=1e-3)
+        hyps = read_table(wd / "exp" / "chain" / "decode_extra1_people" / "hyp.txt")
+        assert sorted(hyps) == sorted(read_table(d / "text"))

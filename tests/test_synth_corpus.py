@@ -73,6 +73,7 @@ def test_endpoint_cuts_weak_onsets_and_codas(sc):
 
 
 @pytest.mark.parametrize("opts, msg", [
+    (["--foreign-accent-prob", "2"], "--foreign-accent-prob must be in [0, 1]"),
     (["--tight-edge-prob", "1.5"], "--tight-edge-prob must be in [0, 1]"),
     (["--tight-edge-db", "30,10"], "--tight-edge-db: bad range"),
     (["--tight-edge-db", "0,20"], "--tight-edge-db: levels are dB below the peak"),
@@ -84,3 +85,38 @@ def test_bad_edge_options(tmp_path, opts, msg):
                        capture_output=True, text=True)
     assert r.returncode != 0 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists()
+
+
+def test_foreign_accents_read_every_digit(sc):
+    """--foreign-accent-prob: each language's voice reads each respelled digit as one
+    word (espeak-ng spells out a string it cannot read as letter names, with secondary
+    stresses, as Spanish does "zri": T,eta,e**e'i)."""
+    for lang, spelling in sc.ESPEAK_SPELLING.items():
+        assert sorted(spelling) == sorted(sc.DIGIT_WORDS + ["oh"]), lang
+        for word, text in spelling.items():
+            assert len(text.split()) == 1, (lang, word)
+            phones = subprocess.run(["espeak-ng", "-q", "-x", "-v", lang, text],
+                                    capture_output=True, text=True, check=True).stdout.strip()
+            assert phones and "," not in phones, (lang, word, text, phones)
+            x = sc.synthesize(text, lang, "m1", 175, 50, 0)
+            loud = np.flatnonzero(np.abs(x) > 0.05 * np.abs(x).max())
+            assert 0.08 < (loud[-1] - loud[0]) / sc.ESPEAK_RATE < 0.5, (lang, word)
+
+
+
+def test_foreign_accent_utterance_text(sc, tmp_path, monkeypatch):
+    """make_utterance gives espeak-ng the respelled words for a foreign accent, the words
+    themselves for an English one."""
+    seen = []
+    real = sc.synthesize
+
+    def spy(text, accent, *a):
+        seen.append((accent, text))
+        return real(text, accent, *a)
+
+    monkeypatch.setattr(sc, "synthesize", spy)
+    for accent in ("de", "en-gb"):
+        spec = dict(utt="u", spk="vm1", variant="m1", words=["three", "oh", "six"],
+                    accent=accent, speed=170, pitch=50, gap=2, snr=None, seed=5)
+        sc.make_utterance(spec, tmp_path / "u.wav", 16000, None)
+    assert seen == [("de", "sri oh sicks"), ("en-gb", "three oh six")]

