@@ -134,50 +134,44 @@ RECORDED_TALKERS = {
     "nsk": [("festival", "telugu_NSK_diphone", "festival-te")],
 }
 
+
+def _spelled(text):
+    """{word: spelling} from the spellings of zero .. nine and oh, in that order."""
+    spellings = text.split()
+    assert len(spellings) == len(DIGIT_WORDS) + 1, text
+    return dict(zip(DIGIT_WORDS + ["oh"], spellings))
+
+
+def respell(spelling, words):
+    """The text a voice reads for ``words``: each word's ``spelling``, or the word itself."""
+    return " ".join(spelling.get(w, w) for w in words)
+
+
 # How the festival voices of other languages spell the English digits: what a speaker of
 # that language would write to say them (festival reads words through the language's own
 # lexicon and letter-to-sound rules). English voices read the words as they are.
-_CZECH = dict(zero="zirou", one="uan", two="tu", three="tri", four="for", five="fajv",
-              six="siks", seven="sevn", eight="ejt", nine="najn", oh="ou")
+_CZECH = _spelled("zirou uan tu tri for fajv siks sevn ejt najn ou")
 FESTIVAL_SPELLING = {
-    "pc_diphone": dict(zero="ziro", one="uan", two="tu", three="tri", four="for", five="faiv",
-                       six="sics", seven="seven", eight="eit", nine="nain", oh="ou"),
+    "pc_diphone": _spelled("ziro uan tu tri for faiv sics seven eit nain ou"),
     "czech_machac": _CZECH,
     "czech_ph": _CZECH,
-    "hy_fi_mv_diphone": dict(zero="siirou", one="uan", two="tuu", three="trii", four="foor",
-                             five="faiv", six="siks", seven="seven", eight="eit", nine="nain",
-                             oh="ou"),
-    "telugu_NSK_diphone": dict(zero="జీరో", one="వన్", two="టూ", three="థ్రీ", four="ఫోర్",
-                               five="ఫైవ్", six="సిక్స్", seven="సెవెన్", eight="ఎయిట్",
-                               nine="నైన్", oh="ఓ"),
+    "hy_fi_mv_diphone": _spelled("siirou uan tuu trii foor faiv siks seven eit nain ou"),
+    "telugu_NSK_diphone": _spelled("జీరో వన్ టూ థ్రీ ఫోర్ ఫైవ్ సిక్స్ సెవెన్ ఎయిట్ నైన్ ఓ"),
 }
-
 
 # espeak-ng voices of other languages as accents of English (--foreign-accent-prob): the
 # digits as a speaker of that language might write them, read with its own rules (espeak-ng
 # -x shows the phonemes each gives: German reads "sicks" /zIks/, Polish "siks" /S;iks/, as
 # such speakers often say them)
 ESPEAK_SPELLING = {
-    "de": dict(zero="siro", one="wann", two="tu", three="sri", four="for", five="faif",
-               six="sicks", seven="sewen", eight="ejt", nine="nain", oh="oh"),
-    "fr-fr": dict(zero="ziro", one="ouane", two="tou", three="sri", four="fore", five="faïve",
-                  six="sixe", seven="sévène", eight="éïte", nine="naïne", oh="o"),
-    "el": dict(zero="ζίρο", one="ουάν", two="του", three="θρι", four="φορ", five="φάιβ",
-               six="σιξ", seven="σέβεν", eight="έιτ", nine="νάιν", oh="όου"),
-    "es": dict(zero="síro", one="guan", two="tu", three="tri", four="for", five="faif",
-               six="siks", seven="séven", eight="eit", nine="nain", oh="ou"),
-    "ru": dict(zero="зиро", one="уан", two="ту", three="фри", four="фор", five="файв",
-               six="сикс", seven="севен", eight="эйт", nine="найн", oh="оу"),
-    "pl": dict(zero="ziroł", one="łan", two="tu", three="fri", four="for", five="fajw",
-               six="siks", seven="sewen", eight="ejt", nine="najn", oh="ou"),
-    "hi": dict(zero="ज़ीरो", one="वन", two="टू", three="थ्री", four="फ़ोर", five="फ़ाइव",
-               six="सिक्स", seven="सेवन", eight="एट", nine="नाइन", oh="ओ"),
+    "de": _spelled("siro wann tu sri for faif sicks sewen ejt nain oh"),
+    "fr-fr": _spelled("ziro ouane tou sri fore faïve sixe sévène éïte naïne o"),
+    "el": _spelled("ζίρο ουάν του θρι φορ φάιβ σιξ σέβεν έιτ νάιν όου"),
+    "es": _spelled("síro guan tu tri for faif siks séven eit nain ou"),
+    "ru": _spelled("зиро уан ту фри фор файв сикс севен эйт найн оу"),
+    "pl": _spelled("ziroł łan tu fri for fajw siks sewen ejt najn ou"),
+    "hi": _spelled("ज़ीरो वन टू थ्री फ़ोर फ़ाइव सिक्स सेवन एट नाइन ओ"),
 }
-
-
-def festival_text(voice, words):
-    spelling = FESTIVAL_SPELLING.get(voice, {})
-    return " ".join(spelling.get(w, w) for w in words)
 
 ESPEAK_RATE = 22050
 
@@ -577,8 +571,7 @@ def endpoint(x, rate, lead_db, trail_db):
 def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
     """Synthesize, resample, pad (to an allowed length if ``lengths``), add noise, write."""
     rng = np.random.default_rng(spec["seed"])
-    spelling = ESPEAK_SPELLING.get(spec["accent"], {})  # English accents: the words as such
-    text = " ".join(spelling.get(w, w) for w in spec["words"])
+    text = respell(ESPEAK_SPELLING.get(spec["accent"], {}), spec["words"])
     engine = spec.get("engine", "espeak")
     if engine == "espeak":
         x, src_rate = synthesize(text, spec["accent"], spec["variant"], spec["speed"],
@@ -884,7 +877,7 @@ def main():
             for s in jobs:
                 if s.get("engine") == "festival":
                     fest.setdefault(s["variant"], []).append(
-                        (s["utt"], festival_text(s["variant"], s["words"]), s["stretch"]))
+                        (s["utt"], respell(FESTIVAL_SPELLING.get(s["variant"], {}), s["words"]), s["stretch"]))
             list(ex.map(lambda kv: synthesize_festival_batch(kv[0], kv[1], raw_dir),
                         sorted(fest.items())))
             durs = list(ex.map(make, jobs))
