@@ -103,7 +103,6 @@ def test_foreign_accents_read_every_digit(sc):
             assert 0.08 < (loud[-1] - loud[0]) / sc.ESPEAK_RATE < 0.5, (lang, word)
 
 
-
 def test_foreign_accent_utterance_text(sc, tmp_path, monkeypatch):
     """make_utterance gives espeak-ng the respelled words for a foreign accent, the words
     themselves for an English one."""

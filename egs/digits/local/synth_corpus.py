@@ -715,7 +715,8 @@ def plan_recorded(rng, talkers, n_utts, args):
 
 
 def plan_kokoro(rng, n_speakers, n_utts, args):
-    """Utterances of ``n_speakers`` Kokoro speakers, each a Dirichlet(0.5) mix of its voices."""
+    """Utterances of ``n_speakers`` Kokoro speakers, each a Dirichlet mix of its voices
+    (weights 0.5 each, or with ``--kokoro-sex-balance`` half the total to each sex)."""
     names = sorted(kokoro_load()[2])
     speed = _range(args.kokoro_speed_range)
     alpha = {v: 0.5 for v in names}
@@ -876,8 +877,8 @@ def main():
             fest = {}
             for s in jobs:
                 if s.get("engine") == "festival":
-                    fest.setdefault(s["variant"], []).append(
-                        (s["utt"], respell(FESTIVAL_SPELLING.get(s["variant"], {}), s["words"]), s["stretch"]))
+                    text = respell(FESTIVAL_SPELLING.get(s["variant"], {}), s["words"])
+                    fest.setdefault(s["variant"], []).append((s["utt"], text, s["stretch"]))
             list(ex.map(lambda kv: synthesize_festival_batch(kv[0], kv[1], raw_dir),
                         sorted(fest.items())))
             durs = list(ex.map(make, jobs))
