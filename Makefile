@@ -18,7 +18,9 @@ install: sysdeps
 # (festvox-* voices built from recordings of real talkers: English, and Italian, Czech,
 # Finnish and Telugu ones reading the digits respelled, i.e. accented English);
 # asterisk-core-sounds-en-wav has a real talker's digit recordings (run.sh
-# --recorded-talkers ...,allison). Needs root (CI and dev machines are).
+# --recorded-talkers ...,allison). Needs root (CI and dev machines are). MBROLA and its
+# voices (talkers us1 .. sw2) are in Debian's contrib / non-free areas:
+# egs/digits/local/install_mbrola.sh fetches them without changing the apt sources.
 DIGITS_DEBS = espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
 	festvox-itapc16k festvox-czech-machac festvox-czech-ph festvox-suopuhe-mv festival-te \
 	asterisk-core-sounds-en-wav
@@ -27,6 +29,7 @@ sysdeps:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null); \
 	  else echo "missing Debian packages:$$missing: sudo apt-get install$$missing (needed by egs/digits)"; fi; fi
+	@egs/digits/local/install_mbrola.sh
 
 # Rebuild the C++ core in place after editing csrc/ (the editable install picks it up).
 build:

@@ -247,3 +247,29 @@ def test_augment_data_dir_resamples_recordings_at_other_rates(tmp_path):
         rate, pcm = wavfile.read(path)
         i = int(utt.split("-")[1])
         assert rate == 8000 and abs(len(pcm) - (6000 + 400 * i) / 2) <= 1
+
+
+def test_narrowband_keeps_low_band_and_only_when_wideband():
+    """narrowband_prob: an 8 kHz round trip (nothing above 4 kHz, the low band kept, unlike
+    the telephone channel); skipped where the channel already went through 8 kHz; no
+    random draw when off, so the other steps' chains are those of a config without it."""
+    x = speechlike(SR)
+    y, d = A.augment(x, SR, A.AugmentConfig(narrowband_prob=1.0), np.random.default_rng(1))
+    assert d == ["narrowband=8k"]
+    assert A.band_energy_ratio(y, SR, 4100, SR / 2) < 0.01
+    assert A.band_energy_ratio(x, SR, 4100, SR / 2) > 0.01
+    assert A.band_energy_ratio(y, SR, 50, 250) > 0.5 * A.band_energy_ratio(x, SR, 50, 250)
+    tel = A.AugmentConfig(channel_prob=1, telephone_prob=1, eq=False, codec_prob=0,
+                          narrowband_prob=1.0)
+    _, d = A.augment(x, SR, tel, np.random.default_rng(1))
+    assert d == ["channel=tel"]
+    base = A.AugmentConfig(reverb_prob=0.5, noise_prob=0.5, channel_prob=0.5, volume=True)
+    off = A.AugmentConfig(reverb_prob=0.5, noise_prob=0.5, channel_prob=0.5, volume=True,
+                          narrowband_prob=0.0)
+    for seed in range(5):
+        (y1, d1), (y2, d2) = (A.augment(x, SR, c, np.random.default_rng(seed)) for c in (base, off))
+        assert d1 == d2 and np.array_equal(y1, y2)
+    y, d = A.augment(x, 8000, A.AugmentConfig(narrowband_prob=1.0), np.random.default_rng(1))
+    assert d == [] and np.array_equal(y, x)  # already narrowband
+    with pytest.raises(ValueError, match="not a probability"):
+        A.AugmentConfig(narrowband_prob=1.5)

@@ -43,7 +43,7 @@ def run_recipe(workdir, *args, check=True):
 TINY = ["--train-utts-per-voice", "2", "--valid-utts-per-voice", "2",
         "--test-utts-per-voice", "2", "--num-valid-voices", "2", "--num-test-voices", "3",
         "--recorded-utts-per-voice", "1", "--recorded-talkers",
-        "kal,ked,slt,awb,rms,allison,joe,pc,machac,ph,mv,nsk",
+        "kal,ked,slt,awb,rms,allison,joe,pc,machac,ph,mv,nsk,us2,de4,nl2",
         "--num-test-talkers", "1", "--kokoro-speakers", "2", "--kokoro-utts-per-speaker", "1"]
 
 
@@ -89,7 +89,7 @@ def test_split_by_voice(prepared):
     # 3 espeak-ng voices and 1 recorded talker (flite/festival) in test
     assert len(spks["test"]) == 4 and len(spks["valid"]) == 2 and len(spks["train"]) > 10
     assert sum(s.startswith("r") for s in spks["test"]) == 1
-    assert sum(s.startswith("r") for s in spks["train"]) == 11
+    assert sum(s.startswith("r") for s in spks["train"]) == 14
     # the real talker's recordings (Asterisk's prompts) and the Piper voice are recorded talkers
     for talker, engine in (("allison", "prompts"), ("joe", "piper")):
         info = read_table(wd / "data" / ("test" if "r" + talker in spks["test"] else "train")
@@ -109,8 +109,13 @@ def test_split_by_voice(prepared):
     assert accents & foreign and accents - foreign
     test_info = read_table(wd / "data" / "test" / "utt2info")
     assert not {v.split()[0] for v in test_info.values()} & foreign
-    # the festival voices of other languages are recorded talkers of their own
-    assert {"rpc", "rmachac", "rph", "rmv", "rnsk"} <= spks["train"] | spks["test"]
+    # the festival voices of other languages are recorded talkers of their own, and so
+    # are the MBROLA voices (English, a German reading respelled digits, Dutch-mapped)
+    assert {"rpc", "rmachac", "rph", "rmv", "rnsk", "rus2", "rde4", "rnl2"} <= \
+        spks["train"] | spks["test"]
+    mb = {v.split()[0] for p in ("train", "test")
+          for v in read_table(wd / "data" / p / "utt2info").values() if v.startswith("mbrola:")}
+    assert mb == {"mbrola:mb-us2", "mbrola:mb-de4", "mbrola:mb-nl2-en"}
     # words cut at the edges by an endpointer (--tight-edge-prob 0.4): train/valid only
     edges = read_table(wd / "data" / "train" / "utt2edges")
     assert set(edges) == set(read_table(wd / "data" / "train" / "text"))

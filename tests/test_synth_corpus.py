@@ -98,9 +98,10 @@ def test_foreign_accents_read_every_digit(sc):
             phones = subprocess.run(["espeak-ng", "-q", "-x", "-v", lang, text],
                                     capture_output=True, text=True, check=True).stdout.strip()
             assert phones and "," not in phones, (lang, word, text, phones)
-            x = sc.synthesize(text, lang, "m1", 175, 50, 0)
+            x, rate = sc.synthesize(text, lang + "+m1", 175, 50, 0)
+            assert rate == sc.ESPEAK_RATE
             loud = np.flatnonzero(np.abs(x) > 0.05 * np.abs(x).max())
-            assert 0.08 < (loud[-1] - loud[0]) / sc.ESPEAK_RATE < 0.5, (lang, word)
+            assert 0.08 < (loud[-1] - loud[0]) / rate < 0.5, (lang, word)
 
 
 def test_foreign_accent_utterance_text(sc, tmp_path, monkeypatch):
@@ -109,13 +110,13 @@ def test_foreign_accent_utterance_text(sc, tmp_path, monkeypatch):
     seen = []
     real = sc.synthesize
 
-    def spy(text, accent, *a):
-        seen.append((accent, text))
-        return real(text, accent, *a)
+    def spy(text, voice, *a):
+        seen.append((voice, text))
+        return real(text, voice, *a)
 
     monkeypatch.setattr(sc, "synthesize", spy)
     for accent in ("de", "en-gb"):
         spec = dict(utt="u", spk="vm1", variant="m1", words=["three", "oh", "six"],
                     accent=accent, speed=170, pitch=50, gap=2, snr=None, seed=5)
         sc.make_utterance(spec, tmp_path / "u.wav", 16000, None)
-    assert seen == [("de", "sri oh sicks"), ("en-gb", "three oh six")]
+    assert seen == [("de+m1", "sri oh sicks"), ("en-gb+m1", "three oh six")]

