@@ -62,3 +62,17 @@ def synth_corpus():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture
+def espeak_calls(synth_corpus, monkeypatch):
+    """A list that collects ``(voice, text)`` of every ``synthesize`` (espeak-ng) call of
+    ``synth_corpus`` during the test; the calls still synthesize."""
+    seen, real = [], synth_corpus.synthesize
+
+    def spy(text, voice, *a):
+        seen.append((voice, text))
+        return real(text, voice, *a)
+
+    monkeypatch.setattr(synth_corpus, "synthesize", spy)
+    return seen
