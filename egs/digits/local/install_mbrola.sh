@@ -42,7 +42,8 @@ mkdir -p "$tmp/lists/partial" "$tmp/debs"
 apt=(-o Dir::Etc::SourceList="$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
      -o Dir::State::Lists="$tmp/lists" -o Debug::NoLocking=1)
 # apt's download user (_apt) must reach the lists and the download folder
-chmod 755 "$tmp" "$tmp/lists" "$tmp/debs" && chmod 700 "$tmp/lists/partial" && chown _apt "$tmp/lists/partial" "$tmp/debs" 2>/dev/null || true
+chmod 755 "$tmp" "$tmp/lists" "$tmp/debs" && chmod 700 "$tmp/lists/partial"
+chown _apt "$tmp/lists/partial" "$tmp/debs" 2>/dev/null || true
 apt-get "${apt[@]}" update -qq
 (cd "$tmp/debs" && apt-get "${apt[@]}" -qq download $missing)
 n=$(ls "$tmp/debs" | wc -l)
