@@ -92,17 +92,16 @@ def test_respelled_voice_gets_respelled_text(sc, tmp_path, espeak_calls):
 
 
 def test_plan_and_prosody(sc, tmp_path):
-    args = sc.get_parser().parse_args(["--mbrola-utts-per-voice", "3",
-                                       "--recorded-utts-per-voice", "5"])
+    args = sc.get_parser().parse_args([])
     import random
-    specs = sc.plan_recorded(random.Random(1), ["us2", "kal"], 5, args)
+    specs = sc.plan_recorded(random.Random(1), ["us2", "kal"], 5, args, 3)
     mb = [s for s in specs if s["engine"] == "mbrola"]
     assert [s["utt"] for s in mb] == ["rus2-mbrola-%04d" % i for i in range(3)]
     assert len(specs) == 3 + 3 * 5  # kal has three voices of 5 utterances each
     for s in mb:
         assert s["spk"] == "rus2" and s["variant"] == "mb-us2" and s["accent"] == "mbrola:mb-us2"
         assert 25 <= s["f0_mean"] <= 75 and 0 <= s["gap"] <= 6 and 0.8 <= s["stretch"] <= 1.25
-    # test utterances (another count than training) keep --test-utts-per-voice
+    # without its own count (test utterances: --test-utts-per-voice) the common one
     assert len(sc.plan_recorded(random.Random(1), ["us2"], 7, args)) == 7
     # stretch slows the words down; pitch moves the F0; the same spec gives the same audio
     base = dict(utt="u", spk="rus2", engine="mbrola", variant="mb-us2", accent="mbrola:mb-us2",

