@@ -10,6 +10,7 @@ utterance and changes the audio, and a missing voice stops the run naming its pa
 """
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,10 @@ def test_every_voice_is_a_recorded_talker(sc):
         assert voice in sc.MBROLA_VOICES.values() and not voice.endswith("-en")
         assert sorted(sc.ESPEAK_SPELLING[lang]) == sorted(sc.DIGIT_WORDS + ["oh"])
     sc.check_recorded(list(sc.MBROLA_VOICES))  # all installed (make install)
+    # local/install_mbrola.sh installs exactly these voices
+    script = Path(sc.__file__).parent / "install_mbrola.sh"
+    line = [l for l in script.read_text().splitlines() if l.startswith("voices=")]
+    assert len(line) == 1 and sorted(line[0].split('"')[1].split()) == sorted(sc.MBROLA_VOICES)
 
 
 @pytest.mark.parametrize("talker", ["us1", "us2", "us3", "en1", "af1", "de1", "de2", "de3", "de4",

@@ -30,11 +30,11 @@ valid_utts_per_voice=25
 test_utts_per_voice=30
 num_valid_voices=4
 num_test_voices=10
-# flite/festival talkers (pc, machac, ph, mv, nsk: festival voices of other languages, accented
-# English), joe: a Piper voice (RESULTS.md); allison: a real talker's prompts
-# recorded talkers: flite/festival (5 English, 5 reading respelled digits), Piper's joe,
+# recorded talkers (RESULTS.md): flite/festival (5 English; pc, machac, ph, mv, nsk:
+# festival voices of other languages reading respelled digits), joe: a Piper voice,
 # 13 MBROLA men (4 English, 5 respelled German/French/Greek, 4 English through their
-# own language's diphones; Debian non-free, local/install_mbrola.sh)
+# own language's diphones; Debian non-free, local/install_mbrola.sh); not in the
+# default, allison: a real talker's prompts
 recorded_talkers=kal,ked,slt,awb,rms,joe,pc,machac,ph,mv,nsk,us2,us3,en1,af1,nl2,hu1,ro1,sw1,de2,de4,de6,fr1,gr2
 num_test_talkers=0     # recorded talkers held out for test instead of training
 recorded_utts_per_voice=80

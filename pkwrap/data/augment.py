@@ -34,7 +34,8 @@ its state.
   left wideband.
 
 :class:`AugmentConfig` and :func:`augment` draw a random chain of these per utterance
-(reverb -> noise -> channel -> narrowband -> volume) and return a description of what was done;
+(reverb -> noise -> channel -> narrowband -> volume) and return a description of what was
+done;
 :func:`augment_data_dir` applies them to a Kaldi data dir (``wav.scp`` of plain WAV
 paths) and records the config in ``augment.json`` and each utterance's chain in
 ``utt2aug``.
@@ -446,11 +447,13 @@ def augment(x: np.ndarray, sample_rate: int, config: AugmentConfig, rng: np.rand
             n = babble_noise(len(y), babble_sources, rng, int(rng.integers(3, 8)))
         y = add_noise(y, n, snr)
         desc.append("noise=%s:%.1fdB" % (kind, snr))
+    narrow = sample_rate <= 8000  # the band is already 0-4 kHz at most
     if rng.random() < config.channel_prob:
         parts = []
         if rng.random() < config.telephone_prob:
             y = telephone(y, sample_rate)
             parts.append("tel")
+            narrow = True
         if config.eq:
             y, eq = random_eq(y, sample_rate, rng)
             parts.append("eq:%+.1fdB/oct:%dpeaks" % (eq["tilt"], len(eq["peaks"])))
@@ -462,11 +465,10 @@ def augment(x: np.ndarray, sample_rate: int, config: AugmentConfig, rng: np.rand
             else:
                 y = gsm_like(y, sample_rate)
                 parts.append("gsm")
+                narrow = True
         desc.append("channel=" + ("+".join(parts) or "none"))
     # (no draw when off: the chains of configurations without it stay as they were)
-    if config.narrowband_prob > 0 and rng.random() < config.narrowband_prob and \
-            sample_rate > 8000 and not any(d.startswith("channel=") and ("tel" in d or "gsm" in d)
-                                           for d in desc):
+    if config.narrowband_prob > 0 and rng.random() < config.narrowband_prob and not narrow:
         y = resample_roundtrip(y, sample_rate, 8000)
         desc.append("narrowband=8k")
     if config.volume:

@@ -4,14 +4,16 @@
 # talkers, spoken through espeak-ng.
 #
 # Debian ships them in its contrib (mbrola) and non-free (the voices, each under its own
-# terms: see /usr/share/doc/mbrola-*/copyright) areas, which many systems do not list. The system's apt sources are left alone: the packages are
-# fetched through a private source list made from the system's own Debian mirror and
-# release (`apt-get indextargets`), then installed as local .deb files.
+# terms: see /usr/share/doc/mbrola-*/copyright) areas, which many systems do not list.
+# The system's apt sources are left alone: the packages are fetched through a private
+# source list made from the system's own Debian mirror and release (`apt-get
+# indextargets`), then installed as local .deb files.
 #
 # usage: local/install_mbrola.sh [package ...]   (default: mbrola and every voice used)
 # Needs root for the install; as another user it prints what to run.
 set -euo pipefail
 
+# the keys of MBROLA_VOICES (tests/test_synth_mbrola.py checks that they agree)
 voices="us1 us2 us3 en1 af1 de1 de2 de3 de4 de5 de6 fr1 fr4 gr2 hu1 nl2 pl1 ro1 sw1 sw2"
 if [ $# -gt 0 ]; then pkgs="$*"; else pkgs="mbrola $(printf 'mbrola-%s ' $voices)"; fi
 

@@ -443,7 +443,7 @@ def check_espeak(accents, variants):
 
 
 def check_recorded(talkers):
-    """Fail early, naming the Debian package to install, if a flite/festival voice is missing."""
+    """Fail early, naming the package to install, if a recorded talker's voice is missing."""
     need_flite = any(e == "flite" for t in talkers for e, _, _ in RECORDED_TALKERS[t])
     if need_flite:
         if shutil.which("flite") is None:
@@ -458,22 +458,19 @@ def check_recorded(talkers):
         for e, v, pkg in RECORDED_TALKERS[t]:
             if e == "piper":
                 piper_load(v)
+            if e == "mbrola":
+                r = subprocess.run(["espeak-ng", "-q", "-v", v, "one"], capture_output=True,
+                                   text=True)
+                if r.returncode != 0:
+                    sys.exit("synth_corpus.py: espeak-ng cannot speak with MBROLA voice %s "
+                             "(talker %s): install Debian's mbrola and %s (non-free: "
+                             "local/install_mbrola.sh, run by `make install`)" % (v, t, pkg))
             if e != "prompts":
                 continue
             missing = [f for f in PROMPT_FILES.values() if not os.path.isfile(os.path.join(v, f))]
             if missing:
                 sys.exit("synth_corpus.py: %s: no %s (talker %s): apt-get install %s"
                          % (v, ", ".join(missing), t, pkg))
-    for t in talkers:
-        for e, v, pkg in RECORDED_TALKERS[t]:
-            if e != "mbrola":
-                continue
-            r = subprocess.run(["espeak-ng", "-q", "-v", v, "one"], capture_output=True,
-                               text=True)
-            if r.returncode != 0:
-                sys.exit("synth_corpus.py: espeak-ng cannot speak with MBROLA voice %s (talker "
-                         "%s): install Debian's mbrola and %s (non-free: "
-                         "local/install_mbrola.sh, run by `make install`)" % (v, t, pkg))
     fest = [(v, pkg) for t in talkers for e, v, pkg in RECORDED_TALKERS[t] if e == "festival"]
     if fest:
         if shutil.which("festival") is None:
@@ -609,14 +606,14 @@ def endpoint(x, rate, lead_db, trail_db):
 def make_utterance(spec, wav_path, rate, lengths=None, raw_dir=None):
     """Synthesize, resample, pad (to an allowed length if ``lengths``), add noise, write."""
     rng = np.random.default_rng(spec["seed"])
-    text = respell(ESPEAK_SPELLING.get(spec["accent"], {}), spec["words"])
     engine = spec.get("engine", "espeak")
+    # espeak-ng's accents and MBROLA's voices of other languages read respelled digits
+    lang = MBROLA_SPELLING.get(spec["variant"]) if engine == "mbrola" else spec["accent"]
+    text = respell(ESPEAK_SPELLING.get(lang, {}), spec["words"])
     if engine == "espeak":
         x, src_rate = synthesize(text, "%s+%s" % (spec["accent"], spec["variant"]),
                                  spec["speed"], spec["pitch"], spec["gap"])
     elif engine == "mbrola":
-        spelling = ESPEAK_SPELLING.get(MBROLA_SPELLING.get(spec["variant"]), {})
-        text = respell(spelling, spec["words"])
         x, src_rate = synthesize(text, spec["variant"], round(MBROLA_WPM / spec["stretch"]),
                                  spec["f0_mean"], spec["gap"])
     elif engine == "prompts":
@@ -730,6 +727,7 @@ def plan_recorded(rng, talkers, n_utts, args, n_mbrola=None):
     """``n_utts`` utterances of every voice of the recorded ``talkers`` (speaker = the
     talker); of each MBROLA voice ``n_mbrola`` if given."""
     stretch, f0 = _range(args.stretch_range), _range(args.f0_mean_range)
+    pitch, gap = _range(args.pitch_range, int), _range(args.gap_range, int)
     specs = []
     for t in talkers:
         spk = "r" + t
@@ -745,7 +743,7 @@ def plan_recorded(rng, talkers, n_utts, args, n_mbrola=None):
                 f0_mean = round(f0_base * rng.uniform(*f0), 1)
                 f0_std = round(rng.uniform(0.05, 0.25) * f0_base, 1)
                 if engine == "mbrola":  # espeak-ng's pitch (-p, 0-99) and word gap (-g)
-                    f0_mean, f0_std = rng.randint(*_range(args.pitch_range, int)), "-"
+                    f0_mean, f0_std = rng.randint(*pitch), "-"
                 elif engine != "flite":  # festival, prompts, piper: only the stretch varies
                     f0_mean = f0_std = "-"
                 specs.append(dict(
@@ -756,7 +754,7 @@ def plan_recorded(rng, talkers, n_utts, args, n_mbrola=None):
                     snr=random_snr(rng, args),
                     seed=rng.getrandbits(32)))
                 if engine == "mbrola":
-                    specs[-1]["gap"] = rng.randint(*_range(args.gap_range, int))
+                    specs[-1]["gap"] = rng.randint(*gap)
                 if engine == "piper":  # and Piper's noise scales, and pauses between words
                     specs[-1].update(pauses=random_pauses(rng, specs[-1]["words"]),
                                      noise_scale=round(rng.uniform(0.4, 0.9), 3),
