@@ -147,7 +147,9 @@ def test_transition_model_lookups(setup):
             assert tm.transition_id_to_phone(tid) == phone
             assert tm.transition_id_to_hmm_state(tid) == hmm_state
             assert tm.transition_id_to_transition_state(tid) == tstate
+            assert tm.transition_id_to_transition_state_array[tid] == tstate
             assert tm.is_self_loop(tid) == self_loop
+            assert tm.is_self_loop_array[tid] == self_loop
             assert tm.is_final(tid) == (not self_loop)
             pdf = spdf if self_loop else fpdf
             assert tm.transition_id_to_pdf(tid) == pdf
@@ -155,6 +157,10 @@ def test_transition_model_lookups(setup):
             assert tid in pdf_to_tids[pdf]
             assert tm.transition_prob(tid) == pytest.approx(p, rel=1e-6)
         assert tm.self_loop_of(tstate) == tids[0][0]
+    assert tm.transition_id_to_transition_state_array[0] == 0 and not tm.is_self_loop_array[0]
+    assert len(tm.is_self_loop_array) == tm.num_transition_ids + 1
+    tm.is_self_loop_array[:] = True  # a copy: the model's own table is untouched
+    assert not tm.is_self_loop_array[0]
     counts = np.zeros(tm.num_transition_ids + 1)
     counts[1:] = 1.0
     assert tm.pdf_counts(counts).sum() == tm.num_transition_ids

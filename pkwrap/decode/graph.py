@@ -35,9 +35,12 @@ reproduces Kaldi's ``compile-train-graphs`` arc for arc.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -63,16 +66,35 @@ class GraphError(ValueError):
 # ---------------------------------------------------------------------------------------
 # conversions between pkwrap's numpy Fst and kaldifst.StdVectorFst
 
+_scratch = threading.local()
+
+
+def _scratch_file() -> str:
+    """A file path private to this thread and process for passing an FST to or from
+    kaldifst (which reads and writes files only), in a directory made once per process
+    and thread and removed at exit: one directory per conversion made the conversion of
+    small graphs (training graphs, one per utterance) cost mostly mkdir and rmdir."""
+    entry = getattr(_scratch, "entry", None)
+    if entry is None or entry[0] != os.getpid():  # a forked child makes its own
+        d = tempfile.mkdtemp(prefix="pkwrap-fst.")
+        atexit.register(shutil.rmtree, d, True)
+        entry = _scratch.entry = (os.getpid(), os.path.join(d, "g.fst"))
+    return entry[1]
+
+
 def to_kaldifst(fst: Fst):
     """pkwrap :class:`~pkwrap.kaldi.fst.Fst` -> ``kaldifst.StdVectorFst`` (via the binary form)."""
     import kaldifst
     if fst.arc_type != "standard":
         raise GraphError("only tropical ('standard') FSTs convert to StdVectorFst, got %r"
                          % fst.arc_type)
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "g.fst")
+    p = _scratch_file()
+    try:
         write_fst(fst, p)
         return kaldifst.StdVectorFst.read(p)
+    finally:
+        if os.path.exists(p):
+            os.unlink(p)
 
 
 def write_kaldifst(kfst, path) -> None:
@@ -93,12 +115,15 @@ def write_kaldifst(kfst, path) -> None:
 def from_kaldifst(kfst, name: Optional[str] = None) -> Fst:
     """``kaldifst.StdVectorFst`` -> pkwrap :class:`~pkwrap.kaldi.fst.Fst` (validated by
     :func:`pkwrap.kaldi.fst.validate_fst`; errors name ``name``)."""
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "g.fst")
+    p = _scratch_file()
+    try:
         if not kfst.write(p):
             raise GraphError("kaldifst could not write the FST to %s" % p)
         with open(p, "rb") as f:
             return read_fst_binary(f, name or "<kaldifst FST>")
+    finally:
+        if os.path.exists(p):
+            os.unlink(p)
 
 
 def validate_kaldifst(kfst, name: str, num_ilabels: Optional[int] = None,
@@ -506,11 +531,8 @@ def add_hmm_self_loops(fst, trans_model, disambig_tids: Sequence[int] = (),
     if f.start < 0:
         raise GraphError("add_hmm_self_loops: empty FST")
     ntid = trans_model.num_transition_ids
-    id2state = np.zeros(ntid + 1, dtype=np.int64)
-    is_loop = np.zeros(ntid + 1, dtype=bool)
-    for tid in range(1, ntid + 1):
-        id2state[tid] = trans_model.transition_id_to_transition_state(tid)
-        is_loop[tid] = trans_model.is_self_loop(tid)
+    id2state = trans_model.transition_id_to_transition_state_array.astype(np.int64)
+    is_loop = trans_model.is_self_loop_array
     il = f.ilabel.astype(np.int64)
     in_range = (il >= 1) & (il <= ntid)
     if np.any(is_loop[il[in_range]]):

@@ -1036,6 +1036,18 @@ class TransitionModel:
         """int32 ``[num_transition_ids + 1]``: pdf of each transition-id (entry 0 = -1)."""
         return self._id2pdf.copy()
 
+    @property
+    def transition_id_to_transition_state_array(self) -> np.ndarray:
+        """int32 ``[num_transition_ids + 1]``: 1-based transition-state of each
+        transition-id (entry 0 = 0)."""
+        return self._id2state.copy()
+
+    @property
+    def is_self_loop_array(self) -> np.ndarray:
+        """bool ``[num_transition_ids + 1]``: whether each transition-id is a self-loop
+        (entry 0 = False)."""
+        return self._id2self_loop.copy()
+
     def pdf_counts(self, transition_id_counts: np.ndarray) -> np.ndarray:
         """Sum counts per transition-id into counts per pdf (what ``ali-to-pdf`` followed by
         ``analyze-counts`` gives, e.g. for priors).
