@@ -273,3 +273,54 @@ def test_narrowband_keeps_low_band_and_only_when_wideband():
     assert d == [] and np.array_equal(y, x)  # already narrowband
     with pytest.raises(ValueError, match="not a probability"):
         A.AugmentConfig(narrowband_prob=1.5)
+
+
+def _level_db(y, a, b):
+    return 10 * np.log10(np.mean(np.asarray(y[a:b], dtype=np.float64) ** 2))
+
+
+@pytest.mark.parametrize("slope", [0.5, -0.4])
+def test_dynamics_gain_follows_the_level_below_the_knee(slope):
+    """dynamics(): a part 40 dB below the loudest gets slope * 30 dB of gain (knee -10 dB),
+    one at the top keeps its level, and the gain moves smoothly (no step at the joins)."""
+    rng = np.random.default_rng(0)
+    n = SR // 5
+    loud = np.sin(2 * np.pi * 220 * np.arange(n) / SR)
+    weak = rng.standard_normal(n) * 10 ** (-40 / 20) * np.sqrt(0.5)
+    x = np.concatenate([weak, loud, weak])
+    y = A.dynamics(x, SR, slope)
+    mid = slice(n // 4, 3 * n // 4)  # away from the 30-ms smoothing at the joins
+    gain_weak = _level_db(y[:n], mid.start, mid.stop) - _level_db(x[:n], mid.start, mid.stop)
+    gain_loud = (_level_db(y[n:2 * n], mid.start, mid.stop)
+                 - _level_db(x[n:2 * n], mid.start, mid.stop))
+    assert abs(gain_weak - slope * -30) < 1.0, gain_weak
+    assert abs(gain_loud) < 0.5, gain_loud
+    ratio = np.abs(y[1:] / np.where(x[1:] == 0, 1, x[1:]))
+    assert np.max(np.abs(np.diff(20 * np.log10(ratio[x[1:] != 0])))) < 0.5  # smooth gain
+    assert np.array_equal(A.dynamics(x, SR, 0.0), x)
+
+
+def test_dynamics_in_the_chain_is_drawn_described_and_deterministic():
+    """dynamics_prob: the slope is drawn from dynamics_range, recorded as dynamics=<slope>,
+    the same with the same seed; with the default 0 no such step (and no draw) happens."""
+    x = speechlike(SR)
+    cfg = A.AugmentConfig(dynamics_prob=1.0, dynamics_range=(0.2, 0.3))
+    (y1, d1), (y2, d2) = (A.augment(x, SR, cfg, np.random.default_rng(4)) for _ in range(2))
+    assert d1 == d2 and np.array_equal(y1, y2)
+    assert len(d1) == 1 and d1[0].startswith("dynamics=+")
+    slope = float(d1[0].split("=")[1])
+    assert 0.2 <= slope <= 0.3
+    np.testing.assert_allclose(y1, A.dynamics(x, SR, slope), rtol=1e-6, atol=1e-9)
+    # off: the chain of the other steps is the one without the field at all
+    base = A.AugmentConfig(reverb_prob=0.5, noise_prob=0.5, channel_prob=0.5, volume=True)
+    on = A.AugmentConfig(reverb_prob=0.5, noise_prob=0.5, channel_prob=0.5, volume=True,
+                         dynamics_prob=1.0, dynamics_range=(0.0, 0.0))
+    differ = 0
+    for seed in range(5):
+        (y0, d0), (y1, d1) = (A.augment(x, SR, c, np.random.default_rng(seed)) for c in (base, on))
+        assert not any(s.startswith("dynamics") for s in d0)
+        assert any(s.startswith("dynamics") for s in d1)
+        differ += d0 != [s for s in d1 if not s.startswith("dynamics")]
+    assert differ > 0  # a drawn step moves the later draws: so 0 must not draw
+    with pytest.raises(ValueError, match="not a probability"):
+        A.AugmentConfig(dynamics_prob=-0.1)

@@ -255,6 +255,10 @@ def test_augmented_training_data_and_evaluation_table(trained):
                           .read_text().splitlines())
     aug = read_table(d / "utt2aug")
     assert sorted(aug) == utts and any("reverb=" in v or "noise=" in v for v in aug.values())
+    # the default level-dependent gain (--dynamics-prob 0.5): gates and compressors both
+    slopes = [float(w.split("=")[1]) for v in aug.values() for w in v.split()
+              if w.startswith("dynamics=")]
+    assert slopes and min(slopes) < 0 < max(slopes)
     assert (d / "augment.json").is_file() and (d / "feats.scp").is_file()
     table = (wd / "exp" / "chain" / "eval_table.md").read_text()
     for name in ("clean", "telephone band", "reverberant", "noise 0 dB", "noise 5 dB",

@@ -54,6 +54,7 @@ reverb_prob=0.3         # image-method room impulse responses, RT60 0.2-0.8 s
 noise_prob=0.3          # white / pink / babble noise, SNR 0-20 dB
 channel_prob=0.4        # telephone band + 8 kHz round trip, random EQ, mu-law / GSM-like
 narrowband_prob=0       # 8 kHz round trip (0-4 kHz, as 8-kHz recordings) for utterances the channel left wideband
+dynamics_prob=0.5       # level-dependent gain before the channel: a gate (weak sounds weaker) or a compressor (RESULTS.md)
 volume_perturb=true     # gain uniform in [1/8, 2]
 spec_augment=""         # Kaldi spec-augment-layer in training, e.g. 0.5,0.2,20 (Kaldi's defaults; off: it cost clean and degraded WER at 6 epochs, RESULTS.md)
 # evaluation (stage 6)
@@ -81,7 +82,7 @@ usage() {
   echo "  --sample-rate ($sample_rate) --fbank-opts '$fbank_opts'"
   echo "  augmentation: --speed-perturb ($speed_perturb) --aug-copies ($aug_copies)"
   echo "  --aug-keep-clean ($aug_keep_clean) --reverb-prob ($reverb_prob) --noise-prob ($noise_prob)"
-  echo "  --channel-prob ($channel_prob) --narrowband-prob ($narrowband_prob) --volume-perturb ($volume_perturb) --spec-augment ($spec_augment)"
+  echo "  --channel-prob ($channel_prob) --narrowband-prob ($narrowband_prob) --dynamics-prob ($dynamics_prob) --volume-perturb ($volume_perturb) --spec-augment ($spec_augment)"
   echo "  evaluation: --eval-conditions ($eval_conditions) --extra-test ('$extra_test')"
   echo "  --extra-test-cmn ($extra_test_cmn)"
   echo "  --train-opts '<extra train.py options>' --decode-opts '<extra decode.py options>'"
@@ -105,7 +106,7 @@ while [ $# -gt 0 ]; do
 test_utts_per_voice|num_valid_voices|num_test_voices|train_opts|decode_opts|tree_type|\
 ngram_order|no_prune_ngram_order|num_extra_lm_states|edge_silprob|between_silprob|lm_copies|\
 recorded_talkers|num_test_talkers|recorded_utts_per_voice|sample_rate|speed_perturb|aug_copies|\
-aug_keep_clean|reverb_prob|noise_prob|channel_prob|narrowband_prob|volume_perturb|spec_augment|\
+aug_keep_clean|reverb_prob|noise_prob|channel_prob|narrowband_prob|dynamics_prob|volume_perturb|spec_augment|\
 eval_conditions|extra_test|extra_test_cmn|fbank_opts|kokoro_speakers|kokoro_utts_per_speaker|tight_edge_prob|\
 foreign_accent_prob|kokoro_sex_balance|mbrola_utts_per_voice)
       printf -v "$var" '%s' "$value" ;;
@@ -172,8 +173,8 @@ fi
 # the training data dir: train, or train_aug with any augmentation
 augment=false
 if $speed_perturb || $aug_keep_clean || [ "$aug_copies" != 1 ] || $volume_perturb || \
-   awk -v a="$reverb_prob" -v b="$noise_prob" -v c="$channel_prob" -v d="$narrowband_prob" \
-     'BEGIN{exit !(a+b+c+d > 0)}'; then
+   awk -v a="$reverb_prob" -v b="$noise_prob" -v c="$channel_prob" -v d="$narrowband_prob" -v e="$dynamics_prob" \
+     'BEGIN{exit !(a+b+c+d+e > 0)}'; then
   augment=true
 fi
 train_part=train; $augment && train_part=train_aug
@@ -182,12 +183,12 @@ fbank() { python3 "$recipe/local/compute_fbank.py" --config "$recipe/conf/fbank.
 
 if run_stage 1; then
   if $augment; then
-    log "stage 1: augment the training data (speed 3-way: $speed_perturb, reverb $reverb_prob, noise $noise_prob, channel $channel_prob, narrowband $narrowband_prob, volume $volume_perturb) -> $data/train_aug"
+    log "stage 1: augment the training data (speed 3-way: $speed_perturb, reverb $reverb_prob, noise $noise_prob, channel $channel_prob, narrowband $narrowband_prob, dynamics $dynamics_prob, volume $volume_perturb) -> $data/train_aug"
     rm -rf "$data/train_aug" "$corpus/wav_aug"
     python3 "$recipe/local/augment_data.py" --sample-rate "$sample_rate" --seed "$seed" --nj "$nj" \
       --speed-perturb "$speed_perturb" --copies "$aug_copies" --keep-clean "$aug_keep_clean" \
       --reverb-prob "$reverb_prob" --noise-prob "$noise_prob" --channel-prob "$channel_prob" \
-      --narrowband-prob "$narrowband_prob" \
+      --narrowband-prob "$narrowband_prob" --dynamics-prob "$dynamics_prob" \
       --volume "$volume_perturb" "$data/train" "$data/train_aug" "$corpus/wav_aug"
   fi
   log "stage 1: 40-dim fbank features (kaldi-native-fbank)"

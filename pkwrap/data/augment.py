@@ -29,12 +29,18 @@ its state.
   GSM-like coarse codec (8 kHz, 20 ms frames, order-8 LPC, residual kept on every 3rd
   sample and quantized to 3 bits per sample with a block scale: the regular-pulse
   excitation of GSM 06.10 without its long-term predictor).
+* Dynamics: a level-dependent gain, as an automatic gain control or a noise gate /
+  downward expander in a recording chain: every 10-ms frame whose level ``L`` (dB against
+  the loudest frame, floored at -60 dB) is below the knee ``K`` (-10 dB) gets
+  ``s (L - K)`` dB of gain, smoothed over 30 ms; ``s > 0`` makes weak sounds weaker (the
+  faint onsets and codas of gated or trimmed recordings), ``s < 0`` louder (a compressor
+  lifting them). Frames above the knee keep their level.
 * Narrowband: an 8 kHz round trip alone (the 0-4 kHz band of an 8-kHz recording, with
   its low frequencies kept, unlike the telephone band), for utterances that the channel
   left wideband.
 
 :class:`AugmentConfig` and :func:`augment` draw a random chain of these per utterance
-(reverb -> noise -> channel -> narrowband -> volume) and return a description of what was
+(reverb -> noise -> dynamics -> channel -> narrowband -> volume) and return a description of what was
 done;
 :func:`augment_data_dir` applies them to a Kaldi data dir (``wav.scp`` of plain WAV
 paths) and records the config in ``augment.json`` and each utterance's chain in
@@ -56,7 +62,7 @@ __all__ = [
     "SPEED_3WAY", "speed_perturb", "speed_utt_id", "volume_perturb", "image_method_rir",
     "random_rir", "measure_rt60", "reverberate", "white_noise", "pink_noise", "babble_noise",
     "add_noise", "snr_db", "bandpass", "resample_roundtrip", "telephone", "random_eq",
-    "mu_law", "gsm_like", "band_energy_ratio", "AugmentConfig", "augment", "augment_data_dir",
+    "mu_law", "gsm_like", "dynamics", "band_energy_ratio", "AugmentConfig", "augment", "augment_data_dir",
     "read_wav", "write_wav",
 ]
 
@@ -275,6 +281,30 @@ def resample_roundtrip(x: np.ndarray, sample_rate: int, mid_rate: int = 8000) ->
     return np.pad(y, (0, max(0, len(x) - len(y))))[:len(x)]
 
 
+def dynamics(x: np.ndarray, sample_rate: int, slope: float, knee_db: float = -10.0,
+             floor_db: float = -60.0, smooth_ms: float = 30.0) -> np.ndarray:
+    """Level-dependent gain (see the module doc): ``slope`` dB of gain per dB that a 10-ms
+    frame lies below ``knee_db`` (relative to the loudest frame; levels below ``floor_db``
+    count as ``floor_db``), smoothed by a ``smooth_ms`` moving average and interpolated
+    between frame centres. ``slope > 0`` expands (a gate), ``slope < 0`` compresses."""
+    x = np.asarray(x, dtype=np.float64)
+    n = max(1, sample_rate // 100)
+    num = len(x) // n
+    if num < 2 or slope == 0.0:
+        return x.copy()
+    frames = x[:num * n].reshape(num, n)
+    level = 10 * np.log10((frames ** 2).mean(axis=1) + 1e-20)
+    level = np.maximum(level - level.max(), floor_db)
+    gain_db = slope * np.minimum(level - knee_db, 0.0)
+    k = max(1, int(round(smooth_ms / 10)))
+    if k > 1:
+        pad = np.pad(gain_db, (k // 2, k - 1 - k // 2), mode="edge")
+        gain_db = np.convolve(pad, np.ones(k) / k, mode="valid")
+    centres = np.arange(num) * n + n / 2
+    g = np.interp(np.arange(len(x)), centres, gain_db)
+    return x * 10.0 ** (g / 20)
+
+
 def telephone(x: np.ndarray, sample_rate: int) -> np.ndarray:
     """A telephone channel: 300-3400 Hz band-pass and an 8 kHz round trip."""
     return resample_roundtrip(bandpass(x, sample_rate, 300.0, 3400.0), sample_rate, 8000)
@@ -391,7 +421,8 @@ class AugmentConfig:
     Each utterance independently gets reverb with ``reverb_prob``, noise with
     ``noise_prob`` (type from ``noise_types``, SNR uniform in ``snr_range`` dB), a channel
     with ``channel_prob`` (telephone band with ``telephone_prob``, random EQ if ``eq``, then
-    mu-law / GSM-like coding with ``codec_prob``), an 8 kHz round trip with
+    mu-law / GSM-like coding with ``codec_prob``), before the channel a level-dependent
+    gain (:func:`dynamics`, slope uniform in ``dynamics_range``) with ``dynamics_prob``, an 8 kHz round trip with
     ``narrowband_prob`` if the channel did not already limit the band to 4 kHz, and a
     volume gain uniform in ``volume_range`` when ``volume`` is set.
     """
@@ -405,12 +436,14 @@ class AugmentConfig:
     eq: bool = True
     codec_prob: float = 0.5
     narrowband_prob: float = 0.0
+    dynamics_prob: float = 0.0
+    dynamics_range: Tuple[float, float] = (-0.5, 0.5)
     volume: bool = False
     volume_range: Tuple[float, float] = (0.125, 2.0)
 
     def __post_init__(self):
         for name in ("reverb_prob", "noise_prob", "channel_prob", "telephone_prob", "codec_prob",
-                     "narrowband_prob"):
+                     "narrowband_prob", "dynamics_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError("AugmentConfig: %s=%r is not a probability" % (name, v))
@@ -421,12 +454,12 @@ class AugmentConfig:
     @property
     def any(self) -> bool:
         return bool(self.reverb_prob or self.noise_prob or self.channel_prob or
-                    self.narrowband_prob or self.volume)
+                    self.narrowband_prob or self.dynamics_prob or self.volume)
 
 
 def augment(x: np.ndarray, sample_rate: int, config: AugmentConfig, rng: np.random.Generator,
             babble_sources: Sequence[np.ndarray] = ()) -> Tuple[np.ndarray, List[str]]:
-    """One random chain reverb -> noise -> channel -> narrowband -> volume; returns
+    """One random chain reverb -> noise -> dynamics -> channel -> narrowband -> volume; returns
     ``(y, description)`` with one ``name=value`` item per step done (``[]`` if the signal
     is unchanged)."""
     y = np.asarray(x, dtype=np.float64)
@@ -447,6 +480,11 @@ def augment(x: np.ndarray, sample_rate: int, config: AugmentConfig, rng: np.rand
             n = babble_noise(len(y), babble_sources, rng, int(rng.integers(3, 8)))
         y = add_noise(y, n, snr)
         desc.append("noise=%s:%.1fdB" % (kind, snr))
+    # (no draw when off: the chains of configurations without it stay as they were)
+    if config.dynamics_prob > 0 and rng.random() < config.dynamics_prob:
+        slope = round(float(rng.uniform(*config.dynamics_range)), 3)  # as described
+        y = dynamics(y, sample_rate, slope)
+        desc.append("dynamics=%+.3f" % slope)
     narrow = sample_rate <= 8000  # the band is already 0-4 kHz at most
     if rng.random() < config.channel_prob:
         parts = []

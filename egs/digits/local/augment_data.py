@@ -73,6 +73,9 @@ def main():
     p.add_argument("--narrowband-prob", type=float, default=0.0,
                    help="probability of an 8 kHz round trip (0-4 kHz band) for an utterance "
                         "the channel left wideband")
+    p.add_argument("--dynamics-prob", type=float, default=0.0,
+                   help="probability of a level-dependent gain before the channel (a gate "
+                        "making weak sounds weaker, or a compressor making them louder)")
     p.add_argument("--volume", type=_bool, default=False, help="gain uniform in [1/8, 2]")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
@@ -88,7 +91,8 @@ def main():
             cfg = AugmentConfig(reverb_prob=args.reverb_prob, rt60_range=args.rt60_range,
                                 noise_prob=args.noise_prob, snr_range=args.snr_range,
                                 channel_prob=args.channel_prob,
-                                narrowband_prob=args.narrowband_prob, volume=args.volume)
+                                narrowband_prob=args.narrowband_prob,
+                                dynamics_prob=args.dynamics_prob, volume=args.volume)
             allowed = None
             if (args.src / "allowed_lengths.txt").is_file():
                 allowed = [int(v) for v in (args.src / "allowed_lengths.txt").read_text().split()]
