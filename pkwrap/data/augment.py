@@ -40,8 +40,8 @@ its state.
   left wideband.
 
 :class:`AugmentConfig` and :func:`augment` draw a random chain of these per utterance
-(reverb -> noise -> dynamics -> channel -> narrowband -> volume) and return a description of what was
-done;
+(reverb -> noise -> dynamics -> channel -> narrowband -> volume) and return a description
+of what was done;
 :func:`augment_data_dir` applies them to a Kaldi data dir (``wav.scp`` of plain WAV
 paths) and records the config in ``augment.json`` and each utterance's chain in
 ``utt2aug``.
@@ -62,8 +62,8 @@ __all__ = [
     "SPEED_3WAY", "speed_perturb", "speed_utt_id", "volume_perturb", "image_method_rir",
     "random_rir", "measure_rt60", "reverberate", "white_noise", "pink_noise", "babble_noise",
     "add_noise", "snr_db", "bandpass", "resample_roundtrip", "telephone", "random_eq",
-    "mu_law", "gsm_like", "dynamics", "band_energy_ratio", "AugmentConfig", "augment", "augment_data_dir",
-    "read_wav", "write_wav",
+    "mu_law", "gsm_like", "dynamics", "band_energy_ratio", "AugmentConfig", "augment",
+    "augment_data_dir", "read_wav", "write_wav",
 ]
 
 SPEED_3WAY = (0.9, 1.0, 1.1)
@@ -422,8 +422,8 @@ class AugmentConfig:
     ``noise_prob`` (type from ``noise_types``, SNR uniform in ``snr_range`` dB), a channel
     with ``channel_prob`` (telephone band with ``telephone_prob``, random EQ if ``eq``, then
     mu-law / GSM-like coding with ``codec_prob``), before the channel a level-dependent
-    gain (:func:`dynamics`, slope uniform in ``dynamics_range``) with ``dynamics_prob``, an 8 kHz round trip with
-    ``narrowband_prob`` if the channel did not already limit the band to 4 kHz, and a
+    gain (:func:`dynamics`, slope uniform in ``dynamics_range``) with ``dynamics_prob``,
+    an 8 kHz round trip with ``narrowband_prob`` if the channel did not already limit the band to 4 kHz, and a
     volume gain uniform in ``volume_range`` when ``volume`` is set.
     """
     reverb_prob: float = 0.0
