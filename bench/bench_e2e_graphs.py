@@ -28,7 +28,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests
                         "kaldi")
 
 
-def per_call_directory_conversions(graph_mod):
+def per_call_directory_conversions():
     """The conversions as they were: a new temporary directory for every crossing."""
     import kaldifst
     from pkwrap.kaldi.fst import read_fst_binary, write_fst
@@ -81,7 +81,7 @@ def main():
         return out
 
     current = {n: getattr(G, n) for n in ("to_kaldifst", "from_kaldifst")}
-    baseline = per_call_directory_conversions(G)
+    baseline = per_call_directory_conversions()
     times = {"baseline": [], "current": []}
     results = {}
     for r in range(args.rounds):

@@ -254,8 +254,7 @@ class _ModelTables:
         self.tstate = trans_model.transition_id_to_transition_state_array.astype(np.int64)
         self.self_loop = trans_model.is_self_loop_array
         state_phone = np.array([0] + [t[0] for t in trans_model.tuples], dtype=np.int64)
-        self.phone = state_phone[self.tstate]
-        self.phone[0] = 0
+        self.phone = state_phone[self.tstate]  # entry 0: state 0, phone 0
         self.loop_of = np.zeros(trans_model.num_transition_states + 1, np.int64)
         self.loop_of[self.tstate[self.self_loop]] = np.nonzero(self.self_loop)[0]
         self.phones = set(int(p) for p in trans_model.phones)

@@ -423,8 +423,8 @@ class AugmentConfig:
     with ``channel_prob`` (telephone band with ``telephone_prob``, random EQ if ``eq``, then
     mu-law / GSM-like coding with ``codec_prob``), before the channel a level-dependent
     gain (:func:`dynamics`, slope uniform in ``dynamics_range``) with ``dynamics_prob``,
-    an 8 kHz round trip with ``narrowband_prob`` if the channel did not already limit the band to 4 kHz, and a
-    volume gain uniform in ``volume_range`` when ``volume`` is set.
+    an 8 kHz round trip with ``narrowband_prob`` if the channel did not already limit the
+    band to 4 kHz, and a volume gain uniform in ``volume_range`` when ``volume`` is set.
     """
     reverb_prob: float = 0.0
     rt60_range: Tuple[float, float] = (0.2, 0.8)

@@ -100,8 +100,8 @@ def to_kaldifst(fst: Fst):
 def write_kaldifst(kfst, path) -> None:
     """Write a ``kaldifst`` FST to ``path``, complete or not at all
     (:func:`pkwrap.kaldi.io.atomic_output`)."""
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "g.fst")
+    p = _scratch_file()
+    try:
         if not kfst.write(p):
             raise GraphError("%s: OpenFst could not write the FST" % os.fspath(path))
         with open(p, "rb") as src, atomic_output(path) as f:
@@ -110,6 +110,9 @@ def write_kaldifst(kfst, path) -> None:
                 if not b:
                     break
                 f.write(b)
+    finally:
+        if os.path.exists(p):
+            os.unlink(p)
 
 
 def from_kaldifst(kfst, name: Optional[str] = None) -> Fst:
