@@ -529,6 +529,38 @@ def test_trainer_reports_too_little_egs_context_before_training(tmp_path):
     assert not (tmp_path / "exp" / "checkpoints").exists()
 
 
+def test_trainer_combine_mode(tmp_path):
+    """combine_mode="average": final.pt holds the average of the last combine_last
+    checkpoints, batchnorm statistics included, logged as such; a bad mode is refused."""
+    from pkwrap.train import TrainConfig
+    from pkwrap.train.checkpoint import list_checkpoints, load_checkpoint
+    from pkwrap.train.diagnostics import average_state_dicts
+    make, data, model = _trainer_setup(tmp_path, checkpoint_every=2, combine_last=3,
+                                       keep_last=3, combine_mode="average")
+    tr = make()
+    tr.valid_data = data
+    tr.train()
+    ckpts = [load_checkpoint(p)["model"] for _, p in list_checkpoints(str(tmp_path / "exp" /
+                                                                          "checkpoints"))]
+    assert len(ckpts) == 3
+    avg = average_state_dicts(ckpts)
+    final = load_checkpoint(str(tmp_path / "exp" / "final.pt"))["model"]
+    weights = [k for k in avg if k.endswith("weight")]
+    assert weights and all(torch.allclose(final[k], avg[k]) for k in avg
+                           if avg[k].is_floating_point())
+    assert not torch.allclose(final[weights[0]], ckpts[-1][weights[0]])
+    log = (tmp_path / "exp" / "log" / "train.0.log").read_text()
+    assert "combined the last 3 of 3 checkpoints (average)" in log
+    # no valid egs: the same average, with no objective to show
+    make, data, model = _trainer_setup(tmp_path / "b", checkpoint_every=2, combine_last=3,
+                                       keep_last=3, combine_mode="average")
+    make().train()
+    final2 = load_checkpoint(str(tmp_path / "b" / "exp" / "final.pt"))["model"]
+    assert all(torch.equal(final2[k], final[k]) for k in weights)
+    with pytest.raises(ValueError, match="combine_mode must be 'valid' or 'average'"):
+        TrainConfig(str(tmp_path / "x"), combine_mode="avg")
+
+
 class _Poisoned(torch.nn.Module):
     """The wrapped model's output with +inf in one place: every minibatch fails."""
 

@@ -117,6 +117,25 @@ def test_combine_models_picks_best_average():
     assert torch.allclose(model.state_dict()["chain"], avg["chain"])
 
 
+def test_combine_models_average_takes_all():
+    """select="average": the plain average of all models, even when the valid objective
+    prefers the last one alone (Kaldi's choice above gave n == 1 for this case)."""
+    _, data, model, loss = _nnet3_setup()
+    ctx = probe_model_context(model, 40)
+    batches = _batches(data, ctx)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {k: v.clone() for k, v in good.items()}
+    bad["chain"] = bad["chain"] + torch.linspace(-2, 2, bad["chain"].shape[-1])
+    n, init, got = combine_models(model, [bad, bad, good], ctx, loss, batches,
+                                  recompute_stats=False, select="average")
+    avg = average_state_dicts([bad, bad, good])
+    assert n == 3 and got < init
+    assert torch.allclose(model.state_dict()["chain"], avg["chain"])
+    assert got == pytest.approx(compute_prob(model, ctx, loss, batches).per_frame("objf"))
+    with pytest.raises(ValueError, match="select must be 'valid' or 'average'"):
+        combine_models(model, [good], ctx, loss, batches, select="best")
+
+
 def test_recompute_batchnorm_stats():
     from pkwrap.nn import TDNNFModel
     torch.manual_seed(0)

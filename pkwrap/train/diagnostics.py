@@ -14,7 +14,10 @@ over N frames.`` (``X + L = Z`` when there is an l2 term), and for ``'output-xen
 the last, ``A_1 = M_n``; add the others newest first as a running average
 ``A_k = ((k-1) A_{k-1} + M_{n-k+1}) / k``; evaluate the objective on the valid egs after
 every ``ceil(n / max_objective_evaluations)`` additions and at the last; return the
-average with the best objective (the last model alone if none is better). As in Kaldi,
+average with the best objective (the last model alone if none is better); with
+``select="average"``, the average of all ``n`` whatever its objective (icefall's
+``--avg``: for models that will meet other data than the valid egs, which favour the
+last model). As in Kaldi,
 evaluation uses dropout in test mode and, by default, batchnorm in *training* mode
 (minibatch statistics). Parameters and floating buffers are averaged; integer buffers
 come from the newest model. Batchnorm statistics of the result are then recomputed.
@@ -244,7 +247,7 @@ def combine_models(model: nn.Module, state_dicts: Sequence[Dict[str, torch.Tenso
                    ctx: ModelContext, loss_fn: nn.Module, valid_batches: Sequence,
                    max_objective_evaluations: int = 30, batchnorm_test_mode: bool = False,
                    dropout_test_mode: bool = True, recompute_stats: bool = True,
-                   logger: Optional[logging.Logger] = None):
+                   logger: Optional[logging.Logger] = None, select: str = "valid"):
     """``nnet3-chain-combine``: best running average of the last models (module docstring).
 
     Args:
@@ -256,10 +259,16 @@ def combine_models(model: nn.Module, state_dicts: Sequence[Dict[str, torch.Tenso
       batchnorm_test_mode, dropout_test_mode: Kaldi's defaults (false, true).
       recompute_stats: re-estimate batchnorm stats of the result on ``valid_batches``.
       logger: where Kaldi's log lines go (default ``pkwrap.train``).
+      select: ``"valid"`` (Kaldi's: the running average of best valid objective) or
+        ``"average"`` (the average of all the models).
     Returns:
-      ``(num_combined, init_objf, best_objf)``.
+      ``(num_combined, init_objf, best_objf)``; with ``"average"``, ``best_objf`` is the
+      average's objective.
     """
     logger = logger or log
+    if select not in ("valid", "average"):
+        raise ValueError("combine_models: select must be 'valid' or 'average', got %r"
+                         % (select,))
     if not state_dicts:
         raise ValueError("combine_models: no models")
     valid_batches = list(valid_batches)
@@ -280,6 +289,16 @@ def combine_models(model: nn.Module, state_dicts: Sequence[Dict[str, torch.Tenso
     init_objf = best_objf = objf_of(avg)
     best, best_n = avg, 1
     logger.info("objective function using the last model is %g", init_objf)
+    if select == "average":
+        if n > 1:
+            best, best_n = average_state_dicts(state_dicts), n
+            best_objf = objf_of(best)
+        logger.info("Averaging the last %d nnets, objective function changed from %g to %g",
+                    best_n, init_objf, best_objf)
+        model.load_state_dict(best)
+        if recompute_stats:
+            recompute_batchnorm_stats(model, ctx, valid_batches)
+        return best_n, init_objf, best_objf
     num_to_add = (n + max_objective_evaluations - 1) // max_objective_evaluations
     for k in range(1, n):
         avg = average_state_dicts([avg, rev[k]], [k / (k + 1.0), 1.0 / (k + 1.0)])

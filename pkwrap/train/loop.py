@@ -24,6 +24,7 @@ each rank takes its own saved RNG state if there was one, else one seeded from
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -38,8 +39,9 @@ from . import checkpoint as ckpt
 from .context import ModelContext, probe_model_context
 from .data import (ChainMinibatchSampler, EgsSource, PlannedEgs, check_egs_for_model,
                    dataset_structures, make_loader)
-from .diagnostics import (combine_models, compute_chain_loss, compute_prob,
-                          compute_prob_log_lines, is_batchnorm, scale_batchnorm_stats)
+from .diagnostics import (average_state_dicts, combine_models, compute_chain_loss,
+                          compute_prob, compute_prob_log_lines, is_batchnorm,
+                          scale_batchnorm_stats)
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                    setup_distributed)
 from .host_memory import keep_freed_memory
@@ -74,6 +76,12 @@ class TrainConfig:
       num_workers: DataLoader workers per rank.
       combine_last: at the end, combine up to this many last checkpoints as
         nnet3-chain-combine does (0 or 1: no combination).
+      combine_mode: ``"valid"``: nnet3-chain-combine's choice, the running average of
+        the newest checkpoints that is best on the valid egs, its batchnorm statistics
+        then re-estimated on them; ``"average"``: the plain average of all
+        ``combine_last``, batchnorm statistics averaged too (icefall's ``--avg``), for a
+        model meant for other speech than its valid egs (on those the last model tends
+        to win).
       egs_left_context: frames before t=0 in the egs (only for egs without indexes).
       input_name: the features input of the egs.
       progress_bar: tqdm bar on rank 0.
@@ -113,6 +121,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     num_workers: int = 0
     combine_last: int = 0
+    combine_mode: str = "valid"
     egs_left_context: Optional[int] = None
     input_name: str = "input"
     progress_bar: bool = True
@@ -125,6 +134,9 @@ class TrainConfig:
     min_minibatches_before_abort: int = 20
 
     def __post_init__(self):
+        if self.combine_mode not in ("valid", "average"):
+            raise ValueError("TrainConfig.combine_mode must be 'valid' or 'average', got %r"
+                             % (self.combine_mode,))
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ValueError("TrainConfig.max_failed_fraction must be in [0, 1], got %r"
                              % self.max_failed_fraction)
@@ -273,10 +285,15 @@ class Trainer:
         if self.dist.world_size > 1:
             kw = {} if self.device.type == "cpu" else {"device_ids": [self.device]}
             # buffers (batchnorm statistics) are averaged over ranks at checkpoints, not
-            # overwritten by rank 0's on every forward (see sync_buffers)
+            # overwritten by rank 0's on every forward (see sync_buffers); newer torch
+            # names that option forward_sync_buffers (broadcast_buffers is deprecated)
+            if "forward_sync_buffers" in inspect.signature(
+                    nn.parallel.DistributedDataParallel.__init__).parameters:
+                kw["forward_sync_buffers"] = False
+            else:
+                kw["broadcast_buffers"] = False
             self.model = nn.parallel.DistributedDataParallel(
-                model, broadcast_buffers=False,
-                find_unused_parameters=config.find_unused_parameters, **kw)
+                model, find_unused_parameters=config.find_unused_parameters, **kw)
             if config.model_averaging_period > 0:
                 if comm_hook is not None:
                     raise ValueError("model_averaging_period and comm_hook exclude each other")
@@ -671,7 +688,8 @@ class Trainer:
         if self._last_saved_step != self.step:
             self.save()
         model = _unwrap(self.model)
-        if cfg.combine_last > 1 and self.valid_data is not None:
+        if cfg.combine_last > 1 and (self.valid_data is not None
+                                     or cfg.combine_mode == "average"):
             self.combine()
         if self.dist.is_main:
             final = os.path.join(cfg.exp_dir, "final.pt")
@@ -696,12 +714,18 @@ class Trainer:
         if len(sds) < 2:
             return
         model = _unwrap(self.model)
+        if self.valid_data is None:  # "average" needs no valid egs: no objective to show
+            model.load_state_dict(average_state_dicts(sds))
+            self.log.info("combined the last %d of %d checkpoints (average)", len(sds),
+                          len(sds))
+            return
         n, a, b = combine_models(model, sds, self.ctx, self.loss_fn,
                                  self._batches_of(self.valid_data, rank_share=True),
-                                 logger=self.log)
+                                 logger=self.log, select=self.cfg.combine_mode,
+                                 recompute_stats=self.cfg.combine_mode == "valid")
         self.sync_buffers()  # statistics were recomputed on each rank's share
-        self.log.info("combined the last %d of %d checkpoints: valid objf %g -> %g",
-                      n, len(sds), a, b)
+        self.log.info("combined the last %d of %d checkpoints (%s): valid objf %g -> %g",
+                      n, len(sds), self.cfg.combine_mode, a, b)
 
     def _log_train(self, tracker: ObjfTracker, grad_norm, change, secs) -> None:
         tr = tracker.reduce(self.device)
