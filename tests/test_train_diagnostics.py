@@ -115,17 +115,8 @@ def test_combine_models_picks_best_average():
     assert n == 3 and best > init
     avg = average_state_dicts([good, good, bad])
     assert torch.allclose(model.state_dict()["chain"], avg["chain"])
-
-
-def test_combine_models_average_takes_all():
-    """select="average": the plain average of all models, even when the valid objective
-    prefers the last one alone (Kaldi's choice above gave n == 1 for this case)."""
-    _, data, model, loss = _nnet3_setup()
-    ctx = probe_model_context(model, 40)
-    batches = _batches(data, ctx)
-    good = {k: v.clone() for k, v in model.state_dict().items()}
-    bad = {k: v.clone() for k, v in good.items()}
-    bad["chain"] = bad["chain"] + torch.linspace(-2, 2, bad["chain"].shape[-1])
+    # select="average": the plain average of all, even where the valid objective prefers
+    # the last model alone (the first case above)
     n, init, got = combine_models(model, [bad, bad, good], ctx, loss, batches,
                                   recompute_stats=False, select="average")
     avg = average_state_dicts([bad, bad, good])

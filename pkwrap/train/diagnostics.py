@@ -295,20 +295,17 @@ def combine_models(model: nn.Module, state_dicts: Sequence[Dict[str, torch.Tenso
             best_objf = objf_of(best)
         logger.info("Averaging the last %d nnets, objective function changed from %g to %g",
                     best_n, init_objf, best_objf)
-        model.load_state_dict(best)
-        if recompute_stats:
-            recompute_batchnorm_stats(model, ctx, valid_batches)
-        return best_n, init_objf, best_objf
-    num_to_add = (n + max_objective_evaluations - 1) // max_objective_evaluations
-    for k in range(1, n):
-        avg = average_state_dicts([avg, rev[k]], [k / (k + 1.0), 1.0 / (k + 1.0)])
-        if (k - 1) % num_to_add == num_to_add - 1 or k == n - 1:
-            objf = objf_of(avg)
-            logger.info("Combining last %d models, objective function is %g", k + 1, objf)
-            if objf > best_objf:
-                best_objf, best, best_n = objf, avg, k + 1
-    logger.info("Combining %d nnets, objective function changed from %g to %g",
-                best_n, init_objf, best_objf)
+    else:
+        num_to_add = (n + max_objective_evaluations - 1) // max_objective_evaluations
+        for k in range(1, n):
+            avg = average_state_dicts([avg, rev[k]], [k / (k + 1.0), 1.0 / (k + 1.0)])
+            if (k - 1) % num_to_add == num_to_add - 1 or k == n - 1:
+                objf = objf_of(avg)
+                logger.info("Combining last %d models, objective function is %g", k + 1, objf)
+                if objf > best_objf:
+                    best_objf, best, best_n = objf, avg, k + 1
+        logger.info("Combining %d nnets, objective function changed from %g to %g",
+                    best_n, init_objf, best_objf)
     model.load_state_dict(best)
     if recompute_stats:
         recompute_batchnorm_stats(model, ctx, valid_batches)
