@@ -552,8 +552,8 @@ def test_trainer_combine_mode(tmp_path):
     log = (tmp_path / "exp" / "log" / "train.0.log").read_text()
     assert "combined the last 3 of 3 checkpoints (average)" in log
     # no valid egs: the same average, with no objective to show
-    make, data, model = _trainer_setup(tmp_path / "b", checkpoint_every=2, combine_last=3,
-                                       keep_last=3, combine_mode="average")
+    make = _trainer_setup(tmp_path / "b", checkpoint_every=2, combine_last=3, keep_last=3,
+                          combine_mode="average")[0]
     make().train()
     final2 = load_checkpoint(str(tmp_path / "b" / "exp" / "final.pt"))["model"]
     assert all(torch.equal(final2[k], final[k]) for k in weights)

@@ -65,6 +65,7 @@ from pkwrap.train import (ChainMinibatchSampler, EgsDataset, TrainConfig, Traine
                           cleanup_distributed, setup_distributed)
 from pkwrap.train.chain_train import dropout_proportions
 from pkwrap.train.comm_hooks import NGSGDState, ngsgd_hook
+from pkwrap.train.diagnostics import COMBINE_MODES
 from pkwrap.train.dist import all_gather_object
 
 log = logging.getLogger("digits.train")
@@ -111,7 +112,7 @@ def get_parser():
                    help="steps between compute-prob diagnostics (0: at the end of each epoch)")
     p.add_argument("--combine-last", type=int, default=12,
                    help="combine the last N checkpoints, as --combine-mode says (<= 1: off)")
-    p.add_argument("--combine-mode", choices=("valid", "average"), default="average",
+    p.add_argument("--combine-mode", choices=COMBINE_MODES, default="average",
                    help="valid: nnet3-chain-combine's running average of best valid objective; "
                         "average: the plain average of the N (icefall's --avg)")
     p.add_argument("--max-steps", type=int, default=None, help="stop early (tests)")

@@ -44,6 +44,7 @@ __all__ = [
     "compute_prob",
     "compute_prob_log_lines",
     "combine_models",
+    "COMBINE_MODES",
     "average_state_dicts",
     "recompute_batchnorm_stats",
     "test_mode",
@@ -51,6 +52,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("pkwrap.train")
+
+# how combine_models chooses: Kaldi's best running average on the valid egs, or the plain
+# average of all the models
+COMBINE_MODES = ("valid", "average")
 
 _warned_no_shift = False
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -266,7 +271,7 @@ def combine_models(model: nn.Module, state_dicts: Sequence[Dict[str, torch.Tenso
       average's objective.
     """
     logger = logger or log
-    if select not in ("valid", "average"):
+    if select not in COMBINE_MODES:
         raise ValueError("combine_models: select must be 'valid' or 'average', got %r"
                          % (select,))
     if not state_dicts:

@@ -39,9 +39,9 @@ from . import checkpoint as ckpt
 from .context import ModelContext, probe_model_context
 from .data import (ChainMinibatchSampler, EgsSource, PlannedEgs, check_egs_for_model,
                    dataset_structures, make_loader)
-from .diagnostics import (average_state_dicts, combine_models, compute_chain_loss,
-                          compute_prob, compute_prob_log_lines, is_batchnorm,
-                          scale_batchnorm_stats)
+from .diagnostics import (COMBINE_MODES, average_state_dicts, combine_models,
+                          compute_chain_loss, compute_prob, compute_prob_log_lines,
+                          is_batchnorm, scale_batchnorm_stats)
 from .dist import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                    setup_distributed)
 from .host_memory import keep_freed_memory
@@ -75,7 +75,7 @@ class TrainConfig:
       max_steps: stop after this many steps in all (None: run all epochs).
       num_workers: DataLoader workers per rank.
       combine_last: at the end, combine up to this many last checkpoints as
-        nnet3-chain-combine does (0 or 1: no combination).
+        ``combine_mode`` says (0 or 1: no combination).
       combine_mode: ``"valid"``: nnet3-chain-combine's choice, the running average of
         the newest checkpoints that is best on the valid egs, its batchnorm statistics
         then re-estimated on them; ``"average"``: the plain average of all
@@ -134,7 +134,7 @@ class TrainConfig:
     min_minibatches_before_abort: int = 20
 
     def __post_init__(self):
-        if self.combine_mode not in ("valid", "average"):
+        if self.combine_mode not in COMBINE_MODES:
             raise ValueError("TrainConfig.combine_mode must be 'valid' or 'average', got %r"
                              % (self.combine_mode,))
         if not 0.0 <= self.max_failed_fraction <= 1.0:
@@ -723,7 +723,8 @@ class Trainer:
                                  self._batches_of(self.valid_data, rank_share=True),
                                  logger=self.log, select=self.cfg.combine_mode,
                                  recompute_stats=self.cfg.combine_mode == "valid")
-        self.sync_buffers()  # statistics were recomputed on each rank's share
+        if self.cfg.combine_mode == "valid":
+            self.sync_buffers()  # statistics were recomputed on each rank's share
         self.log.info("combined the last %d of %d checkpoints (%s): valid objf %g -> %g",
                       n, len(sds), self.cfg.combine_mode, a, b)
 
